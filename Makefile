@@ -1,0 +1,36 @@
+# Two commands on a fresh machine: `make book` (the full Fashion-MNIST book) and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+NAME ?= fashionmnist-$(shell date +%Y%m%d-%H%M%S)
+export KDBOOK_PROGRESS ?= text
+
+.PHONY: install data book smoke lab test bench clean-interactive
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+# Fashion-MNIST from Debian's package when we can install it; otherwise torchvision downloads it.
+data:
+	@if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; fi
+
+book: install data
+	$(PY) -m kdlib run params/fashionmnist.yaml --name $(NAME)
+
+smoke: install data
+	$(PY) -m kdlib run params/smoke.yaml --name smoke-$(shell date +%Y%m%d-%H%M%S)
+
+lab: install
+	KDBOOK_PROGRESS=auto $(VENV)/bin/jupyter lab notebooks/
+
+test: install data
+	$(PY) -m pytest tests
+	$(PY) -m pytest --nbval-lax notebooks/ -p no:cacheprovider
+
+bench: install data
+	$(PY) -m kdlib.bench

@@ -1,0 +1,2 @@
+"""kdbook's library: data, models, losses, distillers, training, metrics, plots, runner."""
+__version__ = "0.1.0"

@@ -1,0 +1,156 @@
+"""The steps the three notebooks take, each a function of the validated params ``P``.
+
+Notebook 01 calls ``train_teachers``, 02 ``distill_students``, 03 ``load_results``.
+Each writes its machine-readable results into ``P["run_dir"]``; each can also run
+alone, making (at the same size) whatever an earlier notebook would have made.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import sha256_file
+from .data import load_dataset
+from .models import count_parameters
+from .params import SCHEMA, validate
+from .train import (TrainConfig, pick_device, predict_logits, set_threads, teacher_bank, teacher_test_probs,
+                    train_student, train_teacher)
+
+
+def project_root() -> Path:
+    """The folder holding ``params/``: the working directory, or its parent when a
+    notebook runs from ``notebooks/``."""
+    cwd = Path.cwd()
+    return cwd.parent if cwd.name == "notebooks" and (cwd.parent / "kdlib").is_dir() else cwd
+
+
+def resolve(path: str) -> Path:
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else project_root() / p
+
+
+def notebook_params(namespace: dict, source: str) -> dict:
+    """Validated params from a notebook's parameter variables (defaults for the rest)."""
+    given = {k: namespace[k] for k in SCHEMA if k in namespace}
+    P = validate(given, source)
+    P["run_dir"] = str(resolve(P["run_dir"] or "outputs/interactive"))
+    os.makedirs(P["run_dir"], exist_ok=True)
+    return P
+
+
+def device_of(P) -> torch.device:
+    set_threads(P["threads"] or None)
+    return pick_device(P["device"])
+
+
+def load_data(P, device=None):
+    data = load_dataset(P["dataset"], resolve(P["data_root"]), train_subset=P["train_subset"],
+                        test_subset=P["test_subset"])
+    return data.to(device or device_of(P))
+
+
+def _config(P, epochs: int, seed: int, device) -> TrainConfig:
+    return TrainConfig(epochs=epochs, batch_size=P["batch_size"], lr=P["lr"], lr_schedule=P["lr_schedule"],
+                       weight_decay=P["weight_decay"], seed=seed, precision=P["precision"],
+                       augment=P["augment"], fidelity_freq=P["fidelity_freq"], device=str(device))
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.replace(path)
+
+
+def train_teachers(P, data=None, log=print) -> dict:
+    """Train (or reuse) every teacher in ``P["teachers"]``; write ``teachers.json``.
+
+    Returns ``{name: model}``. A teacher is reused when a checkpoint made with the
+    same settings exists in ``teacher_dir``.
+    """
+    device = device_of(P)
+    data = data or load_data(P, device)
+    cfg = _config(P, P["teacher_epochs"], P["teacher_seed"], device)
+    models, records = {}, []
+    for name in P["teachers"]:
+        t0 = time.perf_counter()
+        model, history, path = train_teacher(name, data, cfg, resolve(P["teacher_dir"]), log=log)
+        models[name] = model
+        records.append({"name": name, "params": count_parameters(model),
+                        "test_acc": history[-1]["test_acc"], "history": history,
+                        "checkpoint": str(path), "sha256": sha256_file(path),
+                        "seconds": time.perf_counter() - t0})
+    _write_json(Path(P["run_dir"]) / "teachers.json",
+                {"dataset": data.name, "device": str(device), "teachers": records})
+    return models
+
+
+def distill_students(P, data=None, teachers=None, log=print) -> dict:
+    """Train the student with every method in ``P["methods"]`` for every seed.
+
+    Writes ``metrics_<method>.json`` (per-epoch history of each seed) and
+    ``predictions.npz`` (per-example test predictions of every model), and saves
+    ``student_<method>_seed<k>.pt``. Returns ``{method: metrics}``.
+    """
+    device = device_of(P)
+    data = data or load_data(P, device)
+    if teachers is None:
+        log("teachers: looking for checkpoints made with these settings (training any that are missing)")
+        teachers = train_teachers(P, data, log=log)
+    names = list(teachers)
+    cfg0 = _config(P, P["student_epochs"], 0, device)
+    bank = teacher_bank([teachers[n] for n in names], names, data, cfg0, P["hint_layer"],
+                        cache=P["cache_teachers"], log=log)
+    test_probs = teacher_test_probs(bank, data, cfg0)
+    run_dir = Path(P["run_dir"])
+    predictions = {"labels": data.test.labels.cpu().numpy()}
+    for i, n in enumerate(names):
+        predictions[f"teacher/{n}"] = test_probs[i].argmax(-1).cpu().numpy()
+    results = {}
+    for method in P["methods"]:
+        runs = []
+        for seed in P["seeds"]:
+            cfg = _config(P, P["student_epochs"], seed, device)
+            t0 = time.perf_counter()
+            distiller, history = train_student(
+                method, bank, data, cfg, temperature=P["temperature"], alpha=P["alpha"], beta=P["beta"],
+                hint_layer=P["hint_layer"], checkpoint=run_dir / f"student_{method}_seed{seed}.pt",
+                test_probs=test_probs, log=log)
+            logits = predict_logits(distiller.student, data.test, data, cfg)
+            predictions[f"{method}/seed{seed}"] = logits.argmax(-1).cpu().numpy()
+            runs.append({"seed": seed, "test_acc": history[-1]["test_acc"],
+                         "fidelity": history[-1].get("fidelity"), "history": history,
+                         "seconds": time.perf_counter() - t0,
+                         "extra_params": sum(p.numel() for p in distiller.extra_parameters())})
+        results[method] = {"method": method, "dataset": data.name, "teachers": names,
+                           "student_params": count_parameters(distiller.student),
+                           "teacher_cache": bank.cached,
+                           "hparams": {k: P[k] for k in ("temperature", "alpha", "beta", "hint_layer",
+                                                         "student_epochs", "batch_size", "lr",
+                                                         "lr_schedule", "precision", "augment")},
+                           "runs": runs}
+        _write_json(run_dir / f"metrics_{method}.json", results[method])
+    np.savez_compressed(run_dir / "predictions.npz", **predictions)
+    return results
+
+
+def load_results(P, log=print) -> tuple[dict, dict]:
+    """``(teachers_json, {method: metrics})`` from ``P["run_dir"]``, distilling first
+    (at this notebook's size) when no metrics are there yet."""
+    run_dir = Path(P["run_dir"])
+    if not any(run_dir.glob("metrics_*.json")):
+        log(f"no metrics in {run_dir}: distilling now with this notebook's parameters")
+        distill_students(P, log=log)
+    metrics = {m: json.loads((run_dir / f"metrics_{m}.json").read_text())
+               for m in P["methods"] if (run_dir / f"metrics_{m}.json").exists()}
+    teachers = json.loads((run_dir / "teachers.json").read_text())
+    return teachers, metrics
+
+
+def interactive() -> bool:
+    """False in batch runs (the runner and ``make`` set ``KDBOOK_PROGRESS=text``)."""
+    return os.environ.get("KDBOOK_PROGRESS", "auto") == "auto"

@@ -1,0 +1,197 @@
+"""Datasets held in memory as uint8 tensors and served in batches by index.
+
+torchvision's dataset classes do the reading (and, for a user with internet, the
+standard download into ``data_root``); after that nothing runs per sample: a split
+is one ``[N, C, H, W]`` uint8 tensor, a batch is an index slice, and normalisation
+(and optional augmentation) is done on the whole batch, as in airbench.
+"""
+from __future__ import annotations
+
+import gzip
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torchvision
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+DATASETS = {
+    # name: (torchvision class name, channels, image size, per-channel mean, std)
+    "FashionMNIST": ("FashionMNIST", 1, 28, (0.2860,), (0.3530,)),
+    "MNIST": ("MNIST", 1, 28, (0.1307,), (0.3081,)),
+    "CIFAR10": ("CIFAR10", 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+}
+CLASS_NAMES = {
+    "FashionMNIST": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"],
+    "MNIST": [str(d) for d in range(10)],
+    "CIFAR10": ["airplane", "automobile", "bird", "cat", "deer",
+                "dog", "frog", "horse", "ship", "truck"],
+}
+
+
+class DataNotFoundError(RuntimeError):
+    """Raised when a dataset is neither on disk nor downloadable."""
+
+
+@dataclass
+class Split:
+    """One split in memory: ``images`` uint8 [N,C,H,W], ``labels`` int64 [N]."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def to(self, device) -> "Split":
+        return Split(self.images.to(device), self.labels.to(device))
+
+
+@dataclass
+class Dataset:
+    name: str
+    train: Split
+    test: Split
+    mean: torch.Tensor  # [C]
+    std: torch.Tensor   # [C]
+    classes: list[str]
+
+    @property
+    def in_channels(self) -> int:
+        return self.train.images.shape[1]
+
+    @property
+    def image_size(self) -> int:
+        return self.train.images.shape[-1]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def to(self, device) -> "Dataset":
+        return Dataset(self.name, self.train.to(device), self.test.to(device),
+                       self.mean.to(device), self.std.to(device), self.classes)
+
+
+def _stage_debian_fashion_mnist(root: Path) -> bool:
+    """Unpack the Debian package's IDX .gz files where torchvision looks for them."""
+    raw = root / "FashionMNIST" / "raw"
+    names = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+             "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+    if all((raw / n).is_file() for n in names):
+        return True
+    if not all((DEBIAN_FASHION_MNIST / f"{n}.gz").is_file() for n in names):
+        return False
+    raw.mkdir(parents=True, exist_ok=True)
+    for n in names:
+        tmp = raw / f"{n}.tmp"
+        with gzip.open(DEBIAN_FASHION_MNIST / f"{n}.gz", "rb") as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        tmp.replace(raw / n)
+    return True
+
+
+def _as_split(ds) -> Split:
+    images = torch.as_tensor(ds.data)
+    if images.ndim == 3:            # MNIST family: [N,H,W]
+        images = images.unsqueeze(1)
+    else:                           # CIFAR: [N,H,W,C] numpy
+        images = images.permute(0, 3, 1, 2)
+    return Split(images.contiguous(), torch.as_tensor(ds.targets, dtype=torch.long))
+
+
+def _read_torchvision(name: str, root: Path, download: bool) -> tuple[Split, Split]:
+    cls = getattr(torchvision.datasets, DATASETS[name][0])
+    try:
+        train = cls(str(root), train=True, download=download)
+        test = cls(str(root), train=False, download=download)
+    except Exception as err:  # offline download (URLError, OSError) or missing/corrupt files
+        searched = [str(root)] + ([str(DEBIAN_FASHION_MNIST)] if name == "FashionMNIST" else [])
+        fix = ("install the Debian package: apt-get install -y dataset-fashion-mnist, "
+               "or allow network access for torchvision's download" if name == "FashionMNIST"
+               else "allow network access for torchvision's download, or put torchvision's files there")
+        raise DataNotFoundError(
+            f"{name} not found (searched {', '.join(searched)}; download "
+            f"{'failed' if download else 'disabled'}: {type(err).__name__}: {err}); fix: {fix}") from None
+    return _as_split(train), _as_split(test)
+
+
+def balanced_subset(labels: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
+    """Sorted indices of a deterministic, class-balanced subset of ``n`` samples.
+
+    Classes get ``n // C`` each (the remainder goes to the first classes); the choice
+    within a class is a permutation seeded by ``seed``, independent of the run's seed,
+    so every run and every method sees the same subset.
+    """
+    if n <= 0 or n >= len(labels):
+        return torch.arange(len(labels))
+    classes = torch.unique(labels)
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(labels), generator=gen)
+    picked = []
+    for k, c in enumerate(classes):
+        quota = n // len(classes) + (1 if k < n % len(classes) else 0)
+        members = order[labels[order] == c]
+        picked.append(members[:quota])
+    return torch.cat(picked).sort().values
+
+
+def load_dataset(name: str = "FashionMNIST", data_root: str | Path = "data", *,
+                 train_subset: int = 0, test_subset: int = 0, download: bool = True) -> Dataset:
+    """Load a dataset into memory through torchvision.
+
+    Fashion-MNIST is first taken from ``/usr/share/datasets/fashion-mnist`` (Debian
+    package ``dataset-fashion-mnist``) or ``data_root``; only then downloaded.
+    ``train_subset``/``test_subset`` > 0 keep a deterministic class-balanced subset.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}: valid names are {', '.join(DATASETS)}")
+    root = Path(data_root).expanduser()
+    if name == "FashionMNIST":
+        _stage_debian_fashion_mnist(root)
+    train, test = _read_torchvision(name, root, download)
+    train_idx = balanced_subset(train.labels, train_subset)
+    test_idx = balanced_subset(test.labels, test_subset)
+    _, _, _, mean, std = DATASETS[name]
+    return Dataset(name, Split(train.images[train_idx], train.labels[train_idx]),
+                   Split(test.images[test_idx], test.labels[test_idx]),
+                   torch.tensor(mean), torch.tensor(std), CLASS_NAMES[name])
+
+
+def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+              channels_last: bool = False) -> torch.Tensor:
+    """uint8 [B,C,H,W] -> float32, scaled to [0,1] and standardised per channel."""
+    x = images.float().div_(255)
+    x = (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def augment_batch(images: torch.Tensor, generator: torch.Generator, pad: int = 2,
+                  flip: bool = True) -> torch.Tensor:
+    """Random translation by up to ``pad`` pixels (zero fill) and, if ``flip``, random
+    horizontal flips, for a whole uint8 batch at once."""
+    b, _, h, w = images.shape
+    padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
+    dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(images.device)
+    dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(images.device)
+    rows = (dy.view(b, 1) + torch.arange(h, device=images.device)).view(b, 1, h, 1)
+    cols = (dx.view(b, 1) + torch.arange(w, device=images.device)).view(b, 1, 1, w)
+    out = padded.gather(2, rows.expand(b, padded.shape[1], h, padded.shape[3]))
+    out = out.gather(3, cols.expand(b, padded.shape[1], h, w))
+    if flip:
+        mask = (torch.rand(b, generator=generator) < 0.5).to(images.device)
+        out = torch.where(mask.view(b, 1, 1, 1), out.flip(3), out)
+    return out
+
+
+def batch_order(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool = True):
+    """Index tensors of one epoch's batches; the order is a function of (seed, epoch)."""
+    if shuffle:
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        order = torch.randperm(n, generator=gen)
+    else:
+        order = torch.arange(n)
+    return list(order.split(batch_size))

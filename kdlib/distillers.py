@@ -1,0 +1,140 @@
+"""One small class per training method (after mdistiller's ``Distiller``).
+
+``forward_train(x, y, idx, epoch)`` returns ``(student_logits, losses)`` where
+``losses`` maps a term's name to its already-weighted value; the trainer sums the
+terms and logs each by name, and never branches on the method. Teachers are held
+in a bank (``kdlib.teachers``) that stays in eval mode whatever ``.train()`` says.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .losses import camkd_feature_loss, camkd_logit_loss, vanilla_kd_loss
+from .models import ConvReg, StagedNet
+from .teachers import LiveTeachers
+
+
+class Distiller(nn.Module):
+    """Base class: a student and, optionally, a bank of frozen teachers."""
+
+    def __init__(self, student: StagedNet, teachers: LiveTeachers | None = None):
+        super().__init__()
+        self.student = student
+        self.teachers = teachers
+        self.batch_stats: dict[str, torch.Tensor] = {}
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.teachers is not None:
+            self.teachers.train(False)  # re-asserted on every call
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Student parameters plus the method's own (e.g. ConvReg regressors)."""
+        return list(self.student.parameters()) + self.extra_parameters()
+
+    def extra_parameters(self) -> list[nn.Parameter]:
+        return []
+
+    def forward(self, x):
+        return self.student(x)
+
+    def forward_train(self, x, y, idx, epoch: int):
+        raise NotImplementedError
+
+
+class Scratch(Distiller):
+    """The student alone: L = CE(s, y)."""
+
+    def forward_train(self, x, y, idx, epoch):
+        logits = self.student(x)
+        return logits, {"ce": F.cross_entropy(logits.float(), y)}
+
+
+class Vanilla(Distiller):
+    """Vanilla multi-teacher KD (equal weights 1/M, logits only):
+    L = CE(s, y) + alpha * T^2 * KL(c_T || softmax(s/T)), c_T = (1/M) sum_i softmax(t_i/T)."""
+
+    def __init__(self, student, teachers, temperature=4.0, alpha=0.7):
+        super().__init__(student, teachers)
+        self.T, self.alpha = temperature, alpha
+
+    def forward_train(self, x, y, idx, epoch):
+        logits = self.student(x)
+        t_logits, _ = self.teachers.outputs(x, idx)
+        return logits, {"ce": F.cross_entropy(logits.float(), y),
+                        "kd": self.alpha * vanilla_kd_loss(logits, t_logits, self.T)}
+
+
+class CAMKD(Distiller):
+    """Confidence-aware multi-teacher KD (Zhang, Chen, Wang, ICASSP 2022):
+    L = CE(s, y) + alpha * L_logit + beta * L_feat, with
+
+    * L_logit = (1/B) sum_b sum_i w[i,b] T^2 KL(softmax(t_i/T) || softmax(s/T))[b],
+      w = camkd_weights(t, y) = (1 - softmax_i(CE(t_i, y))) / (M-1);
+    * L_feat = (1/B) sum_b sum_i v[i,b] MSE(r_i(f_s), f_t_i)[b], r_i a ``ConvReg`` per
+      teacher, v = camkd_weights(head_i(r_i(f_s)), y); zero in the first epoch, as in
+      the official ``helper/loops.py``.
+
+    See ``kdlib.losses`` for where we differ from the official code and why.
+    """
+
+    def __init__(self, student, teachers, temperature=4.0, alpha=0.7, beta=100.0,
+                 hint_layer=-2, feature_shapes=None, student_shape=None):
+        super().__init__(student, teachers)
+        if len(teachers) < 2:
+            raise ValueError(f"camkd needs at least 2 teachers, got {len(teachers)}")
+        self.T, self.alpha, self.beta, self.hint_layer = temperature, alpha, beta, hint_layer
+        student.check_hint_layer(hint_layer)
+        self.regressors = nn.ModuleList([ConvReg(student_shape, t) for t in feature_shapes])
+
+    @classmethod
+    def for_shapes(cls, student, teachers, sample: torch.Tensor, **kw):
+        """Build with regressors sized from one forward pass on ``sample`` [1,C,H,W]."""
+        hint = kw.get("hint_layer", -2)
+        with torch.no_grad():
+            was_training = student.training
+            student.eval()
+            s_feat = student(sample, return_features=True)[1][hint]
+            student.train(was_training)
+            _, t_feats = LiveTeachers.outputs(teachers, sample)
+        return cls(student, teachers, student_shape=tuple(s_feat.shape[1:]),
+                   feature_shapes=[tuple(f.shape[1:]) for f in t_feats], **kw)
+
+    def extra_parameters(self):
+        return list(self.regressors.parameters())
+
+    def forward_train(self, x, y, idx, epoch):
+        logits, feats = self.student(x, return_features=True)
+        t_logits, t_hints = self.teachers.outputs(x, idx)
+        kd, w = camkd_logit_loss(logits, t_logits, y, self.T)
+        losses = {"ce": F.cross_entropy(logits.float(), y), "kd": self.alpha * kd}
+        self.batch_stats = {"weight": w.mean(1)}
+        if epoch == 0:
+            losses["feat"] = torch.zeros((), device=logits.device)
+            return logits, losses
+        mapped = [r(feats[self.hint_layer]) for r in self.regressors]
+        with torch.no_grad():
+            head_logits = torch.stack([self.teachers.head(i, m).float() for i, m in enumerate(mapped)])
+        feat, v = camkd_feature_loss(mapped, t_hints, head_logits, y)
+        losses["feat"] = self.beta * feat
+        self.batch_stats["feat_weight"] = v.mean(1)
+        return logits, losses
+
+
+METHODS = {"scratch": Scratch, "vanilla": Vanilla, "camkd": CAMKD}
+
+
+def build_distiller(method: str, student: StagedNet, teachers: LiveTeachers | None, sample: torch.Tensor,
+                    temperature=4.0, alpha=0.7, beta=100.0, hint_layer=-2) -> Distiller:
+    """The distiller for ``method``; ``sample`` [1,C,H,W] sizes CAMKD's regressors."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}: valid methods are {', '.join(METHODS)}")
+    if method == "scratch":
+        return Scratch(student, teachers)
+    if method == "vanilla":
+        return Vanilla(student, teachers, temperature, alpha)
+    return CAMKD.for_shapes(student, teachers, sample, temperature=temperature, alpha=alpha,
+                            beta=beta, hint_layer=hint_layer)

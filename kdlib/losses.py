@@ -1,0 +1,97 @@
+"""Distillation losses. Shapes: student logits ``s`` [B,C], teacher logits ``t`` [M,B,C]
+(or [B,C] for one teacher), targets ``y`` [B]. ``T`` is the temperature.
+
+All KL terms are computed from ``log_softmax`` (never ``log(softmax)``) in float32.
+Equations follow Hinton et al. (2015) and the official CA-MKD code
+(Rorozhl/CA-MKD: ``distiller_zoo/CAMKD.py``, ``helper/loops.py``).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def kl_per_sample(student_logits: torch.Tensor, teacher_log_probs: torch.Tensor, T: float) -> torch.Tensor:
+    """KL(p_t || softmax(s/T))[b] * T^2 for teacher log-probabilities already at temperature T."""
+    log_q = F.log_softmax(student_logits.float() / T, dim=-1)
+    p = teacher_log_probs.exp()
+    return (p * (teacher_log_probs - log_q)).sum(-1) * T * T
+
+
+class DistillKL(nn.Module):
+    """Hinton KD: L = T^2 * KL(softmax(t/T) || softmax(s/T)).
+
+    Reduced by the batch mean, or, with per-sample ``weights`` [B], as
+    sum_b weights[b] * KL[b] / B.
+    """
+
+    def __init__(self, T: float = 4.0):
+        super().__init__()
+        self.T = T
+
+    def forward(self, student_logits, teacher_logits, weights=None):
+        kl = kl_per_sample(student_logits, F.log_softmax(teacher_logits.float() / self.T, -1), self.T)
+        return kl.mean() if weights is None else (weights * kl).sum() / kl.shape[0]
+
+
+def centroid_log_probs(teacher_logits: torch.Tensor, T: float) -> torch.Tensor:
+    """log of the centroid c = (1/M) sum_i softmax(t_i/T), computed with logsumexp: [B,C]."""
+    m = teacher_logits.shape[0]
+    log_p = F.log_softmax(teacher_logits.float() / T, dim=-1)
+    return torch.logsumexp(log_p, dim=0) - torch.log(torch.tensor(float(m)))
+
+
+def vanilla_kd_loss(student_logits, teacher_logits, T: float) -> torch.Tensor:
+    """Vanilla multi-teacher KD: T^2 * KL(c_T || softmax(s/T)), batch mean, where
+    c_T = (1/M) sum_i softmax(t_i/T) is the centroid of the softened teachers."""
+    return kl_per_sample(student_logits, centroid_log_probs(teacher_logits, T), T).mean()
+
+
+def camkd_weights(teacher_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """CA-MKD confidence weights [M,B]: w[i,b] = (1 - softmax_i(CE_i[b])) / (M - 1).
+
+    CE_i[b] is teacher i's cross-entropy on sample b at T = 1; a more confident
+    (lower-loss) teacher gets a larger weight. Each column sums to 1. Detached: the
+    weights are a confidence measure, not something the student may optimise.
+    """
+    m, b, c = teacher_logits.shape
+    if m < 2:
+        raise ValueError(f"CAMKD needs at least 2 teachers, got {m}")
+    ce = F.cross_entropy(teacher_logits.detach().float().reshape(m * b, c),
+                         targets.repeat(m), reduction="none").view(m, b)
+    return (1.0 - F.softmax(ce, dim=0)) / (m - 1)
+
+
+def camkd_logit_loss(student_logits, teacher_logits, targets, T: float):
+    """CAMKD logit term: (1/B) sum_b sum_i w[i,b] * T^2 * KL(softmax(t_i/T) || softmax(s/T))[b].
+
+    Returns ``(loss, weights)``. The official code divides by an extra M
+    (``/(bsz * teacher_num)`` in ``helper/loops.py``); we do not, because the weights
+    already sum to 1 over teachers: without it, equal weights (1/M) give exactly the
+    gradient of vanilla KD, so ``alpha`` means the same for both methods.
+    """
+    w = camkd_weights(teacher_logits, targets)
+    kl = kl_per_sample(student_logits.unsqueeze(0), F.log_softmax(teacher_logits.float() / T, -1), T)
+    return (w * kl).sum(0).mean(), w
+
+
+def feature_mse_per_sample(mapped: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean squared error between feature maps: [B,...] x [B,...] -> [B]."""
+    return (mapped.float() - target.float()).pow(2).flatten(1).mean(1)
+
+
+def camkd_feature_loss(mapped_student: list[torch.Tensor], teacher_features: list[torch.Tensor],
+                       head_logits: torch.Tensor, targets: torch.Tensor):
+    """CAMKD feature term: (1/B) sum_b sum_i v[i,b] * MSE(r_i(f_s), f_t_i)[b].
+
+    r_i is student-to-teacher-i ``ConvReg``; v = camkd_weights(head_logits, y), where
+    ``head_logits`` [M,B,C] is teacher i's own head applied to r_i(f_s) (as
+    ``CAMKD.py`` does with ``distill_seq()[-1]``). Returns ``(loss, weights)``.
+    Differences from the official code, both deliberate: no extra 1/M (see
+    ``camkd_logit_loss``), and v is detached, so the regressors cannot lower the loss
+    by making a teacher's head misclassify the mapped features.
+    """
+    v = camkd_weights(head_logits, targets)
+    mse = torch.stack([feature_mse_per_sample(m, t) for m, t in zip(mapped_student, teacher_features)])
+    return (v * mse).sum(0).mean(), v

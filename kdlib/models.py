@@ -1,0 +1,247 @@
+"""The seed kit's five teachers and its student, plus ConvReg for feature matching.
+
+Every model is a `StagedNet`: a list of convolutional `stages`, a `neck` that turns
+the last feature map into a vector, and a linear `classifier`. That one shape gives
+every model the same feature interface:
+
+* ``model(x)`` -> logits
+* ``model(x, return_features=True)`` -> ``(logits, features)`` where ``features`` is
+  the list of stage outputs followed by the neck vector, so ``features[-2]`` is the
+  last conv feature map (the seed's ``hint_layer: -2``) and ``features[-1]`` the
+  vector the classifier reads.
+* ``model.forward_from(feature, hint_layer)`` finishes the forward pass from a
+  feature (CAMKD applies each teacher's head to the mapped student feature).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class StagedNet(nn.Module):
+    """Base class: ``stages`` -> ``neck`` -> ``classifier``."""
+
+    def __init__(self, stages: list[nn.Module], neck: nn.Module, classifier: nn.Linear):
+        super().__init__()
+        self.stages = nn.ModuleList(stages)
+        self.neck = neck
+        self.classifier = classifier
+
+    @property
+    def num_features(self) -> int:
+        """Length of the ``features`` list: one per stage, plus the neck vector."""
+        return len(self.stages) + 1
+
+    def check_hint_layer(self, hint_layer: int) -> int:
+        """Return the stage index a (negative) ``hint_layer`` names, or raise."""
+        valid = range(-self.num_features, -1)
+        if hint_layer not in valid:
+            raise ValueError(
+                f"hint_layer {hint_layer} is not a conv feature map of {type(self).__name__}: "
+                f"use one of {list(valid)} (-2 is the last conv stage)")
+        return self.num_features + hint_layer
+
+    def forward(self, x: torch.Tensor, return_features: bool = False):
+        features = []
+        for stage in self.stages:
+            x = stage(x)
+            features.append(x)
+        vector = self.neck(x)
+        logits = self.classifier(vector)
+        if return_features:
+            return logits, features + [vector]
+        return logits
+
+    def forward_from(self, feature: torch.Tensor, hint_layer: int = -2) -> torch.Tensor:
+        """Logits computed from ``features[hint_layer]`` by the layers after it."""
+        start = self.check_hint_layer(hint_layer) + 1
+        for stage in self.stages[start:]:
+            feature = stage(feature)
+        return self.classifier(self.neck(feature))
+
+
+def _conv(cin: int, cout: int, k: int = 3, bn: bool = False) -> list[nn.Module]:
+    layers = [nn.Conv2d(cin, cout, k, padding=k // 2, bias=not bn)]
+    if bn:
+        layers.append(nn.BatchNorm2d(cout))
+    return layers + [nn.ReLU(inplace=True)]
+
+
+def _mlp_neck(flat: int, hidden: int, dropout: float) -> nn.Sequential:
+    return nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(flat, hidden),
+                         nn.ReLU(inplace=True), nn.Dropout(dropout))
+
+
+class TeacherCNN1(StagedNet):
+    """Deep CNN: 4 conv layers (two per stage), MaxPool, Dropout 0.5 (seed: 276K params)."""
+
+    def __init__(self, in_channels=1, num_classes=10, image_size=28):
+        side = image_size // 4
+        stages = [nn.Sequential(*_conv(in_channels, 32), *_conv(32, 32), nn.MaxPool2d(2)),
+                  nn.Sequential(*_conv(32, 64), *_conv(64, 64), nn.MaxPool2d(2))]
+        super().__init__(stages, _mlp_neck(64 * side * side, 68, 0.5), nn.Linear(68, num_classes))
+
+
+class TeacherCNN2(StagedNet):
+    """Wide CNN with 5x5 filters and a large fully connected layer (seed: 1.7M params)."""
+
+    def __init__(self, in_channels=1, num_classes=10, image_size=28):
+        side = image_size // 4
+        stages = [nn.Sequential(*_conv(in_channels, 32, 5), nn.MaxPool2d(2)),
+                  nn.Sequential(*_conv(32, 64, 5), nn.MaxPool2d(2))]
+        super().__init__(stages, _mlp_neck(64 * side * side, 520, 0.5), nn.Linear(520, num_classes))
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block: two 3x3 conv+BN, identity or 1x1 projection shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                          nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class TeacherResNet(StagedNet):
+    """ResNet-like: 16-channel stem, residual blocks of 32 and 2x64 channels (stride 2
+    at each widening), BatchNorm, global average pooling (seed: 141K params)."""
+
+    def __init__(self, in_channels=1, num_classes=10, image_size=28):
+        stages = [nn.Sequential(*_conv(in_channels, 16, bn=True), BasicBlock(16, 32, stride=2)),
+                  nn.Sequential(BasicBlock(32, 64, stride=2), BasicBlock(64, 64))]
+        neck = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        super().__init__(stages, neck, nn.Linear(64, num_classes))
+
+
+class TeacherVGG(StagedNet):
+    """VGG-style: three double-conv blocks (32, 64, 128 channels) with BatchNorm and
+    MaxPool, then Dropout 0.5 and a hidden FC layer (seed: 359K params)."""
+
+    def __init__(self, in_channels=1, num_classes=10, image_size=28):
+        widths, cin, stages = [32, 64, 128], in_channels, []
+        for w in widths:
+            stages.append(nn.Sequential(*_conv(cin, w, bn=True), *_conv(w, w, bn=True), nn.MaxPool2d(2)))
+            cin = w
+        side = image_size // 8
+        super().__init__(stages, _mlp_neck(128 * side * side, 64, 0.5), nn.Linear(64, num_classes))
+
+
+class DenseLayer(nn.Module):
+    """BN-ReLU-Conv3x3 producing ``growth`` new channels, concatenated to its input."""
+
+    def __init__(self, cin: int, growth: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.BatchNorm2d(cin), nn.ReLU(inplace=True),
+                                  nn.Conv2d(cin, growth, 3, padding=1, bias=False))
+
+    def forward(self, x):
+        return torch.cat([x, self.body(x)], dim=1)
+
+
+def _dense_block(cin: int, growth: int, layers: int) -> tuple[nn.Sequential, int]:
+    block = nn.Sequential(*[DenseLayer(cin + i * growth, growth) for i in range(layers)])
+    return block, cin + layers * growth
+
+
+def _transition(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.BatchNorm2d(cin), nn.ReLU(inplace=True),
+                         nn.Conv2d(cin, cout, 1, bias=False), nn.AvgPool2d(2))
+
+
+class TeacherDenseNet(StagedNet):
+    """DenseNet-like: three dense blocks (growth 20, 4 layers each) whose layers
+    concatenate their features, joined by 1x1-conv + AvgPool transitions
+    (seed: 218K params)."""
+
+    def __init__(self, in_channels=1, num_classes=10, image_size=28, growth=20, layers=4, stem=48):
+        stem_conv = nn.Conv2d(in_channels, stem, 3, padding=1, bias=False)
+        block1, c = _dense_block(stem, growth, layers)
+        trans1 = _transition(c, c // 2)
+        block2, c = _dense_block(c // 2, growth, layers)
+        trans2 = _transition(c, c // 2)
+        block3, c = _dense_block(c // 2, growth, layers)
+        stages = [nn.Sequential(stem_conv, block1, trans1), nn.Sequential(block2, trans2),
+                  nn.Sequential(block3, nn.BatchNorm2d(c), nn.ReLU(inplace=True))]
+        neck = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        super().__init__(stages, neck, nn.Linear(c, num_classes))
+
+
+class StudentNet(StagedNet):
+    """Light student: 2 conv layers (32, 64 channels) with MaxPool, Dropout 0.25, one
+    hidden FC layer (seed: 207K params)."""
+
+    def __init__(self, in_channels=1, num_classes=10, image_size=28):
+        side = image_size // 4
+        stages = [nn.Sequential(*_conv(in_channels, 32), nn.MaxPool2d(2)),
+                  nn.Sequential(*_conv(32, 64), nn.MaxPool2d(2))]
+        super().__init__(stages, _mlp_neck(64 * side * side, 60, 0.25), nn.Linear(60, num_classes))
+
+
+MODELS = {
+    "teacher_cnn1": TeacherCNN1,
+    "teacher_cnn2": TeacherCNN2,
+    "teacher_resnet": TeacherResNet,
+    "teacher_vgg": TeacherVGG,
+    "teacher_densenet": TeacherDenseNet,
+    "student": StudentNet,
+}
+TEACHERS = [name for name in MODELS if name.startswith("teacher_")]
+
+
+def build_model(name: str, in_channels: int = 1, num_classes: int = 10, image_size: int = 28) -> StagedNet:
+    """Build one of the seed's models by name."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}: valid names are {', '.join(MODELS)}")
+    return MODELS[name](in_channels=in_channels, num_classes=num_classes, image_size=image_size)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+class ConvReg(nn.Module):
+    """Maps a student feature map [B,Cs,Hs,Ws] to a teacher's [B,Ct,Ht,Wt] (FitNet regressor).
+
+    Conv -> BN -> ReLU, with the kernel chosen by RepDistiller's shape cases
+    (CA-MKD ``models/util.py``): stride-2 conv when Hs = 2 Ht, transposed conv when
+    2 Hs = Ht, bilinear upsampling first when 4 Hs = Ht, a (1+Hs-Ht)x(1+Ws-Wt) valid
+    conv when Hs >= Ht, else a 3x3 same conv. The ReLU is dropped (``use_relu=False``)
+    when the teacher's feature can be negative.
+    """
+
+    def __init__(self, s_shape, t_shape, use_relu: bool = True):
+        super().__init__()
+        (s_c, s_h, s_w), (t_c, t_h, t_w) = s_shape[-3:], t_shape[-3:]
+        self.upsample_to = (t_h, t_w) if s_h * 4 == t_h else None
+        if self.upsample_to:
+            s_h, s_w = t_h, t_w
+        if s_h == 2 * t_h:
+            conv = nn.Conv2d(s_c, t_c, 3, stride=2, padding=1)
+        elif s_h * 2 == t_h:
+            conv = nn.ConvTranspose2d(s_c, t_c, 4, stride=2, padding=1)
+        elif s_h >= t_h:
+            conv = nn.Conv2d(s_c, t_c, (1 + s_h - t_h, 1 + s_w - t_w))
+        else:
+            conv = nn.Conv2d(s_c, t_c, 3, padding=1)
+        self.conv, self.bn = conv, nn.BatchNorm2d(t_c)
+        self.out_size = (t_h, t_w)
+        self.use_relu = use_relu
+
+    def forward(self, x):
+        if self.upsample_to:
+            x = F.interpolate(x, size=self.upsample_to, mode="bilinear", align_corners=False)
+        x = self.conv(x)
+        if x.shape[-2:] != self.out_size:  # odd size ratios no kernel case covers exactly
+            x = F.adaptive_avg_pool2d(x, self.out_size)
+        x = self.bn(x)
+        return F.relu(x) if self.use_relu else x

@@ -1,0 +1,159 @@
+"""The book's parameters: one schema, checked before anything runs.
+
+Every params file, ``-p key=value`` override and notebook parameters cell goes
+through ``validate``; a bad value gives one line naming the source, the key, the
+value and what is allowed.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .data import DATASETS
+from .distillers import METHODS
+from .models import TEACHERS
+
+
+class ParamsError(ValueError):
+    """A params file or override that cannot run."""
+
+
+@dataclass(frozen=True)
+class Key:
+    default: Any
+    kind: type | tuple
+    help: str
+    choices: tuple = ()
+    min: float | None = None
+    exclusive_min: bool = False
+
+
+SCHEMA: dict[str, Key] = {
+    "dataset": Key("FashionMNIST", str, "dataset name", tuple(DATASETS)),
+    "data_root": Key("data", str, "folder for torchvision's dataset files"),
+    "train_subset": Key(0, int, "class-balanced training subset size (0 = all)", min=0),
+    "test_subset": Key(0, int, "class-balanced test subset size (0 = all)", min=0),
+    "teachers": Key(["teacher_cnn1", "teacher_cnn2", "teacher_resnet"], list, "teacher architectures",
+                    tuple(TEACHERS)),
+    "teacher_epochs": Key(20, int, "epochs per teacher", min=1),
+    "teacher_seed": Key(0, int, "seed of the teacher set", min=0),
+    "teacher_dir": Key("checkpoints/teachers", str, "teacher checkpoints, reused across runs"),
+    "student_epochs": Key(15, int, "epochs per student", min=1),
+    "methods": Key(["camkd", "vanilla", "scratch"], list, "student training methods", tuple(METHODS)),
+    "seeds": Key([0], list, "student seeds (each method runs once per seed)"),
+    "batch_size": Key(128, int, "training batch size", min=1),
+    "lr": Key(1e-3, float, "Adam learning rate", min=0, exclusive_min=True),
+    "lr_schedule": Key("cosine", str, "learning-rate schedule", ("cosine", "constant")),
+    "weight_decay": Key(0.0, float, "Adam weight decay", min=0),
+    "temperature": Key(4.0, float, "distillation temperature T", min=0, exclusive_min=True),
+    "alpha": Key(0.7, float, "weight of the KL (logit) term", min=0),
+    "beta": Key(100.0, float, "weight of CAMKD's feature term", min=0),
+    "hint_layer": Key(-2, int, "feature index for CAMKD's feature term (-2 = last conv stage)"),
+    "fidelity_freq": Key(1, int, "compute fidelity metrics every N epochs", min=1),
+    "precision": Key("fp32", str, "fp32, or bf16 autocast", ("fp32", "bf16")),
+    "augment": Key("none", str, "batch augmentation (bypasses the teacher cache)", ("none", "crop", "crop_flip")),
+    "cache_teachers": Key(True, bool, "run each frozen teacher once and cache its outputs"),
+    "device": Key("auto", str, "auto (CUDA, MPS, CPU) or a torch device name"),
+    "threads": Key(0, int, "CPU threads (0 = all cores)", min=0),
+    "run_dir": Key("", str, "folder for this run's results ('' = outputs/interactive)"),
+}
+
+
+def _type_ok(value, kind) -> bool:
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def _fail(source: str, key: str, value, allowed: str):
+    raise ParamsError(f"{source}: {key}: {value!r} is not allowed; {allowed}")
+
+
+def _check_key(source: str, key: str, value) -> None:
+    spec = SCHEMA[key]
+    if not _type_ok(value, spec.kind):
+        _fail(source, key, value, f"expected {spec.kind.__name__} ({spec.help})")
+    if spec.kind is list:
+        if not value:
+            _fail(source, key, value, f"give a non-empty list ({spec.help})")
+        if key == "seeds":
+            if not all(_type_ok(v, int) and v >= 0 for v in value) or len(set(value)) != len(value):
+                _fail(source, key, value, "give distinct non-negative integers, e.g. [0, 1, 2]")
+            return
+        for item in value:
+            if item not in spec.choices:
+                _fail(source, key, item, f"choose from {', '.join(spec.choices)}")
+        if len(set(value)) != len(value):
+            _fail(source, key, value, "list each name once")
+        return
+    if spec.choices and value not in spec.choices:
+        _fail(source, key, value, f"choose from {', '.join(spec.choices)}")
+    if spec.min is not None and (value < spec.min or (spec.exclusive_min and value == spec.min)):
+        _fail(source, key, value, f"must be {'>' if spec.exclusive_min else '>='} {spec.min} ({spec.help})")
+
+
+def _check_combination(source: str, p: dict) -> None:
+    if "camkd" in p["methods"] and len(p["teachers"]) < 2:
+        _fail(source, "teachers", p["teachers"], "camkd needs at least 2 teachers")
+    from .models import build_model  # hint_layer must be a conv feature map of every model used
+    for name in p["teachers"] + ["student"]:
+        model = build_model(name)
+        if p["hint_layer"] not in range(-model.num_features, -1):
+            _fail(source, "hint_layer", p["hint_layer"],
+                  f"{name} has conv feature maps at {list(range(-model.num_features, -1))}")
+
+
+def validate(params: dict, source: str = "params", partial: bool = False) -> dict:
+    """Check ``params`` against ``SCHEMA``; return them with defaults filled in.
+
+    ``partial`` checks only the keys given (a notebook's own parameters).
+    """
+    if not isinstance(params, dict):
+        raise ParamsError(f"{source}: expected a mapping of key: value, got {type(params).__name__}")
+    for key, value in params.items():
+        if key not in SCHEMA:
+            close = difflib.get_close_matches(str(key), SCHEMA, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(SCHEMA)}"
+            raise ParamsError(f"{source}: unknown key {key!r}; {hint}")
+        if isinstance(value, int) and SCHEMA[key].kind is float and not isinstance(value, bool):
+            params[key] = float(value)
+        _check_key(source, key, params[key])
+    if partial:
+        full = {k: params.get(k, s.default) for k, s in SCHEMA.items()}
+        _check_combination(source, full)
+        return dict(params)
+    full = {k: params.get(k, spec.default) for k, spec in SCHEMA.items()}
+    _check_combination(source, full)
+    return full
+
+
+def load_params(path: str | Path) -> dict:
+    """Read and validate a params YAML file."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: no such params file; see params/ for examples") from None
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    return validate(raw, str(path))
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key=value`` with the value parsed as YAML (``-p seeds=[0,1]``, ``-p lr=3e-4``)."""
+    if "=" not in text:
+        raise ParamsError(f"-p {text}: expected key=value")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw)
+    if isinstance(value, str):  # YAML reads 3e-4 as a string
+        try:
+            value = float(value) if any(c in value for c in ".eE") else value
+        except ValueError:
+            pass
+    return key.strip(), value

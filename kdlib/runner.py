@@ -1,0 +1,245 @@
+"""Runs the book: 01, 02, 03 executed by papermill into ``outputs/NAME/``.
+
+Each run folder gets the executed notebooks, their HTML, ``params.yaml`` (resolved)
+and ``manifest.json`` (status, git commit, versions, device, timings, teacher
+checkpoint hashes). A finished run is never overwritten; an unfinished one can be
+resumed (finished notebooks are skipped; training resumes from its checkpoints).
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+import yaml
+
+from .params import ParamsError, load_params, parse_override, validate
+
+NOTEBOOKS = ["01_train_teachers.ipynb", "02_distill_students.ipynb", "03_fidelity_analysis.ipynb"]
+
+
+class RunError(RuntimeError):
+    """A run that cannot start or did not finish; the message says why and what to do."""
+
+
+def package_root() -> Path:
+    return Path(__file__).resolve().parent.parent
+
+
+def notebooks_dir() -> Path:
+    for base in (Path.cwd(), package_root()):
+        if (base / "notebooks" / NOTEBOOKS[0]).is_file():
+            return base / "notebooks"
+    raise RunError("notebooks/ not found: run from the repository root")
+
+
+def declared_parameters(notebook: Path) -> set[str]:
+    """Names a notebook declares in its ``parameters`` cell (papermill.inspect_notebook)."""
+    import papermill
+    return set(papermill.inspect_notebook(str(notebook)))
+
+
+def check_declared(params_given: dict, source: str, nb_dir: Path) -> dict[str, set[str]]:
+    """Refuse any given key that no notebook declares; return each notebook's keys."""
+    declared = {nb: declared_parameters(nb_dir / nb) for nb in NOTEBOOKS}
+    everything = set().union(*declared.values())
+    for key in params_given:
+        if key not in everything:
+            raise ParamsError(f"{source}: key {key!r} is declared by no notebook "
+                              f"({', '.join(NOTEBOOKS)}); remove it")
+    return declared
+
+
+def git_commit() -> dict:
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=package_root(), capture_output=True, text=True).stdout.strip()
+    try:
+        return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain"))}
+    except OSError:
+        return {"commit": None, "dirty": None}
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for pkg in ("kdbook", "torch", "torchvision", "numpy", "pandas", "papermill", "nbconvert"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def device_info(P: dict) -> dict:
+    import torch
+    from .train import pick_device
+    dev = pick_device(P["device"])
+    info = {"device": str(dev), "threads": P["threads"] or len(os.sched_getaffinity(0)),
+            "machine": platform.machine(), "processor": _cpu_name()}
+    if dev.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(dev)
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def write_manifest(run_dir: Path, manifest: dict) -> None:
+    tmp = run_dir / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    tmp.replace(run_dir / "manifest.json")
+
+
+def _teacher_hashes(run_dir: Path) -> list[dict]:
+    path = run_dir / "teachers.json"
+    if not path.exists():
+        return []
+    return [{"name": t["name"], "checkpoint": t["checkpoint"], "sha256": t["sha256"]}
+            for t in json.loads(path.read_text())["teachers"]]
+
+
+def _failed_cell(output: Path) -> str:
+    """'cell N (In [k])' of the first cell that raised, read from the executed notebook."""
+    import nbformat
+    try:
+        nb = nbformat.read(output, as_version=4)
+    except Exception:
+        return "unknown cell"
+    for i, cell in enumerate(nb.cells):
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "error":
+                return f"cell {i + 1} (In [{cell.get('execution_count')}]): {out.get('ename')}: {out.get('evalue')}"
+    return "unknown cell"
+
+
+def render_html(notebook: Path) -> Path:
+    from nbconvert import HTMLExporter
+    import nbformat
+    body, _ = HTMLExporter().from_notebook_node(nbformat.read(notebook, as_version=4))
+    html = notebook.with_suffix(".html")
+    html.write_text(body, encoding="utf-8")
+    return html
+
+
+def execute(nb_dir: Path, name: str, run_dir: Path, params: dict, declared: set[str]) -> None:
+    import papermill
+    env_before = os.environ.get("KDBOOK_PROGRESS")
+    os.environ["KDBOOK_PROGRESS"] = "text"  # no widget state in executed notebooks
+    try:
+        papermill.execute_notebook(str(nb_dir / name), str(run_dir / name),
+                                   parameters={k: v for k, v in params.items() if k in declared},
+                                   kernel_name="python3", cwd=str(Path.cwd()), progress_bar=False)
+    finally:
+        if env_before is None:
+            os.environ.pop("KDBOOK_PROGRESS", None)
+        else:
+            os.environ["KDBOOK_PROGRESS"] = env_before
+
+
+def prepare_run(params_file: str | None, name: str | None, overrides: list[str], resume: str | None,
+                outputs: Path) -> tuple[Path, dict, dict, str]:
+    """Validate everything and create (or reopen) the run folder before anything runs."""
+    if resume:
+        run_dir = Path(resume)
+        if not (run_dir / "params.yaml").is_file():
+            raise RunError(f"--resume {resume}: no params.yaml there; is it a run folder?")
+        given = yaml.safe_load((run_dir / "params.yaml").read_text())
+        source = str(run_dir / "params.yaml")
+        manifest = json.loads((run_dir / "manifest.json").read_text())
+        if manifest.get("status") == "finished":
+            raise RunError(f"{run_dir} already finished; nothing to resume")
+        given = validate(given, source)
+        return run_dir, given, manifest, source
+    if not params_file:
+        raise RunError("give a params file (params/NAME.yaml) or --resume outputs/NAME")
+    P = load_params(params_file)
+    raw = yaml.safe_load(Path(params_file).read_text()) or {}
+    source = params_file + (" with -p " + " ".join(overrides) if overrides else "")
+    for text in overrides:
+        key, value = parse_override(text)
+        raw[key] = value
+    P = validate(dict(raw), source)
+    name = name or Path(params_file).stem
+    run_dir = outputs / name
+    if (run_dir / "manifest.json").exists():
+        status = json.loads((run_dir / "manifest.json").read_text()).get("status")
+        hint = (f"pick another --name, or delete {run_dir}" if status == "finished"
+                else f"resume it with: python -m kdlib run --resume {run_dir} (or pick another --name)")
+        raise RunError(f"{run_dir} already holds a {status} run; {hint}")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        P["run_dir"] = str(run_dir.resolve())
+        (run_dir / "params.yaml").write_text(yaml.safe_dump(P, sort_keys=False))
+    except OSError as err:
+        raise RunError(f"cannot write the run folder {run_dir}: {err.strerror}; "
+                       f"free space or fix permissions, or choose --outputs elsewhere") from None
+    manifest = {"name": name, "params_file": params_file, "overrides": overrides, "status": "created",
+                "created": now(), "notebooks": {}}
+    return run_dir, P, manifest, source
+
+
+def run(params_file: str | None = None, name: str | None = None, overrides: list[str] | None = None,
+        resume: str | None = None, outputs: str | Path = "outputs", log=print) -> Path:
+    """Run the book; return the run folder. Raises ``ParamsError`` or ``RunError``."""
+    overrides = overrides or []
+    nb_dir = notebooks_dir()
+    if params_file and not resume:  # every check before anything is created
+        load_params(params_file)
+        raw = dict(yaml.safe_load(Path(params_file).read_text()) or {})
+        raw.update(dict(parse_override(t) for t in overrides))
+        source = params_file + (" with -p " + " ".join(overrides) if overrides else "")
+        validate(dict(raw), source)
+        check_declared(raw, source, nb_dir)
+    run_dir, P, manifest, source = prepare_run(params_file, name, overrides, resume, Path(outputs))
+    declared = check_declared({}, source, nb_dir)
+    manifest.update({"status": "running", "git": git_commit(), "versions": versions(),
+                     "device": device_info(P), "dataset": P["dataset"], "resumed": bool(resume)})
+    write_manifest(run_dir, manifest)
+    t_run = time.perf_counter()
+    for nb in NOTEBOOKS:
+        entry = manifest["notebooks"].get(nb, {})
+        if entry.get("status") == "finished":
+            log(f"{nb}: finished earlier, skipped")
+            continue
+        entry.update({"status": "running", "start": now()})
+        manifest["notebooks"][nb] = entry
+        write_manifest(run_dir, manifest)
+        log(f"{nb}: running")
+        t0 = time.perf_counter()
+        try:
+            execute(nb_dir, nb, run_dir, P, declared[nb])
+        except Exception as err:
+            where = _failed_cell(run_dir / nb)
+            entry.update({"status": "failed", "end": now(), "seconds": time.perf_counter() - t0,
+                          "error": f"{type(err).__name__}: {where}"})
+            manifest.update({"status": "failed", "ended": now()})
+            write_manifest(run_dir, manifest)
+            if (run_dir / nb).exists():
+                render_html(run_dir / nb)
+            raise RunError(f"{nb} failed at {where}; the partial notebook is {run_dir / nb}; "
+                           f"fix the cause, then: python -m kdlib run --resume {run_dir}") from None
+        entry.update({"status": "finished", "end": now(), "seconds": round(time.perf_counter() - t0, 1)})
+        render_html(run_dir / nb)
+        manifest["teacher_checkpoints"] = _teacher_hashes(run_dir)
+        write_manifest(run_dir, manifest)
+        log(f"{nb}: finished in {entry['seconds']:.0f} s")
+    manifest.update({"status": "finished", "ended": now(),
+                     "seconds": round(time.perf_counter() - t_run, 1)})
+    write_manifest(run_dir, manifest)
+    return run_dir

@@ -1,0 +1,108 @@
+"""Paired comparisons of student methods over seeds, and the run's result tables.
+
+* paired t: d_s = acc_A(s) - acc_B(s) over seeds s; mean(d) +/- t_{0.975,n-1} sd(d)/sqrt(n);
+  p from the two-sided t test (``scipy.stats.ttest_rel``).
+* exact McNemar: on per-example correctness pooled over seeds, b = #(A right, B
+  wrong), c = #(A wrong, B right); p = min(1, 2 * BinomCDF(min(b, c); b + c, 1/2)).
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import stats as st
+
+NAMES = {"camkd": "CAMKD", "vanilla": "vanilla", "scratch": "scratch"}
+
+
+def paired_t(a, b, confidence: float = 0.95) -> dict:
+    """Mean of a - b over pairs, its confidence interval (t distribution) and p-value."""
+    d = np.asarray(a, float) - np.asarray(b, float)
+    n = len(d)
+    mean = float(d.mean())
+    if n < 2:
+        return {"n": n, "mean_diff": mean, "ci_low": math.nan, "ci_high": math.nan, "p_value": math.nan}
+    sem = d.std(ddof=1) / math.sqrt(n)
+    half = st.t.ppf(0.5 + confidence / 2, n - 1) * sem
+    p = float(st.ttest_rel(a, b).pvalue) if sem > 0 else (1.0 if mean == 0 else 0.0)
+    return {"n": n, "mean_diff": mean, "ci_low": mean - half, "ci_high": mean + half, "p_value": p}
+
+
+def mcnemar_exact(correct_a, correct_b) -> dict:
+    """Exact (binomial) McNemar test on paired boolean correctness vectors."""
+    a, b = np.asarray(correct_a, bool), np.asarray(correct_b, bool)
+    only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
+    n = only_a + only_b
+    p = 1.0 if n == 0 else min(1.0, 2 * float(st.binom.cdf(min(only_a, only_b), n, 0.5)))
+    return {"only_a_correct": only_a, "only_b_correct": only_b, "p_value": p}
+
+
+def results_frame(teachers_json: dict, metrics: dict) -> pd.DataFrame:
+    """One row per trained model: role, name, seed, test_acc and final fidelity metrics."""
+    rows = [{"role": "teacher", "name": t["name"], "seed": None, "test_acc": t["test_acc"],
+             "params": t["params"]} for t in teachers_json["teachers"]]
+    for method, m in metrics.items():
+        for run in m["runs"]:
+            fid = run.get("fidelity") or {}
+            row = {"role": "student", "name": method, "seed": run["seed"], "test_acc": run["test_acc"],
+                   "params": m["student_params"], "centroid_fidelity": fid.get("centroid_fidelity"),
+                   "mean_individual_fidelity": fid.get("mean_individual_fidelity"),
+                   "centroid_agreement": fid.get("centroid_agreement")}
+            for name, kl, agree in zip(m["teachers"], fid.get("individual_fidelity", []),
+                                       fid.get("top1_agreement", [])):
+                row[f"fidelity[{name}]"] = kl
+                row[f"agreement[{name}]"] = agree
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def comparison_frame(metrics: dict, predictions: dict) -> pd.DataFrame:
+    """One row per pair of methods: paired-t over seeds on test accuracy, and exact
+    McNemar on per-example correctness pooled over the seeds both methods ran."""
+    labels = predictions["labels"]
+    rows = []
+    for a, b in itertools.combinations(metrics, 2):
+        acc_a = {r["seed"]: r["test_acc"] for r in metrics[a]["runs"]}
+        acc_b = {r["seed"]: r["test_acc"] for r in metrics[b]["runs"]}
+        seeds = sorted(set(acc_a) & set(acc_b))
+        t = paired_t([acc_a[s] for s in seeds], [acc_b[s] for s in seeds])
+        right_a = np.concatenate([predictions[f"{a}/seed{s}"] == labels for s in seeds])
+        right_b = np.concatenate([predictions[f"{b}/seed{s}"] == labels for s in seeds])
+        m = mcnemar_exact(right_a, right_b)
+        rows.append({"method_a": a, "method_b": b, "seeds": len(seeds), **t,
+                     "mcnemar_p": m["p_value"], "only_a_correct": m["only_a_correct"],
+                     "only_b_correct": m["only_b_correct"]})
+    return pd.DataFrame(rows)
+
+
+def verdict(row, alpha: float = 0.05) -> str:
+    """One plain sentence for a row of ``comparison_frame``."""
+    a, b = NAMES.get(row["method_a"], row["method_a"]), NAMES.get(row["method_b"], row["method_b"])
+    head = f"{a} vs {b}: {row['mean_diff']:+.2f} points"
+    if row["seeds"] < 2:
+        return f"{head} (one seed: no confidence interval; McNemar p = {row['mcnemar_p']:.3g})"
+    sig = row["p_value"] < alpha
+    return (f"{head} (95% CI {row['ci_low']:+.2f} to {row['ci_high']:+.2f}, paired t p = {row['p_value']:.3g}, "
+            f"McNemar p = {row['mcnemar_p']:.3g}), {'significant' if sig else 'not significant'} at "
+            f"{alpha:.0%} over {row['seeds']} seeds")
+
+
+def write_tables(run_dir: str | Path, teachers_json: dict, metrics: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Write ``results.csv`` and ``comparison.csv`` into ``run_dir`` and return both."""
+    run_dir = Path(run_dir)
+    with np.load(run_dir / "predictions.npz") as npz:
+        predictions = dict(npz)
+    results = results_frame(teachers_json, metrics)
+    comparison = comparison_frame(metrics, predictions)
+    results.to_csv(run_dir / "results.csv", index=False)
+    comparison.to_csv(run_dir / "comparison.csv", index=False)
+    return results, comparison
+
+
+def summary_frame(results: pd.DataFrame) -> pd.DataFrame:
+    """Mean, std and count of each numeric column per (role, name)."""
+    numeric = results.drop(columns=["seed", "params"]).groupby(["role", "name"], sort=False)
+    return numeric.agg(["mean", "std", "count"])

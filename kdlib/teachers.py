@@ -1,0 +1,103 @@
+"""Frozen teachers, served live or from a cache of their outputs.
+
+A distiller asks a bank for the teachers' logits and hint features of a batch. The
+``LiveTeachers`` bank runs every teacher on the batch; ``CachedTeachers`` runs them
+once over a split (eval mode, un-augmented) and then answers by sample index, so a
+distillation step costs little more than a student step. Both give the same outputs
+for the same samples (tested).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .models import StagedNet
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Eval mode and no gradients for every parameter."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+class LiveTeachers(nn.Module):
+    """Runs the frozen teachers on every batch."""
+
+    cached = False
+
+    def __init__(self, models: list[StagedNet], names: list[str], hint_layer: int = -2):
+        super().__init__()
+        if len(models) != len(names):
+            raise ValueError("one name per teacher model")
+        self.models = nn.ModuleList([freeze(m) for m in models])
+        self.names = list(names)
+        self.hint_layer = hint_layer
+        for m in self.models:
+            m.check_hint_layer(hint_layer)
+
+    def train(self, mode: bool = True):
+        """Teachers stay in eval mode whatever the caller asks (BatchNorm, Dropout)."""
+        return super().train(False)
+
+    def __len__(self) -> int:
+        return len(self.models)
+
+    @torch.no_grad()
+    def outputs(self, x: torch.Tensor, idx: torch.Tensor | None = None, split: str = "train"):
+        """``(logits [M,B,C] float32, hints: list of M [B,...] tensors)`` for batch ``x``."""
+        logits, hints = [], []
+        for m in self.models:
+            out, feats = m(x, return_features=True)
+            logits.append(out.float())
+            hints.append(feats[self.hint_layer])
+        return torch.stack(logits), hints
+
+    def head(self, i: int, feature: torch.Tensor) -> torch.Tensor:
+        """Teacher ``i``'s layers after the hint layer applied to ``feature``."""
+        return self.models[i].forward_from(feature, self.hint_layer)
+
+
+class CachedTeachers(LiveTeachers):
+    """Teacher outputs computed once per split and looked up by sample index.
+
+    Logits are kept in float32, hint features in ``feature_dtype`` (half precision by
+    default: the MSE target only needs about 3 significant digits).
+    """
+
+    cached = True
+
+    def __init__(self, models, names, hint_layer=-2, feature_dtype=torch.float16):
+        super().__init__(models, names, hint_layer)
+        self.feature_dtype = feature_dtype
+        self.store: dict[str, tuple[torch.Tensor, list[torch.Tensor]]] = {}
+
+    @torch.no_grad()
+    def build(self, split: str, num_samples: int, batches) -> None:
+        """Fill the cache for ``split`` from an iterable of ``(x, idx)`` batches that
+        covers sample indices ``0 .. num_samples-1``."""
+        logits, hints, n = None, None, num_samples
+        for x, idx in batches:
+            out, feats = LiveTeachers.outputs(self, x)
+            if logits is None:
+                logits = torch.empty((len(self), n, out.shape[-1]), dtype=torch.float32, device=out.device)
+                hints = [torch.empty((n, *f.shape[1:]), dtype=self.feature_dtype, device=f.device) for f in feats]
+            logits[:, idx] = out
+            for store, f in zip(hints, feats):
+                store[idx] = f.to(self.feature_dtype)
+        self.store[split] = (logits, hints)
+
+    def nbytes(self) -> int:
+        """Memory held by the cache, in bytes."""
+        total = 0
+        for logits, hints in self.store.values():
+            total += logits.element_size() * logits.numel()
+            total += sum(h.element_size() * h.numel() for h in hints)
+        return total
+
+    def outputs(self, x, idx=None, split="train"):
+        if split not in self.store:
+            return super().outputs(x)
+        logits, hints = self.store[split]
+        return logits[:, idx], [h[idx].float() for h in hints]
