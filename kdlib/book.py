@@ -57,7 +57,8 @@ def load_data(P, device=None):
 def _config(P, epochs: int, seed: int, device) -> TrainConfig:
     return TrainConfig(epochs=epochs, batch_size=P["batch_size"], lr=P["lr"], lr_schedule=P["lr_schedule"],
                        weight_decay=P["weight_decay"], seed=seed, precision=P["precision"],
-                       augment=P["augment"], fidelity_freq=P["fidelity_freq"], device=str(device))
+                       augment=P["augment"], fidelity_freq=P["fidelity_freq"], device=str(device),
+                       compile=P["compile"])
 
 
 def _write_json(path: Path, obj) -> None:
@@ -83,6 +84,7 @@ def train_teachers(P, data=None, log=print) -> dict:
         records.append({"name": name, "params": count_parameters(model),
                         "test_acc": history[-1]["test_acc"], "history": history,
                         "checkpoint": str(path), "sha256": sha256_file(path),
+                        "train_seconds": sum(h["epoch_seconds"] for h in history),
                         "seconds": time.perf_counter() - t0})
     _write_json(Path(P["run_dir"]) / "teachers.json",
                 {"dataset": data.name, "device": str(device), "teachers": records})
@@ -119,11 +121,12 @@ def distill_students(P, data=None, teachers=None, log=print) -> dict:
             distiller, history = train_student(
                 method, bank, data, cfg, temperature=P["temperature"], alpha=P["alpha"], beta=P["beta"],
                 hint_layer=P["hint_layer"], checkpoint=run_dir / f"student_{method}_seed{seed}.pt",
-                test_probs=test_probs, log=log)
+                test_probs=test_probs, log=log, replace_stale=run_dir.name == "interactive")
             logits = predict_logits(distiller.student, data.test, data, cfg)
             predictions[f"{method}/seed{seed}"] = logits.argmax(-1).cpu().numpy()
             runs.append({"seed": seed, "test_acc": history[-1]["test_acc"],
                          "fidelity": history[-1].get("fidelity"), "history": history,
+                         "train_seconds": sum(h["epoch_seconds"] for h in history),
                          "seconds": time.perf_counter() - t0,
                          "extra_params": sum(p.numel() for p in distiller.extra_parameters())})
         results[method] = {"method": method, "dataset": data.name, "teachers": names,

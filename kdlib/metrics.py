@@ -15,7 +15,8 @@ EPS = 1e-12
 def kl_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """Per-sample KL(p || q) over the last axis (broadcasting)."""
     p, q = p.double(), q.double()
-    return (torch.special.xlogy(p, p) - p * torch.log(q.clamp_min(EPS))).sum(-1)
+    kl = (torch.special.xlogy(p, p) - p * torch.log(q.clamp_min(EPS))).sum(-1)
+    return kl.clamp_min(0.0)  # rounding can leave -1e-20 where p == q
 
 
 def agreement(a_probs: torch.Tensor, b_probs: torch.Tensor) -> float:

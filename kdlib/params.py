@@ -57,6 +57,7 @@ SCHEMA: dict[str, Key] = {
     "precision": Key("fp32", str, "fp32, or bf16 autocast", ("fp32", "bf16")),
     "augment": Key("none", str, "batch augmentation (bypasses the teacher cache)", ("none", "crop", "crop_flip")),
     "cache_teachers": Key(True, bool, "run each frozen teacher once and cache its outputs"),
+    "compile": Key(False, bool, "torch.compile the model being trained (off: no measured win on CPU)"),
     "device": Key("auto", str, "auto (CUDA, MPS, CPU) or a torch device name"),
     "threads": Key(0, int, "CPU threads (0 = all cores)", min=0),
     "run_dir": Key("", str, "folder for this run's results ('' = outputs/interactive)"),

@@ -56,7 +56,9 @@ def results_frame(teachers_json: dict, metrics: dict) -> pd.DataFrame:
                 row[f"fidelity[{name}]"] = kl
                 row[f"agreement[{name}]"] = agree
             rows.append(row)
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    frame["seed"] = frame["seed"].astype("Int64")  # teachers have none
+    return frame
 
 
 def comparison_frame(metrics: dict, predictions: dict) -> pd.DataFrame:

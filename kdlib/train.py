@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import atomic_save, load_checkpoint, meta_key
+from .checkpoint import CheckpointError, atomic_save, load_checkpoint, meta_key
 from .data import Dataset, Split, augment_batch, batch_order, normalize
 from .distillers import Distiller, Scratch, build_distiller
 from .models import build_model
@@ -128,15 +128,69 @@ def _epoch_record(epoch, lr, sums, n, correct, test_loss, test_acc, seconds, sta
     return record
 
 
+def train_epoch(distiller: Distiller, optimizer: torch.optim.Optimizer, data: Dataset, cfg: TrainConfig,
+                epoch: int, steps: int, *, max_batches: int | None = None):
+    """One training pass over ``data.train`` (the part of an epoch that learns).
+
+    Sets the per-step learning rate, runs ``forward_train`` under autocast, sums the
+    loss terms, refuses a non-finite total, steps the optimizer. ``steps`` is the
+    number of batches in a full epoch (for the schedule); ``max_batches`` stops early
+    (warm-up in ``kdlib.bench``). Returns ``(sums, correct, n, stats, lr)``: per-term
+    loss sums weighted by batch size, correct predictions, samples seen, batch-stat
+    sums and the last learning rate.
+    """
+    device = data.train.images.device
+    distiller.train()
+    sums, correct, n, stats, lr = {}, 0, 0, {}, cfg.lr
+    batches = iterate(data.train, data, cfg.batch_size, seed=cfg.seed, epoch=epoch,
+                      augment=cfg.augment, channels_last=cfg.channels_last)
+    for b, (x, y, idx) in enumerate(batches):
+        if max_batches is not None and b >= max_batches:
+            break
+        lr = lr_at(epoch * steps + b, cfg.epochs * steps, cfg.lr, cfg.lr_schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with autocast(device, cfg.precision):
+            logits, losses = distiller.forward_train(x, y, idx, epoch)
+        total = sum(losses.values())
+        _check_finite(losses, total, epoch, b, cfg)
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+        k = len(y)
+        n += k
+        correct += (logits.argmax(1) == y).sum().item()
+        for name, value in losses.items():
+            sums[name] = sums.get(name, 0.0) + value.item() * k
+        for name, value in distiller.batch_stats.items():
+            stats[name] = stats.get(name, 0.0) + value.double().cpu() * k
+    return sums, correct, n, stats, lr
+
+
+def _load_for_resume(checkpoint, meta, device, replace_stale, desc, log):
+    if not checkpoint or not Path(checkpoint).exists():
+        return None
+    try:
+        return load_checkpoint(checkpoint, meta, map_location=device)
+    except CheckpointError as err:
+        if not (replace_stale and "does not match" in str(err)):
+            raise
+        log(f"{desc}: settings changed since {checkpoint} was written; training afresh and replacing it")
+        Path(checkpoint).unlink()
+        return None
+
+
 def fit(distiller: Distiller, data: Dataset, cfg: TrainConfig, *, checkpoint: str | Path | None = None,
         meta: dict | None = None, teacher_test_probs: torch.Tensor | None = None,
-        desc: str = "train", log=print) -> list[dict]:
+        desc: str = "train", log=print, replace_stale: bool = False) -> list[dict]:
     """Train ``distiller`` for ``cfg.epochs`` and return the per-epoch history.
 
     With ``checkpoint``, a finished checkpoint is reused, an unfinished one resumed
     from its last completed epoch (model, optimizer, RNG, history), and a new one is
     written atomically after every epoch. ``teacher_test_probs`` [M,N,C] (T = 1)
     turns on fidelity metrics every ``cfg.fidelity_freq`` epochs and at the last one.
+    A checkpoint made with other settings is refused, unless ``replace_stale`` (the
+    notebooks' scratch folder ``outputs/interactive``), where it is replaced, and said so.
     """
     device = data.train.images.device
     meta = dict(meta or {}, epochs=cfg.epochs)
@@ -144,8 +198,8 @@ def fit(distiller: Distiller, data: Dataset, cfg: TrainConfig, *, checkpoint: st
         distiller.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(distiller.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     history, start = [], 0
-    if checkpoint and Path(checkpoint).exists():
-        state = load_checkpoint(checkpoint, meta, map_location=device)
+    state = _load_for_resume(checkpoint, meta, device, replace_stale, desc, log)
+    if state is not None:
         distiller.student.load_state_dict(state["model"])
         distiller.load_state_dict(state["extra"], strict=False)
         optimizer.load_state_dict(state["optimizer"])
@@ -157,32 +211,13 @@ def fit(distiller: Distiller, data: Dataset, cfg: TrainConfig, *, checkpoint: st
         log(f"{desc}: resuming from epoch {start} of {cfg.epochs} ({checkpoint})")
     else:
         seed_everything(cfg.seed)
+    if cfg.compile:  # compiles the student's forward in place; weights and state_dict keys unchanged
+        distiller.student.forward = torch.compile(distiller.student.forward)
     steps = math.ceil(len(data.train) / cfg.batch_size)
     bar = progress_bar(total=cfg.epochs, initial=start, desc=desc)
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
-        distiller.train()
-        sums, correct, n, stats = {}, 0, 0, {}
-        batches = iterate(data.train, data, cfg.batch_size, seed=cfg.seed, epoch=epoch,
-                          augment=cfg.augment, channels_last=cfg.channels_last)
-        for b, (x, y, idx) in enumerate(batches):
-            lr = lr_at(epoch * steps + b, cfg.epochs * steps, cfg.lr, cfg.lr_schedule)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            with autocast(device, cfg.precision):
-                logits, losses = distiller.forward_train(x, y, idx, epoch)
-            total = sum(losses.values())
-            _check_finite(losses, total, epoch, b, cfg)
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            optimizer.step()
-            k = len(y)
-            n += k
-            correct += (logits.argmax(1) == y).sum().item()
-            for name, value in losses.items():
-                sums[name] = sums.get(name, 0.0) + value.item() * k
-            for name, value in distiller.batch_stats.items():
-                stats[name] = stats.get(name, 0.0) + value.double().cpu() * k
+        sums, correct, n, stats, lr = train_epoch(distiller, optimizer, data, cfg, epoch, steps)
         test_logits = predict_logits(distiller.student, data.test, data, cfg)
         test_loss = F.cross_entropy(test_logits, data.test.labels).item()
         record = _epoch_record(epoch, lr, sums, n, correct, test_loss, accuracy(test_logits, data.test.labels),
@@ -287,7 +322,8 @@ def student_meta(method: str, data: Dataset, cfg: TrainConfig, teacher_names, **
 
 
 def train_student(method: str, bank: LiveTeachers, data: Dataset, cfg: TrainConfig, *, temperature=4.0,
-                  alpha=0.7, beta=100.0, hint_layer=-2, checkpoint=None, test_probs=None, log=print):
+                  alpha=0.7, beta=100.0, hint_layer=-2, checkpoint=None, test_probs=None, log=print,
+                  replace_stale=False):
     """Train the student with ``method`` (scratch, vanilla, camkd) against ``bank``.
 
     Returns ``(distiller, history)``; seeded by ``cfg.seed`` (init, batch order, dropout).
@@ -300,5 +336,5 @@ def train_student(method: str, bank: LiveTeachers, data: Dataset, cfg: TrainConf
     meta = student_meta(method, data, cfg, bank.names, temperature=temperature, alpha=alpha, beta=beta,
                         hint_layer=hint_layer)
     history = fit(distiller, data, cfg, checkpoint=checkpoint, meta=meta, teacher_test_probs=test_probs,
-                  desc=f"{method} seed {cfg.seed}", log=log)
+                  desc=f"{method} seed {cfg.seed}", log=log, replace_stale=replace_stale)
     return distiller, history

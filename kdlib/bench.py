@@ -1,0 +1,288 @@
+"""Seconds per training epoch for each way of training the student.
+
+    python -m kdlib.bench [--samples N] [--teachers M] [--precision fp32|bf16]
+                          [--repeats R] [--json | --markdown]
+
+One process times ONE pass (one epoch, training steps only: no evaluation, no
+checkpoint) over the same ``N`` class-balanced Fashion-MNIST training samples with
+the settings of ``params/fashionmnist.yaml`` (batch 128, Adam lr 1e-3, T 4, alpha 0.7,
+beta 100, hint_layer -2), for
+
+* ``scratch``, ``vanilla``, ``camkd``: kdlib's loop, teachers served from the cache
+  (``CachedTeachers``; camkd is timed in an epoch where its feature term is on);
+* ``vanilla_live``, ``camkd_live``: the same, teachers run on every batch;
+* ``seed_style``: the old seed kit's way: torchvision dataset with per-sample
+  ``ToTensor``/``Normalize`` through a ``DataLoader``, default memory layout,
+  teachers run live, vanilla KD loss computed the plain way, always fp32.
+
+Teachers are randomly initialised, frozen and in eval mode: their accuracy does not
+change the work a step does, so they are not trained for timing. Each method is
+warmed up for a few steps first; with ``--repeats R`` > 1 the passes are interleaved
+across methods (so a burst of load elsewhere hits them alike) and the fastest pass of
+each method is reported. Ratios are taken within the one process.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .data import balanced_subset, load_dataset, normalize
+from .distillers import build_distiller
+from .models import TEACHERS, build_model
+from .params import load_params, validate
+from .train import (TrainConfig, pick_device, seed_everything, set_threads, teacher_bank,
+                    train_epoch)
+from .teachers import freeze
+
+METHODS = ["scratch", "vanilla", "camkd", "vanilla_live", "camkd_live", "seed_style"]
+RATIOS = {"vanilla/scratch": ("vanilla", "scratch"), "camkd/scratch": ("camkd", "scratch"),
+          "seed_style/vanilla": ("seed_style", "vanilla"), "vanilla_live/vanilla": ("vanilla_live", "vanilla"),
+          "camkd_live/camkd": ("camkd_live", "camkd")}
+DESCRIPTIONS = {
+    "scratch": "student alone (CE)",
+    "vanilla": "vanilla KD, teacher logits from the cache",
+    "camkd": "CAMKD (logit + feature terms), teacher outputs from the cache",
+    "vanilla_live": "vanilla KD, teachers run every step",
+    "camkd_live": "CAMKD, teachers run every step",
+    "seed_style": "seed kit's loop: DataLoader + per-sample transforms, teachers live, no channels_last, fp32",
+}
+TEACHER_NOTE = "teachers: random init, frozen, eval mode (not trained; timing only)"
+PARAMS_FILE = Path(__file__).resolve().parent.parent / "params" / "fashionmnist.yaml"
+
+
+def bench_params() -> dict:
+    """The main experiment's params (``params/fashionmnist.yaml``), or the schema's
+    defaults (the same values) when the file is not there (an installed package)."""
+    return load_params(PARAMS_FILE) if PARAMS_FILE.is_file() else validate({}, "defaults")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def prepare(distiller, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """What ``fit`` does before its first epoch: memory layout and the optimizer."""
+    if cfg.channels_last:
+        distiller.to(memory_format=torch.channels_last)
+    return torch.optim.Adam(distiller.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def time_epoch(distiller, data, cfg: TrainConfig, epoch: int = 1, *, optimizer=None, warmup: int = 0) -> float:
+    """Seconds for one training pass over ``data.train`` (``train_epoch``, fit's inner
+    loop), after ``warmup`` untimed steps. Pass the same ``optimizer`` to time again."""
+    optimizer = optimizer or prepare(distiller, cfg)
+    steps = math.ceil(len(data.train) / cfg.batch_size)
+    if warmup:
+        train_epoch(distiller, optimizer, data, cfg, epoch, steps, max_batches=warmup)
+    device = data.train.images.device
+    _sync(device)
+    t0 = time.perf_counter()
+    train_epoch(distiller, optimizer, data, cfg, epoch, steps)
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+class SeedStyle:
+    """The seed kit's training loop, for comparison: torchvision's dataset with
+    per-sample transforms through a ``DataLoader``, teachers run on every batch,
+    CE + alpha * T^2 * KL(centroid || softmax(s/T)) computed directly, fp32,
+    default (contiguous) memory layout."""
+
+    def __init__(self, teachers: list, data_root, samples: int, cfg: TrainConfig,
+                 temperature: float, alpha: float, device: torch.device):
+        import torchvision
+        from torch.utils.data import DataLoader, Subset
+        from torchvision import transforms
+        tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.2860,), (0.3530,))])
+        train = torchvision.datasets.FashionMNIST(str(data_root), train=True, download=False, transform=tf)
+        indices = balanced_subset(torch.as_tensor(train.targets, dtype=torch.long), samples)  # load_dataset's
+        self.loader = DataLoader(Subset(train, indices.tolist()), batch_size=cfg.batch_size, shuffle=True)
+        self.teachers = [freeze(t) for t in teachers]
+        seed_everything(cfg.seed)
+        self.student = build_model("student").to(device)
+        self.optimizer = torch.optim.Adam(self.student.parameters(), lr=cfg.lr)
+        self.T, self.alpha, self.device = temperature, alpha, device
+
+    def one_pass(self, max_batches: int | None = None) -> float:
+        """Train over the loader once (or ``max_batches`` batches); return the mean loss."""
+        self.student.train()
+        running, correct, seen = 0.0, 0, 0
+        for b, (x, y) in enumerate(self.loader):
+            if max_batches is not None and b >= max_batches:
+                break
+            x, y = x.to(self.device), y.to(self.device)
+            self.optimizer.zero_grad()
+            out = self.student(x)
+            with torch.no_grad():
+                t_outs = [t(x) for t in self.teachers]
+            centroid = sum(F.softmax(t / self.T, dim=1) for t in t_outs) / len(t_outs)
+            kd = F.kl_div(F.log_softmax(out / self.T, dim=1), centroid, reduction="batchmean") * self.T ** 2
+            loss = F.cross_entropy(out, y) + self.alpha * kd
+            loss.backward()
+            self.optimizer.step()
+            running += loss.item() * len(y)
+            correct += (out.argmax(1) == y).sum().item()
+            seen += len(y)
+        return running / max(seen, 1)
+
+    def time(self, warmup: int = 0) -> float:
+        if warmup:
+            self.one_pass(max_batches=warmup)
+        _sync(self.device)
+        t0 = time.perf_counter()
+        self.one_pass()
+        _sync(self.device)
+        return time.perf_counter() - t0
+
+
+def run_benchmark(samples: int = 10_000, teachers: int = 3, precision: str = "fp32", repeats: int = 1, *,
+                  test_samples: int = 1000, warmup: int = 3, data_root: str | Path | None = None,
+                  device: str | None = None, threads: int | None = None, download: bool = True,
+                  log=None) -> dict:
+    """Time one epoch of every method in ``METHODS``; return the ``--json`` object."""
+    if not 2 <= teachers <= len(TEACHERS):
+        raise ValueError(f"teachers must be 2..{len(TEACHERS)} (camkd needs 2), got {teachers}")
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
+    log = log or (lambda *a, **k: None)
+    P = bench_params()
+    set_threads(threads if threads is not None else (P["threads"] or None))
+    dev = pick_device(device or P["device"])
+    root = Path(data_root if data_root is not None else P["data_root"]).expanduser()
+    data = load_dataset("FashionMNIST", root, train_subset=samples, test_subset=test_samples,
+                        download=download).to(dev)
+    cfg = TrainConfig(epochs=P["student_epochs"], batch_size=P["batch_size"], lr=P["lr"],
+                      lr_schedule=P["lr_schedule"], weight_decay=P["weight_decay"], seed=0,
+                      precision=precision, augment="none", device=str(dev))
+    T, alpha, beta, hint = P["temperature"], P["alpha"], P["beta"], P["hint_layer"]
+    names = TEACHERS[:teachers]
+
+    seed_everything(P["teacher_seed"])
+    models = [freeze(build_model(n, data.in_channels, data.num_classes, data.image_size).to(dev)) for n in names]
+    seed_models = [copy.deepcopy(m).to(memory_format=torch.contiguous_format) for m in models]
+    log(f"building the teacher cache ({len(names)} teachers, {len(data.train)} + {len(data.test)} samples)")
+    cached = teacher_bank(models, names, data, cfg, hint, cache=True, log=log)
+    live = teacher_bank(models, names, data, cfg, hint, cache=False, log=log)
+
+    sample = normalize(data.train.images[:1], data.mean, data.std)
+    passes = {}
+    for method in METHODS[:-1]:
+        kind, bank = (method[:-5], live) if method.endswith("_live") else (method, cached)
+        seed_everything(cfg.seed)
+        student = build_model("student", data.in_channels, data.num_classes, data.image_size).to(dev)
+        distiller = build_distiller(kind, student, bank, sample, T, alpha, beta, hint).to(dev)
+        optimizer = prepare(distiller, cfg)
+        # epoch index 1: camkd's feature term is off in epoch 0
+        passes[method] = lambda w, d=distiller, o=optimizer: time_epoch(d, data, cfg, 1, optimizer=o, warmup=w)
+    passes["seed_style"] = SeedStyle(seed_models, root, samples, cfg, T, alpha, dev).time
+
+    times = {m: [] for m in METHODS}
+    for r in range(repeats):
+        for method in METHODS:
+            times[method].append(passes[method](warmup if r == 0 else 0))
+            log(f"pass {r + 1}/{repeats} {method}: {times[method][-1]:.2f} s")
+    seconds = {m: round(min(ts), 4) for m, ts in times.items()}
+    return {"samples": len(data.train), "teachers": len(names), "device": str(dev),
+            "threads": torch.get_num_threads(), "precision": precision, "seconds": seconds,
+            "ratios": {k: round(seconds[a] / seconds[b], 3) for k, (a, b) in RATIOS.items()},
+            "cache_build_s": round(cached.build_seconds, 3), "cache_bytes": int(cached.nbytes())}
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_line(result: dict) -> str:
+    dev = result["device"]
+    where = cpu_name()
+    if dev.startswith("cuda") and torch.cuda.is_available():
+        where = f"{torch.cuda.get_device_name(torch.device(dev))} (host CPU {where})"
+    return (f"machine: {where}; {result['threads']} torch threads; device {dev}; "
+            f"torch {torch.__version__}")
+
+
+def _header(result: dict, repeats: int) -> str:
+    names = ", ".join(TEACHERS[:result["teachers"]])
+    best = f"best of {repeats} passes" if repeats > 1 else "one pass"
+    return (f"one training epoch over {result['samples']} Fashion-MNIST samples (batch 128), "
+            f"{result['teachers']} teachers ({names}), {result['precision']}, {best} per method")
+
+
+def format_table(result: dict, repeats: int = 1) -> str:
+    s = result["seconds"]
+    lines = [_header(result, repeats), TEACHER_NOTE, "",
+             f"{'method':<14}{'seconds':>9}{'x scratch':>11}  what runs"]
+    for m in METHODS:
+        lines.append(f"{m:<14}{s[m]:>9.2f}{s[m] / s['scratch']:>11.2f}  {DESCRIPTIONS[m]}")
+    lines.append("")
+    lines += [f"{k:<22}{v:>7.2f}" for k, v in result["ratios"].items()]
+    lines += ["", f"teacher cache: built in {result['cache_build_s']:.2f} s (train + test), "
+                  f"{result['cache_bytes'] / 2**20:.1f} MiB", machine_line(result)]
+    return "\n".join(lines)
+
+
+def format_markdown(result: dict, repeats: int = 1) -> str:
+    s = result["seconds"]
+    lines = ["| method | what runs each step | s / epoch | × scratch |", "|---|---|---:|---:|"]
+    for m in METHODS:
+        lines.append(f"| `{m}` | {DESCRIPTIONS[m]} | {s[m]:.2f} | {s[m] / s['scratch']:.2f} |")
+    r = result["ratios"]
+    ratios = ", ".join(f"{k} {v:.2f}" for k, v in r.items())
+    lines += ["", f"Seconds for {_header(result, repeats)}; {TEACHER_NOTE}. Teacher cache (train + test) "
+                  f"built in {result['cache_build_s']:.1f} s, {result['cache_bytes'] / 2**20:.1f} MiB. "
+                  f"Ratios: {ratios}. M{machine_line(result)[1:]}."]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m kdlib.bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--samples", type=int, default=10_000, help="training samples per epoch (default 10000)")
+    ap.add_argument("--teachers", type=int, default=3, help="3 (cnn1, cnn2, resnet) or 5 (+ vgg, densenet)")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--repeats", type=int, default=1, help="timed passes per method; the fastest is kept")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps per method before timing")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    ap.add_argument("--device", default=None, help="auto (default), cpu, cuda, ...")
+    ap.add_argument("--data-root", default=None, help="torchvision's data folder (default: data)")
+    out = ap.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="print one JSON object")
+    out.add_argument("--markdown", action="store_true", help="print a markdown table for the README")
+    args = ap.parse_args(argv)
+    if args.samples < 1:
+        ap.error("--samples must be >= 1")
+    try:
+        result = run_benchmark(args.samples, args.teachers, args.precision, args.repeats, warmup=args.warmup,
+                               data_root=args.data_root, device=args.device, threads=args.threads,
+                               log=lambda *a, **k: print(*a, file=sys.stderr))
+    except ValueError as err:
+        ap.error(str(err))
+    if args.json:
+        print(TEACHER_NOTE, file=sys.stderr)
+        print(json.dumps(result))
+    elif args.markdown:
+        print(format_markdown(result, args.repeats))
+    else:
+        print(format_table(result, args.repeats))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

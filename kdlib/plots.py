@@ -1,0 +1,498 @@
+"""Figures of a run: the teachers, one method's training, the comparison of methods.
+
+Inputs are the JSON written by ``kdlib.book`` (``teachers.json``, ``metrics_<method>.json``).
+Every plot function returns a ``matplotlib.figure.Figure`` made without pyplot, so
+nothing is shown or left open behind your back: show one with ``display(fig)`` (or
+by leaving it last in a notebook cell) and write it with ``save``.
+Curves over several seeds are the mean, with the min-max range shaded.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+COLUMNS = ["method", "seed", "epoch", "metric", "teacher", "value"]
+SCALARS = ("train_loss", "train_acc", "test_loss", "test_acc", "lr")  # plus every loss_* term
+PER_TEACHER = ("weight", "feat_weight")
+SKIP_FIDELITY = ("pairwise_diversity",)
+FINAL_SCALARS = ("centroid_fidelity", "mean_individual_fidelity", "centroid_agreement")
+FINAL_PER_TEACHER = ("individual_fidelity", "top1_agreement")
+METHOD_COLORS = {"camkd": "tab:blue", "vanilla": "tab:orange", "scratch": "tab:gray"}
+TERM_ORDER = ("loss_ce", "loss_kd", "loss_feat")
+TEACHER_STYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1)))
+TEACHER_MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+ALL = "(all)"
+
+
+# ---------------------------------------------------------------- tables
+def _record_rows(rec: dict, names: list):
+    """``(metric, teacher, value)`` triples of one epoch record."""
+    for key, value in rec.items():
+        if key in SCALARS or key.startswith("loss_"):
+            yield key, None, value
+        elif key in PER_TEACHER:
+            yield from ((key, n, v) for n, v in zip(names, value, strict=True))
+    for key, value in (rec.get("fidelity") or {}).items():
+        if key in SKIP_FIDELITY:
+            continue
+        if isinstance(value, list):
+            yield from ((key, n, v) for n, v in zip(names, value, strict=True))
+        else:
+            yield key, None, value
+
+
+def history_frame(metrics_by_method: dict[str, dict]) -> pd.DataFrame:
+    """Long table ``method, seed, epoch, metric, teacher, value`` of every epoch record.
+
+    Metrics: train/test loss and accuracy, lr, every ``loss_*`` term, ``weight`` and
+    ``feat_weight`` per teacher, and every fidelity metric but ``pairwise_diversity``
+    (list-valued ones one row per teacher; ``teacher`` is None for the others).
+    """
+    rows = [(method, run["seed"], rec["epoch"], metric, teacher, float(value))
+            for method, m in metrics_by_method.items() for run in m["runs"]
+            for rec in run["history"] for metric, teacher, value in _record_rows(rec, m["teachers"])]
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def _final_fidelity(run: dict) -> dict:
+    """The run's final fidelity, else that of its last epoch that has one."""
+    if run.get("fidelity"):
+        return run["fidelity"]
+    return next((r["fidelity"] for r in reversed(run["history"]) if r.get("fidelity")), {})
+
+
+def final_frame(metrics_by_method: dict[str, dict]) -> pd.DataFrame:
+    """One row per (method, seed): final test_acc, fidelity scalars, and per-teacher
+    columns ``individual_fidelity[<teacher>]`` and ``top1_agreement[<teacher>]``."""
+    rows = []
+    for method, m in metrics_by_method.items():
+        for run in m["runs"]:
+            fid = _final_fidelity(run)
+            row = {"method": method, "seed": run["seed"], "test_acc": run["test_acc"]}
+            row.update({k: fid.get(k, math.nan) for k in FINAL_SCALARS})
+            for key in FINAL_PER_TEACHER:
+                values = fid.get(key) or [math.nan] * len(m["teachers"])
+                row.update({f"{key}[{n}]": v for n, v in zip(m["teachers"], values, strict=True)})
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _per_teacher_long(final: pd.DataFrame, key: str) -> pd.DataFrame:
+    """``method, seed, teacher, value`` from the ``key[<teacher>]`` columns of ``final``."""
+    cols = [c for c in final.columns if c.startswith(f"{key}[")]
+    long = final.melt(id_vars=["method", "seed"], value_vars=cols, var_name="teacher")
+    long["teacher"] = long["teacher"].str.slice(len(key) + 1, -1)
+    return long.dropna(subset=["value"])
+
+
+# ---------------------------------------------------------------- helpers
+def method_colors(methods) -> dict:
+    """Fixed colours for the known methods, tab10 for any other."""
+    spare = iter(c for c in sns.color_palette("tab10").as_hex() if c not in METHOD_COLORS.values())
+    return {m: METHOD_COLORS.get(m) or next(spare) for m in methods}
+
+
+def _sel(hf: pd.DataFrame, metric: str, method=None, teacher=None) -> pd.DataFrame:
+    keep = hf["metric"] == metric
+    if method is not None:
+        keep &= hf["method"] == method
+    if teacher is not None:
+        keep &= hf["teacher"] == teacher
+    return hf[keep]
+
+
+def _band(ax, df: pd.DataFrame, label, color, ls="-", marker="o", alpha=0.18) -> bool:
+    """Mean of ``value`` over seeds per epoch, min-max shaded; False when ``df`` is empty."""
+    if df.empty:
+        return False
+    g = df.groupby("epoch")["value"].agg(["mean", "min", "max"])
+    ax.plot(g.index, g["mean"], linestyle=ls, color=color, label=label, marker=marker if len(g) <= 20 else None,
+            ms=3.5, lw=1.5)
+    if (g["max"] > g["min"]).any():
+        ax.fill_between(g.index, g["min"], g["max"], color=color, alpha=alpha, lw=0)
+    return True
+
+
+def _style(ax, title, ylabel, legend=True, xlabel="epoch") -> None:
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(xlabel, fontsize=9)
+    ax.set_ylabel(ylabel, fontsize=9)
+    ax.tick_params(labelsize=8)
+    ax.grid(alpha=0.3)
+    if legend and ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="best")
+    if xlabel == "epoch":
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        lo, hi = ax.get_xlim()
+        if hi - lo < 1:  # a single epoch
+            ax.set_xlim(round((lo + hi) / 2) - 0.5, round((lo + hi) / 2) + 0.5)
+
+
+def _lines(ax, hf, specs, title, ylabel, legend=True) -> None:
+    """One band per ``(metric, method, teacher, label, color, linestyle[, marker])`` in ``specs``."""
+    alpha = 0.18 if len(specs) <= 4 else 0.06  # many bands would stack into mud
+    drawn = [_band(ax, _sel(hf, *spec[:3]), *spec[3:], alpha=alpha) for spec in specs]
+    if not any(drawn):
+        ax.text(0.5, 0.5, "not recorded", ha="center", va="center", transform=ax.transAxes, color="gray")
+    _style(ax, title, ylabel, legend)
+
+
+def _log_if_wide(ax, ratio=30.0) -> None:
+    """Log y-axis when the plotted positive values span more than ``ratio`` (symlog
+    when some are zero, e.g. CAMKD's feature term in its first epoch)."""
+    ys = np.concatenate([ln.get_ydata() for ln in ax.get_lines()] or [np.array([])]).astype(float)
+    ys = ys[np.isfinite(ys)]
+    pos = ys[ys > 0]
+    if pos.size and pos.max() / pos.min() > ratio:
+        if (ys <= 0).any():
+            ax.set_yscale("symlog", linthresh=pos.min())
+            ax.set_ylim(min(0.0, ys.min()), ys.max() * 1.5)
+        else:
+            ax.set_yscale("log")
+
+
+def _pm(values, fmt=".2f") -> str:
+    """``mean ± std`` (sample std) of the finite values; just the mean for one."""
+    v = pd.Series(values, dtype=float).dropna()
+    if v.empty:
+        return "n/a"
+    return f"{v.mean():{fmt}}" if len(v) == 1 else f"{v.mean():{fmt}} ± {v.std():{fmt}}"
+
+
+def _text_panel(ax, text: str, title: str, size=8.5) -> None:
+    ax.axis("off")
+    ax.set_title(title, fontsize=10)
+    ax.text(0.0, 1.0, text, family="monospace", fontsize=size, va="top", ha="left", transform=ax.transAxes)
+
+
+def _uses_teachers(hf: pd.DataFrame, method: str) -> bool:
+    return not _sel(hf, "loss_kd", method).empty
+
+
+# ---------------------------------------------------------------- teachers
+def plot_teachers(teachers_json: dict) -> Figure:
+    """Each teacher's test accuracy and loss per epoch, and a bar of its final test accuracy."""
+    recs = teachers_json["teachers"]
+    colors = dict(zip([t["name"] for t in recs], sns.color_palette("Dark2", len(recs))))
+    fig = Figure(figsize=(15, 4.2), layout="constrained")
+    ax_acc, ax_loss, ax_bar = fig.subplots(1, 3)
+    for t in recs:
+        h = pd.DataFrame(t["history"])
+        for ax, key in ((ax_acc, "test_acc"), (ax_loss, "test_loss")):
+            ax.plot(h["epoch"], h[key], marker="o", ms=3, color=colors[t["name"]], label=t["name"])
+    _style(ax_acc, "Teachers: test accuracy", "accuracy (%)")
+    _style(ax_loss, "Teachers: test loss", "cross-entropy")
+    names = [t["name"] for t in recs]
+    bars = ax_bar.bar(names, [t["test_acc"] for t in recs], color=[colors[n] for n in names])
+    ax_bar.bar_label(bars, labels=[f"{t['test_acc']:.2f}%\n{t['params'] / 1e3:.0f}K params" for t in recs],
+                     fontsize=8, padding=2)
+    ax_bar.set_ylim(0, 115)
+    _style(ax_bar, "Teachers: final test accuracy", "accuracy (%)", legend=False, xlabel="")
+    ax_bar.tick_params(axis="x", labelrotation=15)
+    fig.suptitle(f"Teachers on {teachers_json.get('dataset', '?')} ({teachers_json.get('device', '?')})")
+    return fig
+
+
+# ---------------------------------------------------------------- one method
+def _weights_panel(ax, hf, method, names, colors) -> None:
+    """CAMKD's mean weight per teacher, the 1/M line of vanilla KD, or a note for scratch."""
+    if not _sel(hf, "weight", method).empty:
+        specs = [("weight", method, n, f"{n} (logit)", colors[n], "-") for n in names]
+        specs += [("feat_weight", method, n, f"{n} (feature)", colors[n], "--") for n in names]
+        _lines(ax, hf, specs, "Teacher weights (mean per epoch)", "weight")
+        return
+    if _uses_teachers(hf, method):
+        ax.axhline(1 / len(names), color="k", ls="--", label=f"equal weights 1/M = {1 / len(names):.3f}")
+        ax.set_ylim(0, min(1.0, 2.5 / len(names)))
+    else:
+        ax.text(0.5, 0.5, "no teachers used", ha="center", va="center", transform=ax.transAxes, fontsize=12)
+    if not hf.empty:
+        ax.set_xlim(hf["epoch"].min() - 0.1, hf["epoch"].max() + 0.1)
+    _style(ax, "Teacher weights", "weight")
+
+
+def _training_summary(metrics: dict, uses_teachers: bool) -> str:
+    final = final_frame({metrics["method"]: metrics})
+    hp = metrics.get("hparams", {})
+    lines = [f"{metrics['method']} on {metrics.get('dataset', '?')}",
+             f"seeds {[r['seed'] for r in metrics['runs']]}",
+             f"student params {metrics.get('student_params', 0):,}",
+             f"test acc       {_pm(final['test_acc'])} %",
+             f"centroid KL    {_pm(final['centroid_fidelity'], '.4f')}",
+             f"mean indiv KL  {_pm(final['mean_individual_fidelity'], '.4f')}",
+             f"centroid agr.  {_pm(final['centroid_agreement'], '.1f')} %",
+             "", f"{'teacher (mean)':<16}{'KL(T||S)':>9}{'top-1 %':>9}"]
+    for n in metrics["teachers"]:
+        lines.append(f"{n[:15]:<16}{final[f'individual_fidelity[{n}]'].mean():>9.3f}"
+                     f"{final[f'top1_agreement[{n}]'].mean():>9.1f}")
+    lines += ["", "epochs={student_epochs} lr={lr} {lr_schedule}".format_map(_Missing(hp))]
+    if uses_teachers:
+        lines.append("T={temperature} alpha={alpha} beta={beta}".format_map(_Missing(hp)))
+    lines.append(f"train s/seed {_pm([r.get('train_seconds', r.get('seconds', math.nan)) for r in metrics['runs']], '.1f')}")
+    return "\n".join(lines)
+
+
+class _Missing(dict):
+    def __missing__(self, key):
+        return "?"
+
+
+def plot_training(metrics: dict) -> Figure:
+    """The seed kit's 9 panels for one method (3x3), mean over seeds with a min-max band."""
+    method, names = metrics["method"], metrics["teachers"]
+    hf = history_frame({method: metrics})
+    tcol = dict(zip(names, sns.color_palette("Dark2", len(names))))
+    fig = Figure(figsize=(16, 12.5), layout="constrained")
+    ax = fig.subplots(3, 3).ravel()
+    _lines(ax[0], hf, [("train_loss", method, None, "train (total objective)", "tab:blue", "-"),
+                       ("test_loss", method, None, "test (cross-entropy)", "tab:red", "-")], "Loss", "loss")
+    _log_if_wide(ax[0])
+    _lines(ax[1], hf, [("train_acc", method, None, "train", "tab:blue", "-"),
+                       ("test_acc", method, None, "test", "tab:red", "-")], "Accuracy", "accuracy (%)")
+    terms = sorted(hf.loc[hf["metric"].str.startswith("loss_"), "metric"].unique(),
+                   key=lambda k: (TERM_ORDER.index(k) if k in TERM_ORDER else len(TERM_ORDER), k))
+    _lines(ax[2], hf, [(k, method, None, k[5:], c, "-") for k, c in zip(terms, sns.color_palette("Set1", 9))],
+           "Loss terms (as weighted in the objective)", "loss")
+    _log_if_wide(ax[2])
+    _lines(ax[3], hf, [("individual_fidelity", method, n, n, tcol[n], "-") for n in names],
+           "Individual fidelity", "KL(T_i || S)")
+    _lines(ax[4], hf, [("centroid_fidelity", method, None, "centroid", "k", "-")], "Centroid fidelity",
+           "KL(C || S)", legend=False)
+    _lines(ax[5], hf, [("mean_individual_fidelity", method, None, "mean", "tab:purple", "-")],
+           "Mean individual fidelity", "mean_i KL(T_i || S)", legend=False)
+    _lines(ax[6], hf, [("top1_agreement", method, n, n, tcol[n], "-") for n in names]
+           + [("centroid_agreement", method, None, "centroid", "k", "--")], "Top-1 agreement", "agreement (%)")
+    _weights_panel(ax[7], hf, method, names, tcol)
+    _text_panel(ax[8], _training_summary(metrics, _uses_teachers(hf, method)), "Final metrics")
+    n = len(metrics["runs"])
+    fig.suptitle(f"{method} on {metrics.get('dataset', '?')}: {n} seed{'s' * (n != 1)} "
+                 f"(line = mean, band = min-max over seeds)")
+    return fig
+
+
+# ---------------------------------------------------------------- comparison
+def _method_lines(ax, hf, methods, colors, metric, title, ylabel, teacher=None) -> None:
+    _lines(ax, hf, [(metric, m, teacher, m, colors[m], "-") for m in methods], title, ylabel, legend=False)
+
+
+def _compare_weights(ax, hf, metrics_by_method, colors) -> None:
+    """CAMKD weights per teacher (line style per teacher), 1/M for vanilla, 0 for scratch."""
+    for m, met in metrics_by_method.items():
+        names = met["teachers"]
+        if not _sel(hf, "weight", m).empty:
+            for n, ls, mk in zip(names, TEACHER_STYLES * 3, TEACHER_MARKERS * 3):
+                _band(ax, _sel(hf, "weight", m, n), f"{m}: {n}", colors[m], ls, mk)
+        elif _uses_teachers(hf, m):
+            ax.axhline(1 / len(names), color=colors[m], ls="--", label=f"{m}: 1/M = {1 / len(names):.3f}")
+        else:
+            ax.axhline(0, color=colors[m], ls=":", label=f"{m}: no teachers (0)")
+    _style(ax, "Teacher weights (logit term)", "weight")
+
+
+def _compare_final_acc(ax, final, methods, colors, teachers_json=None) -> None:
+    """Bars of final test accuracy, mean ± std over seeds (teachers in grey when given)."""
+    g = final.groupby("method", sort=False)["test_acc"].agg(["mean", "std"]).reindex(methods).fillna(0)
+    labels, means, errs, cols = list(methods), list(g["mean"]), list(g["std"]), [colors[m] for m in methods]
+    for t in (teachers_json or {}).get("teachers", []):
+        labels.append(t["name"].replace("teacher_", "T:"))
+        means.append(t["test_acc"])
+        errs.append(0.0)
+        cols.append("lightgray")
+    bars = ax.bar(labels, means, yerr=errs, color=cols, capsize=4)
+    ax.bar_label(bars, labels=[f"{v:.2f}" for v in means], fontsize=7, padding=2)
+    lo, hi = min(np.subtract(means, errs)), max(np.add(means, errs))
+    pad = max(1.0, 0.25 * (hi - lo))
+    ax.set_ylim(max(0.0, lo - pad), hi + 1.5 * pad)
+    _style(ax, "Final test accuracy (mean ± std)", "accuracy (%)", legend=False, xlabel="")
+    ax.tick_params(axis="x", labelrotation=30)
+
+
+def _compare_fidelity_dist(ax, final, methods, colors) -> None:
+    long = _per_teacher_long(final, "individual_fidelity")
+    values = [long.loc[long["method"] == m, "value"].to_numpy() for m in methods]
+    boxes = ax.boxplot(values, tick_labels=methods, patch_artist=True, showfliers=False, widths=0.6,
+                       medianprops={"color": "k"})
+    for patch, m in zip(boxes["boxes"], methods):
+        patch.set(facecolor=colors[m], alpha=0.5)
+    rng = np.random.default_rng(0)
+    for i, v in enumerate(values, start=1):
+        ax.scatter(i + rng.uniform(-0.15, 0.15, len(v)), v, s=12, color="k", zorder=3)
+    _style(ax, "Final individual fidelity (teachers x seeds)", "KL(T_i || S)", legend=False, xlabel="")
+
+
+def _compare_agreement(ax, final, methods, colors) -> None:
+    long = _per_teacher_long(final, "top1_agreement")
+    cent = final[["method", "seed", "centroid_agreement"]].rename(columns={"centroid_agreement": "value"})
+    long = pd.concat([long, cent.assign(teacher="centroid")], ignore_index=True)
+    sns.barplot(data=long, x="teacher", y="value", hue="method", hue_order=methods, palette=colors,
+                errorbar="sd", capsize=0.1, ax=ax, legend=False)
+    ax.set_ylim(0, 105)
+    _style(ax, "Final top-1 agreement (mean ± std over seeds)",
+           "agreement (%)", legend=False, xlabel="")
+
+
+def _compare_diversity(ax, final_fid: dict, methods, colors, names) -> None:
+    """Filler for fewer than 3 teachers: KL(T_i || C) per teacher and method."""
+    rows = [(m, n, v) for m in methods for n, v in zip(names, final_fid.get(m, {}).get("teacher_diversity", []))]
+    df = pd.DataFrame(rows, columns=["method", "teacher", "value"])
+    sns.barplot(data=df, x="teacher", y="value", hue="method", hue_order=methods, palette=colors, ax=ax,
+                legend=False)
+    _style(ax, "Teacher diversity KL(T_i || C)", "KL", legend=False, xlabel="")
+
+
+def _comparison_summary(final: pd.DataFrame, methods) -> str:
+    head = f"{'method':<10}{'seeds':>6}{'test acc %':>17}{'KL(C||S)':>19}{'mean KL(T||S)':>19}{'centroid agr %':>17}"
+    lines = [head, "-" * len(head)]
+    for m in methods:
+        f = final[final["method"] == m]
+        lines.append(f"{m:<10}{len(f):>6}{_pm(f['test_acc']):>17}{_pm(f['centroid_fidelity'], '.4f'):>19}"
+                     f"{_pm(f['mean_individual_fidelity'], '.4f'):>19}{_pm(f['centroid_agreement'], '.1f'):>17}")
+    if {"camkd", "vanilla"} <= set(methods):
+        acc = final.groupby("method")["test_acc"].mean()
+        gap = acc["camkd"] - acc["vanilla"]
+        lines += ["", f"camkd - vanilla test acc: {gap:+.2f} points (mean over seeds)"]
+    return "\n".join(lines)
+
+
+def plot_comparison(metrics_by_method: dict[str, dict], teachers_json: dict | None = None) -> Figure:
+    """The seed kit's 14-panel comparison of methods (every method on every panel)."""
+    methods = list(metrics_by_method)
+    colors, hf, final = method_colors(methods), history_frame(metrics_by_method), final_frame(metrics_by_method)
+    names = next(iter(metrics_by_method.values()))["teachers"] if methods else []
+    final_fid = {m: _final_fidelity(met["runs"][-1]) for m, met in metrics_by_method.items() if met["runs"]}
+    fig = Figure(figsize=(19, 16), layout="constrained")
+    gs = fig.add_gridspec(4, 4)
+    ax = [fig.add_subplot(gs[r, c]) for r in range(3) for c in range(4)]
+    ax += [fig.add_subplot(gs[3, :2]), fig.add_subplot(gs[3, 2:])]
+
+    def line(a, metric, title, ylabel, teacher=None):
+        _method_lines(a, hf, methods, colors, metric, title, ylabel, teacher)
+
+    line(ax[0], "test_acc", "Test accuracy", "accuracy (%)")
+    for t, ls in zip((teachers_json or {}).get("teachers", []), TEACHER_STYLES[1:] * 3):
+        ax[0].axhline(t["test_acc"], color="gray", ls=ls, lw=1, label=t["name"])
+    if teachers_json:
+        ax[0].legend(fontsize=7, loc="best")
+    line(ax[1], "test_loss", "Test loss", "cross-entropy")
+    line(ax[2], "train_acc", "Train accuracy", "accuracy (%)")
+    line(ax[3], "centroid_agreement", "Top-1 agreement with the centroid", "agreement (%)")
+    for i, a in enumerate(ax[4:7]):
+        if i < len(names):
+            line(a, "individual_fidelity", f"Individual fidelity: {names[i]}", "KL(T_i || S)", names[i])
+        elif i == len(names):
+            _compare_diversity(a, final_fid, methods, colors, names)
+        else:
+            line(a, "train_loss", "Train loss (total objective)", "loss")
+    line(ax[7], "centroid_fidelity", "Centroid fidelity", "KL(C || S)")
+    line(ax[8], "mean_individual_fidelity", "Average individual fidelity", "mean_i KL(T_i || S)")
+    _compare_weights(ax[9], hf, metrics_by_method, colors)
+    _compare_final_acc(ax[10], final, methods, colors, teachers_json)
+    _compare_fidelity_dist(ax[11], final, methods, colors)
+    _compare_agreement(ax[12], final, methods, colors)
+    _text_panel(ax[13], _comparison_summary(final, methods),
+                "Summary statistics (final epoch, mean ± std over seeds)", size=9.5)
+    fig.legend([Line2D([], [], color=colors[m], lw=3) for m in methods], methods, loc="outside lower center",
+               ncols=max(1, len(methods)), fontsize=11)
+    seeds = sorted({r["seed"] for met in metrics_by_method.values() for r in met["runs"]})
+    dataset = next(iter(metrics_by_method.values())).get("dataset", "?") if methods else "?"
+    fig.suptitle(f"{' vs '.join(methods)} on {dataset}, seeds {seeds} (line = mean, band = min-max over seeds)",
+                 fontsize=13)
+    return fig
+
+
+# ---------------------------------------------------------------- diversity
+def plot_diversity(pairwise, names, teacher_diversity=None) -> Figure:
+    """Heatmap of pairwise KL(T_i || T_j) and, if given, a bar of KL(T_i || C)."""
+    mat = np.asarray(pairwise, dtype=float)
+    mat = np.where(np.abs(mat) < 1e-12, 0.0, mat)  # rounding leaves +-1e-19 on the diagonal
+    fig = Figure(figsize=(6 + 0.6 * len(names) + (5 if teacher_diversity is not None else 0), 4.5 + 0.4 * len(names)),
+                 layout="constrained")
+    axes = fig.subplots(1, 2 if teacher_diversity is not None else 1, squeeze=False).ravel()
+    sns.heatmap(pd.DataFrame(mat, index=names, columns=names), annot=True, fmt=".3f", cmap="mako_r", square=True,
+                ax=axes[0], cbar_kws={"label": "KL"})
+    axes[0].set_title("Pairwise diversity KL(T_i || T_j)", fontsize=10)
+    axes[0].set_xlabel("T_j")
+    axes[0].set_ylabel("T_i")
+    axes[0].tick_params(axis="x", labelrotation=20)
+    axes[0].tick_params(axis="y", labelrotation=0)
+    if teacher_diversity is not None:
+        bars = axes[1].bar(names, teacher_diversity, color=sns.color_palette("Dark2", len(names)))
+        axes[1].bar_label(bars, fmt="%.3f", fontsize=8)
+        _style(axes[1], "Teacher diversity KL(T_i || C)", "KL", legend=False, xlabel="")
+        axes[1].tick_params(axis="x", labelrotation=20)
+    return fig
+
+
+# ---------------------------------------------------------------- explorer
+def plot_metric(hf: pd.DataFrame, metric: str, teacher=None, methods=None) -> Figure:
+    """One metric of a ``history_frame`` over epochs per method (and per teacher when
+    the metric is per-teacher and ``teacher`` is None or ``"(all)"``)."""
+    methods = list(methods if methods is not None else hf["method"].unique())
+    colors = method_colors(hf["method"].unique())
+    sub = _sel(hf, metric)
+    teachers = [t for t in sub["teacher"].dropna().unique()] if teacher in (None, ALL) else [teacher]
+    fig = Figure(figsize=(8, 4.5), layout="constrained")
+    ax = fig.subplots()
+    if not teachers:
+        specs = [(metric, m, None, m, colors[m], "-") for m in methods]
+    else:
+        specs = [(metric, m, t, f"{m}: {t}", colors[m], ls, mk) for m in methods
+                 for t, ls, mk in zip(teachers, TEACHER_STYLES * 3, TEACHER_MARKERS * 3)]
+    _lines(ax, hf, specs, metric, metric)
+    return fig
+
+
+def explorer(metrics_by_method: dict[str, dict]):
+    """Interactive view: pick a metric, a teacher and methods; returns an ipywidgets VBox."""
+    import ipywidgets as w
+    from IPython.display import display
+
+    hf = history_frame(metrics_by_method)
+    metrics = sorted(hf["metric"].unique())
+    metric = w.Dropdown(options=metrics, value="test_acc" if "test_acc" in metrics else metrics[0],
+                        description="metric")
+    teacher = w.Dropdown(options=[ALL] + list(hf["teacher"].dropna().unique()), description="teacher")
+    methods = w.SelectMultiple(options=list(metrics_by_method), value=tuple(metrics_by_method),
+                               description="methods", rows=min(4, max(1, len(metrics_by_method))))
+    out = w.Output()
+
+    def redraw(*_):
+        teacher.disabled = bool(_sel(hf, metric.value)["teacher"].isna().all())
+        with out:
+            out.clear_output(wait=True)
+            display(plot_metric(hf, metric.value, teacher.value, methods.value))
+
+    for control in (metric, teacher, methods):
+        control.observe(redraw, names="value")
+    redraw()
+    box = w.VBox([w.HBox([metric, teacher, methods]), out])
+    box.redraw = redraw
+    return box
+
+
+# ---------------------------------------------------------------- files
+MAX_PNG_BYTES = 400_000
+
+
+def save(fig: Figure, path, dpi: int = 110) -> Path:
+    """Write ``fig`` (format by the suffix) at ``dpi`` with a tight box, then close it.
+    A PNG over ``MAX_PNG_BYTES`` is rewritten with a 256-colour palette."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight", facecolor="white")
+    plt.close(fig)
+    if path.suffix.lower() == ".png" and path.stat().st_size > MAX_PNG_BYTES:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            small = im.convert("RGB").quantize(256)
+        small.save(path, optimize=True)
+    return path

@@ -1,0 +1,94 @@
+"""kdlib.bench: structure of the result and the CLI's JSON (tiny sizes, no timing assertions)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kdlib import bench
+from kdlib.data import DataNotFoundError, load_dataset
+from kdlib.distillers import Scratch
+from kdlib.models import build_model
+from kdlib.train import TrainConfig, fit, train_epoch
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "data"
+KEYS = {"samples", "teachers", "device", "threads", "precision", "seconds", "ratios", "cache_build_s",
+        "cache_bytes"}
+RATIO_KEYS = {"vanilla/scratch", "camkd/scratch", "seed_style/vanilla", "vanilla_live/vanilla", "camkd_live/camkd"}
+
+
+@pytest.fixture(scope="module")
+def tiny_data():
+    try:
+        return load_dataset("FashionMNIST", DATA, train_subset=256, test_subset=100, download=False)
+    except DataNotFoundError as err:
+        pytest.skip(f"Fashion-MNIST not available offline: {err}")
+
+
+@pytest.fixture(scope="module")
+def result(tiny_data):
+    return bench.run_benchmark(samples=256, teachers=2, repeats=1, test_samples=100, warmup=1,
+                               data_root=DATA, device="cpu", download=False)
+
+
+def test_result_structure(result):
+    assert set(result) == KEYS
+    assert result["samples"] == 256 and result["teachers"] == 2
+    assert result["device"] == "cpu" and result["precision"] == "fp32"
+    assert isinstance(result["threads"], int) and result["threads"] >= 1
+    assert list(result["seconds"]) == bench.METHODS
+    assert all(isinstance(v, float) and v > 0 for v in result["seconds"].values())
+    assert set(result["ratios"]) == RATIO_KEYS
+    for key, (a, b) in bench.RATIOS.items():
+        assert math.isclose(result["ratios"][key], result["seconds"][a] / result["seconds"][b], rel_tol=1e-2)
+    assert result["cache_build_s"] > 0
+    assert isinstance(result["cache_bytes"], int) and result["cache_bytes"] > 0
+    json.dumps(result)  # serialisable as is
+
+
+def test_table_and_markdown(result):
+    table = bench.format_table(result)
+    md = bench.format_markdown(result)
+    for method in bench.METHODS:
+        assert method in table and f"| `{method}` |" in md
+    assert "random init" in table and "random init" in md
+    assert "machine:" in table and "Machine:" in md
+    assert md.splitlines()[1] == "|---|---|---:|---:|"
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="teachers"):
+        bench.run_benchmark(samples=256, teachers=1)
+    with pytest.raises(ValueError, match="repeats"):
+        bench.run_benchmark(samples=256, repeats=0)
+
+
+def test_train_epoch_is_fits_loop(tiny_data):
+    """fit runs its epochs through train_epoch; max_batches stops early."""
+    torch.manual_seed(0)
+    cfg = TrainConfig(epochs=1, device="cpu")
+    distiller = Scratch(build_model("student"))
+    history = fit(distiller, tiny_data, cfg, log=lambda *a: None)
+    assert len(history) == 1 and math.isfinite(history[0]["train_loss"])
+    optimizer = bench.prepare(distiller, cfg)
+    sums, correct, n, stats, lr = train_epoch(distiller, optimizer, tiny_data, cfg, 0, 2, max_batches=1)
+    assert n == cfg.batch_size and set(sums) == {"ce"} and 0 <= correct <= n and stats == {}
+
+
+def test_cli_json(tiny_data):
+    env = dict(os.environ, KDBOOK_PROGRESS="off")
+    proc = subprocess.run([sys.executable, "-m", "kdlib.bench", "--samples", "256", "--teachers", "2",
+                           "--repeats", "1", "--warmup", "1", "--device", "cpu", "--data-root", str(DATA),
+                           "--json"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)  # stdout holds exactly one JSON object
+    assert set(out) == KEYS and set(out["seconds"]) == set(bench.METHODS) and set(out["ratios"]) == RATIO_KEYS
+    assert all(v > 0 for v in out["seconds"].values())
+    assert "random init" in proc.stderr

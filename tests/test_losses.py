@@ -1,0 +1,326 @@
+"""Distillation losses checked against independent computations (numpy/scipy, closed
+forms, gradient identities), in the style of gnosis' ``test_kd_loss.py`` and
+torchdistill's golden-value loss tests."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy.special import log_softmax as np_log_softmax
+from scipy.special import softmax as np_softmax
+from scipy.stats import entropy
+
+import kdlib.losses as losses
+from kdlib.distillers import CAMKD, Scratch, Vanilla, build_distiller
+from kdlib.losses import (DistillKL, camkd_feature_loss, camkd_logit_loss, camkd_weights,
+                          centroid_log_probs, vanilla_kd_loss)
+from kdlib.models import build_model
+from kdlib.teachers import LiveTeachers
+
+# A small fixed case: B = 3 samples, C = 4 classes, M = 3 teachers.
+S = np.array([[1.0, -0.5, 2.0, 0.3],
+              [0.2, 0.1, -1.0, 1.5],
+              [-2.0, 0.5, 0.5, 0.0]])
+T1 = np.array([[0.5, 0.0, 3.0, -1.0],
+               [1.0, 2.0, -0.5, 0.0],
+               [0.0, 0.0, 1.0, 2.0]])
+TEACHERS = np.stack([T1, T1[:, ::-1] * 0.7, T1 * 1.8 - 0.4])   # [3,3,4]
+Y = np.array([2, 1, 3])
+
+
+def t(a, grad=False):
+    return torch.tensor(np.ascontiguousarray(a), dtype=torch.float32, requires_grad=grad)
+
+
+def np_kl_rows(p, q):
+    """KL(p || q) per row with scipy (entropy(p, q) = sum p log(p/q))."""
+    return entropy(p, q, axis=-1)
+
+
+# --------------------------------------------------------------------------- DistillKL
+@pytest.mark.parametrize("T", [1.0, 2.0, 4.0])
+def test_distill_kl_matches_scipy(T):
+    p, q = np_softmax(T1 / T, axis=-1), np_softmax(S / T, axis=-1)
+    expected = T * T * np_kl_rows(p, q).mean()
+    got = DistillKL(T)(t(S), t(T1))
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_distill_kl_explicit_sum_and_weights():
+    T = 3.0
+    p, q = np_softmax(T1 / T, axis=-1), np_softmax(S / T, axis=-1)
+    kl = (p * (np.log(p) - np.log(q))).sum(-1) * T * T     # explicit sum, no scipy
+    w = np.array([0.2, 1.5, 0.0])
+    got = DistillKL(T)(t(S), t(T1), weights=t(w))
+    assert got.item() == pytest.approx((w * kl).sum() / len(kl), rel=1e-5)
+    # unit weights give the plain batch mean; a weight of 0 removes a sample
+    ones = DistillKL(T)(t(S), t(T1), weights=torch.ones(3))
+    assert ones.item() == pytest.approx(kl.mean(), rel=1e-5)
+    only0 = DistillKL(T)(t(S), t(T1), weights=torch.tensor([3.0, 0.0, 0.0]))
+    assert only0.item() == pytest.approx(kl[0], rel=1e-5)
+
+
+def test_distill_kl_matches_torch_kl_div_times_T2():
+    T = 5.0
+    s, tt = torch.randn(8, 10, generator=torch.Generator().manual_seed(0)), torch.randn(8, 10)
+    ref = F.kl_div(F.log_softmax(s / T, -1), F.log_softmax(tt / T, -1), log_target=True,
+                   reduction="batchmean") * T * T
+    torch.testing.assert_close(DistillKL(T)(s, tt), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_distill_kl_T2_scaling_gradient_limit():
+    """The T^2 factor keeps the gradient O(1) as T grows (Hinton et al. 2015): for large T,
+    d/ds T^2 KL = T (q - p) -> ((s - mean s) - (t - mean t)) / (C B)."""
+    gen = torch.Generator().manual_seed(1)
+    s = torch.randn(4, 6, generator=gen, dtype=torch.float64).float().requires_grad_()
+    tt = torch.randn(4, 6, generator=gen)
+    B, C = s.shape
+    limit = ((s - s.mean(1, keepdim=True)) - (tt - tt.mean(1, keepdim=True))).detach() / (C * B)
+    g_big = torch.autograd.grad(DistillKL(200.0)(s, tt), s)[0]
+    torch.testing.assert_close(g_big, limit, rtol=2e-2, atol=1e-4)
+    # and the gradient is exactly T (q - p) / B at any T
+    T = 4.0
+    g = torch.autograd.grad(DistillKL(T)(s, tt), s)[0]
+    closed = T * (F.softmax(s / T, -1) - F.softmax(tt / T, -1)).detach() / B
+    torch.testing.assert_close(g, closed, rtol=1e-5, atol=1e-7)
+
+
+def test_distill_kl_zero_iff_equal():
+    x = t(S)
+    assert DistillKL(4.0)(x, x.clone()).item() == pytest.approx(0.0, abs=1e-6)
+    # logits that differ only by a per-row constant give the same softmax: still 0
+    assert DistillKL(4.0)(x, x + 3.0).item() == pytest.approx(0.0, abs=1e-5)
+    assert DistillKL(4.0)(x, t(T1)).item() > 1e-3
+    assert DistillKL(1.0)(t(T1), x).item() > 1e-3
+
+
+# --------------------------------------------------------------------------- vanilla
+@pytest.mark.parametrize("T", [1.0, 4.0])
+def test_vanilla_kd_is_kl_to_centroid(T):
+    centroid = np_softmax(TEACHERS / T, axis=-1).mean(0)          # [B,C]
+    q = np_softmax(S / T, axis=-1)
+    expected = T * T * np_kl_rows(centroid, q).mean()
+    assert vanilla_kd_loss(t(S), t(TEACHERS), T).item() == pytest.approx(expected, rel=1e-5)
+    torch.testing.assert_close(centroid_log_probs(t(TEACHERS), T).exp(),
+                               torch.tensor(centroid, dtype=torch.float32), rtol=1e-5, atol=1e-7)
+
+
+def test_vanilla_single_teacher_equals_distill_kl():
+    assert vanilla_kd_loss(t(S), t(T1[None]), 4.0).item() == pytest.approx(
+        DistillKL(4.0)(t(S), t(T1)).item(), rel=1e-6)
+
+
+# --------------------------------------------------------------------------- CAMKD weights
+def np_camkd_weights(teacher_logits, y):
+    M = teacher_logits.shape[0]
+    ce = -np_log_softmax(teacher_logits, axis=-1)[:, np.arange(len(y)), y]     # [M,B]
+    return (1.0 - np_softmax(ce, axis=0)) / (M - 1)
+
+
+def test_camkd_weights_shape_columns_and_numpy():
+    w = camkd_weights(t(TEACHERS), torch.tensor(Y))
+    assert w.shape == (3, 3)
+    torch.testing.assert_close(w.sum(0), torch.ones(3), rtol=0, atol=1e-6)
+    torch.testing.assert_close(w, torch.tensor(np_camkd_weights(TEACHERS, Y), dtype=torch.float32),
+                               rtol=1e-5, atol=1e-7)
+
+
+def test_camkd_weights_by_hand_one_sample():
+    """M = 3, one sample, written out: CE_i = logsumexp(t_i) - t_i[y];
+    w_i = (1 - exp(CE_i) / sum_j exp(CE_j)) / 2."""
+    logits = [[2.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 1.0, 0.0]]   # y = 0
+    ce = [np.log(np.exp(2) + 2) - 2, np.log(3.0), np.log(2 + np.e) - 0.0]
+    e = [np.exp(c) for c in ce]
+    expected = [(1 - ei / sum(e)) / 2 for ei in e]
+    w = camkd_weights(torch.tensor(logits)[:, None, :], torch.tensor([0]))
+    assert w[:, 0].tolist() == pytest.approx(expected, rel=1e-5)
+    # ordering: confident-correct > uniform > confident-wrong
+    assert w[0, 0] > w[1, 0] > w[2, 0]
+
+
+def test_camkd_weights_equal_teachers_give_one_over_M():
+    for M in (2, 3, 5):
+        logits = torch.randn(1, 7, 4).expand(M, 7, 4)
+        w = camkd_weights(logits, torch.randint(0, 4, (7,)))
+        torch.testing.assert_close(w, torch.full((M, 7), 1.0 / M), rtol=0, atol=1e-6)
+
+
+def test_camkd_weights_more_confident_teacher_gets_more():
+    y = torch.tensor([0, 1, 2, 3])
+    confident = F.one_hot(y, 4).float() * 5.0
+    unsure = torch.zeros(4, 4)
+    w = camkd_weights(torch.stack([unsure, confident]), y)
+    assert (w[1] > w[0]).all()
+    # and swapping the teachers swaps the weights
+    w2 = camkd_weights(torch.stack([confident, unsure]), y)
+    torch.testing.assert_close(w2, w.flip(0))
+
+
+def test_camkd_weights_need_two_teachers_and_are_detached():
+    with pytest.raises(ValueError, match="at least 2 teachers"):
+        camkd_weights(torch.randn(1, 3, 4), torch.tensor([0, 1, 2]))
+    logits = torch.randn(2, 3, 4, requires_grad=True)
+    assert not camkd_weights(logits, torch.tensor([0, 1, 2])).requires_grad
+
+
+# --------------------------------------------------------------------------- CAMKD terms
+@pytest.mark.parametrize("T", [1.0, 4.0])
+def test_camkd_logit_loss_matches_numpy(T):
+    w = np_camkd_weights(TEACHERS, Y)                                          # [M,B]
+    q = np_softmax(S / T, axis=-1)
+    kl = np.stack([np_kl_rows(np_softmax(ti / T, axis=-1), q) for ti in TEACHERS])  # [M,B]
+    expected = (w * kl * T * T).sum(0).mean()
+    loss, wt = camkd_logit_loss(t(S), t(TEACHERS), torch.tensor(Y), T)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    torch.testing.assert_close(wt, torch.tensor(w, dtype=torch.float32), rtol=1e-5, atol=1e-7)
+
+
+def test_camkd_logit_loss_is_weighted_sum_of_distill_kl():
+    """Same quantity built from DistillKL with per-sample weights, teacher by teacher."""
+    s, tl, y = t(S), t(TEACHERS), torch.tensor(Y)
+    w = camkd_weights(tl, y)
+    by_hand = sum(DistillKL(4.0)(s, tl[i], weights=w[i]) for i in range(3))
+    loss, _ = camkd_logit_loss(s, tl, y, 4.0)
+    torch.testing.assert_close(loss, by_hand, rtol=1e-6, atol=1e-7)
+
+
+def test_equal_weights_camkd_gradient_equals_vanilla(monkeypatch):
+    """With w = 1/M, CAMKD's logit term differs from vanilla KD only by a constant
+    (T^2 (H(c) - mean_i H(p_i)), the Jensen gap), so the gradients w.r.t. the student
+    logits are identical."""
+    T = 4.0
+    gen = torch.Generator().manual_seed(3)
+    s = torch.randn(6, 5, generator=gen).requires_grad_()
+    tl = torch.randn(3, 6, 5, generator=gen) * 2
+    y = torch.randint(0, 5, (6,), generator=gen)
+    monkeypatch.setattr(losses, "camkd_weights", lambda logits, targets: torch.full(logits.shape[:2], 1 / 3))
+    cam, w = camkd_logit_loss(s, tl, y, T)
+    assert torch.allclose(w, torch.full((3, 6), 1 / 3))
+    van = vanilla_kd_loss(s, tl, T)
+    g_cam = torch.autograd.grad(cam, s)[0]
+    g_van = torch.autograd.grad(van, s)[0]
+    torch.testing.assert_close(g_cam, g_van, rtol=0, atol=1e-6)
+    # the same with the weighted DistillKL sum built by hand (no monkeypatch involved)
+    by_hand = sum(DistillKL(T)(s, tl[i], weights=torch.full((6,), 1 / 3)) for i in range(3))
+    torch.testing.assert_close(torch.autograd.grad(by_hand, s)[0], g_van, rtol=0, atol=1e-6)
+    # the values differ by exactly the Jensen gap
+    p = F.softmax(tl / T, -1).double()
+    c = p.mean(0)
+    ent = lambda a: -(a * a.log()).sum(-1)
+    gap = T * T * (ent(c) - ent(p).mean(0)).mean()
+    assert (cam - van).item() == pytest.approx(gap.item(), rel=1e-4, abs=1e-6)
+    assert gap.item() > 0
+
+
+def test_soft_cross_entropy_and_kl_have_same_gradient():
+    T = 4.0
+    gen = torch.Generator().manual_seed(4)
+    s = torch.randn(5, 7, generator=gen).requires_grad_()
+    tt = torch.randn(5, 7, generator=gen)
+    soft_ce = -(F.softmax(tt / T, -1) * F.log_softmax(s / T, -1)).sum(-1).mean() * T * T
+    kl = DistillKL(T)(s, tt)
+    torch.testing.assert_close(torch.autograd.grad(soft_ce, s)[0], torch.autograd.grad(kl, s)[0],
+                               rtol=0, atol=1e-6)
+    # CE - KL = T^2 * H(p), independent of s
+    p = F.softmax(tt / T, -1)
+    assert (soft_ce - kl).item() == pytest.approx((-(p * p.log()).sum(-1).mean() * T * T).item(), rel=1e-4)
+
+
+def test_camkd_feature_loss_matches_numpy():
+    rng = np.random.default_rng(5)
+    B = 4
+    mapped = [rng.normal(size=(B, 3, 2, 2)), rng.normal(size=(B, 5, 3, 3))]
+    targets = [rng.normal(size=(B, 3, 2, 2)), rng.normal(size=(B, 5, 3, 3))]
+    head = rng.normal(size=(2, B, 6)) * 2
+    y = np.array([0, 5, 2, 2])
+    v = np_camkd_weights(head, y)
+    mse = np.stack([((m - tg) ** 2).reshape(B, -1).mean(1) for m, tg in zip(mapped, targets)])
+    expected = (v * mse).sum(0).mean()
+    loss, vt = camkd_feature_loss([t(m) for m in mapped], [t(x).half() for x in targets], t(head), torch.tensor(y))
+    # targets were rounded to fp16 (as the cache stores them): compare to that rounding
+    targets16 = [x.astype(np.float16).astype(np.float64) for x in targets]
+    mse16 = np.stack([((m - tg) ** 2).reshape(B, -1).mean(1) for m, tg in zip(mapped, targets16)])
+    assert loss.item() == pytest.approx((v * mse16).sum(0).mean(), rel=1e-5)
+    assert loss.item() == pytest.approx(expected, rel=1e-2)
+    torch.testing.assert_close(vt, torch.tensor(v, dtype=torch.float32), rtol=1e-5, atol=1e-7)
+    zero, _ = camkd_feature_loss([t(x) for x in targets], [t(x) for x in targets], t(head), torch.tensor(y))
+    assert zero.item() == 0.0
+
+
+# --------------------------------------------------------------------------- distillers
+@pytest.fixture(scope="module")
+def camkd_setup():
+    torch.manual_seed(0)
+    teachers = LiveTeachers([build_model("teacher_cnn1"), build_model("teacher_resnet")],
+                            ["teacher_cnn1", "teacher_resnet"])
+    student = build_model("student")
+    x = torch.randn(8, 1, 28, 28)
+    y = torch.arange(8) % 10
+    dist = build_distiller("camkd", student, teachers, x[:1], temperature=4.0, alpha=0.7, beta=100.0)
+    return dist, teachers, x, y
+
+
+def test_camkd_distiller_terms_and_epochs(camkd_setup):
+    dist, teachers, x, y = camkd_setup
+    assert isinstance(dist, CAMKD) and len(dist.regressors) == 2
+    dist.train()
+    _, l0 = dist.forward_train(x, y, torch.arange(8), epoch=0)
+    assert set(l0) == {"ce", "kd", "feat"}
+    assert l0["feat"].item() == 0.0
+    logits, l1 = dist.forward_train(x, y, torch.arange(8), epoch=1)
+    assert set(l1) == {"ce", "kd", "feat"}
+    assert l1["feat"].item() > 0
+    assert logits.shape == (8, 10)
+    # the kd term is alpha times camkd_logit_loss on the teachers' logits
+    t_logits, _ = teachers.outputs(x)
+    dist.eval()
+    s = dist.student(x)
+    _, le = dist.forward_train(x, y, torch.arange(8), epoch=0)
+    ref, _ = camkd_logit_loss(s, t_logits, y, 4.0)
+    torch.testing.assert_close(le["kd"], 0.7 * ref)
+    torch.testing.assert_close(le["ce"], F.cross_entropy(s, y))
+
+
+def test_camkd_distiller_gradients_and_frozen_teachers(camkd_setup):
+    dist, teachers, x, y = camkd_setup
+    dist.train()
+    assert dist.training and dist.student.training and all(r.training for r in dist.regressors)
+    assert not teachers.training
+    assert all(not m.training for m in teachers.modules())       # BN and Dropout too
+    teachers.train(True)                                         # the bank itself refuses too
+    assert all(not m.training for m in teachers.modules())
+    dist.zero_grad(set_to_none=True)
+    _, l = dist.forward_train(x, y, torch.arange(8), epoch=1)
+    sum(l.values()).backward()
+    for r in dist.regressors:
+        grads = [p.grad for p in r.parameters()]
+        assert all(g is not None for g in grads)
+        assert sum(g.abs().sum().item() for g in grads) > 0
+    assert all(p.grad is None and not p.requires_grad for p in teachers.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in dist.student.parameters())
+    # trainable parameters = student + regressors, never teachers
+    ids = {id(p) for p in dist.trainable_parameters()}
+    assert ids == {id(p) for p in dist.student.parameters()} | {id(p) for p in dist.regressors.parameters()}
+    assert not ids & {id(p) for p in teachers.parameters()}
+
+
+def test_vanilla_and_scratch_distillers():
+    torch.manual_seed(1)
+    teachers = LiveTeachers([build_model("teacher_cnn1"), build_model("teacher_cnn2")], ["a", "b"])
+    x, y = torch.randn(4, 1, 28, 28), torch.tensor([1, 2, 3, 4])
+    van = build_distiller("vanilla", build_model("student"), teachers, x[:1], temperature=2.0, alpha=0.5)
+    assert isinstance(van, Vanilla)
+    van.eval()
+    _, l = van.forward_train(x, y, torch.arange(4), 0)
+    assert set(l) == {"ce", "kd"}
+    torch.testing.assert_close(l["kd"], 0.5 * vanilla_kd_loss(van.student(x), teachers.outputs(x)[0], 2.0))
+    sc = build_distiller("scratch", build_model("student"), None, x[:1])
+    assert isinstance(sc, Scratch)
+    _, l = sc.forward_train(x, y, torch.arange(4), 0)
+    assert set(l) == {"ce"}
+    with pytest.raises(ValueError, match="scratch, vanilla, camkd"):
+        build_distiller("fitnet", build_model("student"), teachers, x[:1])
+    one = LiveTeachers([build_model("teacher_cnn1")], ["a"])
+    with pytest.raises(ValueError, match="at least 2 teachers"):
+        build_distiller("camkd", build_model("student"), one, x[:1])

@@ -1,0 +1,127 @@
+"""The seed's five teachers, its student, and the ConvReg regressors."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kdlib.models import MODELS, TEACHERS, ConvReg, build_model, count_parameters
+
+SIZES = [(1, 28), (3, 32)]
+# the seed kit's parameter counts on 1x28x28, 10 classes
+SEED_PARAMS = {"teacher_cnn1": 276_000, "teacher_cnn2": 1_700_000, "teacher_resnet": 141_000,
+               "teacher_vgg": 359_000, "teacher_densenet": 218_000, "student": 207_000}
+
+
+@pytest.fixture(scope="module")
+def built():
+    """{(name, channels, size): (model in eval mode, logits, features)} on a batch of 2."""
+    torch.manual_seed(0)
+    out = {}
+    with torch.no_grad():
+        for name in MODELS:
+            for ch, size in SIZES:
+                model = build_model(name, ch, 10, size).eval()
+                logits, feats = model(torch.randn(2, ch, size, size), return_features=True)
+                out[name, ch, size] = (model, logits, feats)
+    return out
+
+
+def test_registry():
+    assert set(SEED_PARAMS) == set(MODELS)
+    assert TEACHERS == [n for n in MODELS if n != "student"]
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("ch,size", SIZES)
+def test_forward_shapes_and_features(built, name, ch, size):
+    model, logits, feats = built[name, ch, size]
+    assert logits.shape == (2, 10) and torch.isfinite(logits).all()
+    assert len(feats) == model.num_features == len(model.stages) + 1
+    assert all(f.ndim == 4 and f.shape[0] == 2 for f in feats[:-1])
+    assert feats[-2].ndim == 4 and feats[-1].ndim == 2 and feats[-1].shape[0] == 2
+    # features[-1] is exactly what the classifier reads
+    torch.testing.assert_close(model.classifier(feats[-1]), logits)
+    # plain forward agrees with the feature forward
+    with torch.no_grad():
+        x = torch.randn(3, ch, size, size)
+        torch.testing.assert_close(model(x), model(x, return_features=True)[0])
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("ch,size", SIZES)
+def test_forward_from_reproduces_logits(built, name, ch, size):
+    model, logits, feats = built[name, ch, size]
+    assert not model.training
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_from(feats[-2]), logits, rtol=1e-5, atol=1e-5)
+        for hint in range(-model.num_features, -1):       # every conv feature map
+            torch.testing.assert_close(model.forward_from(feats[hint], hint), logits, rtol=1e-5, atol=1e-5)
+
+
+def test_parameter_counts_match_seed(built):
+    lines = []
+    for name, expected in SEED_PARAMS.items():
+        n = count_parameters(built[name, 1, 28][0])
+        lines.append(f"{name:18s} {n:>9,d}  (seed {expected:>9,d}, {100 * (n - expected) / expected:+.1f}%)")
+        assert abs(n - expected) <= 0.05 * expected, lines[-1]
+    print("\nparameter counts on 1x28x28 (shown with pytest -s):\n" + "\n".join(lines))
+
+
+def test_unknown_model_lists_valid_names():
+    with pytest.raises(ValueError) as err:
+        build_model("teacher_vit")
+    for name in MODELS:
+        assert name in str(err.value)
+    assert "teacher_vit" in str(err.value)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_bad_hint_layer_raises(built, name):
+    model = built[name, 1, 28][0]
+    bad = [-1, 0, 1, -model.num_features - 1]       # -1 is the neck vector, not a map
+    for hint in bad:
+        with pytest.raises(ValueError, match="hint_layer"):
+            model.check_hint_layer(hint)
+        with pytest.raises(ValueError, match="hint_layer"):
+            model.forward_from(torch.zeros(1, 64, 7, 7), hint)
+    assert model.check_hint_layer(-2) == model.num_features - 2
+
+
+@pytest.mark.parametrize("ch,size", SIZES)
+def test_convreg_maps_every_student_hint_to_every_teacher_hint(built, ch, size):
+    s_feats = built["student", ch, size][2][:-1]
+    pairs = 0
+    for t_name in TEACHERS:
+        for t_feat in built[t_name, ch, size][2][:-1]:
+            for s_feat in s_feats:
+                for relu in (True, False):
+                    reg = ConvReg(s_feat.shape, t_feat.shape, use_relu=relu).train()
+                    out = reg(s_feat)
+                    assert out.shape == t_feat.shape, (t_name, tuple(s_feat.shape), tuple(t_feat.shape))
+                    assert torch.isfinite(out).all()
+                    if relu:
+                        assert (out >= 0).all()
+                    else:
+                        assert (out < 0).any()
+                pairs += 1
+    assert pairs == len(s_feats) * sum(len(built[t, ch, size][2]) - 1 for t in TEACHERS)
+
+
+@pytest.mark.parametrize("s_hw,t_hw,kind", [
+    (14, 7, "stride2"), (16, 8, "stride2"), (7, 14, "transposed"), (7, 28, "upsample+1x1"),
+    (7, 3, "valid5"), (7, 7, "valid1"), (16, 4, "valid13"), (9, 4, "valid6"),
+    (3, 7, "same3+pool"), (5, 7, "same3+pool")])
+def test_convreg_shape_cases(s_hw, t_hw, kind):
+    """Every kernel case of ConvReg (RepDistiller's rules, as documented), including the
+    odd ratios that need the adaptive-pool fallback."""
+    reg = ConvReg((8, s_hw, s_hw), (12, t_hw, t_hw))
+    conv = reg.conv
+    got = ("transposed" if isinstance(conv, torch.nn.ConvTranspose2d)
+           else "stride2" if conv.stride == (2, 2)
+           else "same3+pool" if conv.padding == (1, 1)
+           else ("upsample+1x1" if reg.upsample_to else f"valid{conv.kernel_size[0]}"))
+    assert got == kind
+    out = reg(torch.randn(2, 8, s_hw, s_hw))
+    assert out.shape == (2, 12, t_hw, t_hw)
+    out.sum().backward()
+    assert reg.conv.weight.grad is not None and reg.conv.weight.grad.abs().sum() > 0

@@ -1,0 +1,25 @@
+"""Notebook hygiene: committed without outputs, kernelspec python3, one parameters cell."""
+from pathlib import Path
+
+import nbformat
+import pytest
+
+NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
+
+
+def test_the_three_notebooks_exist():
+    assert [p.name for p in NOTEBOOKS] == ["01_train_teachers.ipynb", "02_distill_students.ipynb",
+                                           "03_fidelity_analysis.ipynb"]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_committed_clean(path):
+    nb = nbformat.read(path, as_version=4)
+    nbformat.validate(nb)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(not c.outputs and c.execution_count is None for c in code), "strip outputs before committing"
+    assert nb.metadata["kernelspec"]["name"] == "python3"
+    tagged = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1
+    assert nb.cells[0].cell_type == "markdown" and tagged[0] == 1, "explanation first, then parameters"
+    assert "google.colab" in nb.cells[2].source, "the Colab set-up cell follows the parameters"

@@ -1,0 +1,204 @@
+"""kdlib.plots on synthetic metrics (no training): tables, panel counts, files, widget."""
+import ast
+import inspect
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import pytest  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from kdlib import plots  # noqa: E402
+
+TEACHERS = ["t_a", "t_b", "t_c"]
+METHODS = ["camkd", "vanilla", "scratch"]
+SEEDS = [0, 1]
+EPOCHS = 3
+
+
+def fidelity(k: float, m: int = 3) -> dict:
+    """A fidelity record whose every value is a distinct function of ``k``."""
+    return {"individual_fidelity": [k + 0.1 * (i + 1) for i in range(m)],
+            "mean_individual_fidelity": k + 0.2, "centroid_fidelity": k + 0.05,
+            "teacher_diversity": [0.01 * (i + 1) for i in range(m)],
+            "pairwise_diversity": [[abs(i - j) * 0.5 for j in range(m)] for i in range(m)],
+            "top1_agreement": [50 + k + i for i in range(m)], "centroid_agreement": 80 + k}
+
+
+def make_metrics(method: str, seeds=SEEDS, epochs=EPOCHS, teachers=TEACHERS, fidelity_every=1) -> dict:
+    """A ``metrics_<method>.json``-shaped dict (camkd: weights, feat_weight from epoch 2)."""
+    m, runs = len(teachers), []
+    for seed in seeds:
+        history = []
+        for e in range(1, epochs + 1):
+            k = METHODS.index(method) + seed + e / 10
+            rec = {"epoch": e, "lr": 1e-3 / e, "train_loss": 2 / e + k, "train_acc": 50 + e + k,
+                   "test_loss": 1.5 / e + k, "test_acc": 60 + e + k, "epoch_seconds": 0.1, "loss_ce": 1 / e}
+            if method != "scratch":
+                rec["loss_kd"] = 0.1 * e
+            if method == "camkd":
+                rec["loss_feat"] = 0.0 if e == 1 else 5.0 / e
+                rec["weight"] = [(i + 1) / (m * (m + 1) / 2) for i in range(m)]
+                if e >= 2:
+                    rec["feat_weight"] = [1 / m] * m
+            if e % fidelity_every == 0 or e == epochs:
+                rec["fidelity"] = fidelity(k, m)
+            history.append(rec)
+        runs.append({"seed": seed, "test_acc": history[-1]["test_acc"], "fidelity": history[-1]["fidelity"],
+                     "history": history, "seconds": 1.5 + seed})
+    return {"method": method, "dataset": "Synthetic", "teachers": list(teachers), "student_params": 1234,
+            "hparams": {"temperature": 4.0, "alpha": 0.7, "beta": 100.0, "student_epochs": epochs, "lr": 1e-3,
+                        "lr_schedule": "cosine"}, "runs": runs}
+
+
+def make_all(**kw) -> dict:
+    return {method: make_metrics(method, **kw) for method in METHODS}
+
+
+def make_teachers(teachers=TEACHERS, epochs=2) -> dict:
+    return {"dataset": "Synthetic", "device": "cpu",
+            "teachers": [{"name": n, "params": 1000 * (i + 1), "test_acc": 90 + i,
+                          "history": [{"epoch": e, "test_acc": 80 + e + i, "test_loss": 1 / e, "train_acc": 70.0,
+                                       "train_loss": 1.0, "lr": 1e-3, "epoch_seconds": 0.1, "loss_ce": 1.0}
+                                      for e in range(1, epochs + 1)],
+                          "checkpoint": f"/x/{n}.pt", "sha256": "0" * 64, "seconds": 1.0}
+                         for i, n in enumerate(teachers)]}
+
+
+def panels(fig: Figure) -> list:
+    """The figure's axes, colorbars left out."""
+    return [a for a in fig.axes if not hasattr(a, "_colorbar")]
+
+
+# ---------------------------------------------------------------- tables
+def expected_rows_per_epoch(method: str, epoch: int, m: int = 3) -> int:
+    scalars = 5  # train/test loss and accuracy, lr
+    losses = {"camkd": 3, "vanilla": 2, "scratch": 1}[method]
+    weights = m * (method == "camkd") + m * (method == "camkd" and epoch >= 2)
+    fid = 3 + 3 * m  # 3 scalars; individual_fidelity, teacher_diversity, top1_agreement per teacher
+    return scalars + losses + weights + fid
+
+
+def test_history_frame_columns_and_counts():
+    hf = plots.history_frame(make_all())
+    assert list(hf.columns) == ["method", "seed", "epoch", "metric", "teacher", "value"]
+    for method in METHODS:
+        want = len(SEEDS) * sum(expected_rows_per_epoch(method, e) for e in range(1, EPOCHS + 1))
+        assert (hf["method"] == method).sum() == want, method
+    assert "pairwise_diversity" not in set(hf["metric"])
+    assert "epoch_seconds" not in set(hf["metric"])
+    assert {"loss_ce", "loss_kd", "loss_feat", "weight", "feat_weight", "top1_agreement"} <= set(hf["metric"])
+    assert hf.loc[hf["metric"] == "test_acc", "teacher"].isna().all()
+    per_teacher = hf[hf["metric"] == "individual_fidelity"]
+    assert set(per_teacher["teacher"]) == set(TEACHERS)
+    assert len(hf.drop_duplicates(["method", "seed", "epoch", "metric", "teacher"])) == len(hf)
+
+
+def test_history_frame_values_match_input():
+    metrics = make_all()
+    hf = plots.history_frame(metrics).set_index(["method", "seed", "epoch", "metric", "teacher"])["value"]
+    rec = metrics["camkd"]["runs"][1]["history"][1]  # seed 1, epoch 2
+    assert hf[("camkd", 1, 2, "individual_fidelity", "t_b")] == rec["fidelity"]["individual_fidelity"][1]
+    assert hf[("camkd", 1, 2, "feat_weight", "t_c")] == rec["feat_weight"][2]
+    scalar = plots.history_frame(metrics)
+    row = scalar[(scalar.method == "vanilla") & (scalar.seed == 0) & (scalar.epoch == 3)
+                 & (scalar.metric == "test_acc")]
+    assert row["value"].item() == metrics["vanilla"]["runs"][0]["history"][2]["test_acc"]
+
+
+def test_history_frame_skips_epochs_without_fidelity():
+    hf = plots.history_frame({"vanilla": make_metrics("vanilla", fidelity_every=2)})
+    epochs = set(hf.loc[hf["metric"] == "centroid_fidelity", "epoch"])
+    assert epochs == {2, 3}
+
+
+def test_final_frame_equals_inputs():
+    metrics = make_all()
+    ff = plots.final_frame(metrics)
+    assert len(ff) == len(METHODS) * len(SEEDS)
+    for col in ["method", "seed", "test_acc", "centroid_fidelity", "mean_individual_fidelity", "centroid_agreement"]:
+        assert col in ff.columns
+    for method in METHODS:
+        for run in metrics[method]["runs"]:
+            row = ff[(ff["method"] == method) & (ff["seed"] == run["seed"])].iloc[0]
+            assert row["test_acc"] == run["test_acc"]
+            for key in ("centroid_fidelity", "mean_individual_fidelity", "centroid_agreement"):
+                assert row[key] == run["fidelity"][key]
+            for i, t in enumerate(TEACHERS):
+                assert row[f"individual_fidelity[{t}]"] == run["fidelity"]["individual_fidelity"][i]
+                assert row[f"top1_agreement[{t}]"] == run["fidelity"]["top1_agreement"][i]
+
+
+def test_final_frame_falls_back_to_last_epoch_with_fidelity():
+    m = make_metrics("scratch")
+    m["runs"][0]["fidelity"] = None
+    m["runs"][0]["history"][-1].pop("fidelity")
+    ff = plots.final_frame({"scratch": m})
+    assert ff.loc[0, "centroid_fidelity"] == m["runs"][0]["history"][-2]["fidelity"]["centroid_fidelity"]
+
+
+# ---------------------------------------------------------------- figures
+@pytest.mark.parametrize("method", METHODS)
+def test_plot_training_has_nine_panels(method):
+    fig = plots.plot_training(make_metrics(method))
+    assert isinstance(fig, Figure)
+    assert len(panels(fig)) == 9
+    assert method in fig._suptitle.get_text() and "2 seeds" in fig._suptitle.get_text()
+
+
+def test_plot_comparison_has_fourteen_panels():
+    fig = plots.plot_comparison(make_all(), make_teachers())
+    assert len(panels(fig)) == 14
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend == METHODS
+
+
+@pytest.mark.parametrize("teachers", [["t_a", "t_b"], ["t_a", "t_b", "t_c", "t_d"]])
+def test_plot_comparison_other_teacher_counts(teachers):
+    metrics = {m: make_metrics(m, seeds=[0], teachers=teachers) for m in METHODS}
+    assert len(panels(plots.plot_comparison(metrics))) == 14
+
+
+def test_plot_teachers_and_diversity():
+    assert len(panels(plots.plot_teachers(make_teachers()))) == 3
+    fid = fidelity(0.0)
+    fig = plots.plot_diversity(fid["pairwise_diversity"], TEACHERS, fid["teacher_diversity"])
+    assert len(panels(fig)) == 2
+    assert len(panels(plots.plot_diversity(fid["pairwise_diversity"], TEACHERS))) == 1
+    fig.canvas.draw()  # renders
+
+
+def test_save_writes_small_png(tmp_path):
+    path = plots.save(plots.plot_comparison(make_all(), make_teachers()), tmp_path / "sub" / "cmp.png")
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert 1000 < len(data) < 400_000
+
+
+# ---------------------------------------------------------------- explorer
+def test_plots_does_not_import_ipywidgets_at_module_level():
+    tree = ast.parse(inspect.getsource(plots))
+    top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+    names = {a.name for n in top for a in n.names} | {n.module for n in top if isinstance(n, ast.ImportFrom)}
+    assert not any(str(n).startswith(("ipywidgets", "IPython")) for n in names)
+
+
+def test_explorer_returns_widget():
+    widgets = pytest.importorskip("ipywidgets")
+    box = plots.explorer(make_all())
+    assert isinstance(box, widgets.Widget)
+    metric, teacher, methods = box.children[0].children
+    metric.value = "individual_fidelity"
+    assert not teacher.disabled
+    teacher.value = "t_b"
+    methods.value = ("camkd",)
+    metric.value = "test_acc"
+    assert teacher.disabled
+
+
+def test_plot_metric_lines():
+    hf = plots.history_frame(make_all())
+    fig = plots.plot_metric(hf, "individual_fidelity", methods=["camkd", "vanilla"])
+    assert len(fig.axes[0].get_lines()) == 2 * len(TEACHERS)
+    assert len(plots.plot_metric(hf, "test_acc").axes[0].get_lines()) == len(METHODS)

@@ -1,0 +1,168 @@
+"""The runner end to end on real Fashion-MNIST (params/smoke.yaml), and its failure modes."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from kdlib.__main__ import main
+from kdlib.runner import NOTEBOOKS
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOKE = str(ROOT / "params/smoke.yaml")
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    outputs = tmp_path_factory.mktemp("outputs")
+    code = main(["run", SMOKE, "--outputs", str(outputs)])
+    assert code == 0
+    return outputs / "smoke"
+
+
+def test_smoke_book_leaves_the_full_record(smoke_run):
+    run = smoke_run
+    for nb in NOTEBOOKS:
+        executed = nbformat.read(run / nb, as_version=4)
+        assert not executed.metadata["papermill"].get("exception"), nb
+        assert all(o.get("output_type") != "error" for c in executed.cells for o in c.get("outputs", []))
+        assert (run / nb).with_suffix(".html").stat().st_size > 10_000
+    for name in ["metrics_camkd.json", "metrics_vanilla.json", "metrics_scratch.json", "teachers.json",
+                 "results.csv", "comparison.csv", "predictions.npz", "params.yaml"]:
+        assert (run / name).is_file(), name
+    for png in ["plots_camkd.png", "plots_vanilla.png", "plots_scratch.png", "comparison_camkd_vs_vanilla.png",
+                "diversity.png", "teachers.png"]:
+        assert (run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+    notebooks_mb = sum((run / nb).stat().st_size for nb in NOTEBOOKS) / 1e6
+    assert notebooks_mb < 3, f"executed notebooks take {notebooks_mb:.1f} MB"
+
+
+def test_manifest_records_the_run(smoke_run):
+    manifest = json.loads((smoke_run / "manifest.json").read_text())
+    assert manifest["status"] == "finished"
+    assert [manifest["notebooks"][nb]["status"] for nb in NOTEBOOKS] == ["finished"] * 3
+    assert manifest["dataset"] == "FashionMNIST" and manifest["versions"]["torch"]
+    assert manifest["device"]["device"] in ("cpu", "cuda", "mps")
+    hashes = manifest["teacher_checkpoints"]
+    assert [h["name"] for h in hashes] == ["teacher_cnn1", "teacher_cnn2", "teacher_resnet"]
+    assert all(len(h["sha256"]) == 64 for h in hashes)
+
+
+def test_metrics_history_and_students_beat_chance(smoke_run):
+    for method in ["camkd", "vanilla", "scratch"]:
+        metrics = json.loads((smoke_run / f"metrics_{method}.json").read_text())
+        assert [r["seed"] for r in metrics["runs"]] == [0, 1]
+        for run in metrics["runs"]:
+            assert len(run["history"]) == 2 and run["test_acc"] > 50
+            assert set(run["fidelity"]) >= {"individual_fidelity", "centroid_fidelity", "top1_agreement"}
+
+
+def test_finished_run_is_never_overwritten(smoke_run, capsys):
+    before = (smoke_run / "manifest.json").read_text()
+    assert main(["run", SMOKE, "--outputs", str(smoke_run.parent)]) == 1
+    err = capsys.readouterr().err
+    assert "already holds a finished run" in err and "--name" in err
+    assert (smoke_run / "manifest.json").read_text() == before
+
+
+def test_resume_skips_finished_notebooks(smoke_run, tmp_path, capsys):
+    import shutil
+    run = tmp_path / "resumed"
+    shutil.copytree(smoke_run, run)
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["status"] = "failed"  # as if the machine died during 03
+    manifest["notebooks"]["03_fidelity_analysis.ipynb"]["status"] = "running"
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    first = (run / NOTEBOOKS[0]).stat().st_mtime_ns
+    assert main(["run", "--resume", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "01_train_teachers.ipynb: finished earlier, skipped" in out
+    assert (run / NOTEBOOKS[0]).stat().st_mtime_ns == first
+    assert json.loads((run / "manifest.json").read_text())["status"] == "finished"
+
+
+def test_failing_notebook_is_named_and_run_marked_failed(tmp_path, capsys):
+    outputs = tmp_path / "outputs"
+    code = main(["run", SMOKE, "--name", "nan", "--outputs", str(outputs), "-p", "lr=1e6",
+                 "-p", "train_subset=300", "-p", "test_subset=100", "-p", "teacher_epochs=1",
+                 "-p", f"teacher_dir={tmp_path / 'teachers'}"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "01_train_teachers.ipynb failed at cell" in err and "NonFiniteLossError" in err
+    assert "--resume" in err
+    manifest = json.loads((outputs / "nan" / "manifest.json").read_text())
+    assert manifest["status"] == "failed"
+    assert manifest["notebooks"]["01_train_teachers.ipynb"]["status"] == "failed"
+    assert (outputs / "nan" / "01_train_teachers.ipynb").exists(), "the partial notebook stays as the record"
+
+
+def test_unwritable_outputs_gives_clear_error(tmp_path, capsys):
+    blocker = tmp_path / "outputs"
+    blocker.write_text("not a folder")  # root ignores permission bits, so block with a file
+    assert main(["run", SMOKE, "--outputs", str(blocker)]) == 1
+    err = capsys.readouterr().err
+    assert "cannot write the run folder" in err and str(blocker) in err
+
+
+KILL_SCRIPT = """
+import sys, torch
+from kdlib.data import load_dataset
+from kdlib.train import TrainConfig, set_threads, train_student, teacher_bank
+set_threads(1)
+data = load_dataset("FashionMNIST", sys.argv[2], train_subset=1000, test_subset=300)
+cfg = TrainConfig(epochs=6, seed=3)
+bank = teacher_bank([], [], data, cfg, cache=False, log=lambda *a: None)
+_, history = train_student("scratch", bank, data, cfg, checkpoint=sys.argv[1], log=print)
+print("FINAL", history[-1]["test_acc"], history[-1]["train_loss"], len(history))
+"""
+
+
+def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path):
+    """A run killed with SIGKILL resumes from its last epoch and ends where an
+    uninterrupted run of the same seed ends (CPU, same thread count)."""
+    env = dict(os.environ, KDBOOK_PROGRESS="off")
+    script = tmp_path / "train.py"
+    script.write_text(KILL_SCRIPT)
+    data_root = str(ROOT / "data")
+    straight = subprocess.run([sys.executable, str(script), str(tmp_path / "a.pt"), data_root],
+                              capture_output=True, text=True, env=env, check=True).stdout
+    ckpt = tmp_path / "b.pt"
+    proc = subprocess.Popen([sys.executable, str(script), str(ckpt), data_root], env=env,
+                            stdout=subprocess.PIPE, text=True)
+    import time
+    import torch
+    deadline = time.time() + 120
+    while time.time() < deadline:  # kill once epoch 2 is checkpointed, mid-epoch 3
+        if ckpt.exists():
+            try:
+                if torch.load(ckpt, weights_only=False)["epoch"] >= 2:
+                    break
+            except Exception:
+                pass
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    state = torch.load(ckpt, weights_only=False)
+    assert not state["finished"] and 2 <= state["epoch"] < 6
+    resumed = subprocess.run([sys.executable, str(script), str(ckpt), data_root],
+                             capture_output=True, text=True, env=env, check=True).stdout
+    assert "resuming from epoch" in resumed
+    final = lambda out: [line for line in out.splitlines() if line.startswith("FINAL")][0]
+    assert final(resumed) == final(straight)
+    assert final(resumed).endswith(" 6")
+
+
+def test_report_generates_the_readme_table(smoke_run, tmp_path):
+    from kdlib.report import results_markdown, update_readme
+    block = results_markdown(smoke_run)
+    assert "| Teacher CNN1 | 279K | ~92.5 |" in block
+    assert "| Student (CAMKD) | 208K | ~91.5-91.8 |" in block and "(n=2)" in block
+    assert "CAMKD vs vanilla:" in block and "book wall time" in block
+    readme = tmp_path / "README.md"
+    readme.write_text("a\n<!-- results:start -->\nold\n<!-- results:end -->\nb\n")
+    update_readme(readme, block)
+    text = readme.read_text()
+    assert "old" not in text and block in text and text.startswith("a\n") and text.endswith("b\n")
