@@ -17,7 +17,7 @@ def main(argv=None) -> int:
     run.add_argument("params", nargs="?", help="params YAML file, e.g. params/fashionmnist.yaml")
     run.add_argument("--name", help="run folder name under outputs/ (default: the params file's stem)")
     run.add_argument("-p", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override one parameter (YAML value), repeatable")
+                     help="override one parameter (YAML value), repeatable; with --resume too")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
     run.add_argument("--outputs", default="outputs", help="parent folder of run folders")
     args = parser.parse_args(argv)

@@ -151,11 +151,15 @@ def prepare_run(params_file: str | None, name: str | None, overrides: list[str],
         if not (run_dir / "params.yaml").is_file():
             raise RunError(f"--resume {resume}: no params.yaml there; is it a run folder?")
         given = yaml.safe_load((run_dir / "params.yaml").read_text())
-        source = str(run_dir / "params.yaml")
+        source = str(run_dir / "params.yaml") + (" with -p " + " ".join(overrides) if overrides else "")
         manifest = json.loads((run_dir / "manifest.json").read_text())
         if manifest.get("status") == "finished":
             raise RunError(f"{run_dir} already finished; nothing to resume")
+        given.update(dict(parse_override(t) for t in overrides))  # e.g. a lower lr after a NaN
         given = validate(given, source)
+        if overrides:
+            (run_dir / "params.yaml").write_text(yaml.safe_dump(given, sort_keys=False))
+            manifest.setdefault("resume_overrides", []).append(overrides)
         return run_dir, given, manifest, source
     if not params_file:
         raise RunError("give a params file (params/NAME.yaml) or --resume outputs/NAME")
@@ -224,7 +228,7 @@ def run(params_file: str | None = None, name: str | None = None, overrides: list
             if (run_dir / nb).exists():
                 render_html(run_dir / nb)
             raise RunError(f"{nb} failed at {where}; the partial notebook is {run_dir / nb}; "
-                           f"fix the cause, then: python -m kdlib run --resume {run_dir}") from None
+                           f"fix the cause, then: python -m kdlib run --resume {run_dir} [-p key=value]") from None
         entry.update({"status": "finished", "end": now(), "seconds": round(time.perf_counter() - t0, 1)})
         render_html(run_dir / nb)
         manifest["teacher_checkpoints"] = _teacher_hashes(run_dir)

@@ -166,3 +166,16 @@ def test_report_generates_the_readme_table(smoke_run, tmp_path):
     update_readme(readme, block)
     text = readme.read_text()
     assert "old" not in text and block in text and text.startswith("a\n") and text.endswith("b\n")
+
+
+def test_resume_with_override_after_a_nan(tmp_path, capsys):
+    """A run that failed on a NaN resumes with a lower lr given on the command line."""
+    outputs = tmp_path / "outputs"
+    args = ["-p", "train_subset=300", "-p", "test_subset=100", "-p", "teacher_epochs=1", "-p", "student_epochs=1",
+            "-p", "teachers=[teacher_cnn1, teacher_resnet]", "-p", "seeds=[0]", "-p", f"teacher_dir={tmp_path / 't'}"]
+    assert main(["run", SMOKE, "--name", "r", "--outputs", str(outputs), "-p", "lr=1e6", *args]) == 1
+    capsys.readouterr()
+    assert main(["run", "--resume", str(outputs / "r"), "-p", "lr=0.001"]) == 0
+    manifest = json.loads((outputs / "r" / "manifest.json").read_text())
+    assert manifest["status"] == "finished" and manifest["resume_overrides"] == [["lr=0.001"]]
+    assert "lr: 0.001" in (outputs / "r" / "params.yaml").read_text()
