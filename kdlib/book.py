@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .checkpoint import sha256_file
-from .data import load_dataset
+from .data import holdout_validation, load_dataset
 from .models import count_parameters
 from .params import SCHEMA, validate
 from .train import (TrainConfig, pick_device, predict_logits, set_threads, teacher_bank, teacher_test_probs,
@@ -54,8 +54,17 @@ def load_data(P, device=None):
     return data.to(device or device_of(P))
 
 
-def _config(P, epochs: int, seed: int, device) -> TrainConfig:
-    return TrainConfig(epochs=epochs, batch_size=P["batch_size"], lr=P["lr"], lr_schedule=P["lr_schedule"],
+def student_data(P, data):
+    """The students' data: ``data``, or with ``val_subset`` images of the training set
+    held out and used in place of the test set (tuning never sees the test set)."""
+    return holdout_validation(data, P["val_subset"])
+
+
+def _config(P, epochs: int, seed: int, device, teacher: bool = False) -> TrainConfig:
+    schedule = P["lr_schedule"]
+    if teacher and P["teacher_lr_schedule"] != "same":
+        schedule = P["teacher_lr_schedule"]
+    return TrainConfig(epochs=epochs, batch_size=P["batch_size"], lr=P["lr"], lr_schedule=schedule,
                        weight_decay=P["weight_decay"], seed=seed, precision=P["precision"],
                        augment=P["augment"], fidelity_freq=P["fidelity_freq"], device=str(device),
                        compile=P["compile"])
@@ -75,7 +84,7 @@ def train_teachers(P, data=None, log=print) -> dict:
     """
     device = device_of(P)
     data = data or load_data(P, device)
-    cfg = _config(P, P["teacher_epochs"], P["teacher_seed"], device)
+    cfg = _config(P, P["teacher_epochs"], P["teacher_seed"], device, teacher=True)
     models, records = {}, []
     for name in P["teachers"]:
         t0 = time.perf_counter()
@@ -103,6 +112,10 @@ def distill_students(P, data=None, teachers=None, log=print) -> dict:
     if teachers is None:
         log("teachers: looking for checkpoints made with these settings (training any that are missing)")
         teachers = train_teachers(P, data, log=log)
+    data = student_data(P, data)
+    if data.eval_split != "test":
+        log(f"validation: {len(data.test)} training images held out; students train on {len(data.train)} "
+            f"and every score below (test_acc, fidelity) is on the held-out images, not the test set")
     names = list(teachers)
     cfg0 = _config(P, P["student_epochs"], 0, device)
     bank = teacher_bank([teachers[n] for n in names], names, data, cfg0, P["hint_layer"],
@@ -131,10 +144,12 @@ def distill_students(P, data=None, teachers=None, log=print) -> dict:
                          "extra_params": sum(p.numel() for p in distiller.extra_parameters())})
         results[method] = {"method": method, "dataset": data.name, "teachers": names,
                            "student_params": count_parameters(distiller.student),
-                           "teacher_cache": bank.cached,
+                           "teacher_cache": bank.cached, "eval_split": data.eval_split,
+                           "train_size": len(data.train), "eval_size": len(data.test),
                            "hparams": {k: P[k] for k in ("temperature", "alpha", "beta", "hint_layer",
                                                          "student_epochs", "batch_size", "lr",
-                                                         "lr_schedule", "precision", "augment")},
+                                                         "lr_schedule", "teacher_lr_schedule", "val_subset",
+                                                         "precision", "augment")},
                            "runs": runs}
         _write_json(run_dir / f"metrics_{method}.json", results[method])
     np.savez_compressed(run_dir / "predictions.npz", **predictions)
@@ -151,6 +166,10 @@ def load_results(P, log=print) -> tuple[dict, dict]:
     metrics = {m: json.loads((run_dir / f"metrics_{m}.json").read_text())
                for m in P["methods"] if (run_dir / f"metrics_{m}.json").exists()}
     teachers = json.loads((run_dir / "teachers.json").read_text())
+    held_out = {m for m, r in metrics.items() if r.get("eval_split", "test") != "test"}
+    if held_out:
+        log(f"note: {', '.join(sorted(held_out))} scored on a validation split held out of the training set "
+            "(val_subset), not on the test set: 'test_acc' below means validation accuracy")
     return teachers, metrics
 
 

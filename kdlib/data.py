@@ -58,6 +58,7 @@ class Dataset:
     mean: torch.Tensor  # [C]
     std: torch.Tensor   # [C]
     classes: list[str]
+    eval_split: str = "test"  # what ``test`` holds: the test set, or a validation split held out of train
 
     @property
     def in_channels(self) -> int:
@@ -73,7 +74,7 @@ class Dataset:
 
     def to(self, device) -> "Dataset":
         return Dataset(self.name, self.train.to(device), self.test.to(device),
-                       self.mean.to(device), self.std.to(device), self.classes)
+                       self.mean.to(device), self.std.to(device), self.classes, self.eval_split)
 
 
 def _stage_debian_fashion_mnist(root: Path) -> bool:
@@ -159,6 +160,28 @@ def load_dataset(name: str = "FashionMNIST", data_root: str | Path = "data", *,
     return Dataset(name, Split(train.images[train_idx], train.labels[train_idx]),
                    Split(test.images[test_idx], test.labels[test_idx]),
                    torch.tensor(mean), torch.tensor(std), CLASS_NAMES[name])
+
+
+VALIDATION_SEED = 20240601  # fixed: every run holds out the same images
+
+
+def holdout_validation(data: Dataset, n: int) -> Dataset:
+    """``data`` with a class-balanced validation split of ``n`` images held out of the
+    training set, standing in for the test set (``eval_split == "validation"``).
+
+    For tuning: the student trains on the rest and is scored on images it never saw,
+    and the test set is not touched. The split does not depend on the run's seed.
+    """
+    if n <= 0:
+        return data
+    if n >= len(data.train):
+        raise ValueError(f"val_subset: {n} is not allowed; the training set has only {len(data.train)} images")
+    val_idx = balanced_subset(data.train.labels.cpu(), n, seed=VALIDATION_SEED).to(data.train.labels.device)
+    keep = torch.ones(len(data.train), dtype=torch.bool, device=val_idx.device)
+    keep[val_idx] = False
+    train = Split(data.train.images[keep], data.train.labels[keep])
+    val = Split(data.train.images[val_idx], data.train.labels[val_idx])
+    return Dataset(data.name, train, val, data.mean, data.std, data.classes, "validation")
 
 
 def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,

@@ -37,6 +37,8 @@ SCHEMA: dict[str, Key] = {
     "data_root": Key("data", str, "folder for torchvision's dataset files"),
     "train_subset": Key(0, int, "class-balanced training subset size (0 = all)", min=0),
     "test_subset": Key(0, int, "class-balanced test subset size (0 = all)", min=0),
+    "val_subset": Key(0, int, "students: hold out this many training images and score on them "
+                      "instead of the test set, for tuning (0 = off)", min=0),
     "teachers": Key(["teacher_cnn1", "teacher_cnn2", "teacher_resnet"], list, "teacher architectures",
                     tuple(TEACHERS)),
     "teacher_epochs": Key(20, int, "epochs per teacher", min=1),
@@ -48,6 +50,8 @@ SCHEMA: dict[str, Key] = {
     "batch_size": Key(128, int, "training batch size", min=1),
     "lr": Key(1e-3, float, "Adam learning rate", min=0, exclusive_min=True),
     "lr_schedule": Key("cosine", str, "learning-rate schedule", ("cosine", "constant")),
+    "teacher_lr_schedule": Key("same", str, "teachers' schedule ('same' = lr_schedule)",
+                               ("same", "cosine", "constant")),
     "weight_decay": Key(0.0, float, "Adam weight decay", min=0),
     "temperature": Key(4.0, float, "distillation temperature T", min=0, exclusive_min=True),
     "alpha": Key(0.7, float, "weight of the KL (logit) term", min=0),
@@ -100,6 +104,9 @@ def _check_key(source: str, key: str, value) -> None:
 
 
 def _check_combination(source: str, p: dict) -> None:
+    if p["val_subset"] and p["train_subset"] and p["val_subset"] >= p["train_subset"]:
+        _fail(source, "val_subset", p["val_subset"],
+              f"it must be smaller than train_subset ({p['train_subset']}), the images it is held out of")
     if "camkd" in p["methods"] and len(p["teachers"]) < 2:
         _fail(source, "teachers", p["teachers"], "camkd needs at least 2 teachers")
     from .models import build_model  # hint_layer must be a conv feature map of every model used

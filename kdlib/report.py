@@ -2,7 +2,9 @@
 
 ``python -m kdlib.report outputs/fashionmnist [--readme README.md]`` prints the
 markdown, and with ``--readme`` replaces the block between the ``results:start``
-and ``results:end`` markers.
+and ``results:end`` markers. ``--vs outputs/OTHER --block NAME`` instead compares
+the students of two runs that differ in some parameters, seed by seed (block
+``NAME:start`` ... ``NAME:end``).
 """
 from __future__ import annotations
 
@@ -12,8 +14,9 @@ import re
 from pathlib import Path
 
 import pandas as pd
+import yaml
 
-from .stats import verdict
+from .stats import paired_t, verdict
 
 SEED_EXPECTED = {  # the seed kit's README, "Expected results on Fashion-MNIST"
     "teacher_cnn1": "~92.5", "teacher_cnn2": "~93.3", "teacher_resnet": "~92.0",
@@ -52,12 +55,64 @@ def results_markdown(run_dir: str | Path) -> str:
     return "\n".join(lines)
 
 
-def update_readme(readme: str | Path, block: str) -> None:
+def _students(run_dir: Path) -> dict:
+    """{method: {seed: (final test_acc, mean |epoch-to-epoch change| of test_acc over the last 3 epochs)}}."""
+    out = {}
+    for path in sorted(run_dir.glob("metrics_*.json")):
+        m = json.loads(path.read_text())
+        out[m["method"]] = {}
+        for r in m["runs"]:
+            acc = [h["test_acc"] for h in r["history"]]
+            moves = [abs(acc[i] - acc[i - 1]) for i in range(max(1, len(acc) - 3), len(acc))]
+            out[m["method"]][r["seed"]] = (acc[-1], sum(moves) / len(moves) if moves else 0.0)
+        out[m["method"]]["eval_split"] = m.get("eval_split", "test")
+    return out
+
+
+def _differing_params(a: Path, b: Path) -> str:
+    pa, pb = (yaml.safe_load((d / "params.yaml").read_text()) or {} for d in (a, b))
+    ignore = {"run_dir", "threads", "methods", "seeds"}
+    diff = [f"{k}: {pa.get(k)} → {pb.get(k)}" for k in sorted(set(pa) | set(pb))
+            if k not in ignore and pa.get(k) != pb.get(k)]
+    return ", ".join(diff) or "no parameter"
+
+
+def _mean_sd(values: list[float]) -> str:
+    s = pd.Series(values)
+    return f"{s.mean():.2f}" if len(s) == 1 else f"{s.mean():.2f} ± {s.std(ddof=1):.2f}"
+
+
+def runs_markdown(run_a: str | Path, run_b: str | Path) -> str:
+    """Students of two runs side by side, paired by seed: final accuracy (mean ± std),
+    the paired difference b - a with its 95% t interval, and how much accuracy still
+    moved over the last three epochs (mean |change| per epoch)."""
+    a, b = Path(run_a), Path(run_b)
+    sa, sb = _students(a), _students(b)
+    split = sa.get(next(iter(sa), ""), {}).get("eval_split", "test")
+    lines = [f"`{a.name}` → `{b.name}` ({_differing_params(a, b)}); {split} accuracy %, final epoch.", "",
+             f"| Student | seeds | `{a.name}` | `{b.name}` | difference (95% CI) | mean \\|Δ acc\\| per epoch, "
+             f"last 3 epochs |", "|---|---|---|---|---|---|"]
+    for method in [m for m in sa if m in sb]:
+        seeds = sorted(k for k in sa[method] if k in sb[method] and k != "eval_split")
+        if not seeds:
+            continue
+        acc_a = [sa[method][k][0] for k in seeds]
+        acc_b = [sb[method][k][0] for k in seeds]
+        t = paired_t(acc_b, acc_a)
+        ci = "" if len(seeds) < 2 else f" ({t['ci_low']:+.2f} to {t['ci_high']:+.2f}, p = {t['p_value']:.2g})"
+        move = [sum(s[method][k][1] for k in seeds) / len(seeds) for s in (sa, sb)]
+        lines.append(f"| {LABELS.get(method, method)} | {', '.join(map(str, seeds))} | {_mean_sd(acc_a)} | "
+                     f"{_mean_sd(acc_b)} | {t['mean_diff']:+.2f}{ci} | {move[0]:.2f} / {move[1]:.2f} |")
+    return "\n".join(lines)
+
+
+def update_readme(readme: str | Path, block: str, name: str = "results") -> None:
     readme = Path(readme)
     text = readme.read_text()
-    pattern = re.compile(r"(<!-- results:start -->\n).*?(\n<!-- results:end -->)", re.S)
+    pattern = re.compile(rf"(<!-- {re.escape(name)}:start -->\n).*?(\n<!-- {re.escape(name)}:end -->)", re.S)
     if not pattern.search(text):
-        raise SystemExit(f"{readme}: no <!-- results:start --> ... <!-- results:end --> block to replace")
+        raise SystemExit(f"{readme}: no <!-- {name}:start --> ... <!-- {name}:end --> block to replace; add the "
+                         "two marker lines where the table should go")
     readme.write_text(pattern.sub(lambda m: m.group(1) + block + m.group(2), text))
 
 
@@ -65,11 +120,13 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m kdlib.report", description=__doc__)
     parser.add_argument("run_dir")
     parser.add_argument("--readme", help="README file whose results block to replace")
+    parser.add_argument("--vs", metavar="OTHER_RUN", help="compare the students of run_dir with this run's")
+    parser.add_argument("--block", default=None, help="README block name (default: results, or compare with --vs)")
     args = parser.parse_args(argv)
-    block = results_markdown(args.run_dir)
+    block = runs_markdown(args.run_dir, args.vs) if args.vs else results_markdown(args.run_dir)
     print(block)
     if args.readme:
-        update_readme(args.readme, block)
+        update_readme(args.readme, block, args.block or ("compare" if args.vs else "results"))
 
 
 if __name__ == "__main__":
