@@ -106,6 +106,21 @@ def runs_markdown(run_a: str | Path, run_b: str | Path) -> str:
     return "\n".join(lines)
 
 
+def runs_table(runs: list[str | Path]) -> str:
+    """One row per run and student method: what differs from the first run, and the
+    final accuracy (mean ± std over seeds) on the split the run scored on."""
+    runs = [Path(r) for r in runs]
+    lines = ["| Run | differs from the first run in | Student | seeds | split | accuracy % |",
+             "|---|---|---|---|---|---|"]
+    for run in runs:
+        diff = "—" if run == runs[0] else _differing_params(runs[0], run)
+        for method, per_seed in _students(run).items():
+            seeds = sorted(k for k in per_seed if k != "eval_split")
+            lines.append(f"| `{run.name}` | {diff} | {LABELS.get(method, method)} | {', '.join(map(str, seeds))} | "
+                         f"{per_seed['eval_split']} | {_mean_sd([per_seed[k][0] for k in seeds])} |")
+    return "\n".join(lines)
+
+
 def update_readme(readme: str | Path, block: str, name: str = "results") -> None:
     readme = Path(readme)
     text = readme.read_text()
@@ -121,12 +136,18 @@ def main(argv=None) -> None:
     parser.add_argument("run_dir")
     parser.add_argument("--readme", help="README file whose results block to replace")
     parser.add_argument("--vs", metavar="OTHER_RUN", help="compare the students of run_dir with this run's")
+    parser.add_argument("--runs", nargs="+", metavar="RUN", help="more runs: one table row per run and method")
     parser.add_argument("--block", default=None, help="README block name (default: results, or compare with --vs)")
     args = parser.parse_args(argv)
-    block = runs_markdown(args.run_dir, args.vs) if args.vs else results_markdown(args.run_dir)
+    if args.runs:
+        block = runs_table([args.run_dir, *args.runs])
+    elif args.vs:
+        block = runs_markdown(args.run_dir, args.vs)
+    else:
+        block = results_markdown(args.run_dir)
     print(block)
     if args.readme:
-        update_readme(args.readme, block, args.block or ("compare" if args.vs else "results"))
+        update_readme(args.readme, block, args.block or ("compare" if args.vs or args.runs else "results"))
 
 
 if __name__ == "__main__":

@@ -92,3 +92,15 @@ def test_cli_json(tiny_data):
     assert set(out) == KEYS and set(out["seconds"]) == set(bench.METHODS) and set(out["ratios"]) == RATIO_KEYS
     assert all(v > 0 for v in out["seconds"].values())
     assert "random init" in proc.stderr
+
+
+def test_speed_markdown_has_a_column_pair_per_teacher_count(result):
+    other = dict(result, teachers=5, seconds={k: 2 * v for k, v in result["seconds"].items()})
+    md = bench.speed_markdown([result, other], repeats=3, load=(0.5, 0, 0))
+    assert "s / epoch, M=2 | × scratch | s / epoch, M=5 | × scratch" in md
+    row = next(line for line in md.splitlines() if line.startswith("| `camkd` |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    ratio = result["seconds"]["camkd"] / result["seconds"]["scratch"]
+    assert cells[2:] == [f"{result['seconds']['camkd']:.2f}", f"{ratio:.2f}",
+                         f"{2 * result['seconds']['camkd']:.2f}", f"{ratio:.2f}"]
+    assert "--teachers 2 5 --repeats 3" in md and "Load average when it started: 0.50" in md

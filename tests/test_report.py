@@ -6,7 +6,7 @@ import pytest
 import yaml
 from scipy import stats as st
 
-from kdlib.report import main, runs_markdown, update_readme
+from kdlib.report import main, runs_markdown, runs_table, update_readme
 
 
 def fake_run(folder, schedule, finals, curve_step):
@@ -44,3 +44,13 @@ def test_cli_vs(tmp_path, capsys):
     b = fake_run(tmp_path / "b", "cosine", [90.5, 91.5], 0.0)
     main([str(a), "--vs", str(b)])
     assert "no parameter" in capsys.readouterr().out
+
+
+def test_runs_table_one_row_per_run(tmp_path):
+    a = fake_run(tmp_path / "beta100", "cosine", [91.0], 0.0)
+    b = fake_run(tmp_path / "beta10", "cosine", [91.4], 0.0)
+    p = yaml.safe_load((b / "params.yaml").read_text())
+    (b / "params.yaml").write_text(yaml.safe_dump(dict(p, beta=10.0)))
+    table = runs_table([a, b]).splitlines()
+    assert table[2] == "| `beta100` | — | Student (vanilla) | 0 | test | 91.00 |"
+    assert table[3] == "| `beta10` | beta: 100.0 → 10.0 | Student (vanilla) | 0 | test | 91.40 |"
