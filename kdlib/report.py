@@ -33,6 +33,17 @@ def _acc(values: pd.Series) -> str:
     return f"{values.mean():.2f} ± {values.std(ddof=1):.2f} (n={len(values)})"
 
 
+def training_minutes(run_dir: str | Path) -> tuple[float, float]:
+    """Minutes of training (epochs, with their evaluation) recorded in a run: (teachers, students).
+    Counts every epoch once, even when it ran in an earlier, interrupted attempt."""
+    run_dir = Path(run_dir)
+    teachers = json.loads((run_dir / "teachers.json").read_text())["teachers"]
+    t = sum(h["epoch_seconds"] for r in teachers for h in r["history"])
+    s = sum(h["epoch_seconds"] for p in run_dir.glob("metrics_*.json")
+            for r in json.loads(p.read_text())["runs"] for h in r["history"])
+    return t / 60, s / 60
+
+
 def results_markdown(run_dir: str | Path) -> str:
     run_dir = Path(run_dir)
     results = pd.read_csv(run_dir / "results.csv")
@@ -47,11 +58,15 @@ def results_markdown(run_dir: str | Path) -> str:
     lines += [f"- {verdict(row)}" for _, row in comparison.iterrows()]
     git = manifest.get("git", {})
     dev = manifest.get("device", {})
+    teach, stud = training_minutes(run_dir)
+    wall = manifest.get("seconds", float("nan")) / 60
+    wall = (f"wall time of its last (resumed) attempt {wall:.1f} min" if manifest.get("resumed")
+            else f"book wall time {wall:.1f} min")
     lines += ["", f"Run `{run_dir.name}`: status {manifest['status']}, commit `{str(git.get('commit'))[:10]}`"
               f"{' (uncommitted changes)' if git.get('dirty') else ''}, {dev.get('device')} "
-              f"({dev.get('processor')}, {dev.get('threads')} threads), book wall time "
-              f"{manifest.get('seconds', float('nan')) / 60:.1f} min. Teachers' means have no spread: one "
-              f"teacher set (teacher_seed), students one run per seed against it."]
+              f"({dev.get('processor')}, {dev.get('threads')} threads), {wall}; training time recorded "
+              f"epoch by epoch: teachers {teach:.0f} min, students {stud:.0f} min. Teachers' means have no "
+              f"spread: one teacher set (teacher_seed), students one run per seed against it."]
     return "\n".join(lines)
 
 

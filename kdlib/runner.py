@@ -60,7 +60,7 @@ def git_commit() -> dict:
     def git(*args):
         return subprocess.run(["git", *args], cwd=package_root(), capture_output=True, text=True).stdout.strip()
     try:
-        return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain"))}
+        return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
     except OSError:
         return {"commit": None, "dirty": None}
 
@@ -205,6 +205,8 @@ def run(params_file: str | None = None, name: str | None = None, overrides: list
     declared = check_declared({}, source, nb_dir)
     manifest.update({"status": "running", "git": git_commit(), "versions": versions(),
                      "device": device_info(P), "dataset": P["dataset"], "resumed": bool(resume)})
+    attempt = {"start": now(), "git": manifest["git"], "resumed": bool(resume)}
+    manifest.setdefault("attempts", []).append(attempt)  # one per start or resume, kept across resumes
     write_manifest(run_dir, manifest)
     t_run = time.perf_counter()
     for nb in NOTEBOOKS:
@@ -224,6 +226,7 @@ def run(params_file: str | None = None, name: str | None = None, overrides: list
             entry.update({"status": "failed", "end": now(), "seconds": time.perf_counter() - t0,
                           "error": f"{type(err).__name__}: {where}"})
             manifest.update({"status": "failed", "ended": now()})
+            attempt.update({"end": now(), "seconds": round(time.perf_counter() - t_run, 1), "status": "failed"})
             write_manifest(run_dir, manifest)
             if (run_dir / nb).exists():
                 render_html(run_dir / nb)
@@ -236,5 +239,6 @@ def run(params_file: str | None = None, name: str | None = None, overrides: list
         log(f"{nb}: finished in {entry['seconds']:.0f} s")
     manifest.update({"status": "finished", "ended": now(),
                      "seconds": round(time.perf_counter() - t_run, 1)})
+    attempt.update({"end": now(), "seconds": manifest["seconds"], "status": "finished"})
     write_manifest(run_dir, manifest)
     return run_dir

@@ -179,3 +179,10 @@ def test_resume_with_override_after_a_nan(tmp_path, capsys):
     manifest = json.loads((outputs / "r" / "manifest.json").read_text())
     assert manifest["status"] == "finished" and manifest["resume_overrides"] == [["lr=0.001"]]
     assert "lr: 0.001" in (outputs / "r" / "params.yaml").read_text()
+    first, second = manifest["attempts"]      # both attempts kept, each with its commit and outcome
+    assert (first["status"], first["resumed"], second["status"], second["resumed"]) == \
+        ("failed", False, "finished", True)
+    assert second["git"] == manifest["git"] and first["seconds"] > 0
+    from kdlib.report import training_minutes
+    teachers, students = training_minutes(outputs / "r")
+    assert teachers > 0 and students > 0
