@@ -49,11 +49,15 @@ def results_markdown(run_dir: str | Path) -> str:
     results = pd.read_csv(run_dir / "results.csv")
     comparison = pd.read_csv(run_dir / "comparison.csv")
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    lines = ["| Model | Params | Seed kit's expected test acc % | Measured test acc % |", "|---|---|---|---|"]
+    lines = ["| Model | Params | Seed kit's expected test acc % | Measured test acc % | centroid fidelity "
+             "KL(C‖S) | top-1 agreement with C % |", "|---|---|---|---|---|---|"]
     for (_role, name), group in results.groupby(["role", "name"], sort=False):
         params = f"{group['params'].iloc[0] / 1e6:.2f}M" if group["params"].iloc[0] > 1e6 \
             else f"{group['params'].iloc[0] / 1e3:.0f}K"
-        lines.append(f"| {LABELS.get(name, name)} | {params} | {SEED_EXPECTED.get(name, '')} | {_acc(group['test_acc'])} |")
+        fid = ("— | —" if _role == "teacher" or "centroid_fidelity" not in group else
+               f"{_mean_sd(group['centroid_fidelity'].tolist(), 3)} | {_mean_sd(group['centroid_agreement'].tolist())}")
+        lines.append(f"| {LABELS.get(name, name)} | {params} | {SEED_EXPECTED.get(name, '')} | "
+                     f"{_acc(group['test_acc'])} | {fid} |")
     lines.append("")
     lines += [f"- {verdict(row)}" for _, row in comparison.iterrows()]
     git = manifest.get("git", {})
@@ -92,9 +96,9 @@ def _differing_params(a: Path, b: Path) -> str:
     return ", ".join(diff) or "no parameter"
 
 
-def _mean_sd(values: list[float]) -> str:
+def _mean_sd(values: list[float], digits: int = 2) -> str:
     s = pd.Series(values)
-    return f"{s.mean():.2f}" if len(s) == 1 else f"{s.mean():.2f} ± {s.std(ddof=1):.2f}"
+    return f"{s.mean():.{digits}f}" if len(s) == 1 else f"{s.mean():.{digits}f} ± {s.std(ddof=1):.{digits}f}"
 
 
 def runs_markdown(run_a: str | Path, run_b: str | Path) -> str:
