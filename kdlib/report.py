@@ -132,7 +132,7 @@ def runs_table(runs: list[str | Path]) -> str:
     lines = ["| Run | differs from the first run in | Student | seeds | split | accuracy % |",
              "|---|---|---|---|---|---|"]
     for run in runs:
-        diff = "—" if run == runs[0] else _differing_params(runs[0], run)
+        diff = "—" if run == runs[0] else _differing_params(runs[0], run).replace("no parameter", "nothing")
         for method, per_seed in _students(run).items():
             seeds = sorted(k for k in per_seed if k != "eval_split")
             lines.append(f"| `{run.name}` | {diff} | {LABELS.get(method, method)} | {', '.join(map(str, seeds))} | "
