@@ -89,7 +89,9 @@ def _students(run_dir: Path) -> dict:
 
 
 def _differing_params(a: Path, b: Path) -> str:
-    pa, pb = (yaml.safe_load((d / "params.yaml").read_text()) or {} for d in (a, b))
+    from .params import SCHEMA  # keys added after a run was made take their defaults
+    defaults = {k: spec.default for k, spec in SCHEMA.items()}
+    pa, pb = ({**defaults, **(yaml.safe_load((d / "params.yaml").read_text()) or {})} for d in (a, b))
     ignore = {"run_dir", "threads", "methods", "seeds"}
     diff = [f"{k}: {pa.get(k)} → {pb.get(k)}" for k in sorted(set(pa) | set(pb))
             if k not in ignore and pa.get(k) != pb.get(k)]
