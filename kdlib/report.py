@@ -47,7 +47,10 @@ def training_minutes(run_dir: str | Path) -> tuple[float, float]:
 def results_markdown(run_dir: str | Path) -> str:
     run_dir = Path(run_dir)
     results = pd.read_csv(run_dir / "results.csv")
-    comparison = pd.read_csv(run_dir / "comparison.csv")
+    try:
+        comparison = pd.read_csv(run_dir / "comparison.csv")
+    except pd.errors.EmptyDataError:  # a run with one method has no pairs to compare
+        comparison = pd.DataFrame()
     manifest = json.loads((run_dir / "manifest.json").read_text())
     lines = ["| Model | Params | Seed kit's expected test acc % | Measured test acc % | centroid fidelity "
              "KL(C‖S) | top-1 agreement with C % |", "|---|---|---|---|---|---|"]
