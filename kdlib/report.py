@@ -28,9 +28,7 @@ LABELS = {"teacher_cnn1": "Teacher CNN1", "teacher_cnn2": "Teacher CNN2", "teach
 
 
 def _acc(values: pd.Series) -> str:
-    if len(values) == 1:
-        return f"{values.iloc[0]:.2f}"
-    return f"{values.mean():.2f} ± {values.std(ddof=1):.2f} (n={len(values)})"
+    return _mean_sd(values.tolist()) + (f" (n={len(values)})" if len(values) > 1 else "")
 
 
 def training_minutes(run_dir: str | Path) -> tuple[float, float]:
@@ -98,7 +96,7 @@ def _differing_params(a: Path, b: Path) -> str:
     ignore = {"run_dir", "threads", "methods", "seeds"}
     diff = [f"{k}: {pa.get(k)} → {pb.get(k)}" for k in sorted(set(pa) | set(pb))
             if k not in ignore and pa.get(k) != pb.get(k)]
-    return ", ".join(diff) or "no parameter"
+    return ", ".join(diff)
 
 
 def _mean_sd(values: list[float], digits: int = 2) -> str:
@@ -113,7 +111,7 @@ def runs_markdown(run_a: str | Path, run_b: str | Path) -> str:
     a, b = Path(run_a), Path(run_b)
     sa, sb = _students(a), _students(b)
     split = sa.get(next(iter(sa), ""), {}).get("eval_split", "test")
-    lines = [f"`{a.name}` → `{b.name}` ({_differing_params(a, b)}); {split} accuracy %, final epoch.", "",
+    lines = [f"`{a.name}` → `{b.name}` ({_differing_params(a, b) or 'no parameter'}); {split} accuracy %, final epoch.", "",
              f"| Student | seeds | `{a.name}` | `{b.name}` | difference (95% CI) | mean \\|Δ acc\\| per epoch, "
              f"last 3 epochs |", "|---|---|---|---|---|---|"]
     for method in [m for m in sa if m in sb]:
@@ -137,7 +135,7 @@ def runs_table(runs: list[str | Path]) -> str:
     lines = ["| Run | differs from the first run in | Student | seeds | split | accuracy % |",
              "|---|---|---|---|---|---|"]
     for run in runs:
-        diff = "—" if run == runs[0] else _differing_params(runs[0], run).replace("no parameter", "nothing")
+        diff = "—" if run == runs[0] else (_differing_params(runs[0], run) or "nothing")
         for method, per_seed in _students(run).items():
             seeds = sorted(k for k in per_seed if k != "eval_split")
             lines.append(f"| `{run.name}` | {diff} | {LABELS.get(method, method)} | {', '.join(map(str, seeds))} | "

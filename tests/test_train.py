@@ -11,13 +11,15 @@ import pytest
 import torch
 
 from kdlib.checkpoint import CheckpointError, load_checkpoint
-from kdlib.data import DEBIAN_FASHION_MNIST, Split, load_dataset
+from kdlib.data import Split
 from kdlib.distillers import Scratch, build_distiller
 from kdlib.metrics import accuracy, fidelity_metrics
 from kdlib.models import build_model
 from kdlib.teachers import CachedTeachers, LiveTeachers
 from kdlib.train import (NonFiniteLossError, TrainConfig, fit, iterate, load_teacher, lr_at, predict_logits,
                          teacher_bank, teacher_test_probs, train_student, train_teacher)
+
+from conftest import fashion_mnist_subset
 
 # batch 64: 32 steps an epoch on 2000 samples, enough for > 70% in 2 epochs
 CFG = TrainConfig(epochs=2, batch_size=64)
@@ -40,10 +42,7 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def fmnist_small(tmp_path_factory):
-    if not (DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file():
-        pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
-    return load_dataset("FashionMNIST", tmp_path_factory.mktemp("fmnist"), train_subset=2000,
-                        test_subset=1000, download=False)
+    return fashion_mnist_subset(tmp_path_factory, 2000, 1000)
 
 
 @pytest.fixture(scope="session")

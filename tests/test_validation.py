@@ -8,18 +8,17 @@ import pytest
 import torch
 
 from kdlib import book
-from kdlib.data import DEBIAN_FASHION_MNIST, holdout_validation, load_dataset
+from kdlib.data import holdout_validation
 from kdlib.params import ParamsError, validate
+
+from conftest import fashion_mnist_subset
 
 quiet = lambda *a: None
 
 
 @pytest.fixture(scope="module")
 def fmnist(tmp_path_factory):
-    if not (DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file():
-        pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
-    return load_dataset("FashionMNIST", tmp_path_factory.mktemp("fmnist"), train_subset=3000,
-                        test_subset=500, download=False)
+    return fashion_mnist_subset(tmp_path_factory, 3000, 500)
 
 
 def rows(split) -> set[bytes]:
@@ -49,12 +48,18 @@ def test_val_subset_larger_than_train_subset_refused():
         validate({"train_subset": 500, "val_subset": 500}, "p.yaml")
 
 
-def test_book_scores_students_on_the_validation_split(fmnist, tmp_path):
-    torch.set_num_threads(1)
+@pytest.fixture
+def restore_threads():
+    old = torch.get_num_threads()
+    yield
+    torch.set_num_threads(old)
+
+
+def test_book_scores_students_on_the_validation_split(fmnist, tmp_path, restore_threads):
     P = validate({"train_subset": 600, "test_subset": 200, "val_subset": 100, "teachers": ["teacher_cnn1"],
                   "teacher_epochs": 1, "teacher_dir": str(tmp_path / "t"), "student_epochs": 2,
                   "methods": ["vanilla"], "seeds": [0], "batch_size": 100, "lr_schedule": "cosine",
-                  "teacher_lr_schedule": "constant", "run_dir": str(tmp_path / "run"),
+                  "teacher_lr_schedule": "constant", "threads": 1, "run_dir": str(tmp_path / "run"),
                   "data_root": str(tmp_path / "data")})
     (tmp_path / "run").mkdir()
     result = book.distill_students(P, log=quiet)["vanilla"]
