@@ -23,8 +23,11 @@ from .train import (TrainConfig, pick_device, predict_logits, set_threads, teach
 
 
 def project_root() -> Path:
-    """The folder holding ``params/``: the working directory, or its parent when a
-    notebook runs from ``notebooks/``."""
+    """The folder relative paths in params resolve against: ``$KDBOOK_ROOT`` when set
+    (tests point it at a temporary folder), else the working directory, or its parent
+    when a notebook runs from ``notebooks/``."""
+    if os.environ.get("KDBOOK_ROOT"):
+        return Path(os.environ["KDBOOK_ROOT"])
     cwd = Path.cwd()
     return cwd.parent if cwd.name == "notebooks" and (cwd.parent / "kdlib").is_dir() else cwd
 
