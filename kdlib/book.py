@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import sha256_file
+from .checkpoint import identity_key, sha256_file
 from .data import holdout_validation, load_dataset
 from .models import count_parameters
-from .params import SCHEMA, validate
+from .params import SCHEMA, student_identity, teacher_identity, validate
 from .train import (TrainConfig, pick_device, predict_logits, set_threads, teacher_bank, teacher_test_probs,
                     train_student, train_teacher)
 
@@ -74,16 +74,24 @@ def _config(P, epochs: int, seed: int, device, teacher: bool = False) -> TrainCo
 
 
 def _write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=1))
     tmp.replace(path)
 
 
+def teacher_checkpoint(P, name: str) -> Path:
+    """Where teacher ``name`` trained with ``P``'s settings lives: ``teacher_dir/<dataset>/
+    <name>-<hash of its identity>.pt``, so any run with the same settings reuses it."""
+    ident = teacher_identity(P, name)
+    return resolve(P["teacher_dir"]) / P["dataset"] / f"{name}-{identity_key(ident)}.pt"
+
+
 def train_teachers(P, data=None, log=print) -> dict:
     """Train (or reuse) every teacher in ``P["teachers"]``; write ``teachers.json``.
 
-    Returns ``{name: model}``. A teacher is reused when a checkpoint made with the
-    same settings exists in ``teacher_dir``.
+    Returns ``{name: model}``. A teacher is reused when a checkpoint with the same
+    identity (``kdlib.params.teacher_identity``) exists in ``teacher_dir``.
     """
     device = device_of(P)
     data = data or load_data(P, device)
@@ -91,7 +99,8 @@ def train_teachers(P, data=None, log=print) -> dict:
     models, records = {}, []
     for name in P["teachers"]:
         t0 = time.perf_counter()
-        model, history, path = train_teacher(name, data, cfg, resolve(P["teacher_dir"]), log=log)
+        path = teacher_checkpoint(P, name)
+        model, history, _ = train_teacher(name, data, cfg, path, teacher_identity(P, name), log=log)
         models[name] = model
         records.append({"name": name, "params": count_parameters(model),
                         "test_acc": history[-1]["test_acc"], "history": history,
@@ -120,6 +129,7 @@ def distill_students(P, data=None, teachers=None, log=print) -> dict:
         log(f"validation: {len(data.test)} training images held out; students train on {len(data.train)} "
             f"and every score below (test_acc, fidelity) is on the held-out images, not the test set")
     names = list(teachers)
+    teacher_sha256 = {n: sha256_file(teacher_checkpoint(P, n)) for n in names}
     cfg0 = _config(P, P["student_epochs"], 0, device)
     bank = teacher_bank([teachers[n] for n in names], names, data, cfg0, P["hint_layer"],
                         cache=P["cache_teachers"], log=log)
@@ -137,7 +147,7 @@ def distill_students(P, data=None, teachers=None, log=print) -> dict:
             distiller, history = train_student(
                 method, bank, data, cfg, temperature=P["temperature"], alpha=P["alpha"], beta=P["beta"],
                 hint_layer=P["hint_layer"], checkpoint=run_dir / f"student_{method}_seed{seed}.pt",
-                test_probs=test_probs, log=log, replace_stale=run_dir.name == "interactive")
+                identity=student_identity(P, method, seed, teacher_sha256), test_probs=test_probs, log=log, replace_stale=run_dir.name == "interactive")
             logits = predict_logits(distiller.student, data.test, data, cfg)
             predictions[f"{method}/seed{seed}"] = logits.argmax(-1).cpu().numpy()
             runs.append({"seed": seed, "test_acc": history[-1]["test_acc"],

@@ -14,6 +14,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: unreadable, truncated, or for other settings."""
 
 
+class CheckpointMismatch(CheckpointError):
+    """A readable checkpoint made with other settings (its identity differs)."""
+
+
 def atomic_save(obj, path: str | Path) -> None:
     """torch.save to a temporary file in the same folder, fsync, then rename over ``path``."""
     path = Path(path)
@@ -30,29 +34,39 @@ def atomic_save(obj, path: str | Path) -> None:
         raise
 
 
-def load_checkpoint(path: str | Path, expected_meta: dict | None = None, map_location="cpu") -> dict:
-    """Load a checkpoint and check that its ``meta`` matches ``expected_meta`` key by key."""
+def load_checkpoint(path: str | Path, identity: dict | None = None, map_location="cpu") -> dict:
+    """Load a checkpoint (plain tensors and containers only: ``weights_only=True``, so a
+    pickled object is refused, never run) and check that its ``identity`` equals
+    ``identity``, naming every key that differs."""
     path = Path(path)
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
+        state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:
-        raise CheckpointError(f"checkpoint {path} is unreadable ({type(err).__name__}: {err}); "
-                              f"delete it to retrain from scratch") from None
-    if not isinstance(state, dict) or "meta" not in state or "model" not in state:
-        raise CheckpointError(f"checkpoint {path} is not a kdbook checkpoint (no meta/model); delete it or "
-                              f"point to the right file")
-    if expected_meta:
-        diff = {k: (state["meta"].get(k), v) for k, v in expected_meta.items() if state["meta"].get(k) != v}
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise CheckpointError(f"checkpoint {path} is unreadable or not plain weights ({type(err).__name__}: "
+                              f"{first}); delete it to retrain from scratch") from None
+    if not isinstance(state, dict) or "identity" not in state or "model" not in state:
+        raise CheckpointError(f"checkpoint {path} is not a kdbook checkpoint of this version (no identity/model); "
+                              f"delete it to retrain, or point to the right file")
+    if identity is not None:
+        diff = identity_diff(state["identity"], identity)
         if diff:
-            shown = "; ".join(f"{k}: file has {a!r}, expected {b!r}" for k, (a, b) in diff.items())
-            raise CheckpointError(f"checkpoint {path} does not match this run ({shown}); "
-                                  f"delete it or use a different output folder")
+            raise CheckpointMismatch(f"checkpoint {path} was made with other settings ({diff}); "
+                                  f"delete it to retrain with these settings, or use a different output folder")
     return state
 
 
-def meta_key(meta: dict) -> str:
-    """Short stable hash of a metadata dict (names checkpoint files)."""
-    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:10]
+def identity_diff(found: dict, expected: dict) -> str:
+    """'key: file has A, expected B; ...' for every key whose value differs ('' if none)."""
+    show = lambda d, k: repr(d[k]) if k in d else "nothing"
+    return "; ".join(f"{k}: file has {show(found, k)}, expected {show(expected, k)}"
+                     for k in sorted(set(found) | set(expected))
+                     if k not in found or k not in expected or found[k] != expected[k])
+
+
+def identity_key(identity: dict) -> str:
+    """Short stable hash of an identity (names teacher checkpoint files)."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def sha256_file(path: str | Path) -> str:

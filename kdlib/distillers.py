@@ -35,8 +35,12 @@ class Distiller(nn.Module):
         """Student parameters plus the method's own (e.g. ConvReg regressors)."""
         return list(self.student.parameters()) + self.extra_parameters()
 
+    def extra_module(self) -> nn.Module:
+        """The method's own trained parts (CAMKD's regressors); checkpointed with the student."""
+        return nn.ModuleList()
+
     def extra_parameters(self) -> list[nn.Parameter]:
-        return []
+        return list(self.extra_module().parameters())
 
     def forward(self, x):
         return self.student(x)
@@ -103,8 +107,8 @@ class CAMKD(Distiller):
         return cls(student, teachers, student_shape=tuple(s_feat.shape[1:]),
                    feature_shapes=[tuple(f.shape[1:]) for f in t_feats], **kw)
 
-    def extra_parameters(self):
-        return list(self.regressors.parameters())
+    def extra_module(self):
+        return self.regressors
 
     def forward_train(self, x, y, idx, epoch):
         logits, feats = self.student(x, return_features=True)

@@ -30,37 +30,42 @@ class Key:
     choices: tuple = ()
     min: float | None = None
     exclusive_min: bool = False
+    identity: tuple = ()  # which trained models the key determines: "teacher", "student", both or none
+
+
+T, S, TS = ("teacher",), ("student",), ("teacher", "student")
 
 
 SCHEMA: dict[str, Key] = {
-    "dataset": Key("FashionMNIST", str, "dataset name", tuple(DATASETS)),
+    "dataset": Key("FashionMNIST", str, "dataset name", tuple(DATASETS), identity=TS),
     "data_root": Key("data", str, "folder for torchvision's dataset files"),
-    "train_subset": Key(0, int, "class-balanced training subset size (0 = all)", min=0),
-    "test_subset": Key(0, int, "class-balanced test subset size (0 = all)", min=0),
+    "train_subset": Key(0, int, "class-balanced training subset size (0 = all)", min=0, identity=TS),
+    "test_subset": Key(0, int, "class-balanced test subset size (0 = all)", min=0, identity=TS),
     "val_subset": Key(0, int, "students: hold out this many training images and score on them "
-                      "instead of the test set, for tuning (0 = off)", min=0),
+                      "instead of the test set, for tuning (0 = off)", min=0, identity=S),
     "teachers": Key(["teacher_cnn1", "teacher_cnn2", "teacher_resnet"], list, "teacher architectures",
-                    tuple(TEACHERS)),
-    "teacher_epochs": Key(20, int, "epochs per teacher", min=1),
-    "teacher_seed": Key(0, int, "seed of the teacher set", min=0),
+                    tuple(TEACHERS), identity=S),
+    "teacher_epochs": Key(20, int, "epochs per teacher", min=1, identity=T),
+    "teacher_seed": Key(0, int, "seed of the teacher set", min=0, identity=T),
     "teacher_dir": Key("checkpoints/teachers", str, "teacher checkpoints, reused across runs"),
-    "student_epochs": Key(15, int, "epochs per student", min=1),
+    "student_epochs": Key(15, int, "epochs per student", min=1, identity=S),
     "methods": Key(["camkd", "vanilla", "scratch"], list, "student training methods", tuple(METHODS)),
     "seeds": Key([0], list, "student seeds (each method runs once per seed)"),
-    "batch_size": Key(128, int, "training batch size", min=1),
-    "lr": Key(1e-3, float, "Adam learning rate", min=0, exclusive_min=True),
-    "lr_schedule": Key("cosine", str, "learning-rate schedule", ("cosine", "constant")),
+    "batch_size": Key(128, int, "training batch size", min=1, identity=TS),
+    "lr": Key(1e-3, float, "Adam learning rate", min=0, exclusive_min=True, identity=TS),
+    "lr_schedule": Key("cosine", str, "learning-rate schedule", ("cosine", "constant"), identity=TS),
     "teacher_lr_schedule": Key("same", str, "teachers' schedule ('same' = lr_schedule)",
-                               ("same", "cosine", "constant")),
-    "weight_decay": Key(0.0, float, "Adam weight decay", min=0),
-    "temperature": Key(4.0, float, "distillation temperature T", min=0, exclusive_min=True),
-    "alpha": Key(0.7, float, "weight of the KL (logit) term", min=0),
-    "beta": Key(100.0, float, "weight of CAMKD's feature term", min=0),
-    "hint_layer": Key(-2, int, "feature index for CAMKD's feature term (-2 = last conv stage)"),
+                               ("same", "cosine", "constant"), identity=T),
+    "weight_decay": Key(0.0, float, "Adam weight decay", min=0, identity=TS),
+    "temperature": Key(4.0, float, "distillation temperature T", min=0, exclusive_min=True, identity=S),
+    "alpha": Key(0.7, float, "weight of the KL (logit) term", min=0, identity=S),
+    "beta": Key(100.0, float, "weight of CAMKD's feature term", min=0, identity=S),
+    "hint_layer": Key(-2, int, "feature index for CAMKD's feature term (-2 = last conv stage)", identity=S),
     "fidelity_freq": Key(1, int, "compute fidelity metrics every N epochs", min=1),
-    "precision": Key("fp32", str, "fp32, or bf16 autocast", ("fp32", "bf16")),
-    "augment": Key("none", str, "batch augmentation (bypasses the teacher cache)", ("none", "crop", "crop_flip")),
-    "cache_teachers": Key(True, bool, "run each frozen teacher once and cache its outputs"),
+    "precision": Key("fp32", str, "fp32, or bf16 autocast", ("fp32", "bf16"), identity=TS),
+    "augment": Key("none", str, "batch augmentation (bypasses the teacher cache)", ("none", "crop", "crop_flip"),
+                   identity=TS),
+    "cache_teachers": Key(True, bool, "run each frozen teacher once and cache its outputs", identity=S),
     "compile": Key(False, bool, "torch.compile the model being trained (off: no measured win on CPU)"),
     "device": Key("auto", str, "auto (CUDA, MPS, CPU) or a torch device name"),
     "threads": Key(0, int, "CPU threads (0 = all cores)", min=0),
@@ -165,3 +170,27 @@ def parse_override(text: str) -> tuple[str, Any]:
         except ValueError:
             pass
     return key.strip(), value
+
+
+def teacher_identity(P: dict, name: str) -> dict:
+    """What a trained teacher is: its architecture and every key marked ``teacher`` in
+    ``SCHEMA`` (``lr_schedule`` as the teachers actually use it). Two teachers with the
+    same identity are interchangeable; a checkpoint with another identity is refused."""
+    ident = {"kind": "teacher", "model": name}
+    ident.update({k: P[k] for k, spec in SCHEMA.items() if "teacher" in spec.identity})
+    if P["teacher_lr_schedule"] != "same":
+        ident["lr_schedule"] = ident.pop("teacher_lr_schedule")
+    else:
+        del ident["teacher_lr_schedule"]
+    return ident
+
+
+def student_identity(P: dict, method: str, seed: int, teacher_sha256: dict[str, str]) -> dict:
+    """What a trained student is: its method and seed, every key marked ``student`` in
+    ``SCHEMA``, and the sha256 of each teacher checkpoint it learned from (a teacher
+    retrained with other settings keeps its name, not its hash). Scratch students
+    carry them too: their recorded fidelity is measured against those teachers."""
+    ident = {"kind": "student", "model": "student", "method": method, "seed": seed}
+    ident.update({k: P[k] for k, spec in SCHEMA.items() if "student" in spec.identity})
+    ident["teacher_sha256"] = [teacher_sha256[n] for n in P["teachers"]]
+    return ident

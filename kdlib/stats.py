@@ -70,6 +70,11 @@ def comparison_frame(metrics: dict, predictions: dict) -> pd.DataFrame:
         acc_a = {r["seed"]: r["test_acc"] for r in metrics[a]["runs"]}
         acc_b = {r["seed"]: r["test_acc"] for r in metrics[b]["runs"]}
         seeds = sorted(set(acc_a) & set(acc_b))
+        if not seeds:  # nothing to pair: say so rather than compare different seeds
+            rows.append({"method_a": a, "method_b": b, "seeds": 0, "n": 0, "mean_diff": math.nan,
+                         "ci_low": math.nan, "ci_high": math.nan, "p_value": math.nan, "mcnemar_p": math.nan,
+                         "only_a_correct": 0, "only_b_correct": 0})
+            continue
         t = paired_t([acc_a[s] for s in seeds], [acc_b[s] for s in seeds])
         right_a = np.concatenate([predictions[f"{a}/seed{s}"] == labels for s in seeds])
         right_b = np.concatenate([predictions[f"{b}/seed{s}"] == labels for s in seeds])
@@ -83,6 +88,8 @@ def comparison_frame(metrics: dict, predictions: dict) -> pd.DataFrame:
 def verdict(row, alpha: float = 0.05) -> str:
     """One plain sentence for a row of ``comparison_frame``."""
     a, b = NAMES.get(row["method_a"], row["method_a"]), NAMES.get(row["method_b"], row["method_b"])
+    if row["seeds"] == 0:
+        return f"{a} vs {b}: no seed in common, nothing to compare"
     head = f"{a} vs {b}: {row['mean_diff']:+.2f} points"
     if row["seeds"] < 2:
         return f"{head} (one seed: no confidence interval; McNemar p = {row['mcnemar_p']:.3g})"

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import CheckpointError, atomic_save, load_checkpoint, meta_key
+from .checkpoint import CheckpointError, CheckpointMismatch, atomic_save, identity_diff, load_checkpoint
 from .data import Dataset, Split, augment_batch, batch_order, normalize
 from .distillers import Distiller, Scratch, build_distiller
 from .models import build_model
@@ -167,44 +167,65 @@ def train_epoch(distiller: Distiller, optimizer: torch.optim.Optimizer, data: Da
     return sums, correct, n, stats, lr
 
 
-def _load_for_resume(checkpoint, meta, device, replace_stale, desc, log):
+def _load_for_resume(checkpoint, identity, device, replace_stale, desc, log):
     if not checkpoint or not Path(checkpoint).exists():
         return None
     try:
-        return load_checkpoint(checkpoint, meta, map_location=device)
-    except CheckpointError as err:
-        if not (replace_stale and "does not match" in str(err)):
+        return load_checkpoint(checkpoint, identity, map_location=device)
+    except CheckpointMismatch as err:
+        if not replace_stale:
             raise
-        log(f"{desc}: settings changed since {checkpoint} was written; training afresh and replacing it")
+        log(f"{desc}: {err}; training afresh and replacing it (outputs/interactive)")
         Path(checkpoint).unlink()
         return None
 
 
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore(distiller: Distiller, optimizer, state: dict, checkpoint) -> None:
+    """Model, the method's own parts, optimizer and RNG exactly as checkpointed; any
+    missing or unexpected key fails loudly (never a silent re-initialisation)."""
+    try:
+        distiller.student.load_state_dict(state["model"])
+        distiller.extra_module().load_state_dict(state["extra"])
+        optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise CheckpointError(f"checkpoint {checkpoint} does not fit this model "
+                              f"({str(err).splitlines()[0]}); delete it to retrain") from None
+    torch.set_rng_state(state["rng"]["torch"].cpu())
+    if "cuda" in state["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
+
+
 def fit(distiller: Distiller, data: Dataset, cfg: TrainConfig, *, checkpoint: str | Path | None = None,
-        meta: dict | None = None, teacher_test_probs: torch.Tensor | None = None,
+        identity: dict | None = None, teacher_test_probs: torch.Tensor | None = None,
         desc: str = "train", log=print, replace_stale: bool = False) -> list[dict]:
     """Train ``distiller`` for ``cfg.epochs`` and return the per-epoch history.
 
-    With ``checkpoint``, a finished checkpoint is reused, an unfinished one resumed
-    from its last completed epoch (model, optimizer, RNG, history), and a new one is
-    written atomically after every epoch. ``teacher_test_probs`` [M,N,C] (T = 1)
-    turns on fidelity metrics every ``cfg.fidelity_freq`` epochs and at the last one.
-    A checkpoint made with other settings is refused, unless ``replace_stale`` (the
+    With ``checkpoint`` (and the ``identity`` of the model being trained, from
+    ``kdlib.params``), a finished checkpoint is reused, an unfinished one resumed from
+    its last completed epoch (model, the method's own parts, optimizer, CPU and CUDA
+    RNG, history), and a new one is written atomically after every epoch.
+    ``teacher_test_probs`` [M,N,C] (T = 1) turns on fidelity metrics every
+    ``cfg.fidelity_freq`` epochs and at the last one. A checkpoint with another
+    identity is refused, naming the keys that differ, unless ``replace_stale`` (the
     notebooks' scratch folder ``outputs/interactive``), where it is replaced, and said so.
     """
-    device = data.train.images.device
-    meta = dict(meta or {}, epochs=cfg.epochs)
+    if checkpoint and identity is None:
+        raise ValueError("fit: a checkpoint needs the identity of the model it holds (kdlib.params)")
     if cfg.channels_last:
         distiller.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(distiller.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     history, start = [], 0
-    state = _load_for_resume(checkpoint, meta, device, replace_stale, desc, log)
+    state = _load_for_resume(checkpoint, identity, data.train.images.device, replace_stale, desc, log)
     if state is not None:
-        distiller.student.load_state_dict(state["model"])
-        distiller.load_state_dict(state["extra"], strict=False)
-        optimizer.load_state_dict(state["optimizer"])
+        _restore(distiller, optimizer, state, checkpoint)
         history, start = state["history"], state["epoch"]
-        torch.set_rng_state(state["rng"]["torch"].cpu())
         if state["finished"]:
             log(f"{desc}: reusing finished checkpoint {checkpoint}")
             return history
@@ -226,12 +247,10 @@ def fit(distiller: Distiller, data: Dataset, cfg: TrainConfig, *, checkpoint: st
             record["fidelity"] = fidelity_metrics(teacher_test_probs, test_logits.softmax(-1))
         history.append(record)
         if checkpoint:
-            atomic_save({"meta": meta, "model": distiller.student.state_dict(),
-                         "extra": {k: v for k, v in distiller.state_dict().items()
-                                   if not k.startswith(("student.", "teachers."))},
+            atomic_save({"identity": identity, "model": distiller.student.state_dict(),
+                         "extra": distiller.extra_module().state_dict(),
                          "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                         "finished": epoch + 1 == cfg.epochs, "history": history,
-                         "rng": {"torch": torch.get_rng_state()}}, checkpoint)
+                         "finished": epoch + 1 == cfg.epochs, "history": history, "rng": _rng_state()}, checkpoint)
         bar.update(1)
         bar.set_postfix(loss=f"{record['train_loss']:.3f}", test_acc=f"{record['test_acc']:.2f}")
     bar.close()
@@ -246,39 +265,31 @@ def set_threads(threads: int | None = None) -> int:
     return threads
 
 
-def teacher_meta(name: str, data: Dataset, cfg: TrainConfig) -> dict:
-    """What a teacher checkpoint must match to be reused."""
-    return {"kind": "teacher", "model": name, "dataset": data.name, "in_channels": data.in_channels,
-            "num_classes": data.num_classes, "image_size": data.image_size, "train_size": len(data.train),
-            "seed": cfg.seed, "batch_size": cfg.batch_size, "lr": cfg.lr, "lr_schedule": cfg.lr_schedule,
-            "weight_decay": cfg.weight_decay, "precision": cfg.precision, "augment": cfg.augment}
-
-
 def build_for(name: str, data: Dataset, device: torch.device):
     model = build_model(name, data.in_channels, data.num_classes, data.image_size).to(device)
     return model
 
 
-def train_teacher(name: str, data: Dataset, cfg: TrainConfig, teacher_dir: str | Path, log=print):
-    """Train teacher ``name`` (or reuse/resume its checkpoint in ``teacher_dir``).
-
-    Returns ``(model, history, checkpoint_path)``; the checkpoint file name carries a
-    hash of the settings, so changed settings train a new teacher.
-    """
-    meta = teacher_meta(name, data, cfg)
-    path = Path(teacher_dir) / data.name / f"{name}-{meta_key(dict(meta, epochs=cfg.epochs))}.pt"
+def train_teacher(name: str, data: Dataset, cfg: TrainConfig, checkpoint: str | Path | None = None,
+                  identity: dict | None = None, log=print):
+    """Train teacher ``name`` (or reuse/resume ``checkpoint``, which must hold a model
+    with this ``identity``). Returns ``(model, history, checkpoint)``."""
     seed_everything(cfg.seed)
     model = build_for(name, data, data.train.images.device)
-    history = fit(Scratch(model), data, cfg, checkpoint=path, meta=meta, desc=name, log=log)
-    return freeze(model), history, path
+    history = fit(Scratch(model), data, cfg, checkpoint=checkpoint, identity=identity, desc=name, log=log)
+    return freeze(model), history, checkpoint
 
 
-def load_teacher(path: str | Path, data: Dataset) -> torch.nn.Module:
-    """A frozen teacher from a checkpoint, refused if made for another dataset or shape."""
-    expected = {"kind": "teacher", "dataset": data.name, "in_channels": data.in_channels,
-                "num_classes": data.num_classes, "image_size": data.image_size}
-    state = load_checkpoint(path, expected, map_location=data.train.images.device)
-    model = build_for(state["meta"]["model"], data, data.train.images.device)
+def load_teacher(path: str | Path, data: Dataset, identity: dict | None = None) -> torch.nn.Module:
+    """A frozen teacher from a checkpoint: refused if its ``identity`` differs from the
+    given one, or (without one) if it is no teacher or was made for another dataset."""
+    state = load_checkpoint(path, identity, map_location=data.train.images.device)
+    found = state["identity"]
+    expected = {"kind": "teacher", "dataset": data.name}
+    diff = identity_diff({k: found.get(k) for k in expected}, expected)
+    if diff:
+        raise CheckpointMismatch(f"checkpoint {path} is not a teacher for this data ({diff})")
+    model = build_for(found["model"], data, data.train.images.device)
     model.load_state_dict(state["model"])
     return freeze(model)
 
@@ -313,28 +324,19 @@ def teacher_test_probs(bank: LiveTeachers, data: Dataset, cfg: TrainConfig) -> t
     return torch.stack([predict_logits(m, data.test, data, cfg) for m in bank.models]).softmax(-1)
 
 
-def student_meta(method: str, data: Dataset, cfg: TrainConfig, teacher_names, **hparams) -> dict:
-    return {"kind": "student", "model": "student", "method": method, "dataset": data.name,
-            "in_channels": data.in_channels, "num_classes": data.num_classes, "image_size": data.image_size,
-            "train_size": len(data.train), "seed": cfg.seed, "teachers": list(teacher_names),
-            "batch_size": cfg.batch_size, "lr": cfg.lr, "lr_schedule": cfg.lr_schedule,
-            "precision": cfg.precision, "augment": cfg.augment, **hparams}
-
-
 def train_student(method: str, bank: LiveTeachers, data: Dataset, cfg: TrainConfig, *, temperature=4.0,
-                  alpha=0.7, beta=100.0, hint_layer=-2, checkpoint=None, test_probs=None, log=print,
+                  alpha=0.7, beta=100.0, hint_layer=-2, checkpoint=None, identity=None, test_probs=None, log=print,
                   replace_stale=False):
     """Train the student with ``method`` (scratch, vanilla, camkd) against ``bank``.
 
     Returns ``(distiller, history)``; seeded by ``cfg.seed`` (init, batch order, dropout).
+    ``checkpoint`` needs the student's ``identity`` (``kdlib.params.student_identity``).
     """
     seed_everything(cfg.seed)
     student = build_for("student", data, data.train.images.device)
     sample = normalize(data.train.images[:1], data.mean, data.std)
     distiller = build_distiller(method, student, bank, sample, temperature, alpha, beta, hint_layer)
     distiller.to(data.train.images.device)
-    meta = student_meta(method, data, cfg, bank.names, temperature=temperature, alpha=alpha, beta=beta,
-                        hint_layer=hint_layer)
-    history = fit(distiller, data, cfg, checkpoint=checkpoint, meta=meta, teacher_test_probs=test_probs,
+    history = fit(distiller, data, cfg, checkpoint=checkpoint, identity=identity, teacher_test_probs=test_probs,
                   desc=f"{method} seed {cfg.seed}", log=log, replace_stale=replace_stale)
     return distiller, history

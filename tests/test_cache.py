@@ -1,24 +1,19 @@
 """The teacher-output cache: same results as live teachers, bypassed under augmentation,
 and the device/bf16 path (used on GPUs) exercised on the CPU."""
-from pathlib import Path
-
 import pytest
 import torch
 
-from kdlib.data import load_dataset
-from kdlib.train import TrainConfig, set_threads, teacher_bank, teacher_test_probs, train_student, train_teacher
+from kdlib.train import TrainConfig, teacher_bank, teacher_test_probs, train_student, train_teacher
 
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import fashion_mnist_subset
 
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     """params/smoke.yaml's data (2,000 / 1,000 real images) and two quickly trained teachers."""
-    set_threads()
-    data = load_dataset("FashionMNIST", ROOT / "data", train_subset=2000, test_subset=1000)
+    data = fashion_mnist_subset(tmp_path_factory, 2000, 1000)
     cfg = TrainConfig(epochs=1)
-    tdir = tmp_path_factory.mktemp("teachers")
-    teachers = [train_teacher(n, data, cfg, tdir, log=lambda *a: None)[0] for n in ("teacher_cnn1", "teacher_resnet")]
+    teachers = [train_teacher(n, data, cfg, log=lambda *a: None)[0] for n in ("teacher_cnn1", "teacher_resnet")]
     return data, teachers
 
 

@@ -324,3 +324,36 @@ def test_vanilla_and_scratch_distillers():
     one = LiveTeachers([build_model("teacher_cnn1")], ["a"])
     with pytest.raises(ValueError, match="at least 2 teachers"):
         build_distiller("camkd", build_model("student"), one, x[:1])
+
+
+FIVE = ["teacher_cnn1", "teacher_cnn2", "teacher_resnet", "teacher_vgg", "teacher_densenet"]
+
+
+@pytest.mark.parametrize("names,hint", [(FIVE[:3], -2), (FIVE, -2), (FIVE[:3], -3), (FIVE, -3)],
+                         ids=["M3-hint-2", "M5-hint-2", "M3-hint-3", "M5-hint-3"])
+def test_camkd_feature_term_recomputed_independently(names, hint):
+    """beta * (1/B) sum_b sum_i v[i,b] MSE(r_i(f_s), f_t_i)[b], recomputed in numpy from
+    regressor i, teacher i's own hint feature and teacher i's own head (v from the head's
+    CE on the mapped feature): a wrong beta, or regressor i paired with teacher j's hint
+    or head, gives another number."""
+    torch.manual_seed(len(names) - hint)
+    teachers = LiveTeachers([build_model(n) for n in names], names, hint_layer=hint)
+    x, y = torch.randn(6, 1, 28, 28), torch.tensor([0, 3, 5, 7, 9, 2])
+    dist = build_distiller("camkd", build_model("student"), teachers, x[:1], beta=37.0, hint_layer=hint)
+    dist.eval()                                   # no dropout: the same student features below
+    _, got = dist.forward_train(x, y, torch.arange(6), epoch=1)
+    with torch.no_grad():
+        f_s = dist.student(x, return_features=True)[1][hint]
+        mse, ce = [], []
+        for reg, teacher in zip(dist.regressors, teachers.models):
+            mapped = reg(f_s)
+            f_t = teacher(x, return_features=True)[1][hint]
+            assert mapped.shape == f_t.shape
+            diff = (mapped - f_t).double().numpy()
+            mse.append((diff ** 2).reshape(6, -1).mean(1))
+            head = teacher.forward_from(mapped, hint).double().numpy()
+            ce.append(-np_log_softmax(head, axis=-1)[np.arange(6), y.numpy()])
+    v = (1 - np_softmax(np.array(ce), axis=0)) / (len(names) - 1)
+    expected = 37.0 * (v * np.array(mse)).sum(0).mean()
+    assert got["feat"].item() == pytest.approx(expected, rel=1e-4)
+    assert dist.batch_stats["feat_weight"].numpy() == pytest.approx(v.mean(1), rel=1e-4)

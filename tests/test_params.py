@@ -33,6 +33,10 @@ BAD = [  # (yaml text, words the one-line error must contain)
     ("teachers: teacher_cnn1", ["teachers", "expected list"]),
     ("lr: [0.1", ["not valid YAML"]),
     ("- just\n- a list", ["expected a mapping"]),
+    ("batch_size: true", ["batch_size", "True", "expected int"]),
+    ("seeds: [-1]", ["seeds", "[-1]", "non-negative"]),
+    ("seeds: [1.5]", ["seeds", "[1.5]", "integers"]),
+    ("teachers: [teacher_cnn1, teacher_cnn1]", ["teachers", "list each name once"]),
 ]
 
 

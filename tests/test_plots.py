@@ -160,13 +160,30 @@ def test_plot_comparison_other_teacher_counts(teachers):
     assert len(panels(plots.plot_comparison(metrics))) == 14
 
 
-def test_plot_teachers_and_diversity():
-    assert len(panels(plots.plot_teachers(make_teachers()))) == 3
-    fid = fidelity(0.0)
-    fig = plots.plot_diversity(fid["pairwise_diversity"], TEACHERS, fid["teacher_diversity"])
-    assert len(panels(fig)) == 2
-    assert len(panels(plots.plot_diversity(fid["pairwise_diversity"], TEACHERS))) == 1
-    fig.canvas.draw()  # renders
+def test_plot_teachers_bars_are_the_final_accuracies():
+    teachers = make_teachers()
+    ax_acc, _, ax_bar = panels(plots.plot_teachers(teachers))
+    heights = [b.get_height() for b in ax_bar.patches]
+    assert heights == [t["test_acc"] for t in teachers["teachers"]]
+    assert [t.get_text() for t in ax_bar.get_xticklabels()] == TEACHERS
+    # the curves are the histories, one line per teacher, in order
+    for line, t in zip(ax_acc.get_lines(), teachers["teachers"]):
+        assert list(line.get_ydata()) == [h["test_acc"] for h in t["history"]]
+
+
+def test_diversity_heatmap_rows_are_T_i_columns_T_j():
+    """An asymmetric KL matrix must be drawn with row i = KL(T_i || .), not transposed."""
+    pairwise = [[0.0, 0.1, 0.2], [0.7, 0.0, 0.3], [0.9, 0.5, 0.0]]
+    fig = plots.plot_diversity(pairwise, TEACHERS, [0.01, 0.02, 0.03])
+    heat, bars = panels(fig)
+    drawn = heat.collections[0].get_array().reshape(3, 3)
+    assert drawn.tolist() == pairwise
+    assert [t.get_text() for t in heat.get_yticklabels()] == TEACHERS
+    assert (heat.get_ylabel(), heat.get_xlabel()) == ("T_i", "T_j")
+    cells = {t.get_text() for t in heat.texts}
+    assert {"0.700", "0.100"} <= cells
+    assert [b.get_height() for b in bars.patches] == [0.01, 0.02, 0.03]
+    assert len(panels(plots.plot_diversity(pairwise, TEACHERS))) == 1
 
 
 def test_save_writes_small_png(tmp_path):

@@ -108,48 +108,54 @@ def test_unwritable_outputs_gives_clear_error(tmp_path, capsys):
 
 
 KILL_SCRIPT = """
-import sys, torch
+import sys, time
+from pathlib import Path
+import kdlib.train as train
 from kdlib.data import load_dataset
 from kdlib.train import TrainConfig, set_threads, train_student, teacher_bank
 set_threads(1)
-data = load_dataset("FashionMNIST", sys.argv[2], train_subset=1000, test_subset=300)
+ckpt, data_root, signal = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+save = train.atomic_save
+
+def save_then_stall(obj, path):  # epoch 3 trained, its checkpoint never written: killed here
+    if obj["epoch"] == 3 and signal.name != "never":
+        signal.touch()
+        time.sleep(3600)
+    save(obj, path)
+
+train.atomic_save = save_then_stall
+data = load_dataset("FashionMNIST", data_root, train_subset=1000, test_subset=300, download=False)
 cfg = TrainConfig(epochs=6, seed=3)
 bank = teacher_bank([], [], data, cfg, cache=False, log=lambda *a: None)
-_, history = train_student("scratch", bank, data, cfg, checkpoint=sys.argv[1], log=print)
+_, history = train_student("scratch", bank, data, cfg, checkpoint=ckpt, identity={"kind": "test"}, log=print)
 print("FINAL", history[-1]["test_acc"], history[-1]["train_loss"], len(history))
 """
 
 
 def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path):
-    """A run killed with SIGKILL resumes from its last epoch and ends where an
-    uninterrupted run of the same seed ends (CPU, same thread count)."""
+    """A run killed with SIGKILL during epoch 3 (once epoch 2 is checkpointed; the run
+    says so through a signal file, no deadline races it) resumes from epoch 2 and ends
+    where an uninterrupted run of the same seed ends (CPU, same thread count)."""
+    import time
+    import torch
     env = dict(os.environ, KDBOOK_PROGRESS="off")
     script = tmp_path / "train.py"
     script.write_text(KILL_SCRIPT)
-    data_root = str(ROOT / "data")
-    straight = subprocess.run([sys.executable, str(script), str(tmp_path / "a.pt"), data_root],
-                              capture_output=True, text=True, env=env, check=True).stdout
+    data_root, signal = str(tmp_path / "data"), tmp_path / "epoch3"
+    run = lambda ckpt, sig: [sys.executable, str(script), str(ckpt), data_root, str(sig)]
+    straight = subprocess.run(run(tmp_path / "a.pt", "never"), capture_output=True, text=True, env=env,
+                              check=True).stdout
     ckpt = tmp_path / "b.pt"
-    proc = subprocess.Popen([sys.executable, str(script), str(ckpt), data_root], env=env,
-                            stdout=subprocess.PIPE, text=True)
-    import time
-    import torch
-    deadline = time.time() + 120
-    while time.time() < deadline:  # kill once epoch 2 is checkpointed, mid-epoch 3
-        if ckpt.exists():
-            try:
-                if torch.load(ckpt, weights_only=False)["epoch"] >= 2:
-                    break
-            except Exception:
-                pass
+    proc = subprocess.Popen(run(ckpt, signal), env=env, stdout=subprocess.PIPE, text=True)
+    while not signal.exists():
+        assert proc.poll() is None, "the training process ended before epoch 3"
         time.sleep(0.05)
     proc.kill()
     proc.wait()
-    state = torch.load(ckpt, weights_only=False)
-    assert not state["finished"] and 2 <= state["epoch"] < 6
-    resumed = subprocess.run([sys.executable, str(script), str(ckpt), data_root],
-                             capture_output=True, text=True, env=env, check=True).stdout
-    assert "resuming from epoch" in resumed
+    state = torch.load(ckpt, weights_only=True)
+    assert not state["finished"] and state["epoch"] == 2
+    resumed = subprocess.run(run(ckpt, "never"), capture_output=True, text=True, env=env, check=True).stdout
+    assert "resuming from epoch 2 of 6" in resumed
     final = lambda out: [line for line in out.splitlines() if line.startswith("FINAL")][0]
     assert final(resumed) == final(straight)
     assert final(resumed).endswith(" 6")
@@ -157,10 +163,20 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path):
 
 def test_report_generates_the_readme_table(smoke_run, tmp_path):
     from kdlib.report import results_markdown, update_readme
+    import pandas as pd
     block = results_markdown(smoke_run)
-    assert "| Teacher CNN1 | 279K | ~92.5 |" in block
-    assert "| Student (CAMKD) | 208K | ~91.5-91.8 |" in block and "(n=2)" in block
-    assert "CAMKD vs vanilla:" in block and "book wall time" in block
+    results = pd.read_csv(smoke_run / "results.csv")
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in block.splitlines()
+            if line.startswith("| Teacher") or line.startswith("| Student")}
+    cnn1 = results[results.name == "teacher_cnn1"].iloc[0]
+    assert rows["Teacher CNN1"][3] == f"{cnn1.test_acc:.2f}"               # measured, from results.csv
+    camkd = results[results.name == "camkd"]
+    acc, fid = camkd.test_acc, camkd.centroid_fidelity
+    assert rows["Student (CAMKD)"][3] == f"{acc.mean():.2f} ± {acc.std():.2f} (n=2)"
+    assert rows["Student (CAMKD)"][4] == f"{fid.mean():.3f} ± {fid.std():.3f}"
+    comparison = pd.read_csv(smoke_run / "comparison.csv")
+    first = comparison.iloc[0]
+    assert f"{first.mean_diff:+.2f} points" in block and "book wall time" in block
     readme = tmp_path / "README.md"
     readme.write_text("a\n<!-- results:start -->\nold\n<!-- results:end -->\nb\n")
     update_readme(readme, block)

@@ -54,3 +54,43 @@ def test_comparison_frame_and_verdict():
     assert (row.only_a_correct, row.only_b_correct) == (4, 0)
     text = verdict(row)
     assert text.startswith("CAMKD vs vanilla: +0.35 points (95% CI") and "at 5% over 2 seeds" in text
+
+
+def test_paired_t_zero_variance_differences():
+    """Every seed differs by the same amount: no spread, so the interval is the point
+    and the difference is certain (p = 0); equal runs give p = 1."""
+    out = paired_t([91.0, 92.0, 93.0], [90.5, 91.5, 92.5])
+    assert out["mean_diff"] == pytest.approx(0.5)
+    assert out["ci_low"] == pytest.approx(0.5) and out["ci_high"] == pytest.approx(0.5)
+    assert out["p_value"] == 0.0
+    assert paired_t([91.0, 92.0], [91.0, 92.0])["p_value"] == 1.0
+
+
+def comparison_inputs(seeds_a, seeds_b):
+    labels = np.array([0, 1, 2, 3] * 5)
+    preds, metrics = {"labels": labels}, {}
+    for method, seeds in (("camkd", seeds_a), ("vanilla", seeds_b)):
+        metrics[method] = {"runs": [{"seed": s, "test_acc": 90.0 + s + (method == "camkd")} for s in seeds]}
+        for s in seeds:
+            preds[f"{method}/seed{s}"] = labels
+    return metrics, preds
+
+
+def test_comparison_pairs_only_the_shared_seeds():
+    metrics, preds = comparison_inputs([0, 1, 2], [1, 2, 3])
+    row = comparison_frame(metrics, preds).iloc[0]
+    assert row.seeds == 2 and row.mean_diff == pytest.approx(1.0)
+
+
+def test_comparison_with_one_seed_says_no_interval():
+    metrics, preds = comparison_inputs([0], [0])
+    row = comparison_frame(metrics, preds).iloc[0]
+    assert row.seeds == 1 and math.isnan(row.ci_low) and math.isnan(row.p_value)
+    assert "one seed: no confidence interval" in verdict(row)
+
+
+def test_comparison_without_shared_seeds_says_so():
+    metrics, preds = comparison_inputs([0, 1], [2, 3])
+    row = comparison_frame(metrics, preds).iloc[0]
+    assert row.seeds == 0 and math.isnan(row.mean_diff)
+    assert verdict(row) == "CAMKD vs vanilla: no seed in common, nothing to compare"

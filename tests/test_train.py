@@ -6,20 +6,23 @@ import contextlib
 import dataclasses
 import math
 import shutil
+from pathlib import Path
+
+import numpy as np
 
 import pytest
 import torch
 
-from kdlib.checkpoint import CheckpointError, load_checkpoint
+from kdlib.checkpoint import CheckpointError, CheckpointMismatch, load_checkpoint
 from kdlib.data import Split
-from kdlib.distillers import Scratch, build_distiller
+from kdlib.distillers import CAMKD, Scratch, build_distiller
 from kdlib.metrics import accuracy, fidelity_metrics
 from kdlib.models import build_model
 from kdlib.teachers import CachedTeachers, LiveTeachers
 from kdlib.train import (NonFiniteLossError, TrainConfig, fit, iterate, load_teacher, lr_at, predict_logits,
-                         teacher_bank, teacher_test_probs, train_student, train_teacher)
+                         teacher_bank, teacher_test_probs, train_epoch, train_student, train_teacher)
 
-from conftest import fashion_mnist_subset
+from conftest import fashion_mnist_subset, student_id, teacher_id
 
 # batch 64: 32 steps an epoch on 2000 samples, enough for > 70% in 2 epochs
 CFG = TrainConfig(epochs=2, batch_size=64)
@@ -50,7 +53,8 @@ def teachers(fmnist_small, tmp_path_factory):
     """{name: (frozen model, history, checkpoint path)}, trained once, plus their folder."""
     folder = tmp_path_factory.mktemp("teachers")
     with one_thread():
-        out = {name: train_teacher(name, fmnist_small, CFG, folder, log=quiet) for name in TEACHER_NAMES}
+        out = {name: train_teacher(name, fmnist_small, CFG, folder / f"{name}.pt", teacher_id(name), log=quiet)
+               for name in TEACHER_NAMES}
     return folder, out
 
 
@@ -81,7 +85,7 @@ def test_teachers_learn(fmnist_small, teachers):
         logits = predict_logits(model, fmnist_small.test, fmnist_small, CFG)
         assert accuracy(logits, fmnist_small.test.labels) == pytest.approx(history[-1]["test_acc"])
         state = load_checkpoint(path)
-        assert state["finished"] and state["epoch"] == 2 and state["meta"]["model"] == name
+        assert state["finished"] and state["epoch"] == 2 and state["identity"] == teacher_id(name)
 
 
 @pytest.mark.parametrize("method", ["scratch", "vanilla", "camkd"])
@@ -97,7 +101,6 @@ def test_students_learn_with_every_method(fmnist_small, students, method):
     assert set(history[1]) == expected | ({"feat_weight"} if method == "camkd" else set())
     for r in history:
         assert r["test_acc"] > 50, (method, r)
-        assert r["train_loss"] == pytest.approx(sum(v for k, v in r.items() if k.startswith("loss_")))
     if method == "camkd":
         assert history[0]["loss_feat"] == 0.0 and history[1]["loss_feat"] > 0
         assert len(history[1]["weight"]) == 2 and sum(history[1]["weight"]) == pytest.approx(1.0)
@@ -116,6 +119,34 @@ def test_methods_train_different_students(students):
     """The teachers' terms change what the student learns (not just what is logged)."""
     ce = {m: tuple(r["loss_ce"] for r in h) for m, (_, h) in students[1].items()}
     assert len(set(ce.values())) == 3
+
+
+def test_distillation_pulls_the_student_towards_the_teachers(students):
+    """KD's direction: both distilled students end closer to the teachers' centroid
+    (lower KL(C||S)) than the student trained alone on the same data and seed."""
+    kl = {m: h[-1]["fidelity"]["centroid_fidelity"] for m, (_, h) in students[1].items()}
+    assert kl["vanilla"] < kl["scratch"] and kl["camkd"] < kl["scratch"], kl
+
+
+def test_epoch_losses_are_sample_weighted_means(fmnist_small):
+    """train_epoch's recorded loss and accuracy against an independent computation:
+    with lr = 0 the model never changes, so the epoch's mean CE (200 images in batches of
+    64, 64, 64 and 8) must equal the CE of the whole training set computed in numpy."""
+    torch.manual_seed(0)
+    data = tiny(fmnist_small, n_train=200)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
+    cfg = TrainConfig(epochs=1, batch_size=64, lr=0.0, lr_schedule="constant")
+    distiller = Scratch(model)
+    optimizer = torch.optim.Adam(distiller.trainable_parameters(), lr=0.0)
+    sums, correct, n, _, _ = train_epoch(distiller, optimizer, data, cfg, 0, 4)
+    x = ((data.train.images.float() / 255 - data.mean.view(1, -1, 1, 1)) / data.std.view(1, -1, 1, 1))
+    z = (x.reshape(200, -1).double().numpy() @ model[1].weight.detach().double().numpy().T
+         + model[1].bias.detach().double().numpy())
+    y = data.train.labels.numpy()
+    log_p = z - z.max(1, keepdims=True) - np.log(np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True))
+    assert n == 200
+    assert sums["ce"] / n == pytest.approx(-log_p[np.arange(200), y].mean(), rel=1e-5)
+    assert correct == int((z.argmax(1) == y).sum())
 
 
 # --------------------------------------------------------------------------- (b) cache
@@ -159,7 +190,8 @@ def test_finished_checkpoint_is_reused(fmnist_small, teachers, monkeypatch):
 
     monkeypatch.setattr(Scratch, "forward_train", no_training)
     logs = []
-    model, history, path = train_teacher("teacher_cnn1", fmnist_small, CFG, folder, log=logs.append)
+    model, history, path = train_teacher("teacher_cnn1", fmnist_small, CFG, folder / "teacher_cnn1.pt",
+                                         teacher_id("teacher_cnn1"), log=logs.append)
     first_model, first_history, first_path = trained["teacher_cnn1"]
     assert path == first_path and history == first_history
     assert any("reusing finished checkpoint" in m for m in logs)
@@ -170,13 +202,11 @@ def test_finished_checkpoint_is_reused(fmnist_small, teachers, monkeypatch):
 def test_truncated_checkpoint_raises_naming_file(fmnist_small, teachers, tmp_path):
     _, trained = teachers
     src = trained["teacher_resnet"][2]
-    folder = tmp_path / "teachers"
-    dst = folder / src.parent.name / src.name           # where train_teacher will look
-    dst.parent.mkdir(parents=True)
+    dst = tmp_path / src.name
     blob = src.read_bytes()
     dst.write_bytes(blob[: len(blob) // 2])
     with pytest.raises(CheckpointError, match="unreadable") as err:
-        train_teacher("teacher_resnet", fmnist_small, CFG, folder, log=quiet)
+        train_teacher("teacher_resnet", fmnist_small, CFG, dst, teacher_id("teacher_resnet"), log=quiet)
     assert str(dst) in str(err.value)
     with pytest.raises(CheckpointError) as err:
         load_checkpoint(dst)
@@ -187,15 +217,38 @@ def test_checkpoint_with_other_meta_is_refused(fmnist_small, teachers, bank, tmp
     _, trained = teachers
     path = trained["teacher_cnn1"][2]
     other = dataclasses.replace(fmnist_small, name="MNIST")
-    with pytest.raises(CheckpointError) as err:
+    with pytest.raises(CheckpointMismatch) as err:
         load_teacher(path, other)
-    assert "dataset" in str(err.value) and "'MNIST'" in str(err.value) and str(path) in str(err.value)
+    assert "dataset: file has 'FashionMNIST', expected 'MNIST'" in str(err.value) and str(path) in str(err.value)
     assert load_teacher(path, fmnist_small) is not None
+    with pytest.raises(CheckpointMismatch, match="teacher_epochs: file has 20, expected 3"):
+        load_teacher(path, fmnist_small, teacher_id("teacher_cnn1", teacher_epochs=3))
     # fit refuses a checkpoint written for something else (a teacher's, for a student run)
     ckpt = tmp_path / "student.pt"
     shutil.copy(path, ckpt)
-    with pytest.raises(CheckpointError, match="kind: file has 'teacher', expected 'student'"):
-        train_student("scratch", bank, fmnist_small, CFG, checkpoint=ckpt, log=quiet)
+    with pytest.raises(CheckpointMismatch, match="kind: file has 'teacher', expected 'student'"):
+        train_student("scratch", bank, fmnist_small, CFG, checkpoint=ckpt, identity=student_id("scratch"), log=quiet)
+
+
+def test_checkpoint_without_identity_is_refused(fmnist_small):
+    with pytest.raises(ValueError, match="identity"):
+        fit(Scratch(build_model("student")), tiny(fmnist_small), CFG, checkpoint="x.pt", log=quiet)
+
+
+def test_pickled_payload_is_refused_not_run(tmp_path):
+    """Every checkpoint load is weights_only: a file carrying a pickled callable is
+    refused with the file named, and the callable never runs."""
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    bad = tmp_path / "evil.pt"
+    torch.save({"identity": {}, "model": {}, "x": Payload()}, bad)
+    with pytest.raises(CheckpointError, match="not plain weights") as err:
+        load_checkpoint(bad)
+    assert str(bad) in str(err.value) and not marker.exists()
 
 
 def test_interrupted_run_resumes_to_the_same_result(fmnist_small, bank, students, tmp_path, monkeypatch):
@@ -210,18 +263,93 @@ def test_interrupted_run_resumes_to_the_same_result(fmnist_small, bank, students
         return real(self, x, y, idx, epoch)
 
     monkeypatch.setattr(Scratch, "forward_train", crash_in_epoch_2)
+    ident = student_id("scratch")
     with one_thread(), pytest.raises(KeyboardInterrupt):
-        train_student("scratch", bank, fmnist_small, CFG, checkpoint=ckpt, log=quiet)
+        train_student("scratch", bank, fmnist_small, CFG, checkpoint=ckpt, identity=ident, log=quiet)
     state = load_checkpoint(ckpt)
     assert state["epoch"] == 1 and not state["finished"]
     monkeypatch.setattr(Scratch, "forward_train", real)
     logs = []
     with one_thread():       # the reference run used one thread too
-        _, history = train_student("scratch", bank, fmnist_small, CFG, checkpoint=ckpt, log=logs.append)
+        _, history = train_student("scratch", bank, fmnist_small, CFG, checkpoint=ckpt, identity=ident,
+                                   log=logs.append)
     assert any("resuming from epoch 1" in m for m in logs)
     reference = students[1]["scratch"][1]
     strip = lambda h: [{k: v for k, v in r.items() if k not in ("epoch_seconds", "fidelity")} for r in h]
     assert strip(history) == strip(reference)
+
+
+def test_camkd_killed_after_epoch_2_resumes_to_the_same_state(fmnist_small, bank, tmp_path, monkeypatch):
+    """CAMKD, 3 epochs (the feature term and its regressors train from epoch 2): a run
+    stopped in epoch 3 and resumed ends with the same history, student and regressor
+    weights, optimizer state and RNG state as an uninterrupted run."""
+    data, cfg = tiny(fmnist_small, n_train=400), dataclasses.replace(CFG, epochs=3)
+    ident = student_id("camkd", student_epochs=3)
+    run = lambda ckpt, log=quiet: train_student("camkd", bank, data, cfg, checkpoint=ckpt, identity=ident, log=log)
+    with one_thread():
+        run(tmp_path / "straight.pt")
+    real = CAMKD.forward_train
+
+    def crash_in_epoch_3(self, x, y, idx, epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return real(self, x, y, idx, epoch)
+
+    monkeypatch.setattr(CAMKD, "forward_train", crash_in_epoch_3)
+    with one_thread(), pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "resumed.pt")
+    assert load_checkpoint(tmp_path / "resumed.pt")["epoch"] == 2
+    monkeypatch.setattr(CAMKD, "forward_train", real)
+    logs = []
+    with one_thread():
+        run(tmp_path / "resumed.pt", logs.append)
+    assert any("resuming from epoch 2 of 3" in m for m in logs)
+    a, b = load_checkpoint(tmp_path / "straight.pt"), load_checkpoint(tmp_path / "resumed.pt")
+    assert b["finished"] and a["history"][-1]["loss_feat"] > 0
+    strip = lambda h: [{k: v for k, v in r.items() if k != "epoch_seconds"} for r in h]
+    assert strip(b["history"]) == strip(a["history"])
+    assert list(b["extra"]) == list(a["extra"]) and len(a["extra"]) > 0     # the regressors
+    for part in ("model", "extra"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    opt_a, opt_b = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert opt_a.keys() == opt_b.keys()
+    for i in opt_a:
+        for k in opt_a[i]:
+            assert torch.equal(torch.as_tensor(opt_a[i][k]), torch.as_tensor(opt_b[i][k])), (i, k)
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
+
+
+def test_renamed_regressor_key_fails_loudly(fmnist_small, bank, tmp_path):
+    """A checkpoint whose regressor weights do not fit (a renamed key) is refused;
+    the regressors are never silently re-initialised."""
+    data, cfg = tiny(fmnist_small, n_train=200), dataclasses.replace(CFG, epochs=2)
+    ident, ckpt = student_id("camkd"), tmp_path / "camkd.pt"
+    with one_thread():
+        train_student("camkd", bank, data, dataclasses.replace(cfg, epochs=1), checkpoint=ckpt,
+                      identity=ident, log=quiet)
+    state = torch.load(ckpt, weights_only=True)
+    state["finished"] = False
+    state["extra"] = {k.replace("0.", "zero.", 1): v for k, v in state["extra"].items()}
+    torch.save(state, ckpt)
+    with pytest.raises(CheckpointError, match="does not fit this model") as err:
+        train_student("camkd", bank, data, cfg, checkpoint=ckpt, identity=ident, log=quiet)
+    assert str(ckpt) in str(err.value)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA RNG state exists only where CUDA does")
+def test_cuda_rng_state_is_checkpointed_and_restored(fmnist_small, tmp_path):
+    data = tiny(fmnist_small).to("cuda")
+    cfg = dataclasses.replace(CFG, epochs=1, device="cuda")
+    ckpt = tmp_path / "cuda.pt"
+    fit(Scratch(build_model("student").cuda()), data, cfg, checkpoint=ckpt, identity={"kind": "test"}, log=quiet)
+    saved = load_checkpoint(ckpt)["rng"]["cuda"]
+    torch.cuda.manual_seed_all(12345)
+    state = load_checkpoint(ckpt)
+    state["finished"] = False
+    torch.save(state, ckpt)
+    fit(Scratch(build_model("student").cuda()), data, cfg, checkpoint=ckpt, identity={"kind": "test"}, log=quiet)
+    assert all(torch.equal(a, b) for a, b in zip(saved, torch.cuda.get_rng_state_all()))
 
 
 # --------------------------------------------------------------------------- (d) schedule
@@ -253,7 +381,7 @@ def tiny(data, n_train=200, n_test=100):
 def test_absurd_lr_raises_non_finite(fmnist_small, tmp_path):
     cfg = TrainConfig(epochs=3, batch_size=50, lr=1e12, lr_schedule="constant")
     with pytest.raises(NonFiniteLossError, match=r"epoch \d+, batch \d+: term 'ce'") as err:
-        train_teacher("student", tiny(fmnist_small), cfg, tmp_path, log=quiet)
+        train_teacher("student", tiny(fmnist_small), cfg, log=quiet)
     assert "lower lr" in str(err.value)
 
 
@@ -270,7 +398,8 @@ def test_non_finite_term_named_and_last_checkpoint_kept(fmnist_small, tmp_path):
 
     ckpt = tmp_path / "nan.pt"
     with pytest.raises(NonFiniteLossError) as err:
-        fit(NaNAtEpoch2Batch3(build_model("student")), tiny(fmnist_small), CFG, checkpoint=ckpt, log=quiet)
+        fit(NaNAtEpoch2Batch3(build_model("student")), tiny(fmnist_small), CFG, checkpoint=ckpt,
+            identity={"kind": "test"}, log=quiet)
     msg = str(err.value)
     assert "epoch 2, batch 3" in msg and "'kd'" in msg and "nan" in msg
     state = load_checkpoint(ckpt)
