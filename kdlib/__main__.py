@@ -1,5 +1,5 @@
-"""Command line: ``python -m kdlib run params/X.yaml [--name NAME] [-p key=value ...]``
-or ``python -m kdlib run --resume outputs/NAME``."""
+"""Command line: ``python -m kdlib run params/X.yaml [--name NAME] [-p key=value ...]``,
+``python -m kdlib run --resume outputs/NAME``, or ``python -m kdlib ship-teachers params/X.yaml``."""
 from __future__ import annotations
 
 import argparse
@@ -20,7 +20,11 @@ def main(argv=None) -> int:
                      help="override one parameter (YAML value), repeatable; with --resume too")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
     run.add_argument("--outputs", default="outputs", help="parent folder of run folders")
+    ship = sub.add_parser("ship-teachers", help="copy a params file's trained teachers into reference_teachers/")
+    ship.add_argument("params", help="params YAML file whose teachers are trained, e.g. params/fashionmnist.yaml")
     args = parser.parse_args(argv)
+    if args.command == "ship-teachers":
+        return _ship(args.params)
     from .runner import RunError, run as run_book
     try:
         run_dir = run_book(args.params, args.name, args.overrides, args.resume, args.outputs)
@@ -28,6 +32,21 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2 if isinstance(err, ParamsError) else 1
     print(f"run finished: {run_dir}")
+    return 0
+
+
+def _ship(params_file: str) -> int:
+    from .book import ship_teachers
+    from .params import load_params
+    try:
+        ship_teachers(load_params(params_file))
+    except (ParamsError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2 if isinstance(err, ParamsError) else 1
+    except FileNotFoundError as err:
+        print(f"error: {err.filename} not found: train the teachers first (python -m kdlib run {params_file})",
+              file=sys.stderr)
+        return 1
     return 0
 
 

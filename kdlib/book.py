@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import identity_key, sha256_file
+from .checkpoint import export_finished, identity_key, sha256_file
 from .data import holdout_validation, load_dataset
 from .models import count_parameters
 from .params import SCHEMA, student_identity, teacher_identity, validate
@@ -80,11 +80,31 @@ def _write_json(path: Path, obj) -> None:
     tmp.replace(path)
 
 
+REFERENCE_TEACHERS = Path(__file__).resolve().parent.parent / "reference_teachers"
+
+
 def teacher_checkpoint(P, name: str) -> Path:
-    """Where teacher ``name`` trained with ``P``'s settings lives: ``teacher_dir/<dataset>/
-    <name>-<hash of its identity>.pt``, so any run with the same settings reuses it."""
-    ident = teacher_identity(P, name)
-    return resolve(P["teacher_dir"]) / P["dataset"] / f"{name}-{identity_key(ident)}.pt"
+    """Where teacher ``name`` trained with ``P``'s settings lives: ``<dataset>/<name>-<hash
+    of its identity>.pt`` in ``teacher_dir``, so any run with the same settings reuses it;
+    or, when only there, the same file among the shipped reference teachers."""
+    relative = Path(P["dataset"]) / f"{name}-{identity_key(teacher_identity(P, name))}.pt"
+    local = resolve(P["teacher_dir"]) / relative
+    return REFERENCE_TEACHERS / relative if not local.exists() and (REFERENCE_TEACHERS / relative).exists() \
+        else local
+
+
+def ship_teachers(P, log=print) -> list[Path]:
+    """Copy ``P``'s finished teachers from ``teacher_dir`` into ``reference_teachers/``
+    (weights, identity, history; no optimizer state), to be committed and reused."""
+    shipped = []
+    for name in P["teachers"]:
+        src = teacher_checkpoint(P, name)
+        dst = REFERENCE_TEACHERS / src.relative_to(src.parent.parent)
+        if src != dst:
+            export_finished(src, dst)
+            log(f"{name}: shipped {dst.stat().st_size / 1e6:.1f} MB")
+        shipped.append(dst)
+    return shipped
 
 
 def train_teachers(P, data=None, log=print) -> dict:

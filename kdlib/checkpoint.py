@@ -69,6 +69,16 @@ def identity_key(identity: dict) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
 
 
+def export_finished(src: str | Path, dst: str | Path) -> Path:
+    """Copy a finished checkpoint to ``dst`` with what reuse needs (identity, weights,
+    history) and without optimizer or RNG state: how reference teachers are shipped."""
+    state = load_checkpoint(src)
+    if not state["finished"]:
+        raise CheckpointError(f"checkpoint {src} is not finished (epoch {state['epoch']}); finish its run first")
+    atomic_save({k: state[k] for k in ("identity", "model", "extra", "history", "epoch", "finished")}, dst)
+    return Path(dst)
+
+
 def sha256_file(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -193,6 +193,8 @@ def _restore(distiller: Distiller, optimizer, state: dict, checkpoint) -> None:
     try:
         distiller.student.load_state_dict(state["model"])
         distiller.extra_module().load_state_dict(state["extra"])
+        if state["finished"]:  # weights suffice (a shipped teacher carries no optimizer state)
+            return
         optimizer.load_state_dict(state["optimizer"])
     except (RuntimeError, ValueError, KeyError) as err:
         raise CheckpointError(f"checkpoint {checkpoint} does not fit this model "

@@ -101,3 +101,21 @@ def test_interactive_folder_replaces_a_stale_student_and_says_so(tmp_path):
     book.distill_students(dict(P, alpha=0.3), log=said.append)
     line = next(m for m in said if "training afresh" in m)
     assert "alpha: file has 0.7, expected 0.3" in line
+
+
+@pytest.mark.slow
+def test_shipped_teachers_are_found_reused_and_hold_no_optimizer(tmp_path, monkeypatch):
+    """A teacher trained once and shipped (weights, identity, history) is what any run with
+    the same settings uses, from any teacher_dir, without training again."""
+    import torch
+    monkeypatch.setattr(book, "REFERENCE_TEACHERS", tmp_path / "reference_teachers")
+    P = validate(dict(TINY, teacher_dir=str(tmp_path / "t"), run_dir=str(tmp_path / "run")))
+    book.train_teachers(P, log=lambda *a: None)
+    [shipped] = book.ship_teachers(P, log=lambda *a: None)
+    state = torch.load(shipped, weights_only=True)
+    assert set(state) == {"identity", "model", "extra", "history", "epoch", "finished"}
+    Q = dict(P, teacher_dir=str(tmp_path / "empty"), run_dir=str(tmp_path / "run2"))
+    assert book.teacher_checkpoint(Q, "teacher_resnet") == shipped
+    said = []
+    book.train_teachers(Q, log=said.append)
+    assert any("reusing finished checkpoint" in m for m in said) and not (tmp_path / "empty").exists()
