@@ -77,8 +77,13 @@ def camkd_logit_loss(student_logits, teacher_logits, targets, T: float):
 
 
 def feature_mse_per_sample(mapped: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-sample mean squared error between feature maps: [B,...] x [B,...] -> [B]."""
-    return (mapped.float() - target.float()).pow(2).flatten(1).mean(1)
+    """Per-sample mean squared error between feature maps: [B,...] x [B,...] -> [B].
+
+    ``target`` may be half precision (the cache's): the subtraction promotes it to
+    float32 as it reads it, and the mean runs over the trailing dims in place, so a
+    channels_last or channel-sliced input is not copied first.
+    """
+    return (mapped.float() - target).pow(2).mean(dim=tuple(range(1, mapped.ndim)))
 
 
 def camkd_feature_loss(mapped_student: list[torch.Tensor], teacher_features: list[torch.Tensor],

@@ -245,3 +245,60 @@ class ConvReg(nn.Module):
             x = F.adaptive_avg_pool2d(x, self.out_size)
         x = self.bn(x)
         return F.relu(x) if self.use_relu else x
+
+
+class ConvRegs(nn.Module):
+    """One ``ConvReg`` per teacher, run as few convolutions as the shapes allow.
+
+    Teachers whose features have the same spatial size get the same kernel from the
+    same student feature, so their regressors are one ``ConvReg`` whose output
+    channels are theirs concatenated (conv weights stacked; BatchNorm is per channel,
+    so one BN over the concatenation is their BNs side by side). It computes what
+    the per-teacher ``ConvReg`` list computes, up to float summation order (tested),
+    in one pass instead of M. Built from that list, so a seed draws the same initial
+    weights as before; checkpoints holding the per-teacher keys
+    (``regressors.<i>.conv.weight``, ...) load into the fused layout.
+    ``forward`` returns the M mapped features in teacher order (channel slices).
+    """
+
+    def __init__(self, s_shape, t_shapes, use_relu: bool = True):
+        super().__init__()
+        per_teacher = [ConvReg(s_shape, t, use_relu) for t in t_shapes]
+        self.channels = [t[-3] for t in t_shapes]
+        sizes = [tuple(t[-2:]) for t in t_shapes]
+        self.members = [[i for i, hw in enumerate(sizes) if hw == size] for size in dict.fromkeys(sizes)]
+        self.groups = nn.ModuleList(
+            ConvReg(s_shape, (sum(self.channels[i] for i in m), *sizes[m[0]]), use_relu) for m in self.members)
+        self.load_state_dict(self._fused_state({f"{i}.{k}": v for i, r in enumerate(per_teacher)
+                                                for k, v in r.state_dict().items()}))
+
+    def __len__(self) -> int:
+        return len(self.channels)
+
+    def _fused_state(self, per_teacher: dict) -> dict:
+        """Per-teacher ConvReg tensors (keys ``<i>.conv.weight``, ...: a state_dict, or
+        gradients) laid out as this module's."""
+        fused = {}
+        for g, (members, reg) in enumerate(zip(self.members, self.groups)):
+            cat_dim = 1 if isinstance(reg.conv, nn.ConvTranspose2d) else 0  # its weight is [in, out, k, k]
+            for key, value in reg.state_dict().items():
+                if f"{members[0]}.{key}" not in per_teacher:
+                    continue  # left for load_state_dict to report as missing
+                parts = [per_teacher[f"{i}.{key}"] for i in members]
+                fused[f"groups.{g}.{key}"] = (parts[0] if value.ndim == 0 else  # num_batches_tracked
+                                              torch.cat(parts, dim=cat_dim if key == "conv.weight" else 0))
+        return fused
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        old = {k[len(prefix):]: state_dict.pop(k) for k in list(state_dict)
+               if k.startswith(prefix) and k[len(prefix):].split(".")[0].isdigit()}
+        if old:  # a checkpoint written before the regressors were fused
+            state_dict.update({prefix + k: v for k, v in self._fused_state(old).items()})
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, x) -> list[torch.Tensor]:
+        mapped = [None] * len(self)
+        for members, reg in zip(self.members, self.groups):
+            for i, part in zip(members, reg(x).split([self.channels[i] for i in members], dim=1)):
+                mapped[i] = part
+        return mapped

@@ -15,7 +15,7 @@ import kdlib.losses as losses
 from kdlib.distillers import CAMKD, Scratch, Vanilla, build_distiller
 from kdlib.losses import (DistillKL, camkd_feature_loss, camkd_logit_loss, camkd_weights,
                           centroid_log_probs, vanilla_kd_loss)
-from kdlib.models import build_model
+from kdlib.models import TEACHERS as TEACHER_NAMES, ConvReg, build_model
 from kdlib.teachers import LiveTeachers
 
 # A small fixed case: B = 3 samples, C = 4 classes, M = 3 teachers.
@@ -285,7 +285,7 @@ def test_camkd_distiller_terms_and_epochs(camkd_setup):
 def test_camkd_distiller_gradients_and_frozen_teachers(camkd_setup):
     dist, teachers, x, y = camkd_setup
     dist.train()
-    assert dist.training and dist.student.training and all(r.training for r in dist.regressors)
+    assert dist.training and dist.student.training and all(r.training for r in dist.regressors.modules())
     assert not teachers.training
     assert all(not m.training for m in teachers.modules())       # BN and Dropout too
     teachers.train(True)                                         # the bank itself refuses too
@@ -293,7 +293,7 @@ def test_camkd_distiller_gradients_and_frozen_teachers(camkd_setup):
     dist.zero_grad(set_to_none=True)
     _, l = dist.forward_train(x, y, torch.arange(8), epoch=1)
     sum(l.values()).backward()
-    for r in dist.regressors:
+    for r in dist.regressors.groups:
         grads = [p.grad for p in r.parameters()]
         assert all(g is not None for g in grads)
         assert sum(g.abs().sum().item() for g in grads) > 0
@@ -303,6 +303,48 @@ def test_camkd_distiller_gradients_and_frozen_teachers(camkd_setup):
     ids = {id(p) for p in dist.trainable_parameters()}
     assert ids == {id(p) for p in dist.student.parameters()} | {id(p) for p in dist.regressors.parameters()}
     assert not ids & {id(p) for p in teachers.parameters()}
+
+
+@pytest.mark.parametrize("teachers,hint", [(3, -2), (5, -2), (5, -3)])
+def test_camkd_feature_term_and_gradients_match_one_convreg_per_teacher(teachers, hint):
+    """The fused regressors give the feature term and gradients of the pre-fusion
+    computation: one ConvReg per teacher, MSE of each flattened map, same weights."""
+    torch.manual_seed(0)
+    names = TEACHER_NAMES[:teachers]
+    bank = LiveTeachers([build_model(n) for n in names], names, hint)
+    x, y = torch.randn(16, 1, 28, 28), torch.arange(16) % 10
+    dist = build_distiller("camkd", build_model("student"), bank, x[:1], beta=100.0, hint_layer=hint).train()
+    s_shape = tuple(dist.student(x[:1], return_features=True)[1][hint].shape[1:])
+    _, t_hints = bank.outputs(x)
+    reference = torch.nn.ModuleList([ConvReg(s_shape, tuple(h.shape[1:])) for h in t_hints]).train()
+    dist.load_state_dict({f"regressors.{k}": v for k, v in reference.state_dict().items()}, strict=False)
+
+    torch.manual_seed(5)  # the same dropout masks in both forward passes
+    _, terms = dist.forward_train(x, y, torch.arange(16), epoch=1)
+    dist.zero_grad(set_to_none=True)
+    terms["feat"].backward()
+    fused_grads = [p.grad for p in dist.student.parameters()]  # None after the hint layer
+    fused_reg_grads = {k: p.grad for k, p in dist.regressors.named_parameters()}
+
+    torch.manual_seed(5)
+    dist.zero_grad(set_to_none=True)
+    feats = dist.student(x, return_features=True)[1]
+    mapped = [r(feats[hint]) for r in reference]
+    with torch.no_grad():
+        v = camkd_weights(torch.stack([bank.head(i, m) for i, m in enumerate(mapped)]), y)
+    mse = torch.stack([(m - t).pow(2).flatten(1).mean(1) for m, t in zip(mapped, t_hints)])
+    expected = 100.0 * (v * mse).sum(0).mean()
+    expected.backward()
+    torch.testing.assert_close(terms["feat"], expected, rtol=1e-5, atol=1e-6)
+    ref_grads = [p.grad for p in dist.student.parameters()]
+    assert [g is None for g in fused_grads] == [g is None for g in ref_grads] != [True] * len(ref_grads)
+    for got, want in zip(fused_grads, ref_grads):
+        if got is not None:
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    want = dist.regressors._fused_state({f"{i}.{k}": p.grad for i, r in enumerate(reference)
+                                         for k, p in r.named_parameters()})
+    for key, grad in fused_reg_grads.items():
+        torch.testing.assert_close(grad, want[key], rtol=1e-4, atol=1e-6)
 
 
 def test_vanilla_and_scratch_distillers():
