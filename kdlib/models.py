@@ -61,11 +61,14 @@ class StagedNet(nn.Module):
         return self.classifier(self.neck(feature))
 
 
-def _conv(cin: int, cout: int, k: int = 3, bn: bool = False) -> list[nn.Module]:
+def _conv(cin: int, cout: int, k: int = 3, bn: bool = False, pool: bool = False) -> list[nn.Module]:
+    """Conv [-> BN] -> ReLU, or with ``pool`` Conv [-> BN] -> MaxPool(2) -> ReLU: the same
+    function as ReLU then MaxPool (ReLU is monotone, so the two commute, gradients
+    included), with the ReLU's forward and backward passes on a quarter of the pixels."""
     layers = [nn.Conv2d(cin, cout, k, padding=k // 2, bias=not bn)]
     if bn:
         layers.append(nn.BatchNorm2d(cout))
-    return layers + [nn.ReLU(inplace=True)]
+    return layers + ([nn.MaxPool2d(2)] if pool else []) + [nn.ReLU(inplace=True)]
 
 
 def _mlp_neck(flat: int, hidden: int, dropout: float) -> nn.Sequential:
@@ -78,8 +81,8 @@ class TeacherCNN1(StagedNet):
 
     def __init__(self, in_channels=1, num_classes=10, image_size=28):
         side = image_size // 4
-        stages = [nn.Sequential(*_conv(in_channels, 32), *_conv(32, 32), nn.MaxPool2d(2)),
-                  nn.Sequential(*_conv(32, 64), *_conv(64, 64), nn.MaxPool2d(2))]
+        stages = [nn.Sequential(*_conv(in_channels, 32), *_conv(32, 32, pool=True)),
+                  nn.Sequential(*_conv(32, 64), *_conv(64, 64, pool=True))]
         super().__init__(stages, _mlp_neck(64 * side * side, 68, 0.5), nn.Linear(68, num_classes))
 
 
@@ -88,8 +91,8 @@ class TeacherCNN2(StagedNet):
 
     def __init__(self, in_channels=1, num_classes=10, image_size=28):
         side = image_size // 4
-        stages = [nn.Sequential(*_conv(in_channels, 32, 5), nn.MaxPool2d(2)),
-                  nn.Sequential(*_conv(32, 64, 5), nn.MaxPool2d(2))]
+        stages = [nn.Sequential(*_conv(in_channels, 32, 5, pool=True)),
+                  nn.Sequential(*_conv(32, 64, 5, pool=True))]
         super().__init__(stages, _mlp_neck(64 * side * side, 520, 0.5), nn.Linear(520, num_classes))
 
 
@@ -130,7 +133,7 @@ class TeacherVGG(StagedNet):
     def __init__(self, in_channels=1, num_classes=10, image_size=28):
         widths, cin, stages = [32, 64, 128], in_channels, []
         for w in widths:
-            stages.append(nn.Sequential(*_conv(cin, w, bn=True), *_conv(w, w, bn=True), nn.MaxPool2d(2)))
+            stages.append(nn.Sequential(*_conv(cin, w, bn=True), *_conv(w, w, bn=True, pool=True)))
             cin = w
         side = image_size // 8
         super().__init__(stages, _mlp_neck(128 * side * side, 64, 0.5), nn.Linear(64, num_classes))
@@ -182,8 +185,8 @@ class StudentNet(StagedNet):
 
     def __init__(self, in_channels=1, num_classes=10, image_size=28):
         side = image_size // 4
-        stages = [nn.Sequential(*_conv(in_channels, 32), nn.MaxPool2d(2)),
-                  nn.Sequential(*_conv(32, 64), nn.MaxPool2d(2))]
+        stages = [nn.Sequential(*_conv(in_channels, 32, pool=True)),
+                  nn.Sequential(*_conv(32, 64, pool=True))]
         super().__init__(stages, _mlp_neck(64 * side * side, 60, 0.25), nn.Linear(60, num_classes))
 
 
@@ -258,7 +261,6 @@ class ConvRegs(nn.Module):
     in one pass instead of M. Built from that list, so a seed draws the same initial
     weights as before; checkpoints holding the per-teacher keys
     (``regressors.<i>.conv.weight``, ...) load into the fused layout.
-    ``forward`` returns the M mapped features in teacher order (channel slices).
     """
 
     def __init__(self, s_shape, t_shapes, use_relu: bool = True):
@@ -297,8 +299,18 @@ class ConvRegs(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x) -> list[torch.Tensor]:
-        mapped = [None] * len(self)
-        for members, reg in zip(self.members, self.groups):
-            for i, part in zip(members, reg(x).split([self.channels[i] for i in members], dim=1)):
-                mapped[i] = part
-        return mapped
+        """One mapped feature per group: [B, sum of its teachers' channels, H, W]."""
+        return [reg(x) for reg in self.groups]
+
+    def in_teacher_order(self, per_group) -> list:
+        """Items given per group (one per member) as one list in teacher order."""
+        out = [None] * len(self)
+        for members, items in zip(self.members, per_group):
+            for i, item in zip(members, items):
+                out[i] = item
+        return out
+
+    def split(self, mapped: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``forward``'s output as the M per-teacher maps (channel slices, in teacher order)."""
+        return self.in_teacher_order(m.split([self.channels[i] for i in members], dim=1)
+                                     for members, m in zip(self.members, mapped))

@@ -13,8 +13,8 @@ from scipy.stats import entropy
 
 import kdlib.losses as losses
 from kdlib.distillers import CAMKD, Scratch, Vanilla, build_distiller
-from kdlib.losses import (DistillKL, camkd_feature_loss, camkd_logit_loss, camkd_weights,
-                          centroid_log_probs, vanilla_kd_loss)
+from kdlib.losses import (DistillKL, camkd_feature_loss, camkd_logit_loss, camkd_weights, centroid_log_probs,
+                          grouped_feature_mse, vanilla_kd_loss)
 from kdlib.models import TEACHERS as TEACHER_NAMES, ConvReg, build_model
 from kdlib.teachers import LiveTeachers
 
@@ -228,23 +228,30 @@ def test_soft_cross_entropy_and_kl_have_same_gradient():
 
 
 def test_camkd_feature_loss_matches_numpy():
+    """Teachers 0 and 1 share a feature size (one fused regressor output holds both),
+    teacher 2 has its own; targets in fp16, as the cache serves them."""
     rng = np.random.default_rng(5)
     B = 4
-    mapped = [rng.normal(size=(B, 3, 2, 2)), rng.normal(size=(B, 5, 3, 3))]
-    targets = [rng.normal(size=(B, 3, 2, 2)), rng.normal(size=(B, 5, 3, 3))]
-    head = rng.normal(size=(2, B, 6)) * 2
+    mapped = [rng.normal(size=(B, 3, 2, 2)), rng.normal(size=(B, 5, 2, 2)), rng.normal(size=(B, 4, 3, 3))]
+    targets = [rng.normal(size=m.shape) for m in mapped]
+    head = rng.normal(size=(3, B, 6)) * 2
     y = np.array([0, 5, 2, 2])
     v = np_camkd_weights(head, y)
     mse = np.stack([((m - tg) ** 2).reshape(B, -1).mean(1) for m, tg in zip(mapped, targets)])
     expected = (v * mse).sum(0).mean()
-    loss, vt = camkd_feature_loss([t(m) for m in mapped], [t(x).half() for x in targets], t(head), torch.tensor(y))
+    half = [t(x).half() for x in targets]
+    got = torch.cat([grouped_feature_mse(torch.cat([t(mapped[0]), t(mapped[1])], 1), half[:2]),
+                     grouped_feature_mse(t(mapped[2]), half[2:])])
+    loss, vt = camkd_feature_loss(got, t(head), torch.tensor(y))
     # targets were rounded to fp16 (as the cache stores them): compare to that rounding
     targets16 = [x.astype(np.float16).astype(np.float64) for x in targets]
     mse16 = np.stack([((m - tg) ** 2).reshape(B, -1).mean(1) for m, tg in zip(mapped, targets16)])
+    np.testing.assert_allclose(got.numpy(), mse16, rtol=1e-5)
     assert loss.item() == pytest.approx((v * mse16).sum(0).mean(), rel=1e-5)
     assert loss.item() == pytest.approx(expected, rel=1e-2)
     torch.testing.assert_close(vt, torch.tensor(v, dtype=torch.float32), rtol=1e-5, atol=1e-7)
-    zero, _ = camkd_feature_loss([t(x) for x in targets], [t(x) for x in targets], t(head), torch.tensor(y))
+    same = grouped_feature_mse(torch.cat([t(targets[0]), t(targets[1])], 1), [t(targets[0]), t(targets[1])])
+    zero, _ = camkd_feature_loss(torch.cat([same, torch.zeros(1, B)]), t(head), torch.tensor(y))
     assert zero.item() == 0.0
 
 

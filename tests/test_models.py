@@ -150,7 +150,7 @@ def test_fused_convregs_match_one_convreg_per_teacher(built, teachers, hint):
     grads, outs = [], []
     for regs in (reference, fused):
         xi = x.clone().requires_grad_()
-        mapped = [r(xi) for r in regs] if regs is reference else regs(xi)
+        mapped = [r(xi) for r in regs] if regs is reference else regs.split(regs(xi))
         loss = sum((m * p).sum() for m, p in zip(mapped, probes))
         loss.backward()
         outs.append(mapped)
@@ -182,5 +182,33 @@ def test_fused_convregs_load_per_teacher_checkpoints():
     holder.load_state_dict({f"regressors.{k}": v for k, v in reference.state_dict().items()})
     reference.eval(), fused.eval()
     x = torch.randn(4, 64, 7, 7)
-    for m_ref, m_fused in zip([r(x) for r in reference], fused(x)):
+    for m_ref, m_fused in zip([r(x) for r in reference], fused.split(fused(x))):
         torch.testing.assert_close(m_fused, m_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["student", "teacher_cnn1", "teacher_cnn2", "teacher_vgg"])
+def test_pool_before_relu_is_the_seed_order_exactly(name):
+    """Stages run MaxPool before ReLU (cheaper); the seed's ReLU-then-MaxPool order
+    gives bit-identical logits and gradients."""
+    torch.manual_seed(0)
+    model = build_model(name).train()
+    seed_order = build_model(name).train()
+    seed_order.load_state_dict(model.state_dict())  # same keys: only parameter-free layers moved
+    for stage in seed_order.stages:
+        layers = list(stage)
+        for i in range(1, len(layers)):
+            if isinstance(layers[i - 1], torch.nn.MaxPool2d) and isinstance(layers[i], torch.nn.ReLU):
+                layers[i - 1], layers[i] = layers[i], layers[i - 1]
+        assert any(isinstance(a, torch.nn.ReLU) and isinstance(b, torch.nn.MaxPool2d) for a, b in zip(layers, layers[1:]))
+        for i, layer in enumerate(layers):
+            stage[i] = layer
+    x = torch.randn(8, 1, 28, 28)
+    outs = []
+    for m in (model, seed_order):
+        torch.manual_seed(1)  # same dropout masks
+        out = m(x)
+        out.square().sum().backward()
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])
+    for (key, p), q in zip(model.named_parameters(), seed_order.parameters()):
+        assert torch.equal(p.grad, q.grad), key
