@@ -7,7 +7,6 @@ and writes a resumable checkpoint at the end of every epoch.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import math
 import os
 import random
@@ -240,26 +239,11 @@ def fit(distiller: Distiller, data: Dataset, cfg: TrainConfig, *, checkpoint: st
 
 
 def set_threads(threads: int | None = None) -> int:
-    """Use every available core for intra-op work (``threads`` overrides), and keep
-    freed memory for reuse (``reuse_freed_memory``)."""
+    """Use every available core for intra-op work (``threads`` overrides)."""
     if not threads:
         threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     torch.set_num_threads(threads)
-    reuse_freed_memory()
     return threads
-
-
-def reuse_freed_memory() -> bool:
-    """Ask glibc's malloc to keep freed blocks of up to 32 MiB in the heap. By default it
-    returns large blocks to the OS on free, so each training step's activation buffers
-    come back as fresh pages: about 3,000 page faults per student step, 7-10% of its
-    time on this machine (measured). False (and no change) where libc has no mallopt."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
-    return bool(mallopt(m_mmap_threshold, 32 * 2**20)) and bool(mallopt(m_trim_threshold, 512 * 2**20))
 
 
 def teacher_meta(name: str, data: Dataset, cfg: TrainConfig) -> dict:
