@@ -85,7 +85,7 @@ def grouped_feature_mse(mapped: torch.Tensor, targets: list[torch.Tensor]) -> to
     contiguous passes than k separate MSEs on channel slices. The sums run over the
     trailing dims in place, so a channels_last input is not copied first.
     """
-    target = (torch.cat(targets, dim=1) if len(targets) > 1 else targets[0]).float()
+    target = torch.cat([t.float() for t in targets], dim=1)  # fp32 first: autocast's cat refuses fp16 on CPU
     squares = (mapped.float() - target).pow(2).sum(dim=tuple(range(2, mapped.ndim)))
     per_teacher = squares.split([t.shape[1] for t in targets], dim=1)
     return torch.stack([s.sum(1) / t[0].numel() for s, t in zip(per_teacher, targets)])

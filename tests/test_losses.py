@@ -373,3 +373,15 @@ def test_vanilla_and_scratch_distillers():
     one = LiveTeachers([build_model("teacher_cnn1")], ["a"])
     with pytest.raises(ValueError, match="at least 2 teachers"):
         build_distiller("camkd", build_model("student"), one, x[:1])
+
+
+def test_grouped_feature_mse_under_bf16_autocast_with_fp16_targets():
+    """The GPU path's types on the CPU: bf16 mapped features (autocast), fp16 cached targets."""
+    gen = torch.Generator().manual_seed(2)
+    mapped = torch.randn(4, 7, 2, 2, generator=gen)
+    targets = [torch.randn(4, 3, 2, 2, generator=gen).half(), torch.randn(4, 4, 2, 2, generator=gen).half()]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = grouped_feature_mse(mapped.bfloat16(), targets)
+    want = grouped_feature_mse(mapped.bfloat16().float(), [t.float() for t in targets])
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want)
