@@ -1,7 +1,7 @@
 """Seconds per training epoch for each way of training the student.
 
     python -m kdlib.bench [--samples N] [--teachers M [M ...]] [--precision fp32|bf16]
-                          [--repeats R] [--json | --markdown] [--save FILE] [--readme README.md]
+                          [--repeats R] [--json | --markdown] [--save FILE] [--readme README.md] [--book]
 
 One process times ONE pass (one epoch, training steps only: no evaluation, no
 checkpoint) over the same ``N`` class-balanced Fashion-MNIST training samples with
@@ -20,6 +20,11 @@ change the work a step does, so they are not trained for timing. Each method is
 warmed up for a few steps first; with ``--repeats R`` > 1 the passes are interleaved
 across methods (so a burst of load elsewhere hits them alike) and the fastest pass of
 each method is reported. Ratios are taken within the one process.
+
+Then each model (student, teachers) is timed training alone for a few steps and
+evaluating the test samples: its FLOPs per training step (``FlopCounterMode``) over
+its seconds per step give GFLOP/s. ``--book`` turns these per-step and per-image
+times into an estimate of the whole book's time (``book_estimate``).
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -37,11 +43,11 @@ import torch
 import torch.nn.functional as F
 
 from .data import balanced_subset, load_dataset, normalize
-from .distillers import build_distiller
+from .distillers import Scratch, build_distiller
 from .models import TEACHERS, build_model
 from .params import load_params, validate
-from .train import (TrainConfig, pick_device, seed_everything, set_threads, teacher_bank,
-                    train_epoch)
+from .train import (TrainConfig, iterate, pick_device, predict_logits, seed_everything, set_threads,
+                    teacher_bank, train_epoch)
 from .teachers import freeze
 
 METHODS = ["scratch", "vanilla", "camkd", "vanilla_live", "camkd_live", "seed_style"]
@@ -146,6 +152,41 @@ class SeedStyle:
         return time.perf_counter() - t0
 
 
+def model_rates(names: list[str], data, cfg: TrainConfig, steps: int = 5, warmup: int = 2) -> dict:
+    """Per model, trained alone (``Scratch``, as teachers are): the FLOPs of one training
+    step (forward and backward, counted by ``torch.utils.flop_counter``), the seconds
+    per step (median of ``steps`` after ``warmup``), their ratio in GFLOP/s, and the
+    seconds per image of evaluation (``predict_logits`` over ``data.test``)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    device = data.train.images.device
+    steps = min(steps, math.ceil(len(data.train) / cfg.batch_size))
+    rates = {}
+    for name in names:
+        seed_everything(0)
+        distiller = Scratch(build_model(name, data.in_channels, data.num_classes, data.image_size).to(device))
+        optimizer = prepare(distiller, cfg)
+        x, y, idx = next(iterate(data.train, data, cfg.batch_size, channels_last=cfg.channels_last))
+        with FlopCounterMode(display=False) as counter:
+            sum(distiller.forward_train(x, y, idx, 1)[1].values()).backward()
+        train_epoch(distiller, optimizer, data, cfg, 1, steps, max_batches=warmup)
+        times = []
+        for b in range(steps):
+            _sync(device)
+            t0 = time.perf_counter()
+            train_epoch(distiller, optimizer, data, cfg, 1, steps, max_batches=1)
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        predict_logits(distiller.student, data.test, data, cfg)
+        _sync(device)
+        flop = counter.get_total_flops()
+        step = statistics.median(times)
+        rates[name] = {"mflop_per_step": round(flop / 1e6, 1), "step_s": round(step, 5),
+                       "gflop_per_s": round(flop / step / 1e9, 1),
+                       "eval_s_per_image": (time.perf_counter() - t0) / len(data.test)}
+    return rates
+
+
 def run_benchmark(samples: int = 10_000, teachers: int = 3, precision: str = "fp32", repeats: int = 1, *,
                   test_samples: int = 1000, warmup: int = 3, data_root: str | Path | None = None,
                   device: str | None = None, threads: int | None = None, download: bool = True,
@@ -195,10 +236,48 @@ def run_benchmark(samples: int = 10_000, teachers: int = 3, precision: str = "fp
             times[method].append(passes[method](warmup if r == 0 else 0))
             log(f"pass {r + 1}/{repeats} {method}: {times[method][-1]:.2f} s")
     seconds = {m: round(min(ts), 4) for m, ts in times.items()}
-    return {"samples": len(data.train), "teachers": len(names), "device": str(dev),
+    log("timing one training step of each model alone, and its evaluation")
+    return {"samples": len(data.train), "test_samples": len(data.test), "teachers": len(names), "device": str(dev),
             "threads": torch.get_num_threads(), "precision": precision, "seconds": seconds,
             "ratios": {k: round(seconds[a] / seconds[b], 3) for k, (a, b) in RATIOS.items()},
-            "cache_build_s": round(cached.build_seconds, 3), "cache_bytes": int(cached.nbytes())}
+            "cache_build_s": round(cached.build_seconds, 3), "cache_bytes": int(cached.nbytes()),
+            "models": model_rates(["student"] + names, data, cfg)}
+
+
+FULL_SIZES = {"FashionMNIST": (60_000, 10_000), "MNIST": (60_000, 10_000), "CIFAR10": (50_000, 10_000)}
+
+
+def book_estimate(result: dict, P: dict) -> dict:
+    """Seconds the book (``make book`` with params ``P``) would take, from ``result``'s
+    measured units: each teacher's seconds per training step and per evaluated image,
+    the cache's seconds per image, and each method's seconds per step (its epoch over
+    ``result["samples"]`` divided by that epoch's steps). Counts training, the
+    per-epoch evaluation and the cache build; not notebook start-up, plots, reports."""
+    train, test = FULL_SIZES[P["dataset"]]
+    train, test = P["train_subset"] or train, P["test_subset"] or test
+    steps = math.ceil(train / P["batch_size"])
+    models = result["models"]
+    parts = {}
+    for t in P["teachers"]:
+        per_epoch = steps * models[t]["step_s"] + test * models[t]["eval_s_per_image"]
+        parts[f"{t}: {P['teacher_epochs']} epochs"] = P["teacher_epochs"] * per_epoch
+    parts["teacher cache"] = (train + test) * result["cache_build_s"] / (result["samples"] + result["test_samples"])
+    bench_steps = math.ceil(result["samples"] / P["batch_size"])
+    for m in P["methods"]:
+        per_epoch = steps * result["seconds"][m] / bench_steps + test * models["student"]["eval_s_per_image"]
+        parts[f"{m}: {len(P['seeds'])} seeds x {P['student_epochs']} epochs"] = (
+            len(P["seeds"]) * P["student_epochs"] * per_epoch)
+    return {"train_images": train, "test_images": test, "steps_per_epoch": steps,
+            "parts_s": {k: round(v, 1) for k, v in parts.items()}, "total_s": round(sum(parts.values()), 1)}
+
+
+def format_book(book: dict) -> str:
+    lines = [f"book estimate ({PARAMS_FILE.name}: {book['train_images']:,} training images, "
+             f"{book['steps_per_epoch']} steps per epoch, {book['test_images']:,} evaluated per epoch):"]
+    lines += [f"  {k:<40}{v / 60:>8.1f} min" for k, v in book["parts_s"].items()]
+    lines.append(f"  {'total':<40}{book['total_s'] / 60:>8.1f} min (training, evaluation, cache; "
+                 f"not notebook start-up, plots, reports)")
+    return "\n".join(lines)
 
 
 def cpu_name() -> str:
@@ -235,6 +314,9 @@ def format_table(result: dict, repeats: int = 1) -> str:
         lines.append(f"{m:<14}{s[m]:>9.2f}{s[m] / s['scratch']:>11.2f}  {DESCRIPTIONS[m]}")
     lines.append("")
     lines += [f"{k:<22}{v:>7.2f}" for k, v in result["ratios"].items()]
+    lines += ["", f"{'model':<18}{'MFLOP/step':>11}{'ms/step':>9}{'GFLOP/s':>9}"]
+    lines += [f"{n:<18}{r['mflop_per_step']:>11.0f}{r['step_s'] * 1e3:>9.1f}{r['gflop_per_s']:>9.1f}"
+              for n, r in result["models"].items()]
     lines += ["", f"teacher cache: built in {result['cache_build_s']:.2f} s (train + test), "
                   f"{result['cache_bytes'] / 2**20:.1f} MiB", machine_line(result)]
     return "\n".join(lines)
@@ -272,6 +354,12 @@ def speed_markdown(results: list[dict], repeats: int = 1, load: tuple | None = N
                   f"{r0['samples']:,} Fashion-MNIST images (batch 128, params of `fashionmnist.yaml`), {best} per "
                   f"method, {r0['precision']}; {TEACHER_NOTE}. M{machine_line(r0)[1:]}.{quiet}",
               f"Teacher cache (train + test splits, hint features in fp16): {cache}."]
+    models = results[-1]["models"]  # the largest teacher set holds every model
+    lines += ["", "| model | MFLOP per training step (batch 128) | ms per step | GFLOP/s |", "|---|---:|---:|---:|"]
+    lines += [f"| `{n}` | {r['mflop_per_step']:,.0f} | {r['step_s'] * 1e3:.1f} | {r['gflop_per_s']:.1f} |"
+              for n, r in models.items()]
+    lines += ["", "Each model trained alone (cross-entropy, Adam), median of 5 steps; FLOPs counted by "
+                  "`torch.utils.flop_counter` (forward and backward)."]
     return "\n".join(lines)
 
 
@@ -291,9 +379,15 @@ def main(argv=None) -> int:
     out.add_argument("--markdown", action="store_true", help="print a markdown table for the README")
     ap.add_argument("--save", help="also write the results (a JSON list, one object per M) to this file")
     ap.add_argument("--readme", help="replace the <!-- speed:start --> ... <!-- speed:end --> block of this file")
+    ap.add_argument("--book", action="store_true",
+                    help=f"also estimate the whole book's time ({PARAMS_FILE.name}) from this run's measurements")
     args = ap.parse_args(argv)
     if args.samples < 1:
         ap.error("--samples must be >= 1")
+    book_teachers = bench_params()["teachers"]
+    if args.book and book_teachers not in [TEACHERS[:m] for m in args.teachers]:
+        ap.error(f"--book needs --teachers {len(book_teachers)} among the teacher counts (the teachers of "
+                 f"{PARAMS_FILE.name}: {', '.join(book_teachers)})")
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     results = []
     for m in args.teachers:
@@ -303,6 +397,8 @@ def main(argv=None) -> int:
                                    log=lambda *a, **k: print(*a, file=sys.stderr))
         except ValueError as err:
             ap.error(str(err))
+        if args.book and TEACHERS[:m] == book_teachers:
+            result["book"] = book_estimate(result, bench_params())
         results.append(result)
         if args.json:
             print(TEACHER_NOTE, file=sys.stderr)
@@ -311,6 +407,8 @@ def main(argv=None) -> int:
             print(format_markdown(result, args.repeats), flush=True)
         else:
             print(format_table(result, args.repeats), flush=True)
+        if "book" in result and not args.json:
+            print(format_book(result["book"]), flush=True)
     if args.save:
         Path(args.save).write_text(json.dumps(results, indent=1) + "\n")
     if args.readme:

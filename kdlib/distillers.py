@@ -11,8 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .losses import camkd_feature_loss, camkd_logit_loss, vanilla_kd_loss
-from .models import ConvReg, StagedNet
+from .losses import camkd_feature_loss, camkd_logit_loss, grouped_feature_mse, vanilla_kd_loss
+from .models import ConvRegs, StagedNet
 from .teachers import LiveTeachers
 
 
@@ -92,7 +92,7 @@ class CAMKD(Distiller):
             raise ValueError(f"camkd needs at least 2 teachers, got {len(teachers)}")
         self.T, self.alpha, self.beta, self.hint_layer = temperature, alpha, beta, hint_layer
         student.check_hint_layer(hint_layer)
-        self.regressors = nn.ModuleList([ConvReg(student_shape, t) for t in feature_shapes])
+        self.regressors = ConvRegs(student_shape, feature_shapes)
 
     @classmethod
     def for_shapes(cls, student, teachers, sample: torch.Tensor, **kw):
@@ -119,10 +119,14 @@ class CAMKD(Distiller):
         if epoch == 0:
             losses["feat"] = torch.zeros((), device=logits.device)
             return logits, losses
-        mapped = [r(feats[self.hint_layer]) for r in self.regressors]
+        mapped = self.regressors(feats[self.hint_layer])  # one map per group of same-size teachers
         with torch.no_grad():
-            head_logits = torch.stack([self.teachers.head(i, m).float() for i, m in enumerate(mapped)])
-        feat, v = camkd_feature_loss(mapped, t_hints, head_logits, y)
+            head_logits = torch.stack([self.teachers.head(i, m).float()
+                                       for i, m in enumerate(self.regressors.split(mapped))])
+        mse = torch.stack(self.regressors.in_teacher_order(
+            grouped_feature_mse(m, [t_hints[i] for i in members])
+            for members, m in zip(self.regressors.members, mapped)))
+        feat, v = camkd_feature_loss(mse, head_logits, y)
         losses["feat"] = self.beta * feat
         self.batch_stats["feat_weight"] = v.mean(1)
         return logits, losses

@@ -61,11 +61,14 @@ class StagedNet(nn.Module):
         return self.classifier(self.neck(feature))
 
 
-def _conv(cin: int, cout: int, k: int = 3, bn: bool = False) -> list[nn.Module]:
+def _conv(cin: int, cout: int, k: int = 3, bn: bool = False, pool: bool = False) -> list[nn.Module]:
+    """Conv [-> BN] -> ReLU, or with ``pool`` Conv [-> BN] -> MaxPool(2) -> ReLU: the same
+    function as ReLU then MaxPool (ReLU is monotone, so the two commute, gradients
+    included), with the ReLU's forward and backward passes on a quarter of the pixels."""
     layers = [nn.Conv2d(cin, cout, k, padding=k // 2, bias=not bn)]
     if bn:
         layers.append(nn.BatchNorm2d(cout))
-    return layers + [nn.ReLU(inplace=True)]
+    return layers + ([nn.MaxPool2d(2)] if pool else []) + [nn.ReLU(inplace=True)]
 
 
 def _mlp_neck(flat: int, hidden: int, dropout: float) -> nn.Sequential:
@@ -78,8 +81,8 @@ class TeacherCNN1(StagedNet):
 
     def __init__(self, in_channels=1, num_classes=10, image_size=28):
         side = image_size // 4
-        stages = [nn.Sequential(*_conv(in_channels, 32), *_conv(32, 32), nn.MaxPool2d(2)),
-                  nn.Sequential(*_conv(32, 64), *_conv(64, 64), nn.MaxPool2d(2))]
+        stages = [nn.Sequential(*_conv(in_channels, 32), *_conv(32, 32, pool=True)),
+                  nn.Sequential(*_conv(32, 64), *_conv(64, 64, pool=True))]
         super().__init__(stages, _mlp_neck(64 * side * side, 68, 0.5), nn.Linear(68, num_classes))
 
 
@@ -88,8 +91,8 @@ class TeacherCNN2(StagedNet):
 
     def __init__(self, in_channels=1, num_classes=10, image_size=28):
         side = image_size // 4
-        stages = [nn.Sequential(*_conv(in_channels, 32, 5), nn.MaxPool2d(2)),
-                  nn.Sequential(*_conv(32, 64, 5), nn.MaxPool2d(2))]
+        stages = [nn.Sequential(*_conv(in_channels, 32, 5, pool=True)),
+                  nn.Sequential(*_conv(32, 64, 5, pool=True))]
         super().__init__(stages, _mlp_neck(64 * side * side, 520, 0.5), nn.Linear(520, num_classes))
 
 
@@ -130,7 +133,7 @@ class TeacherVGG(StagedNet):
     def __init__(self, in_channels=1, num_classes=10, image_size=28):
         widths, cin, stages = [32, 64, 128], in_channels, []
         for w in widths:
-            stages.append(nn.Sequential(*_conv(cin, w, bn=True), *_conv(w, w, bn=True), nn.MaxPool2d(2)))
+            stages.append(nn.Sequential(*_conv(cin, w, bn=True), *_conv(w, w, bn=True, pool=True)))
             cin = w
         side = image_size // 8
         super().__init__(stages, _mlp_neck(128 * side * side, 64, 0.5), nn.Linear(64, num_classes))
@@ -182,8 +185,8 @@ class StudentNet(StagedNet):
 
     def __init__(self, in_channels=1, num_classes=10, image_size=28):
         side = image_size // 4
-        stages = [nn.Sequential(*_conv(in_channels, 32), nn.MaxPool2d(2)),
-                  nn.Sequential(*_conv(32, 64), nn.MaxPool2d(2))]
+        stages = [nn.Sequential(*_conv(in_channels, 32, pool=True)),
+                  nn.Sequential(*_conv(32, 64, pool=True))]
         super().__init__(stages, _mlp_neck(64 * side * side, 60, 0.25), nn.Linear(60, num_classes))
 
 
@@ -245,3 +248,69 @@ class ConvReg(nn.Module):
             x = F.adaptive_avg_pool2d(x, self.out_size)
         x = self.bn(x)
         return F.relu(x) if self.use_relu else x
+
+
+class ConvRegs(nn.Module):
+    """One ``ConvReg`` per teacher, run as few convolutions as the shapes allow.
+
+    Teachers whose features have the same spatial size get the same kernel from the
+    same student feature, so their regressors are one ``ConvReg`` whose output
+    channels are theirs concatenated (conv weights stacked; BatchNorm is per channel,
+    so one BN over the concatenation is their BNs side by side). It computes what
+    the per-teacher ``ConvReg`` list computes, up to float summation order (tested),
+    in one pass instead of M. Built from that list, so a seed draws the same initial
+    weights as before; checkpoints holding the per-teacher keys
+    (``regressors.<i>.conv.weight``, ...) load into the fused layout.
+    """
+
+    def __init__(self, s_shape, t_shapes, use_relu: bool = True):
+        super().__init__()
+        per_teacher = [ConvReg(s_shape, t, use_relu) for t in t_shapes]
+        self.channels = [t[-3] for t in t_shapes]
+        sizes = [tuple(t[-2:]) for t in t_shapes]
+        self.members = [[i for i, hw in enumerate(sizes) if hw == size] for size in dict.fromkeys(sizes)]
+        self.groups = nn.ModuleList(
+            ConvReg(s_shape, (sum(self.channels[i] for i in m), *sizes[m[0]]), use_relu) for m in self.members)
+        self.load_state_dict(self._fused_state({f"{i}.{k}": v for i, r in enumerate(per_teacher)
+                                                for k, v in r.state_dict().items()}))
+
+    def __len__(self) -> int:
+        return len(self.channels)
+
+    def _fused_state(self, per_teacher: dict) -> dict:
+        """Per-teacher ConvReg tensors (keys ``<i>.conv.weight``, ...: a state_dict, or
+        gradients) laid out as this module's."""
+        fused = {}
+        for g, (members, reg) in enumerate(zip(self.members, self.groups)):
+            cat_dim = 1 if isinstance(reg.conv, nn.ConvTranspose2d) else 0  # its weight is [in, out, k, k]
+            for key, value in reg.state_dict().items():
+                if f"{members[0]}.{key}" not in per_teacher:
+                    continue  # left for load_state_dict to report as missing
+                parts = [per_teacher[f"{i}.{key}"] for i in members]
+                fused[f"groups.{g}.{key}"] = (parts[0] if value.ndim == 0 else  # num_batches_tracked
+                                              torch.cat(parts, dim=cat_dim if key == "conv.weight" else 0))
+        return fused
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        old = {k[len(prefix):]: state_dict.pop(k) for k in list(state_dict)
+               if k.startswith(prefix) and k[len(prefix):].split(".")[0].isdigit()}
+        if old:  # a checkpoint written before the regressors were fused
+            state_dict.update({prefix + k: v for k, v in self._fused_state(old).items()})
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, x) -> list[torch.Tensor]:
+        """One mapped feature per group: [B, sum of its teachers' channels, H, W]."""
+        return [reg(x) for reg in self.groups]
+
+    def in_teacher_order(self, per_group) -> list:
+        """Items given per group (one per member) as one list in teacher order."""
+        out = [None] * len(self)
+        for members, items in zip(self.members, per_group):
+            for i, item in zip(members, items):
+                out[i] = item
+        return out
+
+    def split(self, mapped: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``forward``'s output as the M per-teacher maps (channel slices, in teacher order)."""
+        return self.in_teacher_order(m.split([self.channels[i] for i in members], dim=1)
+                                     for members, m in zip(self.members, mapped))

@@ -59,11 +59,19 @@ class LiveTeachers(nn.Module):
         return self.models[i].forward_from(feature, self.hint_layer)
 
 
+def _layout(feature: torch.Tensor) -> torch.memory_format:
+    """channels_last for a channels_last feature map (the student's mapped features
+    are too, so the MSE reads both in one order), else contiguous."""
+    if feature.ndim == 4 and feature.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 class CachedTeachers(LiveTeachers):
     """Teacher outputs computed once per split and looked up by sample index.
 
     Logits are kept in float32, hint features in ``feature_dtype`` (half precision by
-    default: the MSE target only needs about 3 significant digits).
+    default: the MSE target only needs about 3 significant digits), and served in it.
     """
 
     cached = True
@@ -82,7 +90,8 @@ class CachedTeachers(LiveTeachers):
             out, feats = LiveTeachers.outputs(self, x)
             if logits is None:
                 logits = torch.empty((len(self), n, out.shape[-1]), dtype=torch.float32, device=out.device)
-                hints = [torch.empty((n, *f.shape[1:]), dtype=self.feature_dtype, device=f.device) for f in feats]
+                hints = [torch.empty((n, *f.shape[1:]), dtype=self.feature_dtype, device=f.device,
+                                     memory_format=_layout(f)) for f in feats]
             logits[:, idx] = out
             for store, f in zip(hints, feats):
                 store[idx] = f.to(self.feature_dtype)
@@ -100,4 +109,4 @@ class CachedTeachers(LiveTeachers):
         if split not in self.store:
             return super().outputs(x)
         logits, hints = self.store[split]
-        return logits[:, idx], [h[idx].float() for h in hints]
+        return logits[:, idx], [h[idx] for h in hints]  # in feature_dtype and layout, as stored

@@ -13,9 +13,9 @@ from scipy.stats import entropy
 
 import kdlib.losses as losses
 from kdlib.distillers import CAMKD, Scratch, Vanilla, build_distiller
-from kdlib.losses import (DistillKL, camkd_feature_loss, camkd_logit_loss, camkd_weights,
-                          centroid_log_probs, vanilla_kd_loss)
-from kdlib.models import build_model
+from kdlib.losses import (DistillKL, camkd_feature_loss, camkd_logit_loss, camkd_weights, centroid_log_probs,
+                          grouped_feature_mse, vanilla_kd_loss)
+from kdlib.models import TEACHERS as TEACHER_NAMES, ConvReg, build_model
 from kdlib.teachers import LiveTeachers
 
 # A small fixed case: B = 3 samples, C = 4 classes, M = 3 teachers.
@@ -228,23 +228,30 @@ def test_soft_cross_entropy_and_kl_have_same_gradient():
 
 
 def test_camkd_feature_loss_matches_numpy():
+    """Teachers 0 and 1 share a feature size (one fused regressor output holds both),
+    teacher 2 has its own; targets in fp16, as the cache serves them."""
     rng = np.random.default_rng(5)
     B = 4
-    mapped = [rng.normal(size=(B, 3, 2, 2)), rng.normal(size=(B, 5, 3, 3))]
-    targets = [rng.normal(size=(B, 3, 2, 2)), rng.normal(size=(B, 5, 3, 3))]
-    head = rng.normal(size=(2, B, 6)) * 2
+    mapped = [rng.normal(size=(B, 3, 2, 2)), rng.normal(size=(B, 5, 2, 2)), rng.normal(size=(B, 4, 3, 3))]
+    targets = [rng.normal(size=m.shape) for m in mapped]
+    head = rng.normal(size=(3, B, 6)) * 2
     y = np.array([0, 5, 2, 2])
     v = np_camkd_weights(head, y)
     mse = np.stack([((m - tg) ** 2).reshape(B, -1).mean(1) for m, tg in zip(mapped, targets)])
     expected = (v * mse).sum(0).mean()
-    loss, vt = camkd_feature_loss([t(m) for m in mapped], [t(x).half() for x in targets], t(head), torch.tensor(y))
+    half = [t(x).half() for x in targets]
+    got = torch.cat([grouped_feature_mse(torch.cat([t(mapped[0]), t(mapped[1])], 1), half[:2]),
+                     grouped_feature_mse(t(mapped[2]), half[2:])])
+    loss, vt = camkd_feature_loss(got, t(head), torch.tensor(y))
     # targets were rounded to fp16 (as the cache stores them): compare to that rounding
     targets16 = [x.astype(np.float16).astype(np.float64) for x in targets]
     mse16 = np.stack([((m - tg) ** 2).reshape(B, -1).mean(1) for m, tg in zip(mapped, targets16)])
+    np.testing.assert_allclose(got.numpy(), mse16, rtol=1e-5)
     assert loss.item() == pytest.approx((v * mse16).sum(0).mean(), rel=1e-5)
     assert loss.item() == pytest.approx(expected, rel=1e-2)
     torch.testing.assert_close(vt, torch.tensor(v, dtype=torch.float32), rtol=1e-5, atol=1e-7)
-    zero, _ = camkd_feature_loss([t(x) for x in targets], [t(x) for x in targets], t(head), torch.tensor(y))
+    same = grouped_feature_mse(torch.cat([t(targets[0]), t(targets[1])], 1), [t(targets[0]), t(targets[1])])
+    zero, _ = camkd_feature_loss(torch.cat([same, torch.zeros(1, B)]), t(head), torch.tensor(y))
     assert zero.item() == 0.0
 
 
@@ -285,7 +292,7 @@ def test_camkd_distiller_terms_and_epochs(camkd_setup):
 def test_camkd_distiller_gradients_and_frozen_teachers(camkd_setup):
     dist, teachers, x, y = camkd_setup
     dist.train()
-    assert dist.training and dist.student.training and all(r.training for r in dist.regressors)
+    assert dist.training and dist.student.training and all(r.training for r in dist.regressors.modules())
     assert not teachers.training
     assert all(not m.training for m in teachers.modules())       # BN and Dropout too
     teachers.train(True)                                         # the bank itself refuses too
@@ -293,7 +300,7 @@ def test_camkd_distiller_gradients_and_frozen_teachers(camkd_setup):
     dist.zero_grad(set_to_none=True)
     _, l = dist.forward_train(x, y, torch.arange(8), epoch=1)
     sum(l.values()).backward()
-    for r in dist.regressors:
+    for r in dist.regressors.groups:
         grads = [p.grad for p in r.parameters()]
         assert all(g is not None for g in grads)
         assert sum(g.abs().sum().item() for g in grads) > 0
@@ -303,6 +310,48 @@ def test_camkd_distiller_gradients_and_frozen_teachers(camkd_setup):
     ids = {id(p) for p in dist.trainable_parameters()}
     assert ids == {id(p) for p in dist.student.parameters()} | {id(p) for p in dist.regressors.parameters()}
     assert not ids & {id(p) for p in teachers.parameters()}
+
+
+@pytest.mark.parametrize("teachers,hint", [(3, -2), (5, -2), (5, -3)])
+def test_camkd_feature_term_and_gradients_match_one_convreg_per_teacher(teachers, hint):
+    """The fused regressors give the feature term and gradients of the pre-fusion
+    computation: one ConvReg per teacher, MSE of each flattened map, same weights."""
+    torch.manual_seed(0)
+    names = TEACHER_NAMES[:teachers]
+    bank = LiveTeachers([build_model(n) for n in names], names, hint)
+    x, y = torch.randn(16, 1, 28, 28), torch.arange(16) % 10
+    dist = build_distiller("camkd", build_model("student"), bank, x[:1], beta=100.0, hint_layer=hint).train()
+    s_shape = tuple(dist.student(x[:1], return_features=True)[1][hint].shape[1:])
+    _, t_hints = bank.outputs(x)
+    reference = torch.nn.ModuleList([ConvReg(s_shape, tuple(h.shape[1:])) for h in t_hints]).train()
+    dist.load_state_dict({f"regressors.{k}": v for k, v in reference.state_dict().items()}, strict=False)
+
+    torch.manual_seed(5)  # the same dropout masks in both forward passes
+    _, terms = dist.forward_train(x, y, torch.arange(16), epoch=1)
+    dist.zero_grad(set_to_none=True)
+    terms["feat"].backward()
+    fused_grads = [p.grad for p in dist.student.parameters()]  # None after the hint layer
+    fused_reg_grads = {k: p.grad for k, p in dist.regressors.named_parameters()}
+
+    torch.manual_seed(5)
+    dist.zero_grad(set_to_none=True)
+    feats = dist.student(x, return_features=True)[1]
+    mapped = [r(feats[hint]) for r in reference]
+    with torch.no_grad():
+        v = camkd_weights(torch.stack([bank.head(i, m) for i, m in enumerate(mapped)]), y)
+    mse = torch.stack([(m - t).pow(2).flatten(1).mean(1) for m, t in zip(mapped, t_hints)])
+    expected = 100.0 * (v * mse).sum(0).mean()
+    expected.backward()
+    torch.testing.assert_close(terms["feat"], expected, rtol=1e-5, atol=1e-6)
+    ref_grads = [p.grad for p in dist.student.parameters()]
+    assert [g is None for g in fused_grads] == [g is None for g in ref_grads] != [True] * len(ref_grads)
+    for got, want in zip(fused_grads, ref_grads):
+        if got is not None:
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    want = dist.regressors._fused_state({f"{i}.{k}": p.grad for i, r in enumerate(reference)
+                                         for k, p in r.named_parameters()})
+    for key, grad in fused_reg_grads.items():
+        torch.testing.assert_close(grad, want[key], rtol=1e-4, atol=1e-6)
 
 
 def test_vanilla_and_scratch_distillers():
@@ -345,8 +394,8 @@ def test_camkd_feature_term_recomputed_independently(names, hint):
     with torch.no_grad():
         f_s = dist.student(x, return_features=True)[1][hint]
         mse, ce = [], []
-        for reg, teacher in zip(dist.regressors, teachers.models):
-            mapped = reg(f_s)
+        per_teacher = dist.regressors.split(dist.regressors(f_s))     # r_i(f_s), in teacher order
+        for mapped, teacher in zip(per_teacher, teachers.models, strict=True):
             f_t = teacher(x, return_features=True)[1][hint]
             assert mapped.shape == f_t.shape
             diff = (mapped - f_t).double().numpy()
@@ -357,3 +406,15 @@ def test_camkd_feature_term_recomputed_independently(names, hint):
     expected = 37.0 * (v * np.array(mse)).sum(0).mean()
     assert got["feat"].item() == pytest.approx(expected, rel=1e-4)
     assert dist.batch_stats["feat_weight"].numpy() == pytest.approx(v.mean(1), rel=1e-4)
+
+
+def test_grouped_feature_mse_under_bf16_autocast_with_fp16_targets():
+    """The GPU path's types on the CPU: bf16 mapped features (autocast), fp16 cached targets."""
+    gen = torch.Generator().manual_seed(2)
+    mapped = torch.randn(4, 7, 2, 2, generator=gen)
+    targets = [torch.randn(4, 3, 2, 2, generator=gen).half(), torch.randn(4, 4, 2, 2, generator=gen).half()]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = grouped_feature_mse(mapped.bfloat16(), targets)
+    want = grouped_feature_mse(mapped.bfloat16().float(), [t.float() for t in targets])
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want)

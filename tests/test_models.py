@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kdlib.models import MODELS, TEACHERS, ConvReg, build_model, count_parameters
+from kdlib.models import MODELS, TEACHERS, ConvReg, ConvRegs, build_model, count_parameters
 
 SIZES = [(1, 28), (3, 32)]
 # the seed kit's parameter counts on 1x28x28, 10 classes
@@ -125,3 +125,90 @@ def test_convreg_shape_cases(s_hw, t_hw, kind):
     assert out.shape == (2, 12, t_hw, t_hw)
     out.sum().backward()
     assert reg.conv.weight.grad is not None and reg.conv.weight.grad.abs().sum() > 0
+
+
+def _per_teacher_and_fused(s_shape, t_shapes, seed=0):
+    """The reference (one ConvReg per teacher) and the fused form, from the same seed."""
+    torch.manual_seed(seed)
+    reference = torch.nn.ModuleList([ConvReg(s_shape, t) for t in t_shapes])
+    torch.manual_seed(seed)
+    return reference, ConvRegs(s_shape, t_shapes)
+
+
+@pytest.mark.parametrize("teachers", [3, 5])
+@pytest.mark.parametrize("hint", [-2, -3])
+def test_fused_convregs_match_one_convreg_per_teacher(built, teachers, hint):
+    """Same outputs, gradients (student feature and every weight) and BN running stats
+    as the per-teacher ConvRegs, in fewer convolutions than teachers."""
+    s_shape = tuple(built["student", 1, 28][2][hint].shape[1:])
+    t_shapes = [tuple(built[t, 1, 28][2][hint].shape[1:]) for t in TEACHERS[:teachers]]
+    reference, fused = _per_teacher_and_fused(s_shape, t_shapes)
+    assert len(fused) == teachers and len(fused.groups) < teachers
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(16, *s_shape, generator=gen).contiguous(memory_format=torch.channels_last)
+    probes = [torch.randn(16, *t, generator=gen) for t in t_shapes]
+    grads, outs = [], []
+    for regs in (reference, fused):
+        xi = x.clone().requires_grad_()
+        mapped = [r(xi) for r in regs] if regs is reference else regs.split(regs(xi))
+        loss = sum((m * p).sum() for m, p in zip(mapped, probes))
+        loss.backward()
+        outs.append(mapped)
+        grads.append(xi.grad)
+    for m_ref, m_fused, t in zip(*outs, t_shapes):
+        assert m_fused.shape == (16, *t)
+        torch.testing.assert_close(m_fused, m_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-5)
+    per_teacher = {f"{i}.{k}": p.grad for i, r in enumerate(reference) for k, p in r.named_parameters()}
+    fused_grads = {k: p.grad for k, p in fused.named_parameters()}
+    expected = fused._fused_state(per_teacher)
+    for key, grad in fused_grads.items():
+        torch.testing.assert_close(grad, expected[key], rtol=1e-4, atol=1e-5)
+    ref_state = fused._fused_state({f"{i}.{k}": v for i, r in enumerate(reference) for k, v in r.state_dict().items()})
+    for key, value in fused.state_dict().items():
+        torch.testing.assert_close(value, ref_state[key], rtol=1e-5, atol=1e-6)  # incl. BN running stats
+
+
+def test_fused_convregs_load_per_teacher_checkpoints():
+    """A state_dict written with one ConvReg per teacher (regressors.<i>.conv.weight, ...)
+    loads into the fused form and gives the same outputs."""
+    shapes = [(64, 7, 7), (64, 7, 7), (128, 3, 3), (152, 7, 7)]
+    reference, _ = _per_teacher_and_fused((64, 7, 7), shapes, seed=3)
+    _, fused = _per_teacher_and_fused((64, 7, 7), shapes, seed=4)   # other weights until loaded
+    for r in reference:
+        r.bn.running_mean.uniform_()
+    holder = torch.nn.Module()
+    holder.regressors = fused
+    holder.load_state_dict({f"regressors.{k}": v for k, v in reference.state_dict().items()})
+    reference.eval(), fused.eval()
+    x = torch.randn(4, 64, 7, 7)
+    for m_ref, m_fused in zip([r(x) for r in reference], fused.split(fused(x))):
+        torch.testing.assert_close(m_fused, m_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["student", "teacher_cnn1", "teacher_cnn2", "teacher_vgg"])
+def test_pool_before_relu_is_the_seed_order_exactly(name):
+    """Stages run MaxPool before ReLU (cheaper); the seed's ReLU-then-MaxPool order
+    gives bit-identical logits and gradients."""
+    torch.manual_seed(0)
+    model = build_model(name).train()
+    seed_order = build_model(name).train()
+    seed_order.load_state_dict(model.state_dict())  # same keys: only parameter-free layers moved
+    for stage in seed_order.stages:
+        layers = list(stage)
+        for i in range(1, len(layers)):
+            if isinstance(layers[i - 1], torch.nn.MaxPool2d) and isinstance(layers[i], torch.nn.ReLU):
+                layers[i - 1], layers[i] = layers[i], layers[i - 1]
+        assert any(isinstance(a, torch.nn.ReLU) and isinstance(b, torch.nn.MaxPool2d) for a, b in zip(layers, layers[1:]))
+        for i, layer in enumerate(layers):
+            stage[i] = layer
+    x = torch.randn(8, 1, 28, 28)
+    outs = []
+    for m in (model, seed_order):
+        torch.manual_seed(1)  # same dropout masks
+        out = m(x)
+        out.square().sum().backward()
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])
+    for (key, p), q in zip(model.named_parameters(), seed_order.parameters()):
+        assert torch.equal(p.grad, q.grad), key
