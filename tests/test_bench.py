@@ -18,7 +18,6 @@ from kdlib.models import build_model
 from kdlib.train import TrainConfig, fit, train_epoch
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT / "data"
 KEYS = {"samples", "test_samples", "teachers", "device", "threads", "precision", "seconds", "ratios",
         "cache_build_s", "cache_bytes", "models"}
 MODEL_KEYS = {"mflop_per_step", "step_s", "gflop_per_s", "eval_s_per_image"}
@@ -26,17 +25,22 @@ RATIO_KEYS = {"vanilla/scratch", "camkd/scratch", "seed_style/vanilla", "vanilla
 
 
 @pytest.fixture(scope="module")
-def tiny_data():
+def data_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("data")      # Debian's Fashion-MNIST is staged here, never downloaded
+
+
+@pytest.fixture(scope="module")
+def tiny_data(data_root):
     try:
-        return load_dataset("FashionMNIST", DATA, train_subset=256, test_subset=100, download=False)
+        return load_dataset("FashionMNIST", data_root, train_subset=256, test_subset=100, download=False)
     except DataNotFoundError as err:
         pytest.skip(f"Fashion-MNIST not available offline: {err}")
 
 
 @pytest.fixture(scope="module")
-def result(tiny_data):
+def result(tiny_data, data_root):
     return bench.run_benchmark(samples=256, teachers=2, repeats=1, test_samples=100, warmup=1,
-                               data_root=DATA, device="cpu", download=False)
+                               data_root=data_root, device="cpu", download=False)
 
 
 def test_result_structure(result):
@@ -71,22 +75,35 @@ def test_bad_arguments():
         bench.run_benchmark(samples=256, repeats=0)
 
 
-def test_train_epoch_is_fits_loop(tiny_data):
-    """fit runs its epochs through train_epoch; max_batches stops early."""
+def test_train_epoch_is_fits_loop(tiny_data, monkeypatch):
+    """What the benchmark times (train_epoch) is what fit runs: every epoch of fit is one
+    train_epoch call, and the recorded loss and accuracy are that call's sums over its
+    samples; max_batches stops after that many batches."""
+    import kdlib.train as train
+    calls, real = [], train.train_epoch
+
+    def recording(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append(out)
+        return out
+
+    monkeypatch.setattr(train, "train_epoch", recording)
     torch.manual_seed(0)
-    cfg = TrainConfig(epochs=1, device="cpu")
+    cfg = TrainConfig(epochs=2, device="cpu")
+    history = fit(Scratch(build_model("student")), tiny_data, cfg, log=lambda *a: None)
+    assert len(calls) == len(history) == 2
+    for (sums, correct, n, _, _), record in zip(calls, history):
+        assert n == 256 and record["train_loss"] == pytest.approx(sums["ce"] / n)
+        assert record["train_acc"] == pytest.approx(100 * correct / n)
     distiller = Scratch(build_model("student"))
-    history = fit(distiller, tiny_data, cfg, log=lambda *a: None)
-    assert len(history) == 1 and math.isfinite(history[0]["train_loss"])
-    optimizer = bench.prepare(distiller, cfg)
-    sums, correct, n, stats, lr = train_epoch(distiller, optimizer, tiny_data, cfg, 0, 2, max_batches=1)
+    sums, correct, n, stats, lr = real(distiller, bench.prepare(distiller, cfg), tiny_data, cfg, 0, 2, max_batches=1)
     assert n == cfg.batch_size and set(sums) == {"ce"} and 0 <= correct <= n and stats == {}
 
 
-def test_cli_json(tiny_data):
+def test_cli_json(tiny_data, data_root):
     env = dict(os.environ, KDBOOK_PROGRESS="off")
     proc = subprocess.run([sys.executable, "-m", "kdlib.bench", "--samples", "256", "--teachers", "2",
-                           "--repeats", "1", "--warmup", "1", "--device", "cpu", "--data-root", str(DATA),
+                           "--repeats", "1", "--warmup", "1", "--device", "cpu", "--data-root", str(data_root),
                            "--json"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)  # stdout holds exactly one JSON object
