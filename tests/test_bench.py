@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from kdlib import bench
 from kdlib.data import DataNotFoundError, load_dataset
 from kdlib.distillers import Scratch
 from kdlib.models import build_model
-from kdlib.train import TrainConfig, fit, train_epoch
+from kdlib.train import TrainConfig, fit
 
 ROOT = Path(__file__).resolve().parent.parent
 KEYS = {"samples", "test_samples", "teachers", "device", "threads", "precision", "seconds", "ratios",
