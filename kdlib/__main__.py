@@ -1,5 +1,6 @@
-"""Command line: ``python -m kdlib run params/X.yaml [--name NAME] [-p key=value ...]``
-or ``python -m kdlib run --resume outputs/NAME``."""
+"""Command line: ``python -m kdlib run params/X.yaml [--name NAME] [-p key=value ...]``,
+``python -m kdlib run --resume outputs/NAME``, or
+``python -m kdlib sweep params/sweeps/X.yaml [--workers N] [--scheduler ADDRESS] [--resume]``."""
 from __future__ import annotations
 
 import argparse
@@ -20,7 +21,15 @@ def main(argv=None) -> int:
                      help="override one parameter (YAML value), repeatable; with --resume too")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
     run.add_argument("--outputs", default="outputs", help="parent folder of run folders")
+    sweep = sub.add_parser("sweep", help="run a grid of book runs on Dask into outputs/NAME/RUN")
+    sweep.add_argument("sweep_file", help="sweep YAML file, e.g. params/sweeps/fashionmnist-tune-beta.yaml")
+    sweep.add_argument("--workers", type=int, help="workers of the embedded cluster (default: sized to the machine)")
+    sweep.add_argument("--scheduler", metavar="ADDRESS", help="submit to an existing Dask scheduler, e.g. tcp://host:8786")
+    sweep.add_argument("--resume", action="store_true", help="continue the sweep: finished runs are skipped")
+    sweep.add_argument("--outputs", default="outputs", help="parent folder of sweep folders")
     args = parser.parse_args(argv)
+    if args.command == "sweep":
+        return _sweep(args)
     from .runner import RunError, run as run_book
     try:
         run_dir = run_book(args.params, args.name, args.overrides, args.resume, args.outputs)
@@ -29,6 +38,22 @@ def main(argv=None) -> int:
         return 2 if isinstance(err, ParamsError) else 1
     print(f"run finished: {run_dir}")
     return 0
+
+
+def _sweep(args) -> int:
+    from .runner import RunError
+    from .sweep import run_sweep, summary
+    if args.workers is not None and (args.workers < 1 or args.scheduler):
+        print("error: --workers takes a positive number, and sizes the embedded cluster only (not --scheduler)",
+              file=sys.stderr)
+        return 2
+    try:
+        data = run_sweep(args.sweep_file, args.workers, args.scheduler, args.resume, args.outputs)
+    except (ParamsError, RunError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2 if isinstance(err, ParamsError) else 1
+    print(summary(data), file=sys.stderr if data["status"] == "failed" else sys.stdout)
+    return 0 if data["status"] == "finished" else 1
 
 
 if __name__ == "__main__":

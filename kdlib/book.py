@@ -73,6 +73,11 @@ def _config(P, epochs: int, seed: int, device, teacher: bool = False) -> TrainCo
                        compile=P["compile"])
 
 
+def teacher_config(P, device) -> TrainConfig:
+    """The teachers' training settings (part of their checkpoints' identity)."""
+    return _config(P, P["teacher_epochs"], P["teacher_seed"], device, teacher=True)
+
+
 def _write_json(path: Path, obj) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=1))
@@ -87,7 +92,7 @@ def train_teachers(P, data=None, log=print) -> dict:
     """
     device = device_of(P)
     data = data or load_data(P, device)
-    cfg = _config(P, P["teacher_epochs"], P["teacher_seed"], device, teacher=True)
+    cfg = teacher_config(P, device)
     models, records = {}, []
     for name in P["teachers"]:
         t0 = time.perf_counter()

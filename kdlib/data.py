@@ -23,6 +23,7 @@ DATASETS = {
     "MNIST": ("MNIST", 1, 28, (0.1307,), (0.3081,)),
     "CIFAR10": ("CIFAR10", 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
 }
+SPLIT_SIZES = {"FashionMNIST": (60000, 10000), "MNIST": (60000, 10000), "CIFAR10": (50000, 10000)}  # (train, test)
 CLASS_NAMES = {
     "FashionMNIST": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                      "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"],
@@ -75,6 +76,21 @@ class Dataset:
     def to(self, device) -> "Dataset":
         return Dataset(self.name, self.train.to(device), self.test.to(device),
                        self.mean.to(device), self.std.to(device), self.classes, self.eval_split)
+
+
+def placeholder(name: str, train_subset: int = 0, test_subset: int = 0) -> Dataset:
+    """A ``Dataset`` with the name, image shape and split sizes that ``load_dataset``
+    would give, but no images (expanded zeros, no memory): for identities such as a
+    teacher checkpoint's settings, computed before anything is loaded."""
+    _, channels, size, mean, std = DATASETS[name]
+
+    def split(full: int, subset: int) -> Split:
+        n = subset if 0 < subset < full else full
+        return Split(torch.zeros(1, channels, size, size, dtype=torch.uint8).expand(n, -1, -1, -1),
+                     torch.zeros(1, dtype=torch.long).expand(n))
+    train, test = SPLIT_SIZES[name]
+    return Dataset(name, split(train, train_subset), split(test, test_subset), torch.tensor(mean),
+                   torch.tensor(std), CLASS_NAMES[name])
 
 
 def _stage_debian_fashion_mnist(root: Path) -> bool:

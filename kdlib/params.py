@@ -7,13 +7,14 @@ value and what is allowed.
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .data import DATASETS
+from .data import DATASETS, SPLIT_SIZES
 from .distillers import METHODS
 from .models import TEACHERS
 
@@ -97,6 +98,8 @@ def _check_key(source: str, key: str, value) -> None:
         if len(set(value)) != len(value):
             _fail(source, key, value, "list each name once")
         return
+    if spec.kind is float and not math.isfinite(value):
+        _fail(source, key, value, f"give a finite number ({spec.help})")
     if spec.choices and value not in spec.choices:
         _fail(source, key, value, f"choose from {', '.join(spec.choices)}")
     if spec.min is not None and (value < spec.min or (spec.exclusive_min and value == spec.min)):
@@ -104,6 +107,14 @@ def _check_key(source: str, key: str, value) -> None:
 
 
 def _check_combination(source: str, p: dict) -> None:
+    sizes = dict(zip(("train_subset", "test_subset"), SPLIT_SIZES[p["dataset"]]))
+    for key, size in sizes.items():
+        if p[key] > size:
+            _fail(source, key, p[key], f"{p['dataset']}'s {key[:-7]} split has {size} images; give at most "
+                  f"{size} (0 = the whole split)")
+    if p["val_subset"] >= sizes["train_subset"]:
+        _fail(source, "val_subset", p["val_subset"],
+              f"it must be smaller than {p['dataset']}'s training split ({sizes['train_subset']} images)")
     if p["val_subset"] and p["train_subset"] and p["val_subset"] >= p["train_subset"]:
         _fail(source, "val_subset", p["val_subset"],
               f"it must be smaller than train_subset ({p['train_subset']}), the images it is held out of")

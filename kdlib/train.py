@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from filelock import FileLock
 
 from .checkpoint import CheckpointError, atomic_save, load_checkpoint, meta_key
 from .data import Dataset, Split, augment_batch, batch_order, normalize
@@ -263,13 +264,16 @@ def train_teacher(name: str, data: Dataset, cfg: TrainConfig, teacher_dir: str |
     """Train teacher ``name`` (or reuse/resume its checkpoint in ``teacher_dir``).
 
     Returns ``(model, history, checkpoint_path)``; the checkpoint file name carries a
-    hash of the settings, so changed settings train a new teacher.
+    hash of the settings, so changed settings train a new teacher. A file lock beside
+    the checkpoint makes processes racing on one setting train it once.
     """
     meta = teacher_meta(name, data, cfg)
     path = Path(teacher_dir) / data.name / f"{name}-{meta_key(dict(meta, epochs=cfg.epochs))}.pt"
     seed_everything(cfg.seed)
     model = build_for(name, data, data.train.images.device)
-    history = fit(Scratch(model), data, cfg, checkpoint=path, meta=meta, desc=name, log=log)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{path}.lock"):  # a second process waits, then reuses the checkpoint the first wrote
+        history = fit(Scratch(model), data, cfg, checkpoint=path, meta=meta, desc=name, log=log)
     return freeze(model), history, path
 
 
