@@ -8,6 +8,7 @@ is one ``[N, C, H, W]`` uint8 tensor, a batch is an index slice, and normalisati
 from __future__ import annotations
 
 import gzip
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,7 +105,7 @@ def _stage_debian_fashion_mnist(root: Path) -> bool:
         return False
     raw.mkdir(parents=True, exist_ok=True)
     for n in names:
-        tmp = raw / f"{n}.tmp"
+        tmp = raw / f"{n}.{os.getpid()}.tmp"  # processes staging at once (sweep workers) each write their own
         with gzip.open(DEBIAN_FASHION_MNIST / f"{n}.gz", "rb") as src, open(tmp, "wb") as dst:
             shutil.copyfileobj(src, dst)
         tmp.replace(raw / n)

@@ -31,6 +31,12 @@ BAD = [  # (yaml text, words the one-line error must contain)
     ("lr_schedule: step", ["lr_schedule", "cosine, constant"]),
     ("precision: fp16", ["precision", "fp32, bf16"]),
     ("teachers: teacher_cnn1", ["teachers", "expected list"]),
+    ("lr: .nan", ["lr", "nan", "finite"]),
+    ("weight_decay: .inf", ["weight_decay", "inf", "finite"]),
+    ("train_subset: 1000000", ["train_subset", "1000000", "60000 images"]),
+    ("dataset: CIFAR10\ntrain_subset: 55000", ["train_subset", "55000", "CIFAR10", "50000"]),
+    ("test_subset: 10001", ["test_subset", "10001", "10000 images"]),
+    ("val_subset: 60000", ["val_subset", "60000", "smaller than", "60000 images"]),
     ("lr: [0.1", ["not valid YAML"]),
     ("- just\n- a list", ["expected a mapping"]),
 ]
