@@ -40,7 +40,7 @@ def resolve(path: str) -> Path:
 def notebook_params(namespace: dict, source: str) -> dict:
     """Validated params from a notebook's parameter variables (defaults for the rest)."""
     given = {k: namespace[k] for k in SCHEMA if k in namespace}
-    P = validate(given, source)
+    P = {k: spec.default for k, spec in SCHEMA.items()} | validate(given, source, partial=True)
     P["run_dir"] = str(resolve(P["run_dir"] or "outputs/interactive"))
     os.makedirs(P["run_dir"], exist_ok=True)
     return P

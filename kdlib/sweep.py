@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import queue
 import re
 import time
 import uuid
@@ -35,6 +36,7 @@ SET_BY_SWEEP = {"run_dir": "the sweep names each run's folder",
                 "threads": "each run gets its worker's thread count; size workers with --workers"}
 ANALYSIS = "04_sweep_analysis.ipynb"
 RESOURCES = {"run": 1}  # one book run per worker at a time
+STARTED = "kdbook-sweep-run-started"  # Dask event topic: a worker started a run
 
 
 @dataclass
@@ -86,7 +88,8 @@ def expand(sweep_file: str | Path) -> tuple[str, list[Run]]:
     src = str(sweep_file)
     raw = _read_yaml(_locate(Path(sweep_file)), "sweep file")
     if "base" not in raw:
-        raise ParamsError(f"{src}: no 'base' key; name the params file the runs start from, e.g. base: params/smoke.yaml")
+        raise ParamsError(f"{src}: no 'base' key; name the params file the runs start from, "
+                          "e.g. base: params/smoke.yaml")
     base = str(_locate(Path(raw["base"])))
     base_raw = _read_yaml(Path(base), "base params file")
     load_params(base)  # the base alone must be valid (its errors name the base file)
@@ -152,7 +155,10 @@ def teacher_task(P: dict, folder: str) -> dict:
     except Exception as err:  # recorded for the runs that need these teachers
         status, error = "failed", _error_line(err)
     finally:
-        os.environ["KDBOOK_PROGRESS"] = progress or "auto"
+        if progress is None:
+            os.environ.pop("KDBOOK_PROGRESS")
+        else:
+            os.environ["KDBOOK_PROGRESS"] = progress
     return {"status": status, "error": error, "worker": address, "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -160,8 +166,10 @@ def run_task(base: str, name: str, overrides: dict, sweep_dir: str, teachers: di
     """One book run into ``sweep_dir/name`` (``kdlib.runner``): started, or resumed when
     its folder holds an unfinished run (Dask retrying it after its worker died), or
     left alone when finished. Returns its record; a failure is recorded, not raised."""
+    from distributed import get_worker
     from . import runner
     address, threads = _worker()
+    get_worker().log_event(STARTED, {"sweep": sweep_dir, "run": name, "worker": address})  # -> sweep.json
     t0 = time.perf_counter()
     record = {"worker": address, "error": None}
     if teachers["status"] != "finished":
@@ -170,11 +178,9 @@ def run_task(base: str, name: str, overrides: dict, sweep_dir: str, teachers: di
     status = json.loads(manifest.read_text()).get("status") if manifest.exists() else None
     quiet = lambda *a: None  # noqa: E731  (the manifest records every step)
     try:
-        if status == "finished":
-            pass
-        elif status:
+        if status and status != "finished":
             runner.run(resume=str(manifest.parent), overrides=[f"threads={threads}"], log=quiet)
-        else:
+        elif not status:
             runner.run(base, name, [f"{k}={json.dumps(v)}" for k, v in overrides.items()] + [f"threads={threads}"],
                        outputs=sweep_dir, log=quiet)
         record["status"] = "finished"
@@ -277,19 +283,20 @@ def _submit(client, base: str, runs: list[Run], sweep_dir: Path) -> dict:
     return futures
 
 
-def _watch(client, futures: dict, record: Record, log) -> None:
-    """Mark runs running (with their worker) as the scheduler starts them; one line per finished run."""
+def _watch(client, futures: dict, record: Record, sweep_dir: Path, log) -> None:
+    """Mark runs running (with their worker) as workers start them; one line per finished run."""
     from distributed import as_completed
     names = {f.key: n for n, f in futures.items()}
     total, done = len(record.data["runs"]), len(record.runs("finished"))
+    started = queue.SimpleQueue()
+    client.subscribe_topic(STARTED, lambda event: started.put(event[1]))
     pending = as_completed(list(futures.values()))
     while not pending.is_empty():
-        for worker, keys in client.processing().items():
-            for key in keys:
-                name = names.get(key)
-                if name and record.data["runs"][name]["status"] in ("pending", "running") \
-                        and record.data["runs"][name]["worker"] != worker:
-                    record.update(name, status="running", worker=worker)
+        while not started.empty():
+            event = started.get()
+            if event["sweep"] == str(sweep_dir) and \
+                    record.data["runs"][event["run"]]["status"] in ("pending", "running"):
+                record.update(event["run"], status="running", worker=event["worker"])
         for future in pending.next_batch(block=False):
             name = names[future.key]
             if future.status == "error":  # the engine gave up on it (e.g. its worker died too often)
@@ -329,7 +336,8 @@ def run_sweep(sweep_file: str | Path, workers: int | None = None, scheduler: str
     try:
         sweep_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise RunError(f"cannot write the sweep folder {sweep_dir}: {err.strerror}; choose --outputs elsewhere") from None
+        raise RunError(f"cannot write the sweep folder {sweep_dir}: {err.strerror}; "
+                       "choose --outputs elsewhere") from None
     (sweep_dir / "sweep.yaml").write_text(yaml.dump(
         {"sweep": portable(Path(sweep_file)), "base": portable(Path(base)),
          "runs": [{"name": r.name, "overrides": r.overrides} for r in runs]}, Dumper=_PlainDumper, sort_keys=False))
@@ -361,7 +369,7 @@ def _run_on_cluster(base, runs, sweep_dir, record, workers, scheduler, dashboard
             log(f"dashboard: {client.dashboard_link}; {len(info)} workers x "
                 f"{', '.join(sorted({str(w['nthreads']) for w in info})) or '?'} threads; {len(runs)} runs")
             record.data["cluster"] += f", {len(info)} workers"
-            _watch(client, _submit(client, base, runs, sweep_dir), record, log)
+            _watch(client, _submit(client, base, runs, sweep_dir), record, sweep_dir, log)
     finally:
         if cluster is not None:
             cluster.close()

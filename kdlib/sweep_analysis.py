@@ -62,7 +62,7 @@ def load(sweep_dir: str | Path) -> SweepResults:
         merged = settings.setdefault(setting, {"metrics": {}, "predictions": {}})
         with np.load(sweep_dir / name / "predictions.npz") as npz:
             merged["predictions"].update(dict(npz))
-        for method in [m for m in METHOD_ORDER if m in P["methods"]] + [m for m in P["methods"] if m not in METHOD_ORDER]:
+        for method in P["methods"]:
             metrics = json.loads((sweep_dir / name / f"metrics_{method}.json").read_text())
             splits.add(metrics.get("eval_split", "test"))
             merged["metrics"].setdefault(method, {"runs": []})["runs"].extend(metrics["runs"])
@@ -106,6 +106,12 @@ def differences(res: SweepResults) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
+def verdict_lines(res: SweepResults, diffs: pd.DataFrame) -> list[str]:
+    """'- beta=10: CAMKD vs vanilla: ...' per row of ``differences``."""
+    return [f"- {''.join(f'{k}={format_value(row[k])}, ' for k in res.keys)[:-2] or 'all runs'}: {row['verdict']}"
+            for _, row in diffs.iterrows()]
+
+
 def _cell(row, digits: int) -> str:
     if np.isnan(row["ci_low"]):
         return f"{row['mean']:.{digits}f}"
@@ -121,7 +127,8 @@ def wide_table(table: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     if not keys:
         table = table.assign(all="all runs")
     wide = table.pivot_table(index=index, columns="column", values="cell", aggfunc="first", sort=False)
-    order = [c for m in dict.fromkeys(table["method"]) for c in wide.columns if c.startswith(NAMES.get(m, m) + " ")]
+    order = [c for m in sorted(dict.fromkeys(table["method"]), key=_method_rank) for c in wide.columns
+             if c.startswith(NAMES.get(m, m) + " ")]
     wide = wide[list(dict.fromkeys(order))]
     wide.columns.name = None
     if seeds is not None:
@@ -141,8 +148,7 @@ def markdown(sweep_dir: str | Path) -> str:
     diffs = differences(res)
     if not diffs.empty:
         lines.append("")
-        lines += [f"- {', '.join(f'{k}={row[k]}' for k in res.keys) + ': ' if res.keys else ''}{row['verdict']}"
-                  for _, row in diffs.iterrows()]
+        lines += verdict_lines(res, diffs)
     if res.skipped:
         lines += ["", f"Not finished (left out): {', '.join(res.skipped)}."]
     return "\n".join(lines)

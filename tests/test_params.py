@@ -100,6 +100,14 @@ def test_notebook_parameters_checked_by_first_kdlib_call():
         book.notebook_params({"temperature": -1.0, "unrelated_variable": 3}, "02 parameters")
 
 
+def test_one_teacher_without_camkd_passes_the_teachers_notebook(tmp_path):
+    """01 declares no methods: a one-teacher run of vanilla KD must not fail there on camkd's rule."""
+    P = book.notebook_params({"teachers": ["teacher_cnn1"], "run_dir": str(tmp_path)}, "01 parameters")
+    assert P["teachers"] == ["teacher_cnn1"] and P["lr"] == 1e-3
+    with pytest.raises(ParamsError, match="camkd needs at least 2 teachers"):  # where students are declared
+        book.notebook_params({"teachers": ["teacher_cnn1"], "methods": ["camkd"], "run_dir": str(tmp_path)}, "02")
+
+
 def test_fashionmnist_params_are_the_seed_defaults():
     P = load_params(ROOT / "params/fashionmnist.yaml")
     assert P["teachers"] == ["teacher_cnn1", "teacher_cnn2", "teacher_resnet"]
