@@ -86,7 +86,7 @@ def expand(sweep_file: str | Path) -> tuple[str, list[Run]]:
 
     Raises ``ParamsError`` naming the sweep file, the run and the key."""
     src = str(sweep_file)
-    raw = _read_yaml(_locate(Path(sweep_file)), "sweep file")
+    raw = _read_yaml(Path(sweep_file), "sweep file")
     if "base" not in raw:
         raise ParamsError(f"{src}: no 'base' key; name the params file the runs start from, "
                           "e.g. base: params/smoke.yaml")
@@ -328,8 +328,9 @@ def run_sweep(sweep_file: str | Path, workers: int | None = None, scheduler: str
     Raises ``ParamsError`` (a bad sweep) or ``RunError`` (a sweep folder in the way) before
     anything is created; a failing run is recorded in ``sweep.json`` and the others go on.
     ``analysis`` executes 04_sweep_analysis into the sweep folder at the end."""
+    sweep_file = _locate(Path(sweep_file))
     base, runs = expand(sweep_file)
-    sweep_dir = Path(outputs) / (name or Path(sweep_file).stem)
+    sweep_dir = Path(outputs) / (name or sweep_file.stem)
     if (sweep_dir / "sweep.json").exists() and not resume:
         raise RunError(f"{sweep_dir} already holds a sweep; continue it with: python -m kdlib sweep {sweep_file} "
                        f"--resume (finished runs are skipped), or delete {sweep_dir}")
@@ -339,9 +340,9 @@ def run_sweep(sweep_file: str | Path, workers: int | None = None, scheduler: str
         raise RunError(f"cannot write the sweep folder {sweep_dir}: {err.strerror}; "
                        "choose --outputs elsewhere") from None
     (sweep_dir / "sweep.yaml").write_text(yaml.dump(
-        {"sweep": portable(Path(sweep_file)), "base": portable(Path(base)),
+        {"sweep": portable(sweep_file), "base": portable(Path(base)),
          "runs": [{"name": r.name, "overrides": r.overrides} for r in runs]}, Dumper=_PlainDumper, sort_keys=False))
-    record = Record(sweep_dir, {"sweep": portable(Path(sweep_file)), "base": portable(Path(base)),
+    record = Record(sweep_dir, {"sweep": portable(sweep_file), "base": portable(Path(base)),
                                 "cluster": "given scheduler" if scheduler else "embedded LocalCluster"},
                     [r.name for r in runs])
     todo = [r for r in runs if r.name not in record.runs("finished")]
