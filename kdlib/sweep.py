@@ -29,7 +29,7 @@ from . import book
 from .checkpoint import meta_key
 from .data import placeholder
 from .params import ParamsError, load_params, validate
-from .runner import RunError, execute, notebooks_dir, now, render_html
+from .runner import RunError, execute, notebooks_dir, now, package_root, render_html
 
 SWEEP_KEYS = ("base", "grid", "runs")
 SET_BY_SWEEP = {"run_dir": "the sweep names each run's folder",
@@ -76,9 +76,12 @@ def _read_yaml(path: Path, what: str) -> dict:
 
 
 def _locate(path: Path) -> Path:
-    """A relative path as given when it exists from here, else from the project root
-    (a notebook runs in notebooks/)."""
-    return path if path.is_absolute() or path.exists() else book.resolve(str(path))
+    """A relative path found from here, else from the project root or the repository
+    (a notebook runs in notebooks/; tests move the project root); as given when nowhere."""
+    for candidate in (path, book.project_root() / path, package_root() / path):
+        if candidate.exists():
+            return candidate
+    return path
 
 
 def expand(sweep_file: str | Path) -> tuple[str, list[Run]]:
