@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 NAME ?= fashionmnist-$(shell date +%Y%m%d-%H%M%S)
 export KDBOOK_PROGRESS ?= text
 
-.PHONY: install data book smoke lab test bench clean-interactive
+.PHONY: install data book smoke sweep lab test bench clean-interactive
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -24,6 +24,11 @@ book: install data
 
 smoke: install data
 	$(PY) -m kdlib run params/smoke.yaml --name smoke-$(shell date +%Y%m%d-%H%M%S)
+
+# make sweep SWEEP=params/sweeps/NAME.yaml [WORKERS=N] [SCHEDULER=tcp://host:8786] [RESUME=1]
+sweep: install data
+	@test -n "$(SWEEP)" || { echo "give the sweep file: make sweep SWEEP=params/sweeps/NAME.yaml"; exit 2; }
+	$(PY) -m kdlib sweep $(SWEEP) $(if $(WORKERS),--workers $(WORKERS)) $(if $(SCHEDULER),--scheduler $(SCHEDULER)) $(if $(RESUME),--resume)
 
 lab: install
 	KDBOOK_PROGRESS=auto $(VENV)/bin/jupyter lab notebooks/

@@ -1,5 +1,7 @@
 """Command line: ``python -m kdlib run params/X.yaml [--name NAME] [-p key=value ...]``,
-``python -m kdlib run --resume outputs/NAME``, or ``python -m kdlib ship-teachers params/X.yaml``."""
+``python -m kdlib run --resume outputs/NAME``,
+``python -m kdlib sweep params/sweeps/X.yaml [--workers N] [--scheduler ADDRESS] [--resume]``, or
+``python -m kdlib ship-teachers params/X.yaml``."""
 from __future__ import annotations
 
 import argparse
@@ -22,7 +24,15 @@ def main(argv=None) -> int:
     run.add_argument("--outputs", default="outputs", help="parent folder of run folders")
     ship = sub.add_parser("ship-teachers", help="copy a params file's trained teachers into reference_teachers/")
     ship.add_argument("params", help="params YAML file whose teachers are trained, e.g. params/fashionmnist.yaml")
+    sweep = sub.add_parser("sweep", help="run a grid of book runs on Dask into outputs/NAME/RUN")
+    sweep.add_argument("sweep_file", help="sweep YAML file, e.g. params/sweeps/fashionmnist-tune-beta.yaml")
+    sweep.add_argument("--workers", type=int, help="workers of the embedded cluster (default: sized to the machine)")
+    sweep.add_argument("--scheduler", metavar="ADDRESS", help="submit to an existing Dask scheduler, e.g. tcp://host:8786")
+    sweep.add_argument("--resume", action="store_true", help="continue the sweep: finished runs are skipped")
+    sweep.add_argument("--outputs", default="outputs", help="parent folder of sweep folders")
     args = parser.parse_args(argv)
+    if args.command == "sweep":
+        return _sweep(args)
     if args.command == "ship-teachers":
         return _ship(args.params)
     from .runner import RunError, run as run_book
@@ -48,6 +58,22 @@ def _ship(params_file: str) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+def _sweep(args) -> int:
+    from .runner import RunError
+    from .sweep import run_sweep, summary
+    if args.workers is not None and (args.workers < 1 or args.scheduler):
+        print("error: --workers takes a positive number, and sizes the embedded cluster only (not --scheduler)",
+              file=sys.stderr)
+        return 2
+    try:
+        data = run_sweep(args.sweep_file, args.workers, args.scheduler, args.resume, args.outputs)
+    except (ParamsError, RunError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2 if isinstance(err, ParamsError) else 1
+    print(summary(data), file=sys.stderr if data["status"] == "failed" else sys.stdout)
+    return 0 if data["status"] == "finished" else 1
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ def resolve(path: str) -> Path:
 def notebook_params(namespace: dict, source: str) -> dict:
     """Validated params from a notebook's parameter variables (defaults for the rest)."""
     given = {k: namespace[k] for k in SCHEMA if k in namespace}
-    P = validate(given, source)
+    P = {k: spec.default for k, spec in SCHEMA.items()} | validate(given, source, partial=True)
     P["run_dir"] = str(resolve(P["run_dir"] or "outputs/interactive"))
     os.makedirs(P["run_dir"], exist_ok=True)
     return P
@@ -71,6 +71,11 @@ def _config(P, epochs: int, seed: int, device, teacher: bool = False) -> TrainCo
                        weight_decay=P["weight_decay"], seed=seed, precision=P["precision"],
                        augment=P["augment"], fidelity_freq=P["fidelity_freq"], device=str(device),
                        compile=P["compile"])
+
+
+def teacher_config(P, device) -> TrainConfig:
+    """The teachers' training settings."""
+    return _config(P, P["teacher_epochs"], P["teacher_seed"], device, teacher=True)
 
 
 def _write_json(path: Path, obj) -> None:
@@ -115,7 +120,7 @@ def train_teachers(P, data=None, log=print) -> dict:
     """
     device = device_of(P)
     data = data or load_data(P, device)
-    cfg = _config(P, P["teacher_epochs"], P["teacher_seed"], device, teacher=True)
+    cfg = teacher_config(P, device)
     models, records = {}, []
     for name in P["teachers"]:
         t0 = time.perf_counter()

@@ -8,6 +8,7 @@ is one ``[N, C, H, W]`` uint8 tensor, a batch is an index slice, and normalisati
 from __future__ import annotations
 
 import gzip
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ DATASETS = {
     "MNIST": ("MNIST", 1, 28, (0.1307,), (0.3081,)),
     "CIFAR10": ("CIFAR10", 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
 }
+SPLIT_SIZES = {"FashionMNIST": (60000, 10000), "MNIST": (60000, 10000), "CIFAR10": (50000, 10000)}  # (train, test)
 CLASS_NAMES = {
     "FashionMNIST": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                      "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"],
@@ -88,7 +90,7 @@ def _stage_debian_fashion_mnist(root: Path) -> bool:
         return False
     raw.mkdir(parents=True, exist_ok=True)
     for n in names:
-        tmp = raw / f"{n}.tmp"
+        tmp = raw / f"{n}.{os.getpid()}.tmp"  # processes staging at once (sweep workers) each write their own
         with gzip.open(DEBIAN_FASHION_MNIST / f"{n}.gz", "rb") as src, open(tmp, "wb") as dst:
             shutil.copyfileobj(src, dst)
         tmp.replace(raw / n)

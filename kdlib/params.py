@@ -7,13 +7,14 @@ value and what is allowed.
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .data import DATASETS
+from .data import DATASETS, SPLIT_SIZES
 from .distillers import METHODS
 from .models import TEACHERS
 
@@ -102,17 +103,27 @@ def _check_key(source: str, key: str, value) -> None:
         if len(set(value)) != len(value):
             _fail(source, key, value, "list each name once")
         return
+    if spec.kind is float and not math.isfinite(value):
+        _fail(source, key, value, f"give a finite number ({spec.help})")
     if spec.choices and value not in spec.choices:
         _fail(source, key, value, f"choose from {', '.join(spec.choices)}")
     if spec.min is not None and (value < spec.min or (spec.exclusive_min and value == spec.min)):
         _fail(source, key, value, f"must be {'>' if spec.exclusive_min else '>='} {spec.min} ({spec.help})")
 
 
-def _check_combination(source: str, p: dict) -> None:
+def _check_combination(source: str, p: dict, students: bool = True) -> None:
+    sizes = dict(zip(("train_subset", "test_subset"), SPLIT_SIZES[p["dataset"]]))
+    for key, size in sizes.items():
+        if p[key] > size:
+            _fail(source, key, p[key], f"{p['dataset']}'s {key[:-7]} split has {size} images; give at most "
+                  f"{size} (0 = the whole split)")
+    if p["val_subset"] >= sizes["train_subset"]:
+        _fail(source, "val_subset", p["val_subset"],
+              f"it must be smaller than {p['dataset']}'s training split ({sizes['train_subset']} images)")
     if p["val_subset"] and p["train_subset"] and p["val_subset"] >= p["train_subset"]:
         _fail(source, "val_subset", p["val_subset"],
               f"it must be smaller than train_subset ({p['train_subset']}), the images it is held out of")
-    if "camkd" in p["methods"] and len(p["teachers"]) < 2:
+    if students and "camkd" in p["methods"] and len(p["teachers"]) < 2:
         _fail(source, "teachers", p["teachers"], "camkd needs at least 2 teachers")
     from .models import build_model  # hint_layer must be a conv feature map of every model used
     for name in p["teachers"] + ["student"]:
@@ -125,7 +136,8 @@ def _check_combination(source: str, p: dict) -> None:
 def validate(params: dict, source: str = "params", partial: bool = False) -> dict:
     """Check ``params`` against ``SCHEMA``; return them with defaults filled in.
 
-    ``partial`` checks only the keys given (a notebook's own parameters).
+    ``partial`` returns only the keys given (a notebook's own parameters), and holds a
+    notebook that declares no ``methods`` (01 trains no students) to no student rule.
     """
     if not isinstance(params, dict):
         raise ParamsError(f"{source}: expected a mapping of key: value, got {type(params).__name__}")
@@ -137,13 +149,9 @@ def validate(params: dict, source: str = "params", partial: bool = False) -> dic
         if isinstance(value, int) and SCHEMA[key].kind is float and not isinstance(value, bool):
             params[key] = float(value)
         _check_key(source, key, params[key])
-    if partial:
-        full = {k: params.get(k, s.default) for k, s in SCHEMA.items()}
-        _check_combination(source, full)
-        return dict(params)
     full = {k: params.get(k, spec.default) for k, spec in SCHEMA.items()}
-    _check_combination(source, full)
-    return full
+    _check_combination(source, full, students="methods" in params or not partial)
+    return dict(params) if partial else full
 
 
 def load_params(path: str | Path) -> dict:

@@ -476,6 +476,32 @@ def explorer(metrics_by_method: dict[str, dict]):
     return box
 
 
+# ---------------------------------------------------------------- sweeps
+def _t_interval(values):
+    from .stats import mean_ci
+    ci = mean_ci(values)
+    return (ci["ci_low"], ci["ci_high"]) if len(values) > 1 else (ci["mean"], ci["mean"])
+
+
+def plot_sweep(frame: pd.DataFrame, keys: list[str], metric: str, ylabel: str) -> Figure:
+    """``metric`` against each swept key (one panel each), one line per method: mean over
+    seeds (and over the other keys' values) with a 95% t interval."""
+    keys = keys or ["run"]
+    colors = method_colors(frame["method"].unique())
+    fig = Figure(figsize=(4.2 * len(keys), 3.6), layout="constrained")
+    for ax, key in zip(np.atleast_1d(fig.subplots(1, len(keys))), keys):
+        numeric = pd.api.types.is_numeric_dtype(frame[key])
+        data = frame if numeric else frame.assign(**{key: frame[key].astype(str)})
+        sns.lineplot(data=data, x=key, y=metric, hue="method", palette=colors, marker="o", ax=ax,
+                     errorbar=_t_interval, err_style="bars")
+        if numeric and (frame[key] > 0).all() and frame[key].max() / frame[key].min() >= 20:
+            ax.set_xscale("log")
+        others = [k for k in keys if k != key]
+        _style(ax, f"{ylabel} vs {key}" + (f" (mean over {', '.join(others)})" if others else ""), ylabel,
+               xlabel=key)
+    return fig
+
+
 # ---------------------------------------------------------------- files
 MAX_PNG_BYTES = 400_000
 

@@ -4,7 +4,8 @@
 markdown, and with ``--readme`` replaces the block between the ``results:start``
 and ``results:end`` markers. ``--vs outputs/OTHER --block NAME`` instead compares
 the students of two runs that differ in some parameters, seed by seed (block
-``NAME:start`` ... ``NAME:end``).
+``NAME:start`` ... ``NAME:end``). Given a sweep folder (``python -m kdlib sweep``), it
+prints the sweep's table, one row per setting, and its verdicts (block ``sweep``).
 """
 from __future__ import annotations
 
@@ -155,13 +156,17 @@ def update_readme(readme: str | Path, block: str, name: str = "results") -> None
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m kdlib.report", description=__doc__)
-    parser.add_argument("run_dir")
+    parser.add_argument("run_dir", help="a run folder, or a sweep folder (holding sweep.json)")
     parser.add_argument("--readme", help="README file whose results block to replace")
     parser.add_argument("--vs", metavar="OTHER_RUN", help="compare the students of run_dir with this run's")
     parser.add_argument("--runs", nargs="+", metavar="RUN", help="more runs: one table row per run and method")
     parser.add_argument("--block", default=None, help="README block name (default: results, or compare with --vs)")
     args = parser.parse_args(argv)
-    if args.runs:
+    sweep = (Path(args.run_dir) / "sweep.json").is_file()
+    if sweep:
+        from .sweep_analysis import markdown
+        block = markdown(args.run_dir)
+    elif args.runs:
         block = runs_table([args.run_dir, *args.runs])
     elif args.vs:
         block = runs_markdown(args.run_dir, args.vs)
@@ -169,7 +174,8 @@ def main(argv=None) -> None:
         block = results_markdown(args.run_dir)
     print(block)
     if args.readme:
-        update_readme(args.readme, block, args.block or ("compare" if args.vs or args.runs else "results"))
+        update_readme(args.readme, block, args.block or ("sweep" if sweep else "compare" if args.vs or args.runs
+                                                         else "results"))
 
 
 if __name__ == "__main__":

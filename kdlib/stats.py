@@ -1,5 +1,6 @@
 """Paired comparisons of student methods over seeds, and the run's result tables.
 
+* mean and 95% CI over seeds: mean(x) +/- t_{0.975,n-1} sd(x)/sqrt(n).
 * paired t: d_s = acc_A(s) - acc_B(s) over seeds s; mean(d) +/- t_{0.975,n-1} sd(d)/sqrt(n);
   p from the two-sided t test (``scipy.stats.ttest_rel``).
 * exact McNemar: on per-example correctness pooled over seeds, b = #(A right, B
@@ -29,6 +30,16 @@ def paired_t(a, b, confidence: float = 0.95) -> dict:
     half = st.t.ppf(0.5 + confidence / 2, n - 1) * sem
     p = float(st.ttest_rel(a, b).pvalue) if sem > 0 else (1.0 if mean == 0 else 0.0)
     return {"n": n, "mean_diff": mean, "ci_low": mean - half, "ci_high": mean + half, "p_value": p}
+
+
+def mean_ci(values, confidence: float = 0.95) -> dict:
+    """Mean of ``values`` and its confidence interval (t distribution; NaN with one value)."""
+    x = np.asarray(values, float)
+    mean = float(x.mean())
+    if len(x) < 2:
+        return {"n": len(x), "mean": mean, "ci_low": math.nan, "ci_high": math.nan}
+    half = st.t.ppf(0.5 + confidence / 2, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x))
+    return {"n": len(x), "mean": mean, "ci_low": mean - half, "ci_high": mean + half}
 
 
 def mcnemar_exact(correct_a, correct_b) -> dict:

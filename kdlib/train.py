@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from filelock import FileLock
 
 from .checkpoint import CheckpointError, CheckpointMismatch, atomic_save, identity_diff, load_checkpoint
 from .data import Dataset, Split, augment_batch, batch_order, normalize
@@ -275,10 +276,16 @@ def build_for(name: str, data: Dataset, device: torch.device):
 def train_teacher(name: str, data: Dataset, cfg: TrainConfig, checkpoint: str | Path | None = None,
                   identity: dict | None = None, log=print):
     """Train teacher ``name`` (or reuse/resume ``checkpoint``, which must hold a model
-    with this ``identity``). Returns ``(model, history, checkpoint)``."""
+    with this ``identity``). Returns ``(model, history, checkpoint)``. A file lock beside
+    the checkpoint makes processes racing on one setting train it once."""
     seed_everything(cfg.seed)
     model = build_for(name, data, data.train.images.device)
-    history = fit(Scratch(model), data, cfg, checkpoint=checkpoint, identity=identity, desc=name, log=log)
+    if checkpoint is None:
+        history = fit(Scratch(model), data, cfg, desc=name, log=log)
+    else:
+        Path(checkpoint).parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(f"{checkpoint}.lock"):  # a second process waits, then reuses what the first wrote
+            history = fit(Scratch(model), data, cfg, checkpoint=checkpoint, identity=identity, desc=name, log=log)
     return freeze(model), history, checkpoint
 
 

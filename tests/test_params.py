@@ -31,6 +31,12 @@ BAD = [  # (yaml text, words the one-line error must contain)
     ("lr_schedule: step", ["lr_schedule", "cosine, constant"]),
     ("precision: fp16", ["precision", "fp32, bf16"]),
     ("teachers: teacher_cnn1", ["teachers", "expected list"]),
+    ("lr: .nan", ["lr", "nan", "finite"]),
+    ("weight_decay: .inf", ["weight_decay", "inf", "finite"]),
+    ("train_subset: 1000000", ["train_subset", "1000000", "60000 images"]),
+    ("dataset: CIFAR10\ntrain_subset: 55000", ["train_subset", "55000", "CIFAR10", "50000"]),
+    ("test_subset: 10001", ["test_subset", "10001", "10000 images"]),
+    ("val_subset: 60000", ["val_subset", "60000", "smaller than", "60000 images"]),
     ("lr: [0.1", ["not valid YAML"]),
     ("- just\n- a list", ["expected a mapping"]),
     ("batch_size: true", ["batch_size", "True", "expected int"]),
@@ -96,6 +102,14 @@ def test_every_schema_key_is_declared_by_some_notebook():
 def test_notebook_parameters_checked_by_first_kdlib_call():
     with pytest.raises(ParamsError, match=r"02 parameters: temperature: -1.0 is not allowed"):
         book.notebook_params({"temperature": -1.0, "unrelated_variable": 3}, "02 parameters")
+
+
+def test_one_teacher_without_camkd_passes_the_teachers_notebook(tmp_path):
+    """01 declares no methods: a one-teacher run of vanilla KD must not fail there on camkd's rule."""
+    P = book.notebook_params({"teachers": ["teacher_cnn1"], "run_dir": str(tmp_path)}, "01 parameters")
+    assert P["teachers"] == ["teacher_cnn1"] and P["lr"] == 1e-3
+    with pytest.raises(ParamsError, match="camkd needs at least 2 teachers"):  # where students are declared
+        book.notebook_params({"teachers": ["teacher_cnn1"], "methods": ["camkd"], "run_dir": str(tmp_path)}, "02")
 
 
 def test_fashionmnist_params_are_the_seed_defaults():

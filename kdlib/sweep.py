@@ -1,0 +1,381 @@
+"""Sweeps: a grid of book runs fanned out on Dask, each an ordinary run folder.
+
+A sweep file (``params/sweeps/NAME.yaml``) names a ``base`` params file, a ``grid``
+(key -> list of values: every combination is a run) and/or ``runs`` (explicit
+override mappings, each one more run), and may fix other keys for all runs.
+``run_sweep`` validates every expanded run before anything is created, trains each
+distinct teacher set once as its own task, runs the book for each run as a task that
+depends on its teachers, and then executes ``04_sweep_analysis.ipynb`` into the
+sweep folder. The tasks know nothing of the cluster: an embedded ``LocalCluster``
+by default, or any scheduler address (``dask scheduler``, dask-jobqueue, ...).
+Each worker runs one book run at a time (worker resource ``run=1``) with as many
+torch threads as it has Dask threads.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import queue
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from . import book
+from .checkpoint import identity_key
+from .params import ParamsError, load_params, validate
+from .runner import RunError, execute, notebooks_dir, now, package_root, render_html
+
+SWEEP_KEYS = ("base", "grid", "runs")
+SET_BY_SWEEP = {"run_dir": "the sweep names each run's folder",
+                "threads": "each run gets its worker's thread count; size workers with --workers"}
+ANALYSIS = "04_sweep_analysis.ipynb"
+RESOURCES = {"run": 1}  # one book run per worker at a time
+STARTED = "kdbook-sweep-run-started"  # Dask event topic: a worker started a run
+
+
+@dataclass
+class Run:
+    name: str        # folder name under the sweep folder
+    overrides: dict  # keys set on top of the base params file (fixed keys, grid point, explicit run)
+    P: dict          # the validated parameters
+
+
+def format_value(value) -> str:
+    """A value as it appears in a run folder name: 10.0 -> 10, [a, b] -> a+b."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list):
+        return "+".join(format_value(v) for v in value)
+    return str(value)
+
+
+def run_name(own: dict) -> str:
+    """``beta=10,alpha=0.5`` from the keys a run sets itself, sanitised for a folder name."""
+    name = ",".join(f"{k}={format_value(v)}" for k, v in own.items()) or "base"
+    return re.sub(r"[^A-Za-z0-9._=,+-]", "_", name)
+
+
+def _read_yaml(path: Path, what: str) -> dict:
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: no such {what}; see params/sweeps/ for examples") from None
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping of key: value, got {type(raw).__name__}")
+    return raw
+
+
+def _locate(path: Path) -> Path:
+    """A relative path found from here, else from the project root or the repository
+    (a notebook runs in notebooks/; tests move the project root); as given when nowhere."""
+    for candidate in (path, book.project_root() / path, package_root() / path):
+        if candidate.exists():
+            return candidate
+    return path
+
+
+def expand(sweep_file: str | Path) -> tuple[str, list[Run]]:
+    """Read a sweep file and return ``(base params file, runs)``, every run validated.
+
+    Raises ``ParamsError`` naming the sweep file, the run and the key."""
+    src = str(sweep_file)
+    raw = _read_yaml(Path(sweep_file), "sweep file")
+    if "base" not in raw:
+        raise ParamsError(f"{src}: no 'base' key; name the params file the runs start from, "
+                          "e.g. base: params/smoke.yaml")
+    base = str(_locate(Path(raw["base"])))
+    base_raw = _read_yaml(Path(base), "base params file")
+    load_params(base)  # the base alone must be valid (its errors name the base file)
+    grid, explicit = raw.get("grid") or {}, raw.get("runs") or []
+    if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
+        raise ParamsError(f"{src}: grid must map each key to a non-empty list of values, e.g. beta: [10, 100]")
+    if not isinstance(explicit, list) or not all(isinstance(r, dict) for r in explicit):
+        raise ParamsError(f"{src}: runs must be a list of mappings, e.g. - {{methods: [scratch]}}")
+    if not grid and not explicit:
+        raise ParamsError(f"{src}: give a grid (key: [values]) and/or runs (a list of overrides)")
+    fixed = {k: v for k, v in raw.items() if k not in SWEEP_KEYS}
+    for key in set(fixed) | set(grid) | {k for r in explicit for k in r}:
+        if key in SET_BY_SWEEP:
+            raise ParamsError(f"{src}: key {key!r} cannot be set in a sweep ({SET_BY_SWEEP[key]})")
+    points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+    runs, seen = [], {}
+    for own in points + explicit:
+        name = run_name(own)
+        if name in seen:
+            raise ParamsError(f"{src}: runs {seen[name]} and {own} both get the folder name {name!r}; "
+                              "make them differ")
+        seen[name] = own
+        overrides = {**fixed, **own}
+        runs.append(Run(name, overrides, validate({**base_raw, **overrides}, f"{src}, run {name}")))
+    return base, runs
+
+
+def teacher_key(P: dict) -> tuple[str, ...]:
+    """The teacher checkpoints run ``P`` needs (``book.teacher_checkpoint``, from params
+    alone, no data loaded): runs with equal keys share one teacher set."""
+    return tuple(str(book.teacher_checkpoint(P, n)) for n in P["teachers"])
+
+
+def _worker() -> tuple[str, int]:
+    """(address, threads) of the Dask worker running the calling task."""
+    from distributed import get_worker
+    worker = get_worker()
+    return worker.address, worker.state.nthreads
+
+
+def _error_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"
+
+
+def teacher_task(P: dict, folder: str) -> dict:
+    """Train (or reuse) one teacher set into ``P["teacher_dir"]``, writing ``teachers.json``
+    into ``folder``. Returns a record; a failure is recorded, not raised."""
+    address, threads = _worker()
+    t0 = time.perf_counter()
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    progress = os.environ.get("KDBOOK_PROGRESS")
+    os.environ["KDBOOK_PROGRESS"] = "off"  # no bars on the sweep's console; teachers.json has the curves
+    try:
+        book.train_teachers(dict(P, run_dir=folder, threads=threads), log=lambda *a: None)
+        status, error = "finished", None
+    except Exception as err:  # recorded for the runs that need these teachers
+        status, error = "failed", _error_line(err)
+    finally:
+        if progress is None:
+            os.environ.pop("KDBOOK_PROGRESS")
+        else:
+            os.environ["KDBOOK_PROGRESS"] = progress
+    return {"status": status, "error": error, "worker": address, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def run_task(base: str, name: str, overrides: dict, sweep_dir: str, teachers: dict) -> dict:
+    """One book run into ``sweep_dir/name`` (``kdlib.runner``): started, or resumed when
+    its folder holds an unfinished run (Dask retrying it after its worker died), or
+    left alone when finished. Returns its record; a failure is recorded, not raised."""
+    from distributed import get_worker
+    from . import runner
+    address, threads = _worker()
+    get_worker().log_event(STARTED, {"sweep": sweep_dir, "run": name, "worker": address})  # -> sweep.json
+    t0 = time.perf_counter()
+    record = {"worker": address, "error": None}
+    if teachers["status"] != "finished":
+        return dict(record, status="failed", error=f"teachers: {teachers['error']}", seconds=0.0)
+    manifest = Path(sweep_dir) / name / "manifest.json"
+    status = json.loads(manifest.read_text()).get("status") if manifest.exists() else None
+    quiet = lambda *a: None  # noqa: E731  (the manifest records every step)
+    try:
+        if status and status != "finished":
+            runner.run(resume=str(manifest.parent), overrides=[f"threads={threads}"], log=quiet)
+        elif not status:
+            runner.run(base, name, [f"{k}={json.dumps(v)}" for k, v in overrides.items()] + [f"threads={threads}"],
+                       outputs=sweep_dir, log=quiet)
+        record["status"] = "finished"
+    except Exception as err:  # one failing run must not stop the others
+        record.update(status="failed", error=_error_line(err))
+    return dict(record, seconds=round(time.perf_counter() - t0, 1))
+
+
+def default_workers(cores: int, runs: int) -> int:
+    """CPU workers for ``runs`` runs on ``cores`` cores: one single-threaded worker per core
+    (measured faster than one multi-threaded worker for this model size; see README), never
+    more workers than runs."""
+    return max(1, min(cores, runs))
+
+
+def embedded_cluster(workers: int | None, runs: int, dashboard: str = ":8787"):
+    """A ``LocalCluster`` of process workers sized to this machine: with CUDA one worker per
+    GPU (dask-cuda's ``LocalCUDACluster`` when installed), else workers x threads = cores."""
+    from distributed import LocalCluster
+    import torch
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    gpus = torch.cuda.device_count()
+    if gpus and not workers:
+        try:
+            from dask_cuda import LocalCUDACluster
+            return LocalCUDACluster(threads_per_worker=max(1, cores // gpus), resources=RESOURCES,
+                                    dashboard_address=dashboard)
+        except ImportError:
+            if gpus > 1:
+                return _per_gpu_cluster(gpus, max(1, cores // gpus), dashboard)
+            workers = 1
+    workers = workers or default_workers(cores, runs)
+    return LocalCluster(n_workers=workers, threads_per_worker=max(1, cores // workers), processes=True,
+                        resources=RESOURCES, dashboard_address=dashboard)
+
+
+def _per_gpu_cluster(gpus: int, threads: int, dashboard: str):
+    """What LocalCUDACluster does, without dask-cuda: one worker per GPU, each seeing only its own."""
+    from distributed import Nanny, Scheduler, SpecCluster
+    workers = {i: {"cls": Nanny, "options": {"nthreads": threads, "resources": RESOURCES,
+                                             "env": {"CUDA_VISIBLE_DEVICES": str(i)}}} for i in range(gpus)}
+    return SpecCluster(workers=workers, scheduler={"cls": Scheduler, "options": {"dashboard_address": dashboard}})
+
+
+def portable(path: Path) -> str:
+    """``path`` relative to the project root when inside it (records carry no machine paths)."""
+    try:
+        return str(Path(path).resolve().relative_to(book.project_root().resolve()))
+    except ValueError:
+        try:
+            return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+        except ValueError:
+            return str(path)
+
+
+class _PlainDumper(yaml.SafeDumper):
+    """Writes repeated values in full (no &anchors), for a reader."""
+
+    def ignore_aliases(self, data):
+        return True
+
+
+class Record:
+    """``sweep.json``: every run's status, worker, seconds and error, written by the client only."""
+
+    def __init__(self, sweep_dir: Path, header: dict, names: list[str]):
+        self.path = sweep_dir / "sweep.json"
+        old = json.loads(self.path.read_text())["runs"] if self.path.exists() else {}
+        self.data = dict(header, status="running", started=now(),
+                         runs={n: old.get(n) if (old.get(n) or {}).get("status") == "finished" else
+                               {"status": "pending", "worker": None, "seconds": None, "error": None} for n in names})
+        self.write()
+
+    def runs(self, status: str) -> list[str]:
+        return [n for n, r in self.data["runs"].items() if r["status"] == status]
+
+    def update(self, name: str, **fields) -> None:
+        self.data["runs"][name].update(fields)
+        self.write()
+
+    def write(self) -> None:
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.data, indent=1))
+        tmp.replace(self.path)
+
+
+def _submit(client, base: str, runs: list[Run], sweep_dir: Path) -> dict:
+    """Teacher tasks (one per distinct teacher set), then one book-run task per run that
+    depends on its teachers' future. Returns ``{run name: future}``."""
+    tag = uuid.uuid4().hex[:6]  # keys unique on a shared scheduler
+    teachers, futures = {}, {}
+    for run in runs:
+        key = teacher_key(run.P)
+        if key not in teachers:
+            folder = sweep_dir / "_teachers" / identity_key({"checkpoints": key})
+            teachers[key] = client.submit(teacher_task, run.P, str(folder), key=f"teachers-{folder.name}-{tag}",
+                                          resources=RESOURCES, pure=False)
+        futures[run.name] = client.submit(run_task, base, run.name, run.overrides, str(sweep_dir), teachers[key],
+                                          key=f"run-{run.name}-{tag}", resources=RESOURCES, pure=False)
+    return futures
+
+
+def _watch(client, futures: dict, record: Record, sweep_dir: Path, log) -> None:
+    """Mark runs running (with their worker) as workers start them; one line per finished run."""
+    from distributed import as_completed
+    names = {f.key: n for n, f in futures.items()}
+    total, done = len(record.data["runs"]), len(record.runs("finished"))
+    started = queue.SimpleQueue()
+    client.subscribe_topic(STARTED, lambda event: started.put(event[1]))
+    pending = as_completed(list(futures.values()))
+    while not pending.is_empty():
+        while not started.empty():
+            event = started.get()
+            if event["sweep"] == str(sweep_dir) and \
+                    record.data["runs"][event["run"]]["status"] in ("pending", "running"):
+                record.update(event["run"], status="running", worker=event["worker"])
+        for future in pending.next_batch(block=False):
+            name = names[future.key]
+            if future.status == "error":  # the engine gave up on it (e.g. its worker died too often)
+                result = {"status": "failed", "error": _error_line(future.exception()), "seconds": None}
+            else:
+                result = future.result()
+            record.update(name, **result)
+            done += 1
+            log(f"[{done}/{total}] {name}: {result['status']}"
+                + (f" in {result['seconds']:.0f} s" if result.get("seconds") else "")
+                + (f" ({result['error']})" if result.get("error") else ""))
+        time.sleep(0.5)
+
+
+def analyse(sweep_dir: Path, log=print) -> Path:
+    """Execute 04_sweep_analysis into the sweep folder and render its HTML."""
+    nb_dir = notebooks_dir()
+    execute(nb_dir, ANALYSIS, sweep_dir, {"sweep_dir": portable(sweep_dir)}, {"sweep_dir"})
+    html = render_html(sweep_dir / ANALYSIS)
+    log(f"analysis: {portable(html)}")
+    return sweep_dir / ANALYSIS
+
+
+def run_sweep(sweep_file: str | Path, workers: int | None = None, scheduler: str | None = None,
+              resume: bool = False, outputs: str | Path = "outputs", name: str | None = None,
+              dashboard: str = ":8787", analysis: bool = True, log=print) -> dict:
+    """Run every run of a sweep file into ``outputs/NAME/`` and return ``sweep.json``'s content.
+
+    Raises ``ParamsError`` (a bad sweep) or ``RunError`` (a sweep folder in the way) before
+    anything is created; a failing run is recorded in ``sweep.json`` and the others go on.
+    ``analysis`` executes 04_sweep_analysis into the sweep folder at the end."""
+    sweep_file = _locate(Path(sweep_file))
+    base, runs = expand(sweep_file)
+    sweep_dir = Path(outputs) / (name or sweep_file.stem)
+    if (sweep_dir / "sweep.json").exists() and not resume:
+        raise RunError(f"{sweep_dir} already holds a sweep; continue it with: python -m kdlib sweep {sweep_file} "
+                       f"--resume (finished runs are skipped), or delete {sweep_dir}")
+    try:
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise RunError(f"cannot write the sweep folder {sweep_dir}: {err.strerror}; "
+                       "choose --outputs elsewhere") from None
+    (sweep_dir / "sweep.yaml").write_text(yaml.dump(
+        {"sweep": portable(sweep_file), "base": portable(Path(base)),
+         "runs": [{"name": r.name, "overrides": r.overrides} for r in runs]}, Dumper=_PlainDumper, sort_keys=False))
+    record = Record(sweep_dir, {"sweep": portable(sweep_file), "base": portable(Path(base)),
+                                "cluster": "given scheduler" if scheduler else "embedded LocalCluster"},
+                    [r.name for r in runs])
+    todo = [r for r in runs if r.name not in record.runs("finished")]
+    if len(todo) < len(runs):
+        log(f"{len(runs) - len(todo)} run(s) finished earlier, skipped")
+    if todo:
+        _run_on_cluster(base, todo, sweep_dir, record, workers, scheduler, dashboard, log)
+    failed = record.runs("failed")
+    record.data.update(status="failed" if failed else "finished", ended=now())
+    record.write()
+    if analysis and len(failed) < len(runs):
+        analyse(sweep_dir, log)
+    return record.data
+
+
+def _run_on_cluster(base, runs, sweep_dir, record, workers, scheduler, dashboard, log) -> None:
+    from distributed import Client
+    cluster = None if scheduler else embedded_cluster(workers, len(runs), dashboard)
+    try:
+        with Client(scheduler or cluster) as client:
+            info = client.scheduler_info()["workers"].values()
+            if scheduler and info and not any(w.get("resources", {}).get("run") for w in info):
+                raise RunError(f"the workers at {scheduler} declare no 'run' resource; start each with "
+                               f"dask worker {scheduler} --nthreads THREADS --resources run=1")
+            log(f"dashboard: {client.dashboard_link}; {len(info)} workers x "
+                f"{', '.join(sorted({str(w['nthreads']) for w in info})) or '?'} threads; {len(runs)} runs")
+            record.data["cluster"] += f", {len(info)} workers"
+            _watch(client, _submit(client, base, runs, sweep_dir), record, sweep_dir, log)
+    finally:
+        if cluster is not None:
+            cluster.close()
+
+
+def summary(data: dict) -> str:
+    """The closing lines: counts, and each failed run with its error line."""
+    runs = data["runs"]
+    failed = {n: r for n, r in runs.items() if r["status"] == "failed"}
+    lines = [f"sweep {data['status']}: {len(runs) - len(failed)} of {len(runs)} runs finished"]
+    lines += [f"  failed: {n}: {r['error']}" for n, r in failed.items()]
+    return "\n".join(lines)
