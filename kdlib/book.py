@@ -62,9 +62,9 @@ def portable(text) -> str:
 
 
 def say(message) -> None:
-    """``print(portable(message))``: the default ``log`` of the steps below, whose
-    messages (from ``kdlib.train`` too) land in executed notebooks."""
-    print(portable(message))
+    """``print(portable(message))``, flushed (a piped terminal sees it at once): the
+    default ``log`` of the steps below and of the runner."""
+    print(portable(message), flush=True)
 
 
 def notebook_params(namespace: dict, source: str) -> dict:

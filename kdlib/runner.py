@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from .bench import cpu_name
-from .book import display_path, portable
+from .book import display_path, portable, say
 from .params import ParamsError, load_params, parse_override, validate
 
 NOTEBOOKS = ["01_train_teachers.ipynb", "02_distill_students.ipynb", "03_fidelity_analysis.ipynb"]
@@ -159,7 +159,7 @@ def _portable(notebook: Path, source: str) -> None:
     nbformat.write(nb, notebook)
 
 
-def execute(nb_dir: Path, name: str, run_dir: Path, params: dict, declared: set[str], log=print) -> None:
+def execute(nb_dir: Path, name: str, run_dir: Path, params: dict, declared: set[str], log=say) -> None:
     import papermill
     env_before = os.environ.get("KDBOOK_PROGRESS")
     os.environ["KDBOOK_PROGRESS"] = "text"  # no widget state in executed notebooks
@@ -227,7 +227,7 @@ def prepare_run(params_file: str | None, name: str | None, overrides: list[str],
 
 
 def run(params_file: str | None = None, name: str | None = None, overrides: list[str] | None = None,
-        resume: str | None = None, outputs: str | Path = "outputs", log=print) -> Path:
+        resume: str | None = None, outputs: str | Path = "outputs", log=say) -> Path:
     """Run the book; return the run folder. Raises ``ParamsError`` or ``RunError``."""
     overrides = overrides or []
     nb_dir = notebooks_dir()
