@@ -121,9 +121,12 @@ def _failed_cell(output: Path) -> str:
 
 
 def render_html(notebook: Path) -> Path:
+    """JupyterLab's HTML, with the set-up cells' code (parameters, Colab) folded: see
+    ``kdlib/templates/kdbook``."""
     from nbconvert import HTMLExporter
     import nbformat
-    body, _ = HTMLExporter().from_notebook_node(nbformat.read(notebook, as_version=4))
+    exporter = HTMLExporter(template_name="kdbook", extra_template_basedirs=[str(Path(__file__).parent / "templates")])
+    body, _ = exporter.from_notebook_node(nbformat.read(notebook, as_version=4))
     html = notebook.with_suffix(".html")
     html.write_text(body, encoding="utf-8")
     return html

@@ -23,6 +23,7 @@ def test_committed_clean(path):
     assert len(tagged) == 1
     assert nb.cells[0].cell_type == "markdown" and tagged[0] == 1, "explanation first, then parameters"
     assert "google.colab" in nb.cells[2].source, "the Colab set-up cell follows the parameters"
+    assert nb.cells[2].metadata.get("tags") == ["colab-setup"], "tagged, so the HTML folds it"
 
 
 def test_colab_cell_without_kdbook_repo_stops_with_one_line(tmp_path, monkeypatch):
