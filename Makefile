@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 NAME ?= fashionmnist-$(shell date +%Y%m%d-%H%M%S)
 export KDBOOK_PROGRESS ?= text
 
-.PHONY: install data book smoke sweep lab test bench clean-interactive
+.PHONY: install data browser book smoke sweep lab test bench clean-interactive
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -18,6 +18,11 @@ install: $(VENV)/.installed
 data:
 	@if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; fi
+
+# Chromium for tests/test_browser.py (those tests skip, saying why, without it).
+browser:
+	@if ! command -v chromium >/dev/null && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && apt-get install -y -qq chromium; fi
 
 book: install data
 	$(PY) -m kdlib run params/fashionmnist.yaml --name $(NAME)
@@ -33,7 +38,7 @@ sweep: install data
 lab: install
 	KDBOOK_PROGRESS=auto $(VENV)/bin/jupyter lab notebooks/
 
-test: install data
+test: install data browser
 	$(PY) -m pytest tests
 	# the notebooks write their checkpoints and outputs/interactive under a throw-away folder, not the repository
 	KDBOOK_ROOT=$$(mktemp -d) $(PY) -m pytest --nbval-lax notebooks/ -p no:cacheprovider

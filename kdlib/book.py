@@ -37,6 +37,36 @@ def resolve(path: str) -> Path:
     return p if p.is_absolute() else project_root() / p
 
 
+def _root_forms() -> list[Path]:
+    root = project_root()
+    return list(dict.fromkeys([root.absolute(), root.resolve()]))
+
+
+def display_path(path) -> str:
+    """``path`` as records show it: relative to the project root when it lies inside
+    (so no record names a folder of the machine that made it), else as given."""
+    p = Path(path).expanduser()
+    for root in _root_forms():
+        for form in (p.absolute(), p.resolve()):
+            if form.is_relative_to(root):
+                return form.relative_to(root).as_posix() or "."
+    return str(path)
+
+
+def portable(text) -> str:
+    """``text`` with every path under the project root made relative to it."""
+    text = str(text)
+    for root in _root_forms():
+        text = text.replace(f"{root}{os.sep}", "")
+    return text
+
+
+def say(message) -> None:
+    """``print(portable(message))``, flushed (a piped terminal sees it at once): the
+    default ``log`` of the steps below and of the runner."""
+    print(portable(message), flush=True)
+
+
 def notebook_params(namespace: dict, source: str) -> dict:
     """Validated params from a notebook's parameter variables (defaults for the rest)."""
     given = {k: namespace[k] for k in SCHEMA if k in namespace}
@@ -98,7 +128,7 @@ def teacher_checkpoint(P, name: str) -> Path:
         else local
 
 
-def ship_teachers(P, log=print) -> list[Path]:
+def ship_teachers(P, log=say) -> list[Path]:
     """Copy ``P``'s finished teachers from ``teacher_dir`` into ``reference_teachers/``
     (weights, identity, history; no optimizer state), to be committed and reused."""
     shipped = []
@@ -112,7 +142,7 @@ def ship_teachers(P, log=print) -> list[Path]:
     return shipped
 
 
-def train_teachers(P, data=None, log=print) -> dict:
+def train_teachers(P, data=None, log=say) -> dict:
     """Train (or reuse) every teacher in ``P["teachers"]``; write ``teachers.json``.
 
     Returns ``{name: model}``. A teacher is reused when a checkpoint with the same
@@ -129,7 +159,7 @@ def train_teachers(P, data=None, log=print) -> dict:
         models[name] = model
         records.append({"name": name, "params": count_parameters(model),
                         "test_acc": history[-1]["test_acc"], "history": history,
-                        "checkpoint": str(path), "sha256": sha256_file(path),
+                        "checkpoint": display_path(path), "sha256": sha256_file(path),
                         "train_seconds": sum(h["epoch_seconds"] for h in history),
                         "seconds": time.perf_counter() - t0})
     _write_json(Path(P["run_dir"]) / "teachers.json",
@@ -137,7 +167,7 @@ def train_teachers(P, data=None, log=print) -> dict:
     return models
 
 
-def distill_students(P, data=None, teachers=None, log=print) -> dict:
+def distill_students(P, data=None, teachers=None, log=say) -> dict:
     """Train the student with every method in ``P["methods"]`` for every seed.
 
     Writes ``metrics_<method>.json`` (per-epoch history of each seed) and
@@ -194,12 +224,12 @@ def distill_students(P, data=None, teachers=None, log=print) -> dict:
     return results
 
 
-def load_results(P, log=print) -> tuple[dict, dict]:
+def load_results(P, log=say) -> tuple[dict, dict]:
     """``(teachers_json, {method: metrics})`` from ``P["run_dir"]``, distilling first
     (at this notebook's size) when no metrics are there yet."""
     run_dir = Path(P["run_dir"])
     if not any(run_dir.glob("metrics_*.json")):
-        log(f"no metrics in {run_dir}: distilling now with this notebook's parameters")
+        log(f"no metrics in {display_path(run_dir)}: distilling now with this notebook's parameters")
         distill_students(P, log=log)
     metrics = {m: json.loads((run_dir / f"metrics_{m}.json").read_text())
                for m in P["methods"] if (run_dir / f"metrics_{m}.json").exists()}

@@ -8,6 +8,7 @@ Curves over several seeds are the mean, with the min-max range shaded.
 """
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
@@ -165,6 +166,13 @@ def _pm(values, fmt=".2f") -> str:
     return f"{v.mean():{fmt}}" if len(v) == 1 else f"{v.mean():{fmt}} ± {v.std():{fmt}}"
 
 
+def _zoom_ylim(ax, lo: float, hi: float) -> None:
+    """A y-range around [lo, hi] (never below 0), so that bars a point apart look a
+    point apart; room above for the bar labels."""
+    pad = max(1.0, 0.25 * (hi - lo))
+    ax.set_ylim(max(0.0, lo - pad), hi + 1.5 * pad)
+
+
 def _text_panel(ax, text: str, title: str, size=8.5) -> None:
     ax.axis("off")
     ax.set_title(title, fontsize=10)
@@ -192,8 +200,9 @@ def plot_teachers(teachers_json: dict) -> Figure:
     bars = ax_bar.bar(names, [t["test_acc"] for t in recs], color=[colors[n] for n in names])
     ax_bar.bar_label(bars, labels=[f"{t['test_acc']:.2f}%\n{t['params'] / 1e3:.0f}K params" for t in recs],
                      fontsize=8, padding=2)
-    ax_bar.set_ylim(0, 115)
-    _style(ax_bar, "Teachers: final test accuracy", "accuracy (%)", legend=False, xlabel="")
+    accs = [t["test_acc"] for t in recs]
+    _zoom_ylim(ax_bar, min(accs), max(accs))
+    _style(ax_bar, "Teachers: final test accuracy (zoomed axis)", "accuracy (%)", legend=False, xlabel="")
     ax_bar.tick_params(axis="x", labelrotation=15)
     fig.suptitle(f"Teachers on {teachers_json.get('dataset', '?')} ({teachers_json.get('device', '?')})")
     return fig
@@ -306,10 +315,8 @@ def _compare_final_acc(ax, final, methods, colors, teachers_json=None) -> None:
         cols.append("lightgray")
     bars = ax.bar(labels, means, yerr=errs, color=cols, capsize=4)
     ax.bar_label(bars, labels=[f"{v:.2f}" for v in means], fontsize=7, padding=2)
-    lo, hi = min(np.subtract(means, errs)), max(np.add(means, errs))
-    pad = max(1.0, 0.25 * (hi - lo))
-    ax.set_ylim(max(0.0, lo - pad), hi + 1.5 * pad)
-    _style(ax, "Final test accuracy (mean ± std)", "accuracy (%)", legend=False, xlabel="")
+    _zoom_ylim(ax, min(np.subtract(means, errs)), max(np.add(means, errs)))
+    _style(ax, "Final test accuracy (mean ± std, zoomed axis)", "accuracy (%)", legend=False, xlabel="")
     ax.tick_params(axis="x", labelrotation=30)
 
 
@@ -332,8 +339,9 @@ def _compare_agreement(ax, final, methods, colors) -> None:
     long = pd.concat([long, cent.assign(teacher="centroid")], ignore_index=True)
     sns.barplot(data=long, x="teacher", y="value", hue="method", hue_order=methods, palette=colors,
                 errorbar="sd", capsize=0.1, ax=ax, legend=False)
-    ax.set_ylim(0, 105)
-    _style(ax, "Final top-1 agreement (mean ± std over seeds)",
+    g = long.groupby(["teacher", "method"])["value"].agg(["mean", "std"]).fillna(0.0)
+    _zoom_ylim(ax, (g["mean"] - g["std"]).min(), min(100.0, (g["mean"] + g["std"]).max()))
+    _style(ax, "Final top-1 agreement (mean ± std over seeds, zoomed axis)",
            "agreement (%)", legend=False, xlabel="")
 
 
@@ -448,10 +456,19 @@ def plot_metric(hf: pd.DataFrame, metric: str, teacher=None, methods=None) -> Fi
     return fig
 
 
+def png_bytes(fig: Figure, dpi: int = 90) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, facecolor="white")
+    return buffer.getvalue()
+
+
 def explorer(metrics_by_method: dict[str, dict]):
-    """Interactive view: pick a metric, a teacher and methods; returns an ipywidgets VBox."""
+    """Interactive view: pick a metric, a teacher and methods; returns an ipywidgets VBox.
+
+    The plot is a PNG in an ``ipywidgets.Image``: a bare Figure displayed inside an
+    ``Output`` widget shows as ``<Figure size ...>`` text wherever no matplotlib
+    formatter is registered (JupyterLab without pyplot imported)."""
     import ipywidgets as w
-    from IPython.display import display
 
     hf = history_frame(metrics_by_method)
     metrics = sorted(hf["metric"].unique())
@@ -460,18 +477,16 @@ def explorer(metrics_by_method: dict[str, dict]):
     teacher = w.Dropdown(options=[ALL] + list(hf["teacher"].dropna().unique()), description="teacher")
     methods = w.SelectMultiple(options=list(metrics_by_method), value=tuple(metrics_by_method),
                                description="methods", rows=min(4, max(1, len(metrics_by_method))))
-    out = w.Output()
+    image = w.Image(format="png")
 
     def redraw(*_):
         teacher.disabled = bool(_sel(hf, metric.value)["teacher"].isna().all())
-        with out:
-            out.clear_output(wait=True)
-            display(plot_metric(hf, metric.value, teacher.value, methods.value))
+        image.value = png_bytes(plot_metric(hf, metric.value, teacher.value, methods.value))
 
     for control in (metric, teacher, methods):
         control.observe(redraw, names="value")
     redraw()
-    box = w.VBox([w.HBox([metric, teacher, methods]), out])
+    box = w.VBox([w.HBox([metric, teacher, methods]), image])
     box.redraw = redraw
     return box
 

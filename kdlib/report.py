@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from .stats import paired_t, verdict
+from .stats import mean_sd as _mean_sd, paired_t, verdict
 
 SEED_EXPECTED = {  # the seed kit's README, "Expected results on Fashion-MNIST"
     "teacher_cnn1": "~92.5", "teacher_cnn2": "~93.3", "teacher_resnet": "~92.0",
@@ -98,11 +98,6 @@ def _differing_params(a: Path, b: Path) -> str:
     diff = [f"{k}: {pa.get(k)} → {pb.get(k)}" for k in sorted(set(pa) | set(pb))
             if k not in ignore and pa.get(k) != pb.get(k)]
     return ", ".join(diff)
-
-
-def _mean_sd(values: list[float], digits: int = 2) -> str:
-    s = pd.Series(values)
-    return f"{s.mean():.{digits}f}" if len(s) == 1 else f"{s.mean():.{digits}f} ± {s.std(ddof=1):.{digits}f}"
 
 
 def runs_markdown(run_a: str | Path, run_b: str | Path) -> str:

@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from .bench import cpu_name
+from .book import display_path, portable, say
 from .params import ParamsError, load_params, parse_override, validate
 
 NOTEBOOKS = ["01_train_teachers.ipynb", "02_distill_students.ipynb", "03_fidelity_analysis.ipynb"]
@@ -120,27 +121,65 @@ def _failed_cell(output: Path) -> str:
 
 
 def render_html(notebook: Path) -> Path:
+    """JupyterLab's HTML, with the set-up cells' code (parameters, Colab) folded: see
+    ``kdlib/templates/kdbook``."""
     from nbconvert import HTMLExporter
     import nbformat
-    body, _ = HTMLExporter().from_notebook_node(nbformat.read(notebook, as_version=4))
+    exporter = HTMLExporter(template_name="kdbook", extra_template_basedirs=[str(Path(__file__).parent / "templates")])
+    body, _ = exporter.from_notebook_node(nbformat.read(notebook, as_version=4))
     html = notebook.with_suffix(".html")
     html.write_text(body, encoding="utf-8")
     return html
 
 
-def execute(nb_dir: Path, name: str, run_dir: Path, params: dict, declared: set[str]) -> None:
+class _Echo:
+    """Where papermill copies the kernel's printed text as it arrives: each complete
+    line goes to ``log`` behind the notebook's name, so a batch run's terminal shows
+    the notebook's progress lines while they happen (the notebook keeps its own copy)."""
+
+    def __init__(self, notebook: str, log):
+        self.prefix, self.log, self.pending = Path(notebook).stem, log, ""
+
+    def write(self, text: str) -> None:
+        *lines, self.pending = (self.pending + text).split("\n")
+        for line in lines:
+            line = line.rsplit("\r", 1)[-1]  # a carriage-return bar: its last state
+            if line.strip():
+                self.log(f"{self.prefix} | {line}")
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.write("\n")
+
+
+def _portable(notebook: Path, source: str) -> None:
+    """Papermill records the input and output paths as given; keep them relative."""
+    import nbformat
+    nb = nbformat.read(notebook, as_version=4)
+    nb.metadata.papermill.update(input_path=source, output_path=display_path(notebook))
+    nbformat.write(nb, notebook)
+
+
+def execute(nb_dir: Path, name: str, run_dir: Path, params: dict, declared: set[str], log=say) -> None:
     import papermill
     env_before = os.environ.get("KDBOOK_PROGRESS")
     os.environ["KDBOOK_PROGRESS"] = "text"  # no widget state in executed notebooks
+    echo = _Echo(name, log)
     try:
         papermill.execute_notebook(str(nb_dir / name), str(run_dir / name),
                                    parameters={k: v for k, v in params.items() if k in declared},
-                                   kernel_name="python3", cwd=str(Path.cwd()), progress_bar=False)
+                                   kernel_name="python3", cwd=str(Path.cwd()), progress_bar=False,
+                                   stdout_file=echo, stderr_file=echo)
     finally:
+        echo.close()
         if env_before is None:
             os.environ.pop("KDBOOK_PROGRESS", None)
         else:
             os.environ["KDBOOK_PROGRESS"] = env_before
+        if (run_dir / name).exists():
+            _portable(run_dir / name, f"{nb_dir.name}/{name}")
 
 
 def prepare_run(params_file: str | None, name: str | None, overrides: list[str], resume: str | None,
@@ -157,6 +196,7 @@ def prepare_run(params_file: str | None, name: str | None, overrides: list[str],
             raise RunError(f"{run_dir} already finished; nothing to resume")
         given.update(dict(parse_override(t) for t in overrides))  # e.g. a lower lr after a NaN
         given = validate(given, source)
+        given["run_dir"] = display_path(run_dir)  # where the folder is now, even if it was moved
         if overrides:
             (run_dir / "params.yaml").write_text(yaml.safe_dump(given, sort_keys=False))
             manifest.setdefault("resume_overrides", []).append(overrides)
@@ -179,7 +219,7 @@ def prepare_run(params_file: str | None, name: str | None, overrides: list[str],
         raise RunError(f"{run_dir} already holds a {status} run; {hint}")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        P["run_dir"] = str(run_dir.resolve())
+        P["run_dir"] = display_path(run_dir.resolve())  # relative to the project root when inside it
         (run_dir / "params.yaml").write_text(yaml.safe_dump(P, sort_keys=False))
     except OSError as err:
         raise RunError(f"cannot write the run folder {run_dir}: {err.strerror}; "
@@ -190,7 +230,7 @@ def prepare_run(params_file: str | None, name: str | None, overrides: list[str],
 
 
 def run(params_file: str | None = None, name: str | None = None, overrides: list[str] | None = None,
-        resume: str | None = None, outputs: str | Path = "outputs", log=print) -> Path:
+        resume: str | None = None, outputs: str | Path = "outputs", log=say) -> Path:
     """Run the book; return the run folder. Raises ``ParamsError`` or ``RunError``."""
     overrides = overrides or []
     nb_dir = notebooks_dir()
@@ -220,11 +260,11 @@ def run(params_file: str | None = None, name: str | None = None, overrides: list
         log(f"{nb}: running")
         t0 = time.perf_counter()
         try:
-            execute(nb_dir, nb, run_dir, P, declared[nb])
+            execute(nb_dir, nb, run_dir, P, declared[nb], log)
         except Exception as err:
             where = _failed_cell(run_dir / nb)
             entry.update({"status": "failed", "end": now(), "seconds": time.perf_counter() - t0,
-                          "error": f"{type(err).__name__}: {where}"})
+                          "error": portable(f"{type(err).__name__}: {where}")})
             manifest.update({"status": "failed", "ended": now()})
             attempt.update({"end": now(), "seconds": round(time.perf_counter() - t_run, 1), "status": "failed"})
             write_manifest(run_dir, manifest)

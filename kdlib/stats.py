@@ -111,7 +111,8 @@ def verdict(row, alpha: float = 0.05) -> str:
 
 
 def write_tables(run_dir: str | Path, teachers_json: dict, metrics: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Write ``results.csv`` and ``comparison.csv`` into ``run_dir`` and return both."""
+    """Write ``results.csv``, ``comparison.csv`` and ``summary.csv`` (too wide for a
+    page) into ``run_dir``; return the first two."""
     run_dir = Path(run_dir)
     with np.load(run_dir / "predictions.npz") as npz:
         predictions = dict(npz)
@@ -119,6 +120,9 @@ def write_tables(run_dir: str | Path, teachers_json: dict, metrics: dict) -> tup
     comparison = comparison_frame(metrics, predictions)
     results.to_csv(run_dir / "results.csv", index=False)
     comparison.to_csv(run_dir / "comparison.csv", index=False)
+    summary = summary_frame(results)
+    summary.columns = [f"{column}_{stat}" for column, stat in summary.columns]
+    summary.to_csv(run_dir / "summary.csv")
     return results, comparison
 
 
@@ -126,3 +130,47 @@ def summary_frame(results: pd.DataFrame) -> pd.DataFrame:
     """Mean, std and count of each numeric column per (role, name)."""
     numeric = results.drop(columns=["seed", "params"]).groupby(["role", "name"], sort=False)
     return numeric.agg(["mean", "std", "count"])
+
+
+def mean_sd(values, digits: int = 2) -> str:
+    """``mean ± sd`` (sample sd) of the values that are not NaN; the mean alone for one."""
+    s = pd.Series(values, dtype=float).dropna()
+    if s.empty:
+        return "n/a"
+    return f"{s.mean():.{digits}f}" if len(s) == 1 else f"{s.mean():.{digits}f} ± {s.std(ddof=1):.{digits}f}"
+
+
+ANSWER_COLUMNS = {"test_acc": ("test accuracy %", 2), "centroid_fidelity": ("centroid fidelity KL(C‖S)", 3),
+                  "centroid_agreement": ("agreement with the centroid %", 2)}
+
+
+def method_table(results: pd.DataFrame) -> pd.DataFrame:
+    """One row per student method: n (seeds) and each of ``ANSWER_COLUMNS`` as mean ± sd."""
+    rows = []
+    for name, group in results[results["role"] == "student"].groupby("name", sort=False):
+        row = {"student": NAMES.get(name, name), "n": len(group)}
+        for column, (label, digits) in ANSWER_COLUMNS.items():
+            row[label] = mean_sd(group[column] if column in group else [], digits)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def headline(results: pd.DataFrame, comparison: pd.DataFrame) -> str:
+    """The answer first, as markdown: the student with the highest mean accuracy, the
+    paired verdicts, the teachers' accuracy and ``method_table``."""
+    students = results[results["role"] == "student"]
+    if students.empty:
+        return "No student results yet."
+    means = students.groupby("name", sort=False)["test_acc"].mean()
+    best = means.idxmax()
+    lines = [f"**Highest mean test accuracy: {NAMES.get(best, best)}** ({means[best]:.2f} %, "
+             f"n = {int((students['name'] == best).sum())}).", ""]
+    lines += [f"- {verdict(row)}" for _, row in comparison.iterrows()]
+    teachers = results[results["role"] == "teacher"]
+    if not teachers.empty:
+        lines += ["", "Teachers: " + ", ".join(f"{n} {a:.2f} %" for n, a in zip(teachers["name"], teachers["test_acc"]))
+                  + "."]
+    table = method_table(students)
+    lines += ["", "| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join(lines)

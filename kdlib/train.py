@@ -25,7 +25,7 @@ from .distillers import Distiller, Scratch, build_distiller
 from .models import build_model
 from .teachers import CachedTeachers, LiveTeachers, freeze
 from .metrics import accuracy, fidelity_metrics
-from .progress import progress_bar
+from .progress import EpochProgress
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -238,7 +238,7 @@ def fit(distiller: Distiller, data: Dataset, cfg: TrainConfig, *, checkpoint: st
     if cfg.compile:  # compiles the student's forward in place; weights and state_dict keys unchanged
         distiller.student.forward = torch.compile(distiller.student.forward)
     steps = math.ceil(len(data.train) / cfg.batch_size)
-    bar = progress_bar(total=cfg.epochs, initial=start, desc=desc)
+    bar = EpochProgress(desc, cfg.epochs, start)
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
         sums, correct, n, stats, lr = train_epoch(distiller, optimizer, data, cfg, epoch, steps)
@@ -254,8 +254,7 @@ def fit(distiller: Distiller, data: Dataset, cfg: TrainConfig, *, checkpoint: st
                          "extra": distiller.extra_module().state_dict(),
                          "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
                          "finished": epoch + 1 == cfg.epochs, "history": history, "rng": _rng_state()}, checkpoint)
-        bar.update(1)
-        bar.set_postfix(loss=f"{record['train_loss']:.3f}", test_acc=f"{record['test_acc']:.2f}")
+        bar.epoch(record)
     bar.close()
     return history
 

@@ -23,3 +23,24 @@ def test_committed_clean(path):
     assert len(tagged) == 1
     assert nb.cells[0].cell_type == "markdown" and tagged[0] == 1, "explanation first, then parameters"
     assert "google.colab" in nb.cells[2].source, "the Colab set-up cell follows the parameters"
+    assert nb.cells[2].metadata.get("tags") == ["colab-setup"], "tagged, so the HTML folds it"
+
+
+def test_colab_cell_without_kdbook_repo_stops_with_one_line(tmp_path, monkeypatch):
+    """In Colab (google.colab imported) and no KDBOOK_REPO: a one-line stop naming what to
+    set, nothing cloned or installed; the cell is the same in every notebook."""
+    import subprocess
+    import sys
+    import types
+    cells = {nbformat.read(p, as_version=4).cells[2].source for p in NOTEBOOKS}
+    assert len(cells) == 1
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("KDBOOK_REPO", raising=False)
+    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+    ran = []
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: ran.append(a))
+    with pytest.raises(SystemExit) as stop:
+        exec(cells.pop(), {})
+    message = str(stop.value)
+    assert "KDBOOK_REPO" in message and "\n" not in message
+    assert ran == [] and list(tmp_path.iterdir()) == []

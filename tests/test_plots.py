@@ -206,12 +206,39 @@ def test_explorer_returns_widget():
     box = plots.explorer(make_all())
     assert isinstance(box, widgets.Widget)
     metric, teacher, methods = box.children[0].children
+    image = box.children[1]
+    assert isinstance(image, widgets.Image) and image.value[:8] == b"\x89PNG\r\n\x1a\n"
+    shown = [image.value]
     metric.value = "individual_fidelity"
     assert not teacher.disabled
     teacher.value = "t_b"
     methods.value = ("camkd",)
     metric.value = "test_acc"
     assert teacher.disabled
+    shown.append(image.value)
+    metric.value = "test_loss"
+    shown.append(image.value)
+    assert len(set(shown)) == 3, "each selection redraws the image"
+
+
+def bar_heights(ax) -> list[float]:
+    return [p.get_height() for p in ax.patches if p.get_height() > 0]
+
+
+def test_accuracy_bars_zoom_to_the_differences():
+    """Bars a point apart must look a point apart: no 0-100 axis for accuracies near 92."""
+    teachers = make_teachers()
+    for t, acc in zip(teachers["teachers"], (92.1, 93.1, 92.6)):
+        t["test_acc"] = acc
+    ax_bar = plots.plot_teachers(teachers).axes[2]
+    lo, hi = ax_bar.get_ylim()
+    assert 85 < lo < 92.1 and 93.1 < hi < 100
+    assert (93.1 - 92.1) / (hi - lo) > 0.1, "a one-point gap fills over a tenth of the axis"
+    fig = plots.plot_comparison(make_all(), teachers)
+    for ax in (fig.axes[10], fig.axes[12]):  # final accuracy; top-1 agreement
+        lo, hi = ax.get_ylim()
+        heights = bar_heights(ax)
+        assert lo > 0.5 * min(heights) and max(heights) < hi, ax.get_title()
 
 
 def test_plot_metric_lines():

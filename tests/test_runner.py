@@ -7,11 +7,12 @@ from pathlib import Path
 
 import nbformat
 import pytest
+import yaml
 
+from conftest import ROOT
 from kdlib.__main__ import main
 from kdlib.runner import NOTEBOOKS
 
-ROOT = Path(__file__).resolve().parent.parent
 SMOKE = str(ROOT / "params/smoke.yaml")
 
 
@@ -202,3 +203,66 @@ def test_resume_with_override_after_a_nan(tmp_path, capsys):
     from kdlib.report import training_minutes
     teachers, students = training_minutes(outputs / "r")
     assert teachers > 0 and students > 0
+
+
+# ---------------------------------------------------------------- what a batch run shows and records
+def stream_text(notebook: Path) -> str:
+    nb = nbformat.read(notebook, as_version=4)
+    return "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []) if o["output_type"] == "stream")
+
+
+def test_terminal_shows_each_epoch_once_as_it_happens(tiny_book):
+    """The runner's terminal shows every epoch line (model, epoch, loss terms, test accuracy,
+    seconds, time left) while its notebook runs, with the notebook's name; the executed
+    notebook holds each line once, and no carriage-return bar states."""
+    from kdlib.progress import epoch_line
+    run, _, out = tiny_book
+    teachers = json.loads((run / "teachers.json").read_text())["teachers"]
+    expected = {NOTEBOOKS[0]: [epoch_line(t["name"], t["history"][0], 1, 0) for t in teachers],
+                NOTEBOOKS[1]: [epoch_line(f"{m} seed 0", json.loads((run / f"metrics_{m}.json").read_text())
+                                          ["runs"][0]["history"][0], 1, 0) for m in ("camkd", "vanilla", "scratch")]}
+    lines = out.splitlines()
+    for nb, epoch_lines in expected.items():
+        start, end = lines.index(f"{nb}: running"), next(i for i, x in enumerate(lines) if x.startswith(f"{nb}: finished"))
+        notebook = stream_text(run / nb)
+        assert "\r" not in notebook
+        for line in epoch_lines:
+            assert lines.count(f"{Path(nb).stem} | {line}") == 1, line
+            assert start < lines.index(f"{Path(nb).stem} | {line}") < end
+            assert notebook.count(line) == 1, line
+
+
+def test_records_name_no_machine_path(tiny_book):
+    run, project, _ = tiny_book
+    machine = [str(project), str(ROOT), str(Path.home()) + "/", "/tmp/"]
+    for path in run.iterdir():
+        if path.suffix in (".ipynb", ".html", ".json", ".yaml", ".csv"):
+            text = path.read_text()
+            assert not [m for m in machine if m in text], path.name
+    assert yaml.safe_load((run / "params.yaml").read_text())["run_dir"] == "outputs/tiny"
+    manifest = json.loads((run / "manifest.json").read_text())
+    for t in manifest["teacher_checkpoints"]:
+        assert t["checkpoint"].startswith("checkpoints/teachers/FashionMNIST/") and (project / t["checkpoint"]).is_file()
+    for nb in NOTEBOOKS:
+        meta = nbformat.read(run / nb, as_version=4).metadata.papermill
+        assert (meta.input_path, meta.output_path, meta.parameters["run_dir"]) == \
+            (f"notebooks/{nb}", f"outputs/tiny/{nb}", "outputs/tiny")
+
+
+def first_rich_output(notebook: Path) -> dict:
+    """The first table, markdown or figure the notebook shows (printed lines aside)."""
+    nb = nbformat.read(notebook, as_version=4)
+    return next(o["data"] for c in nb.cells for o in c.get("outputs", []) if o["output_type"] != "stream")
+
+
+def test_each_notebook_shows_what_happened_first(tiny_book):
+    run, _, _ = tiny_book
+    first = first_rich_output(run / NOTEBOOKS[0])["text/html"]
+    for t in json.loads((run / "teachers.json").read_text())["teachers"]:
+        assert t["name"] in first and f"{t['test_acc']:.2f}" in first
+    first = first_rich_output(run / NOTEBOOKS[1])["text/html"]
+    for m in ("camkd", "vanilla", "scratch"):
+        acc = json.loads((run / f"metrics_{m}.json").read_text())["runs"][0]["test_acc"]
+        assert m in first and f"{acc:.3f}".rstrip("0") in first
+    first = first_rich_output(run / NOTEBOOKS[2])["text/markdown"]
+    assert first.startswith("**Highest mean test accuracy:") and "CAMKD vs vanilla:" in first

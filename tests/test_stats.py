@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy import stats as st
 
-from kdlib.stats import comparison_frame, mcnemar_exact, paired_t, verdict
+from kdlib.stats import NAMES, comparison_frame, mcnemar_exact, paired_t, verdict
 
 
 def test_paired_t_matches_scipy_and_hand_interval():
@@ -94,3 +94,50 @@ def test_comparison_without_shared_seeds_says_so():
     row = comparison_frame(metrics, preds).iloc[0]
     assert row.seeds == 0 and math.isnan(row.mean_diff)
     assert verdict(row) == "CAMKD vs vanilla: no seed in common, nothing to compare"
+def synthetic_run(tmp_path):
+    """teachers.json / metrics / predictions.npz shaped inputs: 3 methods x 3 seeds, 2 teachers."""
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 10, 200)
+    preds, metrics = {"labels": labels}, {}
+    for method in ("camkd", "vanilla", "scratch"):
+        runs = []
+        for seed in (0, 1, 2):
+            p = np.where(rng.random(200) < 0.9, labels, (labels + 1) % 10)
+            preds[f"{method}/seed{seed}"] = p
+            fid = {"centroid_fidelity": rng.uniform(0.04, 0.08), "mean_individual_fidelity": rng.uniform(0.05, 0.1),
+                   "centroid_agreement": rng.uniform(93, 97), "individual_fidelity": list(rng.uniform(0, 1, 2)),
+                   "top1_agreement": list(rng.uniform(90, 99, 2))}
+            runs.append({"seed": seed, "test_acc": float((p == labels).mean() * 100), "fidelity": fid})
+        metrics[method] = {"method": method, "teachers": ["t1", "t2"], "student_params": 1000, "runs": runs}
+    np.savez(tmp_path / "predictions.npz", **preds)
+    teachers = {"teachers": [{"name": "t1", "params": 10, "test_acc": 93.11}, {"name": "t2", "params": 20,
+                                                                              "test_acc": 92.1}]}
+    return teachers, metrics
+
+
+def test_answer_table_cells_match_results_csv(tmp_path):
+    import csv
+    from kdlib.stats import headline, method_table, write_tables
+    results, comparison = write_tables(tmp_path, *synthetic_run(tmp_path))
+    rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+    table = method_table(results)
+    assert list(table["student"]) == ["CAMKD", "vanilla", "scratch"]
+    for (method, label), cells in zip([("camkd", "CAMKD"), ("vanilla", "vanilla"), ("scratch", "scratch")],
+                                      table.to_dict("records")):
+        for column, digits, header in [("test_acc", 2, "test accuracy %"),
+                                       ("centroid_fidelity", 3, "centroid fidelity KL(C‖S)"),
+                                       ("centroid_agreement", 2, "agreement with the centroid %")]:
+            v = np.array([float(r[column]) for r in rows if r["name"] == method])
+            assert cells[header] == f"{v.mean():.{digits}f} ± {v.std(ddof=1):.{digits}f}", (method, column)
+        assert cells["n"] == 3
+    text = headline(results, comparison)
+    means = {m: np.mean([float(r["test_acc"]) for r in rows if r["name"] == m]) for m in ("camkd", "vanilla", "scratch")}
+    best = max(means, key=means.get)
+    assert text.startswith(f"**Highest mean test accuracy: {NAMES[best]}** ({means[best]:.2f} %, n = 3).")
+    for _, row in comparison.iterrows():
+        assert f"- {verdict(row)}" in text
+    assert "Teachers: t1 93.11 %, t2 92.10 %." in text
+    assert text.count("\n| ") == 4  # header and one row per method
+    summary = (tmp_path / "summary.csv").read_text().splitlines()
+    assert summary[0].startswith("role,name,test_acc_mean,test_acc_std,test_acc_count")
+    assert len(summary) == 1 + 2 + 3  # header, two teachers, three students

@@ -15,10 +15,10 @@ import pytest
 import yaml
 from scipy import stats as st
 
-from kdlib import sweep, sweep_analysis
+from kdlib import book, sweep, sweep_analysis
 from kdlib.__main__ import main
 from kdlib.data import DEBIAN_FASHION_MNIST
-from kdlib.params import ParamsError, validate
+from kdlib.params import validate
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = {"base": str(ROOT / "params/smoke.yaml"), "train_subset": 300, "test_subset": 100,
@@ -171,7 +171,8 @@ def test_two_racing_runs_train_one_teacher_setting_once(project):
     assert records[0]["sha256"] == records[1]["sha256"] and records[0]["checkpoint"] == records[1]["checkpoint"]
     P = validate({"train_subset": 300, "test_subset": 100, "teachers": ["teacher_resnet"], "methods": ["vanilla"], "teacher_epochs": 2,
                   "teacher_dir": str(project / "teachers")})
-    assert sweep.teacher_key(P) == (records[0]["checkpoint"],)  # the sweep groups by the path training writes
+    [key] = sweep.teacher_key(P)                     # the sweep groups by the path training writes
+    assert book.display_path(key) == records[0]["checkpoint"]
 
 
 # ---------------------------------------------------------------- whole sweeps

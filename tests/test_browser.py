@@ -1,0 +1,170 @@
+"""What a reader sees, where the reader sees it: the executed book's HTML in Chromium,
+and notebook 03 run live in a real JupyterLab (Playwright driving Debian's chromium)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+from kdlib.runner import NOTEBOOKS
+
+try:
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout, sync_playwright
+except ImportError:
+    sync_playwright = None
+
+CHROMIUM = os.environ.get("KDBOOK_CHROMIUM", "/usr/bin/chromium")
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run"]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not Path(CHROMIUM).is_file(),
+                       reason=f"no Chromium at {CHROMIUM}: apt-get install chromium (or set KDBOOK_CHROMIUM)"),
+    pytest.mark.skipif(sync_playwright is None, reason="Playwright missing: pip install -e '.[test]'"),
+]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser):
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    yield page
+    page.close()
+
+
+# ---------------------------------------------------------------- the executed book's HTML
+@pytest.mark.parametrize("notebook", NOTEBOOKS)
+def test_html_reads_in_chromium(tiny_book, page, notebook):
+    """Every figure loads, no error or warning output is shown, 03 gives the verdict,
+    and no path of the machine that ran it appears (text or markup)."""
+    run, project, _ = tiny_book
+    html = run / Path(notebook).with_suffix(".html")
+    page.goto(html.as_uri())
+    images = page.evaluate("() => [...document.images].map(i => [i.complete, i.naturalWidth])")
+    assert len(images) >= {0: 1, 1: 3, 2: 2}[NOTEBOOKS.index(notebook)]
+    assert all(complete and width > 0 for complete, width in images), images
+    assert page.locator('[data-mime-type="application/vnd.jupyter.stderr"]').count() == 0
+    text = page.inner_text("body")
+    assert "Traceback" not in text and "<Figure size" not in text
+    first = page.evaluate("""() => document.querySelector(['text/html', 'text/markdown', 'image/png']
+        .map(m => `.jp-OutputArea-output[data-mime-type="${m}"]`).join(', ')).getBoundingClientRect().top""")
+    assert first < 900, f"what happened (first table, answer or figure) starts at y = {first:.0f} px, below the first screen"
+    if notebook == NOTEBOOKS[2]:
+        assert "Highest mean test accuracy:" in text and "CAMKD vs vanilla:" in text
+    markup = page.content()
+    leaked = [p for p in (str(project), str(ROOT), str(Path.home()) + "/", "/tmp/") if p in markup]
+    assert not leaked, leaked
+
+
+# ---------------------------------------------------------------- notebook 03 live in JupyterLab
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_server(url: str, proc, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"jupyter lab exited with {proc.returncode}")
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"jupyter lab did not answer at {url} within {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    """``jupyter lab`` on a free localhost port with a token, serving a temporary copy of
+    notebooks/ with ``KDBOOK_ROOT`` there too, so nothing is written into the repository.
+    Settings: every cell kept in the page (no windowing) and no news pop-up."""
+    home = tmp_path_factory.mktemp("lab")
+    shutil.copytree(ROOT / "notebooks", home / "notebooks", ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
+    settings = home / "settings" / "@jupyterlab"
+    (settings / "notebook-extension").mkdir(parents=True)
+    (settings / "notebook-extension" / "tracker.jupyterlab-settings").write_text(json.dumps({"windowingMode": "none"}))
+    (settings / "apputils-extension").mkdir(parents=True)
+    (settings / "apputils-extension" / "notification.jupyterlab-settings").write_text(
+        json.dumps({"fetchNews": "false", "checkForUpdates": False}))
+    port, token = _free_port(), "kdbook-test-token"
+    env = dict(os.environ, KDBOOK_ROOT=str(home), KDBOOK_PROGRESS="auto",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+               JUPYTERLAB_SETTINGS_DIR=str(home / "settings"), JUPYTERLAB_WORKSPACES_DIR=str(home / "workspaces"),
+               JUPYTER_CONFIG_DIR=str(home / "config"), JUPYTER_RUNTIME_DIR=str(home / "runtime"))
+    log = (home / "lab.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ip=127.0.0.1",
+                             f"--port={port}", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={home}",
+                             "--ServerApp.port_retries=0", *(["--allow-root"] if os.geteuid() == 0 else [])],
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _wait_for_server(f"http://127.0.0.1:{port}/api/status?token={token}", proc)
+        yield f"http://127.0.0.1:{port}", token, home
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+STARTED = """() => [...document.querySelectorAll('.jp-CodeCell .jp-InputArea-prompt')]
+    .some(p => /\\[(\\*|\\d+)\\]/.test(p.textContent))"""
+ALL_RAN = """() => {
+    const prompts = [...document.querySelectorAll('.jp-CodeCell .jp-InputArea-prompt')].map(p => p.textContent);
+    const failed = [...document.querySelectorAll('.jp-OutputArea-output')].some(o => o.textContent.includes('Traceback'));
+    return failed || (prompts.length > 0 && prompts.every(p => /\\[\\d+\\]/.test(p)));
+}"""  # every code cell has its execution count, or one failed (run-all stops there)
+
+
+def test_explorer_renders_and_redraws_in_jupyterlab(lab, page):
+    """Run all of notebook 03 in JupyterLab: the explorer shows a plot (an image, not the
+    text ``<Figure size``), and picking another metric redraws it."""
+    url, token, home = lab
+    page.set_default_timeout(120_000)
+    page.goto(f"{url}/lab/tree/notebooks/03_fidelity_analysis.ipynb?token={token}")
+    page.locator(".jp-Notebook .jp-Cell").first.wait_for()
+    page.get_by_text("Kernel status: Idle").first.wait_for(state="attached")  # the kernel is up
+    for _ in range(3):  # a click that lands while Lab is still settling can be lost: retry until cells run
+        page.locator(".lm-MenuBar-item", has_text="Run").first.click()
+        page.locator(".lm-Menu-item", has_text="Run All Cells").first.click()
+        try:
+            page.wait_for_function(STARTED, timeout=60_000)
+            break
+        except PlaywrightTimeout:
+            page.keyboard.press("Escape")
+    try:
+        page.wait_for_function(ALL_RAN, timeout=900_000)  # the notebook trains its quick teachers and students first
+    finally:
+        page.screenshot(path=str(home / "lab.png"))  # for a failure's post-mortem
+    text = page.inner_text(".jp-Notebook")
+    assert "<Figure size" not in text and "Traceback" not in text
+    image = page.locator(".jp-Notebook img.widget-image")
+    assert image.count() == 1, "the explorer shows its plot as an image"
+    assert (home / "outputs" / "interactive" / "results.csv").is_file(), "outputs go to the temporary root"
+    image.scroll_into_view_if_needed()
+    page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=image.element_handle())
+    before = image.get_attribute("src")
+    page.locator(".widget-dropdown", has_text="metric").locator("select").select_option("test_loss")
+    page.wait_for_function("([img, old]) => img.src !== old && img.complete && img.naturalWidth > 0",
+                           arg=[image.element_handle(), before])
