@@ -137,6 +137,18 @@ ALL_RAN = """() => {
 }"""  # every code cell has its execution count, or one failed (run-all stops there)
 
 
+def accept_dialogs(page, seen: list | None = None) -> None:
+    """Accept any modal dialog Lab put up while starting (e.g. its kernel choice, whose
+    default is the notebook's python3), saying which, so no click below is intercepted."""
+    dialogs = page.locator(".jp-Dialog")
+    for _ in range(5):
+        if not dialogs.count():
+            return
+        print("JupyterLab dialog accepted:", " ".join(dialogs.first.inner_text().split())[:200])
+        dialogs.first.locator(".jp-Dialog-button.jp-mod-accept").first.click()
+        page.wait_for_timeout(500)
+
+
 def test_explorer_renders_and_redraws_in_jupyterlab(lab, page):
     """Run all of notebook 03 in JupyterLab: the explorer shows a plot (an image, not the
     text ``<Figure size``), and picking another metric redraws it."""
@@ -146,6 +158,7 @@ def test_explorer_renders_and_redraws_in_jupyterlab(lab, page):
     page.locator(".jp-Notebook .jp-Cell").first.wait_for()
     page.get_by_text("Kernel status: Idle").first.wait_for(state="attached")  # the kernel is up
     for _ in range(3):  # a click that lands while Lab is still settling can be lost: retry until cells run
+        accept_dialogs(page)
         page.locator(".lm-MenuBar-item", has_text="Run").first.click()
         page.locator(".lm-Menu-item", has_text="Run All Cells").first.click()
         try:

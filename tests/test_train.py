@@ -251,18 +251,25 @@ def test_pickled_payload_is_refused_not_run(tmp_path):
     assert str(bad) in str(err.value) and not marker.exists()
 
 
+def crash_in_epoch(monkeypatch, cls, epoch: int):
+    """Make ``cls`` stop with KeyboardInterrupt at the start of epoch ``epoch`` (1-based);
+    returns the real ``forward_train`` to put back."""
+    real = cls.forward_train
+
+    def crashing(self, x, y, idx, e):
+        if e == epoch - 1:
+            raise KeyboardInterrupt
+        return real(self, x, y, idx, e)
+
+    monkeypatch.setattr(cls, "forward_train", crashing)
+    return real
+
+
 def test_interrupted_run_resumes_to_the_same_result(fmnist_small, bank, students, tmp_path, monkeypatch):
     """Stop a scratch run in its second epoch, rerun: it resumes from epoch 1 and ends
     where the uninterrupted run ended (model, optimizer and RNG were all restored)."""
     ckpt = tmp_path / "scratch.pt"
-    real = Scratch.forward_train
-
-    def crash_in_epoch_2(self, x, y, idx, epoch):
-        if epoch == 1:
-            raise KeyboardInterrupt
-        return real(self, x, y, idx, epoch)
-
-    monkeypatch.setattr(Scratch, "forward_train", crash_in_epoch_2)
+    real = crash_in_epoch(monkeypatch, Scratch, 2)
     ident = student_id("scratch")
     with one_thread(), pytest.raises(KeyboardInterrupt):
         train_student("scratch", bank, fmnist_small, CFG, checkpoint=ckpt, identity=ident, log=quiet)
@@ -288,14 +295,7 @@ def test_camkd_killed_after_epoch_2_resumes_to_the_same_state(fmnist_small, bank
     run = lambda ckpt, log=quiet: train_student("camkd", bank, data, cfg, checkpoint=ckpt, identity=ident, log=log)
     with one_thread():
         run(tmp_path / "straight.pt")
-    real = CAMKD.forward_train
-
-    def crash_in_epoch_3(self, x, y, idx, epoch):
-        if epoch == 2:
-            raise KeyboardInterrupt
-        return real(self, x, y, idx, epoch)
-
-    monkeypatch.setattr(CAMKD, "forward_train", crash_in_epoch_3)
+    real = crash_in_epoch(monkeypatch, CAMKD, 3)
     with one_thread(), pytest.raises(KeyboardInterrupt):
         run(tmp_path / "resumed.pt")
     assert load_checkpoint(tmp_path / "resumed.pt")["epoch"] == 2
