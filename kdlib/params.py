@@ -154,16 +154,23 @@ def validate(params: dict, source: str = "params", partial: bool = False) -> dic
     return dict(params) if partial else full
 
 
-def load_params(path: str | Path) -> dict:
-    """Read and validate a params YAML file."""
+def read_mapping(path: str | Path, what: str = "params file", examples: str = "params/") -> dict:
+    """The ``key: value`` mapping of a YAML file, or one ParamsError line naming the file."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
-        raise ParamsError(f"{path}: no such params file; see params/ for examples") from None
+        raise ParamsError(f"{path}: no such {what}; see {examples} for examples") from None
     except yaml.YAMLError as err:
         raise ParamsError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-    return validate(raw, str(path))
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping of key: value, got {type(raw).__name__}")
+    return raw
+
+
+def load_params(path: str | Path) -> dict:
+    """Read and validate a params YAML file."""
+    return validate(read_mapping(path), str(path))
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -27,7 +27,7 @@ import yaml
 
 from . import book
 from .checkpoint import identity_key
-from .params import ParamsError, load_params, validate
+from .params import ParamsError, load_params, read_mapping, validate
 from .runner import RunError, execute, notebooks_dir, now, package_root, render_html
 
 SWEEP_KEYS = ("base", "grid", "runs")
@@ -62,18 +62,6 @@ def run_name(own: dict) -> str:
     return re.sub(r"[^A-Za-z0-9._=,+-]", "_", name)
 
 
-def _read_yaml(path: Path, what: str) -> dict:
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise ParamsError(f"{path}: no such {what}; see params/sweeps/ for examples") from None
-    except yaml.YAMLError as err:
-        raise ParamsError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise ParamsError(f"{path}: expected a mapping of key: value, got {type(raw).__name__}")
-    return raw
-
-
 def _locate(path: Path) -> Path:
     """A relative path found from here, else from the project root or the repository
     (a notebook runs in notebooks/; tests move the project root); as given when nowhere."""
@@ -88,12 +76,12 @@ def expand(sweep_file: str | Path) -> tuple[str, list[Run]]:
 
     Raises ``ParamsError`` naming the sweep file, the run and the key."""
     src = str(sweep_file)
-    raw = _read_yaml(Path(sweep_file), "sweep file")
+    raw = read_mapping(sweep_file, "sweep file", "params/sweeps/")
     if "base" not in raw:
         raise ParamsError(f"{src}: no 'base' key; name the params file the runs start from, "
                           "e.g. base: params/smoke.yaml")
     base = str(_locate(Path(raw["base"])))
-    base_raw = _read_yaml(Path(base), "base params file")
+    base_raw = read_mapping(base, "base params file", "params/")
     load_params(base)  # the base alone must be valid (its errors name the base file)
     grid, explicit = raw.get("grid") or {}, raw.get("runs") or []
     if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
