@@ -17,7 +17,7 @@ import torch
 from .checkpoint import export_finished, identity_key, sha256_file
 from .data import holdout_validation, load_dataset
 from .models import count_parameters
-from .params import SCHEMA, student_identity, teacher_identity, validate
+from .params import SCHEMA, student_identity, teacher_identity, teacher_value, validate
 from .train import (TrainConfig, pick_device, predict_logits, set_threads, teacher_bank, teacher_test_probs,
                     train_student, train_teacher)
 
@@ -94,12 +94,10 @@ def student_data(P, data):
 
 
 def _config(P, epochs: int, seed: int, device, teacher: bool = False) -> TrainConfig:
-    schedule = P["lr_schedule"]
-    if teacher and P["teacher_lr_schedule"] != "same":
-        schedule = P["teacher_lr_schedule"]
-    return TrainConfig(epochs=epochs, batch_size=P["batch_size"], lr=P["lr"], lr_schedule=schedule,
+    pick = (lambda key: teacher_value(P, key)) if teacher else P.__getitem__
+    return TrainConfig(epochs=epochs, batch_size=P["batch_size"], lr=P["lr"], lr_schedule=pick("lr_schedule"),
                        weight_decay=P["weight_decay"], seed=seed, precision=P["precision"],
-                       augment=P["augment"], fidelity_freq=P["fidelity_freq"], device=str(device),
+                       augment=pick("augment"), fidelity_freq=P["fidelity_freq"], device=str(device),
                        compile=P["compile"])
 
 
@@ -202,7 +200,8 @@ def distill_students(P, data=None, teachers=None, log=say) -> dict:
             distiller, history = train_student(
                 method, bank, data, cfg, temperature=P["temperature"], alpha=P["alpha"], beta=P["beta"],
                 hint_layer=P["hint_layer"], checkpoint=run_dir / f"student_{method}_seed{seed}.pt",
-                identity=student_identity(P, method, seed, teacher_sha256), test_probs=test_probs, log=log, replace_stale=run_dir.name == "interactive")
+                identity=student_identity(P, method, seed, teacher_sha256), test_probs=test_probs, log=log,
+                replace_stale=run_dir.name == "interactive", camkd_form=P["camkd_form"])
             logits = predict_logits(distiller.student, data.test, data, cfg)
             predictions[f"{method}/seed{seed}"] = logits.argmax(-1).cpu().numpy()
             runs.append({"seed": seed, "test_acc": history[-1]["test_acc"],
@@ -217,7 +216,8 @@ def distill_students(P, data=None, teachers=None, log=say) -> dict:
                            "hparams": {k: P[k] for k in ("temperature", "alpha", "beta", "hint_layer",
                                                          "student_epochs", "batch_size", "lr",
                                                          "lr_schedule", "teacher_lr_schedule", "val_subset",
-                                                         "precision", "augment")},
+                                                         "precision", "augment", "teacher_augment",
+                                                         "labelled_subset", "camkd_form")},
                            "runs": runs}
         _write_json(run_dir / f"metrics_{method}.json", results[method])
     np.savez_compressed(run_dir / "predictions.npz", **predictions)

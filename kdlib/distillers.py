@@ -86,8 +86,13 @@ class CAMKD(Distiller):
     """
 
     def __init__(self, student, teachers, temperature=4.0, alpha=0.7, beta=100.0,
-                 hint_layer=-2, feature_shapes=None, student_shape=None):
+                 hint_layer=-2, feature_shapes=None, student_shape=None, form="kdbook"):
         super().__init__(student, teachers)
+        if form not in ("kdbook", "official"):
+            raise ValueError(f"unknown camkd_form {form!r}: valid forms are kdbook, official")
+        if form == "official":
+            raise NotImplementedError("camkd_form: official is not built yet")
+        self.form = form
         if len(teachers) < 2:
             raise ValueError(f"camkd needs at least 2 teachers, got {len(teachers)}")
         self.T, self.alpha, self.beta, self.hint_layer = temperature, alpha, beta, hint_layer
@@ -136,8 +141,9 @@ METHODS = {"scratch": Scratch, "vanilla": Vanilla, "camkd": CAMKD}
 
 
 def build_distiller(method: str, student: StagedNet, teachers: LiveTeachers | None, sample: torch.Tensor,
-                    temperature=4.0, alpha=0.7, beta=100.0, hint_layer=-2) -> Distiller:
-    """The distiller for ``method``; ``sample`` [1,C,H,W] sizes CAMKD's regressors."""
+                    temperature=4.0, alpha=0.7, beta=100.0, hint_layer=-2, camkd_form="kdbook") -> Distiller:
+    """The distiller for ``method``; ``sample`` [1,C,H,W] sizes CAMKD's regressors;
+    ``camkd_form`` picks CAMKD's loss (``kdbook`` or ``official``)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: valid methods are {', '.join(METHODS)}")
     if method == "scratch":
@@ -145,4 +151,4 @@ def build_distiller(method: str, student: StagedNet, teachers: LiveTeachers | No
     if method == "vanilla":
         return Vanilla(student, teachers, temperature, alpha)
     return CAMKD.for_shapes(student, teachers, sample, temperature=temperature, alpha=alpha,
-                            beta=beta, hint_layer=hint_layer)
+                            beta=beta, hint_layer=hint_layer, form=camkd_form)

@@ -64,8 +64,17 @@ SCHEMA: dict[str, Key] = {
     "hint_layer": Key(-2, int, "feature index for CAMKD's feature term (-2 = last conv stage)", identity=S),
     "fidelity_freq": Key(1, int, "compute fidelity metrics every N epochs", min=1),
     "precision": Key("fp32", str, "fp32, or bf16 autocast", ("fp32", "bf16"), identity=TS),
-    "augment": Key("none", str, "batch augmentation (bypasses the teacher cache)", ("none", "crop", "crop_flip"),
-                   identity=TS),
+    "augment": Key("none", str, "batch augmentation of the training images: none, crop (random shifts of up "
+                   "to 2 px) or crop_flip (and horizontal flips); teachers see the student's augmented view",
+                   ("none", "crop", "crop_flip"), identity=TS),
+    "teacher_augment": Key("same", str, "teachers' own training augmentation ('same' = augment)",
+                           ("same", "none", "crop", "crop_flip"), identity=T),
+    "labelled_subset": Key(0, int, "students: the cross-entropy sees only this many class-balanced labelled "
+                           "training images while distillation uses every training image (a transfer set); "
+                           "scratch trains on the labelled images only (0 = every image labelled)", min=0,
+                           identity=S),
+    "camkd_form": Key("kdbook", str, "camkd's loss: kdbook (no extra 1/M, detached feature weights, ConvReg) "
+                      "or official (Rorozhl/CA-MKD as published)", ("kdbook", "official"), identity=S),
     "cache_teachers": Key(True, bool, "run each frozen teacher once and cache its outputs", identity=S),
     "compile": Key(False, bool, "torch.compile the model being trained (off: no measured win on CPU)"),
     "device": Key("auto", str, "auto (CUDA, MPS, CPU) or a torch device name"),
@@ -123,6 +132,15 @@ def _check_combination(source: str, p: dict, students: bool = True) -> None:
     if p["val_subset"] and p["train_subset"] and p["val_subset"] >= p["train_subset"]:
         _fail(source, "val_subset", p["val_subset"],
               f"it must be smaller than train_subset ({p['train_subset']}), the images it is held out of")
+    if p["labelled_subset"]:
+        train = (p["train_subset"] or sizes["train_subset"]) - p["val_subset"]
+        if p["labelled_subset"] >= train:
+            _fail(source, "labelled_subset", p["labelled_subset"],
+                  f"it must be smaller than the students' {train} training images (0 = every image labelled)")
+        classes = 10  # every dataset here has ten classes
+        if p["labelled_subset"] < classes:
+            _fail(source, "labelled_subset", p["labelled_subset"],
+                  f"give at least one labelled image per class ({classes})")
     if students and "camkd" in p["methods"] and len(p["teachers"]) < 2:
         _fail(source, "teachers", p["teachers"], "camkd needs at least 2 teachers")
     from .models import build_model  # hint_layer must be a conv feature map of every model used
@@ -193,11 +211,20 @@ def teacher_identity(P: dict, name: str) -> dict:
     same identity are interchangeable; a checkpoint with another identity is refused."""
     ident = {"kind": "teacher", "model": name}
     ident.update({k: P[k] for k, spec in SCHEMA.items() if "teacher" in spec.identity})
-    if P["teacher_lr_schedule"] != "same":
-        ident["lr_schedule"] = ident.pop("teacher_lr_schedule")
-    else:
-        del ident["teacher_lr_schedule"]
+    for own, shared in TEACHER_OWN.items():  # stored under the shared key, as the teachers use it
+        value = ident.pop(own)
+        if value != "same":
+            ident[shared] = value
     return ident
+
+
+TEACHER_OWN = {"teacher_lr_schedule": "lr_schedule", "teacher_augment": "augment"}
+
+
+def teacher_value(P: dict, key: str):
+    """``P[key]`` as the teachers use it: their own ``teacher_<key>`` unless that is 'same'."""
+    own = P.get(f"teacher_{key}", "same")
+    return P[key] if own == "same" else own
 
 
 def student_identity(P: dict, method: str, seed: int, teacher_sha256: dict[str, str]) -> dict:

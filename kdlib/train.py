@@ -334,7 +334,7 @@ def teacher_test_probs(bank: LiveTeachers, data: Dataset, cfg: TrainConfig) -> t
 
 def train_student(method: str, bank: LiveTeachers, data: Dataset, cfg: TrainConfig, *, temperature=4.0,
                   alpha=0.7, beta=100.0, hint_layer=-2, checkpoint=None, identity=None, test_probs=None, log=print,
-                  replace_stale=False):
+                  replace_stale=False, camkd_form="kdbook"):
     """Train the student with ``method`` (scratch, vanilla, camkd) against ``bank``.
 
     Returns ``(distiller, history)``; seeded by ``cfg.seed`` (init, batch order, dropout).
@@ -343,7 +343,7 @@ def train_student(method: str, bank: LiveTeachers, data: Dataset, cfg: TrainConf
     seed_everything(cfg.seed)
     student = build_for("student", data, data.train.images.device)
     sample = normalize(data.train.images[:1], data.mean, data.std)
-    distiller = build_distiller(method, student, bank, sample, temperature, alpha, beta, hint_layer)
+    distiller = build_distiller(method, student, bank, sample, temperature, alpha, beta, hint_layer, camkd_form)
     distiller.to(data.train.images.device)
     history = fit(distiller, data, cfg, checkpoint=checkpoint, identity=identity, teacher_test_probs=test_probs,
                   desc=f"{method} seed {cfg.seed}", log=log, replace_stale=replace_stale)

@@ -17,12 +17,13 @@ ALT = {  # a valid value other than the default, for every key
     "lr_schedule": "constant", "teacher_lr_schedule": "constant", "weight_decay": 0.1, "temperature": 2.0,
     "alpha": 0.5, "beta": 10.0, "hint_layer": -3, "fidelity_freq": 2, "precision": "bf16", "augment": "crop",
     "cache_teachers": False, "compile": True, "device": "cpu", "threads": 1, "run_dir": "outputs/x",
+    "teacher_augment": "crop_flip", "labelled_subset": 500, "camkd_form": "official",
 }
 TEACHER_KEYS = {"dataset", "train_subset", "test_subset", "teacher_epochs", "teacher_seed", "batch_size", "lr",
-                "lr_schedule", "teacher_lr_schedule", "weight_decay", "precision", "augment"}
+                "lr_schedule", "teacher_lr_schedule", "weight_decay", "precision", "augment", "teacher_augment"}
 STUDENT_KEYS = {"dataset", "train_subset", "test_subset", "val_subset", "teachers", "student_epochs", "batch_size",
                 "lr", "lr_schedule", "weight_decay", "temperature", "alpha", "beta", "hint_layer", "precision",
-                "augment", "cache_teachers"}
+                "augment", "cache_teachers", "labelled_subset", "camkd_form"}
 
 
 def identities(params: dict):
@@ -54,6 +55,16 @@ def test_teachers_follow_their_own_schedule_when_it_is_set():
     assert identities(fixed)[0] == identities(dict(fixed, lr_schedule="constant"))[0]
     assert identities({})[0] == identities(fixed)[0]          # 'same' as cosine is cosine
     assert identities({})[0]["lr_schedule"] == "cosine" and "teacher_lr_schedule" not in identities({})[0]
+
+
+def test_teachers_follow_their_own_augmentation_when_it_is_set():
+    """Students may train on shifted views while reusing teachers trained without them:
+    the teachers' identity holds the augmentation they actually saw, under ``augment``."""
+    own = {"teacher_augment": "none"}
+    assert identities(dict(own, augment="crop"))[0] == identities({})[0]   # same teachers as the default's
+    assert identities(dict(own, augment="crop"))[1] != identities(own)[1]  # other students
+    assert identities({"teacher_augment": "crop"})[0] == identities({"augment": "crop"})[0]
+    assert identities({"augment": "crop"})[0]["augment"] == "crop" and "teacher_augment" not in identities({})[0]
 
 
 def test_a_retrained_teacher_changes_the_students_identity():
