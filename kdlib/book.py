@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .checkpoint import export_finished, identity_key, sha256_file
-from .data import holdout_validation, load_dataset
+from .data import holdout_validation, load_dataset, with_labelled_subset
 from .models import count_parameters
 from .params import SCHEMA, student_identity, teacher_identity, teacher_value, validate
 from .train import (TrainConfig, pick_device, predict_logits, set_threads, teacher_bank, teacher_test_probs,
@@ -89,8 +89,9 @@ def load_data(P, device=None):
 
 def student_data(P, data):
     """The students' data: ``data``, or with ``val_subset`` images of the training set
-    held out and used in place of the test set (tuning never sees the test set)."""
-    return holdout_validation(data, P["val_subset"])
+    held out and used in place of the test set (tuning never sees the test set); with
+    ``labelled_subset``, only that many of its training images labelled."""
+    return with_labelled_subset(holdout_validation(data, P["val_subset"]), P["labelled_subset"])
 
 
 def _config(P, epochs: int, seed: int, device, teacher: bool = False) -> TrainConfig:
@@ -124,6 +125,24 @@ def teacher_checkpoint(P, name: str) -> Path:
     local = resolve(P["teacher_dir"]) / relative
     return REFERENCE_TEACHERS / relative if not local.exists() and (REFERENCE_TEACHERS / relative).exists() \
         else local
+
+
+def view_cache_files(P, teacher_sha256: dict, data) -> list | None:
+    """Where each teacher's logits on every augmented view of the students' training
+    images are kept (``kdlib.train.view_logits``), with the identity they are made for:
+    ``<teacher_dir>/<dataset>/views/<name>-<hash>.pt``; shared by every run and seed
+    with the same teacher file, training split, augmentation and precision. None
+    without augmentation."""
+    if P["augment"] == "none":
+        return None
+    files = []
+    for name, sha in teacher_sha256.items():
+        identity = {"kind": "teacher_views", "teacher_sha256": sha, "dataset": P["dataset"],
+                    "train_subset": P["train_subset"], "val_subset": P["val_subset"], "images": len(data.train),
+                    "augment": P["augment"], "precision": P["precision"]}
+        path = resolve(P["teacher_dir"]) / P["dataset"] / "views" / f"{name}-{identity_key(identity)}.pt"
+        files.append((path, identity))
+    return files
 
 
 def ship_teachers(P, log=say) -> list[Path]:
@@ -178,6 +197,10 @@ def distill_students(P, data=None, teachers=None, log=say) -> dict:
         log("teachers: looking for checkpoints made with these settings (training any that are missing)")
         teachers = train_teachers(P, data, log=log)
     data = student_data(P, data)
+    if data.labelled is not None:
+        log(f"labelled_subset: the students' cross-entropy sees {int(data.labelled.sum())} labelled images; "
+            f"distillation uses all {len(data.train)} training images; scratch trains on the labelled ones "
+            f"only, as many steps per epoch as the others")
     if data.eval_split != "test":
         log(f"validation: {len(data.test)} training images held out; students train on {len(data.train)} "
             f"and every score below (test_acc, fidelity) is on the held-out images, not the test set")
@@ -185,7 +208,7 @@ def distill_students(P, data=None, teachers=None, log=say) -> dict:
     teacher_sha256 = {n: sha256_file(teacher_checkpoint(P, n)) for n in names}
     cfg0 = _config(P, P["student_epochs"], 0, device)
     bank = teacher_bank([teachers[n] for n in names], names, data, cfg0, P["hint_layer"],
-                        cache=P["cache_teachers"], log=log)
+                        cache=P["cache_teachers"], log=log, view_files=view_cache_files(P, teacher_sha256, data))
     test_probs = teacher_test_probs(bank, data, cfg0)
     run_dir = Path(P["run_dir"])
     predictions = {"labels": data.test.labels.cpu().numpy()}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -61,6 +61,7 @@ class Dataset:
     std: torch.Tensor   # [C]
     classes: list[str]
     eval_split: str = "test"  # what ``test`` holds: the test set, or a validation split held out of train
+    labelled: torch.Tensor | None = None  # bool [N_train]: the images whose labels students may use (None: all)
 
     @property
     def in_channels(self) -> int:
@@ -76,7 +77,8 @@ class Dataset:
 
     def to(self, device) -> "Dataset":
         return Dataset(self.name, self.train.to(device), self.test.to(device),
-                       self.mean.to(device), self.std.to(device), self.classes, self.eval_split)
+                       self.mean.to(device), self.std.to(device), self.classes, self.eval_split,
+                       None if self.labelled is None else self.labelled.to(device))
 
 
 def _stage_debian_fashion_mnist(root: Path) -> bool:
@@ -165,6 +167,7 @@ def load_dataset(name: str = "FashionMNIST", data_root: str | Path = "data", *,
 
 
 VALIDATION_SEED = 20240601  # fixed: every run holds out the same images
+LABELLED_SEED = 20261129  # fixed: every run with labelled_subset labels the same images
 
 
 def holdout_validation(data: Dataset, n: int) -> Dataset:
@@ -194,22 +197,59 @@ def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def augment_batch(images: torch.Tensor, generator: torch.Generator, pad: int = 2,
-                  flip: bool = True) -> torch.Tensor:
-    """Random translation by up to ``pad`` pixels (zero fill) and, if ``flip``, random
-    horizontal flips, for a whole uint8 batch at once."""
+def view_count(pad: int = 2, flip: bool = True) -> int:
+    """How many distinct augmented views an image has: (2 pad + 1)^2 shifts, twice with flips."""
+    return (2 * pad + 1) ** 2 * (2 if flip else 1)
+
+
+def apply_views(images: torch.Tensor, views: torch.Tensor, pad: int = 2) -> torch.Tensor:
+    """The augmented views ``views`` [B] of a uint8 batch [B,C,H,W]: view
+    ``v = dx + s*dy + s*s*flipped`` (``s = 2 pad + 1``) is the image shifted so that its
+    top-left corner comes from ``(dy, dx)`` of the zero-padded image, then mirrored if
+    ``flipped``. Deterministic: every view of every image can be enumerated (the
+    per-view teacher cache does)."""
     b, _, h, w = images.shape
+    side = 2 * pad + 1
+    views = views.to(images.device)
+    dx, dy, flipped = views % side, (views // side) % side, views >= side * side
     padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
-    dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(images.device)
-    dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(images.device)
     rows = (dy.view(b, 1) + torch.arange(h, device=images.device)).view(b, 1, h, 1)
     cols = (dx.view(b, 1) + torch.arange(w, device=images.device)).view(b, 1, 1, w)
     out = padded.gather(2, rows.expand(b, padded.shape[1], h, padded.shape[3]))
     out = out.gather(3, cols.expand(b, padded.shape[1], h, w))
-    if flip:
-        mask = (torch.rand(b, generator=generator) < 0.5).to(images.device)
-        out = torch.where(mask.view(b, 1, 1, 1), out.flip(3), out)
-    return out
+    return torch.where(flipped.view(b, 1, 1, 1), out.flip(3), out)
+
+
+def augment_batch(images: torch.Tensor, generator: torch.Generator, pad: int = 2,
+                  flip: bool = True, return_views: bool = False):
+    """Random translation by up to ``pad`` pixels (zero fill) and, if ``flip``, random
+    horizontal flips, for a whole uint8 batch at once. With ``return_views`` also the
+    view index of each image (see ``apply_views``)."""
+    b = images.shape[0]
+    side = 2 * pad + 1
+    dx = torch.randint(0, side, (b,), generator=generator)
+    dy = torch.randint(0, side, (b,), generator=generator)
+    flipped = torch.rand(b, generator=generator) < 0.5 if flip else torch.zeros(b, dtype=torch.bool)
+    views = dx + side * dy + side * side * flipped.long()
+    out = apply_views(images, views, pad)
+    return (out, views.to(images.device)) if return_views else out
+
+
+def with_labelled_subset(data: "Dataset", n: int) -> "Dataset":
+    """``data`` with only ``n`` class-balanced training images marked labelled
+    (``Dataset.labelled``, a bool mask over ``data.train``); the rest stay as a transfer
+    set for distillation. The choice is fixed (``LABELLED_SEED``), the same for every
+    run, method and seed, and disjoint from nothing: it is drawn from the training
+    split as the students see it (after any validation hold-out)."""
+    if n <= 0:
+        return data
+    if n >= len(data.train):
+        raise ValueError(f"labelled_subset: {n} is not allowed; the students' training set has only "
+                         f"{len(data.train)} images")
+    idx = balanced_subset(data.train.labels.cpu(), n, seed=LABELLED_SEED).to(data.train.labels.device)
+    mask = torch.zeros(len(data.train), dtype=torch.bool, device=idx.device)
+    mask[idx] = True
+    return replace(data, labelled=mask)
 
 
 def batch_order(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool = True):
@@ -219,4 +259,14 @@ def batch_order(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool = 
         order = torch.randperm(n, generator=gen)
     else:
         order = torch.arange(n)
+    return list(order.split(batch_size))
+
+
+def repeated_batch_order(indices: torch.Tensor, n: int, batch_size: int, seed: int, epoch: int):
+    """Index tensors of an epoch of ``n`` samples drawn from ``indices`` only: shuffled
+    passes over them, one after another, cut at ``n``. A student trained on a few
+    labelled images takes as many steps per epoch as one trained on the whole set."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    passes = -(-n // len(indices))
+    order = torch.cat([indices.cpu()[torch.randperm(len(indices), generator=gen)] for _ in range(passes)])[:n]
     return list(order.split(batch_size))

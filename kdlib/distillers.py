@@ -11,13 +11,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .losses import camkd_feature_loss, camkd_logit_loss, grouped_feature_mse, vanilla_kd_loss
+from .losses import (camkd_feature_loss, camkd_logit_loss, consensus_targets, grouped_feature_mse, labelled_ce,
+                     vanilla_kd_loss)
 from .models import ConvRegs, StagedNet
 from .teachers import LiveTeachers
 
 
 class Distiller(nn.Module):
-    """Base class: a student and, optionally, a bank of frozen teachers."""
+    """Base class: a student and, optionally, a bank of frozen teachers.
+
+    ``y`` may hold ``UNLABELLED`` (-100) for transfer-set images (``labelled_subset``):
+    the cross-entropy then averages over the labelled samples only, and the
+    distillation terms still use every sample. ``idx`` is the teacher bank's row key."""
+
+    learns_from_teachers = True  # False: trains on the labelled images only
 
     def __init__(self, student: StagedNet, teachers: LiveTeachers | None = None):
         super().__init__()
@@ -52,9 +59,11 @@ class Distiller(nn.Module):
 class Scratch(Distiller):
     """The student alone: L = CE(s, y)."""
 
+    learns_from_teachers = False
+
     def forward_train(self, x, y, idx, epoch):
         logits = self.student(x)
-        return logits, {"ce": F.cross_entropy(logits.float(), y)}
+        return logits, {"ce": labelled_ce(logits, y)}
 
 
 class Vanilla(Distiller):
@@ -67,8 +76,8 @@ class Vanilla(Distiller):
 
     def forward_train(self, x, y, idx, epoch):
         logits = self.student(x)
-        t_logits, _ = self.teachers.outputs(x, idx)
-        return logits, {"ce": F.cross_entropy(logits.float(), y),
+        t_logits = self.teachers.logits(x, idx)
+        return logits, {"ce": labelled_ce(logits, y),
                         "kd": self.alpha * vanilla_kd_loss(logits, t_logits, self.T)}
 
 
@@ -118,8 +127,10 @@ class CAMKD(Distiller):
     def forward_train(self, x, y, idx, epoch):
         logits, feats = self.student(x, return_features=True)
         t_logits, t_hints = self.teachers.outputs(x, idx)
+        ce = labelled_ce(logits, y)
+        y = consensus_targets(y, t_logits)  # the weights' reference where a sample has no label
         kd, w = camkd_logit_loss(logits, t_logits, y, self.T)
-        losses = {"ce": F.cross_entropy(logits.float(), y), "kd": self.alpha * kd}
+        losses = {"ce": ce, "kd": self.alpha * kd}
         self.batch_stats = {"weight": w.mean(1)}
         if epoch == 0:
             losses["feat"] = torch.zeros((), device=logits.device)

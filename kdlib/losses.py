@@ -12,6 +12,31 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+UNLABELLED = -100  # the target of a transfer-set image (labelled_subset): no label to learn from
+
+
+def labelled_ce(student_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy averaged over the batch's labelled samples (target >= 0); zero
+    (with zero gradient) when the batch has none. With every sample labelled it is
+    exactly ``F.cross_entropy``."""
+    labelled = targets >= 0
+    if bool(labelled.all()):
+        return F.cross_entropy(student_logits.float(), targets)
+    ce = F.cross_entropy(student_logits.float(), targets.clamp(min=0), reduction="none")
+    return (ce * labelled).sum() / labelled.sum().clamp(min=1)
+
+
+def consensus_targets(targets: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """``targets`` with each unlabelled sample's label replaced by the teachers'
+    consensus (the argmax of their mean probability at T = 1): what CAMKD's confidence
+    weights measure a teacher against when no label exists."""
+    labelled = targets >= 0
+    if bool(labelled.all()):
+        return targets
+    consensus = teacher_logits.detach().float().softmax(-1).mean(0).argmax(-1)
+    return torch.where(labelled, targets, consensus)
+
+
 def kl_per_sample(student_logits: torch.Tensor, teacher_log_probs: torch.Tensor, T: float) -> torch.Tensor:
     """KL(p_t || softmax(s/T))[b] * T^2 for teacher log-probabilities already at temperature T."""
     log_q = F.log_softmax(student_logits.float() / T, dim=-1)

@@ -1,10 +1,13 @@
 """Frozen teachers, served live or from a cache of their outputs.
 
-A distiller asks a bank for the teachers' logits and hint features of a batch. The
-``LiveTeachers`` bank runs every teacher on the batch; ``CachedTeachers`` runs them
-once over a split (eval mode, un-augmented) and then answers by sample index, so a
-distillation step costs little more than a student step. Both give the same outputs
-for the same samples (tested).
+A distiller asks a bank for the teachers' logits (``logits``) or logits and hint
+features (``outputs``) of a batch, passing the batch's row keys. The ``LiveTeachers``
+bank runs every teacher on the batch; ``CachedTeachers`` runs them once over a split
+(eval mode, un-augmented) and then answers by sample index, so a distillation step
+costs little more than a student step; ``ViewCachedTeachers`` does the same for every
+augmented view of every training image (``kdlib.data.apply_views``: 25 shifts, 50 with
+flips), so a student on augmented images gets its teachers' answer on exactly the
+view it sees. All give the same outputs for the same inputs (tested).
 """
 from __future__ import annotations
 
@@ -53,6 +56,10 @@ class LiveTeachers(nn.Module):
             logits.append(out.float())
             hints.append(feats[self.hint_layer])
         return torch.stack(logits), hints
+
+    def logits(self, x: torch.Tensor, idx: torch.Tensor | None = None, split: str = "train") -> torch.Tensor:
+        """The teachers' logits [M,B,C] (float32) for batch ``x``."""
+        return self.outputs(x, idx, split)[0]
 
     def head(self, i: int, feature: torch.Tensor) -> torch.Tensor:
         """Teacher ``i``'s layers after the hint layer applied to ``feature``."""
@@ -110,3 +117,32 @@ class CachedTeachers(LiveTeachers):
             return super().outputs(x)
         logits, hints = self.store[split]
         return logits[:, idx], [h[idx] for h in hints]  # in feature_dtype and layout, as stored
+
+    def logits(self, x, idx=None, split="train"):
+        if split not in self.store:
+            return super().logits(x)
+        return self.store[split][0][:, idx]
+
+
+class ViewCachedTeachers(LiveTeachers):
+    """The teachers' logits on every augmented view of every training image, looked up
+    by row ``view * N + sample`` (the key ``kdlib.train.train_epoch`` passes), with
+    ``N`` the training-set size. Hint features are not cached (about 1 GB per view for
+    the reference teachers): ``outputs`` runs the teachers live, so CAMKD's feature term
+    sees the same view at live cost, and only ``logits`` (vanilla KD) is served from
+    memory. ``logits`` [M, V*N, C] float32: 180 MB for 3 teachers, 25 views, 60,000
+    images."""
+
+    cached = True
+
+    def __init__(self, models, names, hint_layer=-2, *, logits: torch.Tensor):
+        super().__init__(models, names, hint_layer)
+        self.view_logits = logits
+
+    def nbytes(self) -> int:
+        return self.view_logits.element_size() * self.view_logits.numel()
+
+    def logits(self, x, idx=None, split="train"):
+        if split != "train" or idx is None:
+            return super().logits(x)
+        return self.view_logits[:, idx]

@@ -20,10 +20,12 @@ import torch.nn.functional as F
 from filelock import FileLock
 
 from .checkpoint import CheckpointError, CheckpointMismatch, atomic_save, identity_diff, load_checkpoint
-from .data import Dataset, Split, augment_batch, batch_order, normalize
+from .data import (Dataset, Split, apply_views, augment_batch, batch_order, normalize, repeated_batch_order,
+                   view_count)
 from .distillers import Distiller, Scratch, build_distiller
+from .losses import UNLABELLED
 from .models import build_model
-from .teachers import CachedTeachers, LiveTeachers, freeze
+from .teachers import CachedTeachers, LiveTeachers, ViewCachedTeachers, freeze
 from .metrics import accuracy, fidelity_metrics
 from .progress import EpochProgress
 
@@ -84,15 +86,22 @@ def lr_at(step: int, total_steps: int, base_lr: float, schedule: str) -> float:
 
 
 def iterate(split: Split, data: Dataset, batch_size: int, *, seed: int = 0, epoch: int = 0,
-            shuffle: bool = True, augment: str = "none", channels_last: bool = False):
-    """Yield ``(x, y, idx)``: normalised float batches, labels and sample indices."""
+            shuffle: bool = True, augment: str = "none", channels_last: bool = False,
+            only: torch.Tensor | None = None, views: bool = False):
+    """Yield ``(x, y, idx)``: normalised float batches, labels and sample indices; with
+    ``views``, ``(x, y, idx, view)`` where ``view`` [B] is each image's augmented view
+    (``kdlib.data.apply_views``; None without augmentation). ``only`` (sample indices)
+    draws the epoch's ``len(split)`` samples from those alone (``repeated_batch_order``)."""
     gen = torch.Generator().manual_seed(seed * 7919 + epoch)
-    for idx in batch_order(len(split), batch_size, seed, epoch, shuffle):
+    order = (batch_order(len(split), batch_size, seed, epoch, shuffle) if only is None
+             else repeated_batch_order(only, len(split), batch_size, seed, epoch))
+    for idx in order:
         idx = idx.to(split.images.device)
-        images = split.images[idx]
+        images, view = split.images[idx], None
         if augment != "none":
-            images = augment_batch(images, gen, flip=augment == "crop_flip")
-        yield normalize(images, data.mean, data.std, channels_last), split.labels[idx], idx
+            images, view = augment_batch(images, gen, flip=augment == "crop_flip", return_views=True)
+        x = normalize(images, data.mean, data.std, channels_last)
+        yield (x, split.labels[idx], idx, view) if views else (x, split.labels[idx], idx)
 
 
 @torch.inference_mode()
@@ -143,16 +152,20 @@ def train_epoch(distiller: Distiller, optimizer: torch.optim.Optimizer, data: Da
     device = data.train.images.device
     distiller.train()
     sums, correct, n, stats, lr = {}, 0, 0, {}, cfg.lr
-    batches = iterate(data.train, data, cfg.batch_size, seed=cfg.seed, epoch=epoch,
-                      augment=cfg.augment, channels_last=cfg.channels_last)
-    for b, (x, y, idx) in enumerate(batches):
+    labelled = data.labelled
+    only = None if labelled is None or distiller.learns_from_teachers else labelled.nonzero().flatten()
+    batches = iterate(data.train, data, cfg.batch_size, seed=cfg.seed, epoch=epoch, augment=cfg.augment,
+                      channels_last=cfg.channels_last, only=only, views=True)
+    for b, (x, y, idx, view) in enumerate(batches):
         if max_batches is not None and b >= max_batches:
             break
         lr = lr_at(epoch * steps + b, cfg.epochs * steps, cfg.lr, cfg.lr_schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        target = y if labelled is None else torch.where(labelled[idx], y, UNLABELLED)
+        key = idx if view is None else view * len(data.train) + idx  # the teacher bank's row (view, sample)
         with autocast(device, cfg.precision):
-            logits, losses = distiller.forward_train(x, y, idx, epoch)
+            logits, losses = distiller.forward_train(x, target, key, epoch)
         total = sum(losses.values())
         _check_finite(losses, total, epoch, b, cfg)
         optimizer.zero_grad(set_to_none=True)
@@ -302,20 +315,67 @@ def load_teacher(path: str | Path, data: Dataset, identity: dict | None = None) 
     return freeze(model)
 
 
+@torch.inference_mode()
+def view_logits(model: torch.nn.Module, split: Split, data: Dataset, cfg: TrainConfig) -> torch.Tensor:
+    """A frozen model's logits on every augmented view (``cfg.augment``) of every image
+    of ``split``: [V, N, C] float32, row ``[v, i]`` for view ``v`` of image ``i``
+    (``kdlib.data.apply_views``). Costs V evaluation passes over the split."""
+    flip = cfg.augment == "crop_flip"
+    device = split.images.device
+    out = None
+    with autocast(device, cfg.precision):
+        for v in range(view_count(flip=flip)):
+            for idx in batch_order(len(split), cfg.eval_batch_size, 0, 0, shuffle=False):
+                idx = idx.to(device)
+                images = apply_views(split.images[idx], torch.full((len(idx),), v, device=device))
+                logits = model(normalize(images, data.mean, data.std, cfg.channels_last)).float()
+                if out is None:
+                    out = torch.empty((view_count(flip=flip), len(split), logits.shape[-1]), device=device)
+                out[v, idx] = logits
+    return out
+
+
+def _views_of(model, split, data, cfg, file, log) -> torch.Tensor:
+    """``view_logits``, read from ``file`` (path, identity) when it holds them for that
+    identity, else computed and written there for every later run and seed."""
+    if file is None:
+        return view_logits(model, split, data, cfg)
+    path, identity = Path(file[0]), file[1]
+    with FileLock(str(path) + ".lock"):
+        if path.exists():
+            try:
+                return load_checkpoint(path, identity, map_location=split.images.device)["model"]["logits"]
+            except CheckpointError as err:
+                log(f"teacher view cache: {err}; rebuilding it")
+        logits = view_logits(model, split, data, cfg)
+        atomic_save({"identity": identity, "model": {"logits": logits.cpu()}}, path)
+        return logits
+
+
 def teacher_bank(models: list, names: list[str], data: Dataset, cfg: TrainConfig, hint_layer: int = -2,
-                 cache: bool = True, log=print) -> LiveTeachers:
-    """Teachers for distillation: cached outputs when ``cache`` and no augmentation,
-    else live. The cache covers the train and test splits."""
-    if cache and cfg.augment != "none":
-        log(f"teacher cache bypassed: augment={cfg.augment!r} changes every batch, teachers run live")
-        cache = False
+                 cache: bool = True, log=print, view_files: list | None = None) -> LiveTeachers:
+    """Teachers for distillation. With ``cache``: without augmentation, their outputs on
+    the train and test splits computed once (``CachedTeachers``); with augmentation,
+    their logits on every view of every training image (``ViewCachedTeachers``), read
+    from or written to ``view_files`` (one ``(path, identity)`` per teacher) so later
+    runs and seeds reuse them. Without ``cache``: live teachers."""
     if cfg.channels_last:
         models = [m.to(memory_format=torch.channels_last) for m in models]
     if not cache:
         return LiveTeachers(models, names, hint_layer)
-    bank = CachedTeachers(models, names, hint_layer)
     t0 = time.perf_counter()
     device = data.train.images.device
+    if cfg.augment != "none":
+        files = view_files or [None] * len(models)
+        logits = torch.stack([_views_of(m, data.train, data, cfg, f, log).flatten(0, 1)
+                              for m, f in zip(models, files)])
+        bank = ViewCachedTeachers(models, names, hint_layer, logits=logits)
+        bank.build_seconds = time.perf_counter() - t0
+        log(f"teacher view cache: {len(names)} teachers x {logits.shape[1] // len(data.train)} views of "
+            f"{len(data.train)} images ({cfg.augment}), {bank.nbytes() / 2**20:.1f} MiB, ready in "
+            f"{bank.build_seconds:.1f} s; logits served from it, hint features (camkd) computed live")
+        return bank
+    bank = CachedTeachers(models, names, hint_layer)
     with autocast(device, cfg.precision):
         for split_name, split in (("train", data.train), ("test", data.test)):
             batches = ((x, idx) for x, _, idx in iterate(split, data, cfg.eval_batch_size, shuffle=False,
