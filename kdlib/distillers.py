@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from .losses import (camkd_feature_loss, camkd_logit_loss, consensus_targets, grouped_feature_mse, labelled_ce,
                      vanilla_kd_loss)
-from .models import ConvRegs, StagedNet
+from .models import CalWeight, ConvRegs, StagedNet
 from .teachers import LiveTeachers
 
 
@@ -92,6 +92,34 @@ class CAMKD(Distiller):
       the official ``helper/loops.py``.
 
     See ``kdlib.losses`` for where we differ from the official code and why.
+
+    ``form="official"`` (params ``camkd_form: official``) is the loss of the official
+    code (Rorozhl/CA-MKD), point by point:
+
+    * both terms divided by an extra M (``helper/loops.py`` line 229,
+      ``distiller_zoo/CAMKD.py`` line 32);
+    * r_i = ``CalWeight``'s resize + ``Embed`` (1x1 conv, BN, ReLU), not ``ConvReg``
+      (``models/util.py`` lines 53-81, 114-141); ``extra_module()`` is that
+      ``CalWeight`` (state_dict keys ``embed<i>.transfer.*``);
+    * v is not detached: the heads run on r_i(f_s) with their graph, so the loss is
+      differentiated through v into the regressors and the student (as
+      ``CalWeight.forward`` + ``CAMKD.forward``); the teachers' own parameters stay
+      frozen (no gradient), as they are outside the official optimizer;
+    * unchanged from kdbook, because the official code does the same: w is a
+      constant (the teachers run under ``no_grad``, ``loops.py`` lines 189-194), and
+      the feature term is off in the first epoch (``if epoch == 1``, ``loops.py``
+      line 304, with epochs counted from 1, ``train_student.py`` line 348). The
+      official loop still runs ``CalWeight`` in that epoch (updating only its BN
+      running statistics, which no loss or evaluation reads); we skip it.
+    * ``hint_layer`` is kept (the official ``inter`` mode always uses ``feat[-2]``,
+      ``loops.py`` lines 288-289, our default).
+
+    Outside the loss and not adopted: the official loop skips a last partial batch
+    (``loops.py`` lines 178-179).
+
+    Transfer-set images (``labelled_subset``) have no label for the weights to measure
+    a teacher against: there, in both forms, the teachers' consensus stands in
+    (``kdlib.losses.consensus_targets``); the cross-entropy skips them.
     """
 
     def __init__(self, student, teachers, temperature=4.0, alpha=0.7, beta=100.0,
@@ -99,14 +127,13 @@ class CAMKD(Distiller):
         super().__init__(student, teachers)
         if form not in ("kdbook", "official"):
             raise ValueError(f"unknown camkd_form {form!r}: valid forms are kdbook, official")
-        if form == "official":
-            raise NotImplementedError("camkd_form: official is not built yet")
         self.form = form
         if len(teachers) < 2:
             raise ValueError(f"camkd needs at least 2 teachers, got {len(teachers)}")
         self.T, self.alpha, self.beta, self.hint_layer = temperature, alpha, beta, hint_layer
         student.check_hint_layer(hint_layer)
-        self.regressors = ConvRegs(student_shape, feature_shapes)
+        regressors = CalWeight if form == "official" else ConvRegs
+        self.regressors = regressors(student_shape, feature_shapes)
 
     @classmethod
     def for_shapes(cls, student, teachers, sample: torch.Tensor, **kw):
@@ -127,13 +154,19 @@ class CAMKD(Distiller):
     def forward_train(self, x, y, idx, epoch):
         logits, feats = self.student(x, return_features=True)
         t_logits, t_hints = self.teachers.outputs(x, idx)
+        official = self.form == "official"
         ce = labelled_ce(logits, y)
         y = consensus_targets(y, t_logits)  # the weights' reference where a sample has no label
-        kd, w = camkd_logit_loss(logits, t_logits, y, self.T)
+        kd, w = camkd_logit_loss(logits, t_logits, y, self.T, official=official)
         losses = {"ce": ce, "kd": self.alpha * kd}
         self.batch_stats = {"weight": w.mean(1)}
         if epoch == 0:
             losses["feat"] = torch.zeros((), device=logits.device)
+            return logits, losses
+        if official:
+            feat, v = self._official_feature_term(feats[self.hint_layer], t_hints, y)
+            losses["feat"] = self.beta * feat
+            self.batch_stats["feat_weight"] = v.detach().mean(1)
             return logits, losses
         mapped = self.regressors(feats[self.hint_layer])  # one map per group of same-size teachers
         with torch.no_grad():
@@ -146,6 +179,14 @@ class CAMKD(Distiller):
         losses["feat"] = self.beta * feat
         self.batch_stats["feat_weight"] = v.mean(1)
         return logits, losses
+
+    def _official_feature_term(self, f_s, t_hints, y):
+        """``(loss, weights)`` of the official feature term: ``CalWeight``'s maps, the
+        teachers' heads on them *with* their graph, v not detached, the extra 1/M."""
+        mapped = self.regressors(f_s)
+        head_logits = torch.stack([self.teachers.head(i, m).float() for i, m in enumerate(mapped)])
+        mse = torch.cat([grouped_feature_mse(m, [h]) for m, h in zip(mapped, t_hints)])
+        return camkd_feature_loss(mse, head_logits, y, official=True)
 
 
 METHODS = {"scratch": Scratch, "vanilla": Vanilla, "camkd": CAMKD}

@@ -73,32 +73,40 @@ def vanilla_kd_loss(student_logits, teacher_logits, T: float) -> torch.Tensor:
     return kl_per_sample(student_logits, centroid_log_probs(teacher_logits, T), T).mean()
 
 
-def camkd_weights(teacher_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def camkd_weights(teacher_logits: torch.Tensor, targets: torch.Tensor, detach: bool = True) -> torch.Tensor:
     """CA-MKD confidence weights [M,B]: w[i,b] = (1 - softmax_i(CE_i[b])) / (M - 1).
 
     CE_i[b] is teacher i's cross-entropy on sample b at T = 1; a more confident
-    (lower-loss) teacher gets a larger weight. Each column sums to 1. Detached: the
-    weights are a confidence measure, not something the student may optimise.
+    (lower-loss) teacher gets a larger weight. Each column sums to 1. Detached by
+    default: the weights are a confidence measure, not something the student may
+    optimise. ``detach=False`` keeps the graph (the official feature weights, whose
+    logits come from the teachers' heads on the student's mapped features).
     """
     m, b, c = teacher_logits.shape
     if m < 2:
         raise ValueError(f"CAMKD needs at least 2 teachers, got {m}")
-    ce = F.cross_entropy(teacher_logits.detach().float().reshape(m * b, c),
-                         targets.repeat(m), reduction="none").view(m, b)
+    logits = teacher_logits.detach() if detach else teacher_logits
+    ce = F.cross_entropy(logits.float().reshape(m * b, c), targets.repeat(m), reduction="none").view(m, b)
     return (1.0 - F.softmax(ce, dim=0)) / (m - 1)
 
 
-def camkd_logit_loss(student_logits, teacher_logits, targets, T: float):
+def camkd_logit_loss(student_logits, teacher_logits, targets, T: float, official: bool = False):
     """CAMKD logit term: (1/B) sum_b sum_i w[i,b] * T^2 * KL(softmax(t_i/T) || softmax(s/T))[b].
 
     Returns ``(loss, weights)``. The official code divides by an extra M
-    (``/(bsz * teacher_num)`` in ``helper/loops.py``); we do not, because the weights
-    already sum to 1 over teachers: without it, equal weights (1/M) give exactly the
-    gradient of vanilla KD, so ``alpha`` means the same for both methods.
+    (``/(1.0*bsz*opt.teacher_num)``, ``helper/loops.py`` line 229); we do not, because
+    the weights already sum to 1 over teachers: without it, equal weights (1/M) give
+    exactly the gradient of vanilla KD, so ``alpha`` means the same for both methods.
+    ``official=True`` divides by M as the official code does. In both forms w is a
+    constant: the official teachers run under ``torch.no_grad()`` (``loops.py`` lines
+    189-194), so its ``attention`` (line 224) carries no gradient either, and its KL is
+    ours (``DistillKL(is_ca=True)``, ``distiller_zoo/KD.py`` line 17: per-sample sum
+    over classes times T^2).
     """
     w = camkd_weights(teacher_logits, targets)
     kl = kl_per_sample(student_logits.unsqueeze(0), F.log_softmax(teacher_logits.float() / T, -1), T)
-    return (w * kl).sum(0).mean(), w
+    loss = (w * kl).sum(0).mean()
+    return (loss / w.shape[0] if official else loss), w
 
 
 def grouped_feature_mse(mapped: torch.Tensor, targets: list[torch.Tensor]) -> torch.Tensor:
@@ -116,16 +124,27 @@ def grouped_feature_mse(mapped: torch.Tensor, targets: list[torch.Tensor]) -> to
     return torch.stack([s.sum(1) / t[0].numel() for s, t in zip(per_teacher, targets)])
 
 
-def camkd_feature_loss(mse: torch.Tensor, head_logits: torch.Tensor, targets: torch.Tensor):
+def camkd_feature_loss(mse: torch.Tensor, head_logits: torch.Tensor, targets: torch.Tensor,
+                       official: bool = False):
     """CAMKD feature term: (1/B) sum_b sum_i v[i,b] * MSE(r_i(f_s), f_t_i)[b].
 
     ``mse`` [M,B] is the per-sample MSE between the mapped student feature r_i(f_s)
-    (r_i the student-to-teacher-i ``ConvReg``) and teacher i's feature;
+    (r_i the student-to-teacher-i regressor) and teacher i's feature;
     v = camkd_weights(head_logits, y), where ``head_logits`` [M,B,C] is teacher i's
-    own head applied to r_i(f_s) (as ``CAMKD.py`` does with ``distill_seq()[-1]``).
-    Returns ``(loss, weights)``. Differences from the official code, both deliberate:
-    no extra 1/M (see ``camkd_logit_loss``), and v is detached, so the regressors
-    cannot lower the loss by making a teacher's head misclassify the mapped features.
+    own head applied to r_i(f_s) (as ``CalWeight.forward`` does with
+    ``distill_seq()[-1]``, ``models/util.py`` line 79). Returns ``(loss, weights)``.
+
+    kdbook form (default), deliberately unlike the official code: no extra 1/M (see
+    ``camkd_logit_loss``), and v is detached, so the regressors cannot lower the loss
+    by making a teacher's head misclassify the mapped features.
+
+    ``official=True`` is ``distiller_zoo/CAMKD.py`` (lines 21-32): the sum divided by
+    ``bsz * num_teacher``, and v is *not* detached. There the head logits come from
+    ``CalWeight`` outside any ``no_grad`` and nothing in ``CAMKD.forward`` detaches them,
+    so the loss is differentiated through the softmax over the heads' cross-entropies
+    into the regressors and the student. Pass ``head_logits`` with their graph for that;
+    the weights returned then carry it too (detach them before logging).
     """
-    v = camkd_weights(head_logits, targets)
-    return (v * mse).sum(0).mean(), v
+    v = camkd_weights(head_logits, targets, detach=not official)
+    loss = (v * mse).sum(0).mean()
+    return (loss / v.shape[0] if official else loss), v

@@ -1,4 +1,5 @@
-"""The seed kit's five teachers and its student, plus ConvReg for feature matching.
+"""The seed kit's five teachers and its student, plus the regressors for feature matching
+(``ConvReg``/``ConvRegs``; the official CA-MKD ``Embed``/``CalWeight``).
 
 Every model is a `StagedNet`: a list of convolutional `stages`, a `neck` that turns
 the last feature map into a vector, and a linear `classifier`. That one shape gives
@@ -314,3 +315,65 @@ class ConvRegs(nn.Module):
         """``forward``'s output as the M per-teacher maps (channel slices, in teacher order)."""
         return self.in_teacher_order(m.split([self.channels[i] for i in members], dim=1)
                                      for members, m in zip(self.members, mapped))
+
+
+class Embed(nn.Module):
+    """The official CA-MKD regressor body (``models/util.py`` ``Embed``, lines 114-141,
+    with the defaults ``--factor 2`` and no ``--convs``, ``train_student.py`` lines
+    76-77): a 1x1 conv (with bias) from the student's channels to the teacher's, then
+    BatchNorm and ReLU. Parameter names as there (``transfer.0.weight``, ...)."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.transfer = nn.Sequential(nn.Conv2d(dim_in, dim_out, kernel_size=1), nn.BatchNorm2d(dim_out),
+                                      nn.ReLU(inplace=True))
+
+    def forward(self, x):
+        return self.transfer(x)
+
+
+class CalWeight(nn.Module):
+    """The official CA-MKD regressors (``models/util.py`` ``CalWeight``, lines 53-81):
+    for teacher i, resize the student map to teacher i's spatial size, then ``embed<i>``
+    (an ``Embed``) to its channels. ``camkd_form: official`` uses it in place of
+    ``ConvRegs``; the teachers' heads, which the official ``forward`` also applies,
+    are applied by ``CAMKD`` (it holds the teachers).
+
+    Resizing as the official code: adaptive average pooling when the map is at least
+    the teacher's size (an identity at equal size), else bilinear interpolation
+    (``align_corners=False``, PyTorch's default there). Also as there, the resized map
+    *replaces* the student map for the teachers after it (``feat_s = ...``, lines
+    72-75): teacher i's input is the map as resized for teacher i-1. With the teachers
+    in non-increasing spatial size this is the same as resizing the student map
+    itself (the three-teacher configs: all 7x7 at ``hint_layer: -2``, as the
+    student's), but a larger map after a smaller one gets the smaller one upsampled:
+    in ``params/fashionmnist_5teachers.yaml``'s order ``teacher_densenet``'s 7x7 input
+    is ``teacher_vgg``'s 3x3 one interpolated back to 7x7. The official code sizes
+    both sides from the height (square maps, as all of ours are); we use height and
+    width.
+    """
+
+    def __init__(self, s_shape, t_shapes):
+        super().__init__()
+        s_c = s_shape[-3]
+        self.sizes = [tuple(t[-2:]) for t in t_shapes]
+        for i, t in enumerate(t_shapes):
+            setattr(self, f"embed{i}", Embed(s_c, t[-3]))
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    @staticmethod
+    def resize(x: torch.Tensor, size) -> torch.Tensor:
+        """The official rule: adaptive average pooling down (or at equal size), bilinear up."""
+        if x.shape[-2] >= size[0]:
+            return F.adaptive_avg_pool2d(x, size)
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+    def forward(self, x) -> list[torch.Tensor]:
+        """The M mapped maps [B, C_i, H_i, W_i], in teacher order."""
+        out = []
+        for i, size in enumerate(self.sizes):
+            x = self.resize(x, size)  # chained, as the official code (see the class docstring)
+            out.append(getattr(self, f"embed{i}")(x))
+        return out

@@ -15,7 +15,7 @@ import kdlib.losses as losses
 from kdlib.distillers import CAMKD, Scratch, Vanilla, build_distiller
 from kdlib.losses import (DistillKL, camkd_feature_loss, camkd_logit_loss, camkd_weights, centroid_log_probs,
                           grouped_feature_mse, vanilla_kd_loss)
-from kdlib.models import TEACHERS as TEACHER_NAMES, ConvReg, build_model
+from kdlib.models import TEACHERS as TEACHER_NAMES, CalWeight, ConvReg, build_model
 from kdlib.teachers import LiveTeachers
 
 # A small fixed case: B = 3 samples, C = 4 classes, M = 3 teachers.
@@ -418,3 +418,144 @@ def test_grouped_feature_mse_under_bf16_autocast_with_fp16_targets():
     want = grouped_feature_mse(mapped.bfloat16().float(), [t.float() for t in targets])
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want)
+
+
+# --------------------------------------------------------------------------- camkd_form: official
+def test_official_terms_are_kdbook_over_M_and_differentiate_through_the_feature_weights():
+    """On one fixed batch, with the same features and heads: each official term is the
+    kdbook term / M in value. The logit weights are constant in both forms (gradient
+    / M); the feature weights are detached in kdbook and not in official, whose
+    gradient is (kdbook's + the part through v) / M, checked against autograd on a
+    computation written out here."""
+    gen = torch.Generator().manual_seed(7)
+    M, B, C, D, T = 3, 5, 4, 6, 4.0
+    s = torch.randn(B, C, generator=gen).requires_grad_()
+    tl = torch.randn(M, B, C, generator=gen) * 2
+    y = torch.tensor([0, 3, 1, 1, 2])
+    kb, w_kb = camkd_logit_loss(s, tl, y, T)
+    of, w_of = camkd_logit_loss(s, tl, y, T, official=True)
+    torch.testing.assert_close(of, kb / M)
+    torch.testing.assert_close(w_of, w_kb)
+    assert not w_of.requires_grad
+    torch.testing.assert_close(torch.autograd.grad(of, s)[0], torch.autograd.grad(kb, s)[0] / M)
+
+    # feature term: mapped features r_i [B,D] (with their graph), linear heads, targets
+    r = torch.randn(M, B, D, generator=gen).requires_grad_()
+    heads, f_t = torch.randn(M, D, C, generator=gen), torch.randn(M, B, D, generator=gen)
+    head_logits = lambda: torch.einsum("mbd,mdc->mbc", r, heads)
+    mse = lambda: (r - f_t).pow(2).mean(-1)
+    fk, vk = camkd_feature_loss(mse(), head_logits(), y)
+    fo, vo = camkd_feature_loss(mse(), head_logits(), y, official=True)
+    torch.testing.assert_close(fo, fk / M)
+    torch.testing.assert_close(vo.detach(), vk)
+    assert vo.requires_grad and not vk.requires_grad
+    g_kb, g_of = torch.autograd.grad(fk, r)[0], torch.autograd.grad(fo, r)[0]
+    # the same by hand
+    z = torch.einsum("mbd,mdc->mbc", r, heads)
+    ce = -F.log_softmax(z, -1)[:, torch.arange(B), y]                      # [M,B]
+    v = (1 - torch.softmax(ce, 0)) / (M - 1)
+    sq = ((r - f_t) ** 2).sum(-1) / D
+    torch.testing.assert_close(g_of, torch.autograd.grad((v * sq).sum() / (B * M), r, retain_graph=True)[0])
+    torch.testing.assert_close(g_kb, torch.autograd.grad((v.detach() * sq).sum() / B, r, retain_graph=True)[0])
+    through_v = torch.autograd.grad((v * sq.detach()).sum() / B, r)[0]
+    torch.testing.assert_close(g_of * M - g_kb, through_v, rtol=1e-4, atol=1e-6)
+    assert through_v.abs().max() > 1e-3          # the detach matters on this batch
+
+
+def _bn_relu_by_hand(z, bn):
+    """Train-mode BatchNorm2d (batch statistics, biased variance) then ReLU, in plain ops."""
+    mean, var = z.mean((0, 2, 3), keepdim=True), z.var((0, 2, 3), unbiased=False, keepdim=True)
+    return torch.relu((z - mean) / torch.sqrt(var + bn.eps) * bn.weight.view(1, -1, 1, 1)
+                      + bn.bias.view(1, -1, 1, 1))
+
+
+@pytest.mark.parametrize("names", [FIVE[:3], ["teacher_cnn1", "teacher_resnet", "teacher_vgg"],
+                                   ["teacher_vgg", "teacher_densenet"]],
+                         ids=["M3-all-7x7", "vgg-3x3-last", "vgg-3x3-first"])
+def test_official_camkd_loss_and_gradients_recomputed_from_plain_torch(names):
+    """The whole official loss, CE + alpha L_logit + beta L_feat, written out in torch ops
+    after ``helper/loops.py`` (CAMKD branch), ``CalWeight`` and ``CAMKD.forward``: values
+    to 1e-5 and the gradient of every student and regressor weight."""
+    torch.manual_seed(len(names))
+    bank = LiveTeachers([build_model(n) for n in names], names)
+    x, y = torch.randn(6, 1, 28, 28), torch.tensor([0, 3, 5, 7, 9, 2])
+    dist = build_distiller("camkd", build_model("student"), bank, x[:1], temperature=3.0, alpha=0.6, beta=20.0,
+                           camkd_form="official").train()
+    assert isinstance(dist.regressors, CalWeight) and dist.extra_module() is dist.regressors
+    torch.manual_seed(5)                                  # the same dropout masks below
+    _, terms = dist.forward_train(x, y, torch.arange(6), epoch=1)
+    dist.zero_grad(set_to_none=True)
+    sum(terms.values()).backward()
+    got = {k: p.grad.clone() for k, p in dist.named_parameters() if p.grad is not None}
+    stats = dict(dist.batch_stats)
+
+    torch.manual_seed(5)
+    dist.zero_grad(set_to_none=True)
+    M, B, T = len(names), 6, 3.0
+    s_logits, feats = dist.student(x, return_features=True)
+    with torch.no_grad():
+        t_out = [m(x, return_features=True) for m in bank.models]
+    ce_rows = lambda z: -F.log_softmax(z, -1)[torch.arange(B), y]
+    w = (1 - torch.softmax(torch.stack([ce_rows(t) for t, _ in t_out]), 0)) / (M - 1)
+    log_q = F.log_softmax(s_logits / T, -1)
+    kl = torch.stack([(F.softmax(t / T, -1) * (F.log_softmax(t / T, -1) - log_q)).sum(-1) * T * T for t, _ in t_out])
+    kd = (w * kl).sum() / (B * M)
+    inp, mse, ce = feats[-2], [], []
+    for i, (teacher, (_, t_feats)) in enumerate(zip(bank.models, t_out)):
+        target = t_feats[-2]
+        h = target.shape[-1]
+        inp = (F.adaptive_avg_pool2d(inp, (h, h)) if inp.shape[-1] >= h      # chained, as the official code
+               else F.interpolate(inp, size=(h, h), mode="bilinear", align_corners=False))
+        conv, bn, _ = getattr(dist.regressors, f"embed{i}").transfer
+        r = _bn_relu_by_hand(F.conv2d(inp, conv.weight, conv.bias), bn)
+        assert r.shape == target.shape
+        mse.append((r - target).pow(2).flatten(1).mean(1))
+        ce.append(ce_rows(teacher.forward_from(r, -2)))
+    v = (1 - torch.softmax(torch.stack(ce), 0)) / (M - 1)
+    feat = (v * torch.stack(mse)).sum() / (B * M)
+    ce_s = F.cross_entropy(s_logits, y)
+    torch.testing.assert_close(terms["ce"], ce_s, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(terms["kd"], 0.6 * kd, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(terms["feat"], 20.0 * feat, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats["weight"], w.mean(1), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(stats["feat_weight"], v.detach().mean(1), rtol=1e-5, atol=1e-7)
+    assert not stats["feat_weight"].requires_grad
+    # the same loss with v detached (kdbook's choice): its gradient must differ
+    regs = dict(dist.regressors.named_parameters())
+    feat_detached = (v.detach() * torch.stack(mse)).sum() / (B * M)
+    detached = torch.autograd.grad(20.0 * feat_detached, list(regs.values()), retain_graph=True)
+    (ce_s + 0.6 * kd + 20.0 * feat).backward()
+    want = {k: p.grad for k, p in dist.named_parameters() if p.grad is not None}
+    assert got.keys() == want.keys()
+    assert {k.split(".")[1] for k in got if k.startswith("regressors.")} == {f"embed{i}" for i in range(M)}
+    for k in got:
+        if k.endswith("transfer.0.bias"):     # a conv bias before train-mode BN: zero gradient, up to rounding
+            assert got[k].abs().max() < 1e-5 and want[k].abs().max() < 1e-5, k
+            continue
+        # to 1e-4 relative, or 1e-3 of the tensor's largest entry (float32 cancellation in BN's backward)
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-3 * want[k].abs().max().item(),
+                                   msg=lambda m: f"{k}: {m}")
+    gaps = [((g - want["regressors." + k]).abs().max() / want["regressors." + k].abs().max()).item()
+            for k, g in zip(regs, detached) if k.endswith("transfer.0.weight")]
+    assert min(gaps) > 1e-2, gaps             # v's own gradient is part of what every regressor gets
+    assert all(p.grad is None and not p.requires_grad for p in bank.parameters())
+
+
+def test_official_first_epoch_and_kd_term_against_kdbook():
+    """Epoch 0: no feature term in either form (the official ``if epoch == 1``, epochs from
+    1); the official kd term is kdbook's / M on the same student."""
+    torch.manual_seed(3)
+    names = FIVE[:3]
+    bank = LiveTeachers([build_model(n) for n in names], names)
+    x, y = torch.randn(8, 1, 28, 28), torch.arange(8) % 10
+    out = {}
+    for form in ("kdbook", "official"):
+        torch.manual_seed(0)
+        dist = build_distiller("camkd", build_model("student"), bank, x[:1], camkd_form=form).eval()
+        assert dist.form == form
+        _, out[form] = dist.forward_train(x, y, torch.arange(8), epoch=0)
+        assert out[form]["feat"].item() == 0.0 and set(dist.batch_stats) == {"weight"}
+    torch.testing.assert_close(out["official"]["kd"], out["kdbook"]["kd"] / 3)
+    torch.testing.assert_close(out["official"]["ce"], out["kdbook"]["ce"])
+    with pytest.raises(ValueError, match="unknown camkd_form 'other': valid forms are kdbook, official"):
+        build_distiller("camkd", build_model("student"), bank, x[:1], camkd_form="other")

@@ -1,10 +1,12 @@
-"""The seed's five teachers, its student, and the ConvReg regressors."""
+"""The seed's five teachers, its student, the ConvReg regressors and the official
+CA-MKD ones (Embed/CalWeight)."""
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from kdlib.models import MODELS, TEACHERS, ConvReg, ConvRegs, build_model, count_parameters
+from kdlib.models import MODELS, TEACHERS, CalWeight, ConvReg, ConvRegs, Embed, build_model, count_parameters
 
 SIZES = [(1, 28), (3, 32)]
 # the seed kit's parameter counts on 1x28x28, 10 classes
@@ -212,3 +214,63 @@ def test_pool_before_relu_is_the_seed_order_exactly(name):
     assert torch.equal(outs[0], outs[1])
     for (key, p), q in zip(model.named_parameters(), seed_order.parameters()):
         assert torch.equal(p.grad, q.grad), key
+
+
+@pytest.mark.parametrize("ch,size", SIZES)
+@pytest.mark.parametrize("hint", [-2, -3])
+def test_calweight_maps_the_student_to_every_teacher(built, ch, size, hint):
+    """The official regressors: teacher i's map is Embed_i (1x1 conv, BN, ReLU) of the
+    student map average-pooled to teacher i's size (here every teacher's size is at most
+    the student's: teacher_vgg's is 3x3 at 28 px, 4x4 at 32 px), output shaped as the
+    teacher's hint feature; recomputed with plain ops. Strict state_dict round trip."""
+    s_feat = built["student", ch, size][2][hint]
+    t_feats = [built[t, ch, size][2][hint] for t in TEACHERS]
+    torch.manual_seed(0)
+    regs = CalWeight(s_feat.shape[1:], [f.shape[1:] for f in t_feats]).train()
+    assert len(regs) == len(TEACHERS) and all(isinstance(getattr(regs, f"embed{i}"), Embed) for i in range(5))
+    out = regs(s_feat)
+    if hint == -2 and size == 28:
+        assert [tuple(f.shape[-2:]) for f in t_feats] == [(7, 7)] * 3 + [(3, 3), (7, 7)]
+    for i, (o, t) in enumerate(zip(out, t_feats)):
+        assert o.shape == t.shape, TEACHERS[i]
+        conv, bn, _ = getattr(regs, f"embed{i}").transfer
+        assert conv.kernel_size == (1, 1) and conv.bias is not None
+        if i < 4:  # up to teacher_vgg, the input is the student map pooled once (sizes non-increasing)
+            pooled = F.adaptive_avg_pool2d(s_feat, t.shape[-2:])
+            z = F.conv2d(pooled, conv.weight, conv.bias)
+            ref = torch.relu(F.batch_norm(z, None, None, bn.weight, bn.bias, training=True, eps=bn.eps))
+            torch.testing.assert_close(o, ref, rtol=1e-5, atol=1e-5)
+    assert all((o >= 0).all() for o in out)
+    fresh = CalWeight(s_feat.shape[1:], [f.shape[1:] for f in t_feats])
+    fresh.load_state_dict(regs.state_dict())          # strict
+    regs.eval(), fresh.eval()
+    for a, b in zip(regs(s_feat), fresh(s_feat)):
+        assert torch.equal(a, b)
+    assert set(regs.state_dict()) == {f"embed{i}.transfer.{k}" for i in range(5) for k in (
+        "0.weight", "0.bias", "1.weight", "1.bias", "1.running_mean", "1.running_var", "1.num_batches_tracked")}
+    with pytest.raises(RuntimeError, match="Missing key"):   # the kdbook regressors' weights do not fit
+        fresh.load_state_dict(ConvRegs(s_feat.shape[1:], [f.shape[1:] for f in t_feats]).state_dict())
+
+
+def test_calweight_resizes_in_a_chain_as_the_official_code():
+    """``models/util.py`` reassigns ``feat_s`` when it resizes: each teacher's input is the
+    previous teacher's resized map. teacher_vgg (3x3) before teacher_densenet (7x7), as in
+    params/fashionmnist_5teachers.yaml: the 7x7 input is the 3x3 map, bilinearly upsampled."""
+    torch.manual_seed(0)
+    regs = CalWeight((64, 7, 7), [(128, 3, 3), (152, 7, 7), (64, 14, 14)]).eval()
+    x = torch.randn(2, 64, 7, 7)
+    seen = []
+    for i in range(3):
+        getattr(regs, f"embed{i}").register_forward_hook(lambda mod, inp, out: seen.append(inp[0]))
+    out = regs(x)
+    assert [tuple(o.shape) for o in out] == [(2, 128, 3, 3), (2, 152, 7, 7), (2, 64, 14, 14)]
+    p3 = F.adaptive_avg_pool2d(x, 3)
+    up7 = F.interpolate(p3, size=(7, 7), mode="bilinear", align_corners=False)
+    up14 = F.interpolate(up7, size=(14, 14), mode="bilinear", align_corners=False)
+    for got, want in zip(seen, [p3, up7, up14]):
+        torch.testing.assert_close(got, want)
+    assert not torch.allclose(seen[1], x, atol=1e-2)        # not the student map itself
+    # an equal size is an identity (the three-teacher configs)
+    same = CalWeight((64, 7, 7), [(32, 7, 7)])
+    torch.testing.assert_close(CalWeight.resize(x, (7, 7)), x)
+    assert same(x)[0].shape == (2, 32, 7, 7)

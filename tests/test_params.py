@@ -43,6 +43,7 @@ BAD = [  # (yaml text, words the one-line error must contain)
     ("seeds: [-1]", ["seeds", "[-1]", "non-negative"]),
     ("seeds: [1.5]", ["seeds", "[1.5]", "integers"]),
     ("teachers: [teacher_cnn1, teacher_cnn1]", ["teachers", "list each name once"]),
+    ("camkd_form: other", ["camkd_form", "'other'", "kdbook, official"]),
 ]
 
 

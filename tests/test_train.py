@@ -17,7 +17,7 @@ from kdlib.checkpoint import CheckpointError, CheckpointMismatch, load_checkpoin
 from kdlib.data import Split
 from kdlib.distillers import CAMKD, Scratch, build_distiller
 from kdlib.metrics import accuracy, fidelity_metrics
-from kdlib.models import build_model
+from kdlib.models import CalWeight, build_model
 from kdlib.teachers import CachedTeachers, LiveTeachers
 from kdlib.train import (NonFiniteLossError, TrainConfig, fit, iterate, load_teacher, lr_at, predict_logits,
                          teacher_bank, teacher_test_probs, train_epoch, train_student, train_teacher)
@@ -335,6 +335,56 @@ def test_renamed_regressor_key_fails_loudly(fmnist_small, bank, tmp_path):
     with pytest.raises(CheckpointError, match="does not fit this model") as err:
         train_student("camkd", bank, data, cfg, checkpoint=ckpt, identity=ident, log=quiet)
     assert str(ckpt) in str(err.value)
+
+
+def test_camkd_official_form_trains_and_resumes(fmnist_small, tmp_path, monkeypatch):
+    """``camkd_form: official`` end to end on 256 images with two untrained teachers
+    (teacher_vgg's 3x3 map exercises CalWeight's pooling; no teacher training needed for
+    the plumbing): finite losses, no feature term in epoch 1, the official regressors
+    checkpointed, a run stopped in epoch 2 resumes to the uninterrupted run's state, and
+    the kdbook regressors refuse its checkpoint."""
+    data, cfg = tiny(fmnist_small, n_train=256, n_test=100), dataclasses.replace(CFG, epochs=2)
+    names = ["teacher_cnn1", "teacher_vgg"]
+    torch.manual_seed(0)
+    with one_thread():
+        bank = teacher_bank([build_model(n) for n in names], names, data, cfg, log=quiet)
+    ident = student_id("camkd", student_epochs=2, camkd_form="official")
+    run = lambda ckpt, log=quiet, form="official": train_student(
+        "camkd", bank, data, cfg, checkpoint=ckpt, identity=ident, log=log, camkd_form=form)
+    with one_thread():
+        dist, history = run(tmp_path / "straight.pt")
+    assert isinstance(dist.regressors, CalWeight) and dist.form == "official"
+    assert history[0]["loss_feat"] == 0.0 and history[1]["loss_feat"] > 0
+    for r in history:
+        assert all(math.isfinite(r[k]) for k in ("train_loss", "loss_ce", "loss_kd", "loss_feat")), r
+        assert sum(r["weight"]) == pytest.approx(1.0) and len(r["weight"]) == 2
+    assert sum(history[1]["feat_weight"]) == pytest.approx(1.0)
+    straight = load_checkpoint(tmp_path / "straight.pt")
+    assert set(straight["extra"]) == set(dist.regressors.state_dict())
+    assert {k.split(".")[0] for k in straight["extra"]} == {"embed0", "embed1"}
+
+    real = crash_in_epoch(monkeypatch, CAMKD, 2)
+    with one_thread(), pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "resumed.pt")
+    assert load_checkpoint(tmp_path / "resumed.pt")["epoch"] == 1
+    monkeypatch.setattr(CAMKD, "forward_train", real)
+    logs = []
+    with one_thread():
+        run(tmp_path / "resumed.pt", logs.append)
+    assert any("resuming from epoch 1 of 2" in m for m in logs)
+    resumed = load_checkpoint(tmp_path / "resumed.pt")
+    strip = lambda h: [{k: v for k, v in r.items() if k != "epoch_seconds"} for r in h]
+    assert resumed["finished"] and strip(resumed["history"]) == strip(straight["history"])
+    for part in ("model", "extra"):
+        assert straight[part].keys() == resumed[part].keys()
+        for k in straight[part]:
+            assert torch.equal(straight[part][k], resumed[part][k]), (part, k)
+    assert torch.equal(straight["rng"]["torch"], resumed["rng"]["torch"])
+
+    resumed["finished"] = False
+    torch.save(resumed, tmp_path / "resumed.pt")
+    with pytest.raises(CheckpointError, match="does not fit this model"):
+        run(tmp_path / "resumed.pt", form="kdbook")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA RNG state exists only where CUDA does")
