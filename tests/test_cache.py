@@ -1,9 +1,15 @@
-"""The teacher-output cache: same results as live teachers, bypassed under augmentation,
+"""The teacher-output cache: same results as live teachers; under augmentation, the
+teachers' logits on exactly the view the student sees, kept on disk for later runs;
 and the device/bf16 path (used on GPUs) exercised on the CPU."""
 import pytest
 import torch
 
-from kdlib.train import TrainConfig, teacher_bank, teacher_test_probs, train_student, train_teacher
+from kdlib.data import apply_views, normalize, view_count
+from kdlib.distillers import Vanilla
+from kdlib.models import build_model
+from kdlib.teachers import LiveTeachers
+from kdlib.train import (TrainConfig, teacher_bank, teacher_test_probs, train_epoch, train_student, train_teacher,
+                         view_logits)
 
 from conftest import fashion_mnist_subset
 
@@ -31,12 +37,71 @@ def test_cached_and_live_runs_end_within_0_3_points(smoke, method):
     assert abs(accs[True] - accs[False]) <= 0.3, accs
 
 
-def test_cache_bypassed_under_augmentation_and_said_so(smoke):
+def test_view_cache_holds_every_view_of_every_image(smoke):
+    """Row (v, i) of the view cache is the teacher's logits on view v of image i,
+    computed here independently: shift by hand, then the live teacher."""
     data, teachers = smoke
+    cfg = TrainConfig(augment="crop_flip")
+    logits = view_logits(teachers[0], data.train, data, cfg)
+    assert logits.shape == (view_count(flip=True), 2000, 10) == (50, 2000, 10)
+    images = data.train.images[:64]
+    for v, (dy, dx, flipped) in {0: (0, 0, False), 12: (2, 2, False), 31: (1, 1, True), 49: (4, 4, True)}.items():
+        padded = torch.nn.functional.pad(images, (2, 2, 2, 2))[:, :, dy:dy + 28, dx:dx + 28]
+        view = padded.flip(3) if flipped else padded
+        assert torch.equal(apply_views(images, torch.full((64,), v)), view)
+        with torch.no_grad():
+            live = teachers[0](normalize(view, data.mean, data.std))
+        assert torch.allclose(logits[v, :64], live, atol=1e-4), v
+    with torch.no_grad():
+        plain = teachers[0](normalize(data.train.images[:64], data.mean, data.std))
+    assert torch.allclose(logits[12, :64], plain, atol=1e-4)  # view 12 (dy = dx = 2 in the padded image) is the image itself
+
+
+class CheckedBank(LiveTeachers):
+    """Serves the view cache's logits and checks each batch against live teachers on the
+    batch the student actually got."""
+
+    def __init__(self, cached):
+        super().__init__(list(cached.models), cached.names, cached.hint_layer)
+        self.bank, self.checked, self.worst = cached, 0, 0.0
+
+    def logits(self, x, idx=None, split="train"):
+        served, live = self.bank.logits(x, idx, split), LiveTeachers.logits(self, x)
+        self.worst = max(self.worst, (served - live).abs().max().item())
+        self.checked += len(x)
+        return served
+
+
+def test_augmented_student_gets_its_teachers_answer_on_the_view_it_sees(smoke):
+    data, teachers = smoke
+    cfg = TrainConfig(epochs=1, augment="crop", batch_size=200, channels_last=False)
+    names = ["teacher_cnn1", "teacher_resnet"]
     said = []
-    bank = teacher_bank(teachers, ["teacher_cnn1", "teacher_resnet"], data, TrainConfig(augment="crop_flip"),
-                        cache=True, log=said.append)
-    assert not bank.cached and "bypassed" in said[0]
+    bank = teacher_bank(teachers, names, data, cfg, cache=True, log=said.append)
+    assert bank.cached and "25 views of 2000 images" in said[0] and "camkd" in said[0]
+    checked = CheckedBank(bank)
+    student = build_model("student", data.in_channels, data.num_classes, data.image_size)
+    distiller = Vanilla(student, checked)
+    train_epoch(distiller, torch.optim.Adam(distiller.trainable_parameters()), data, cfg, 0, steps=10)
+    assert checked.checked == 2000 and checked.worst < 1e-3, checked.worst
+
+
+def test_view_cache_is_written_once_reused_and_rebuilt_when_stale(smoke, tmp_path):
+    data, teachers = smoke
+    cfg = TrainConfig(augment="crop")
+    names = ["teacher_cnn1", "teacher_resnet"]
+    files = [(tmp_path / f"{n}.pt", {"kind": "teacher_views", "teacher": n}) for n in names]
+    said = []
+    first = teacher_bank(teachers, names, data, cfg, log=said.append, view_files=files)
+    assert all(path.is_file() for path, _ in files)
+    stamp = [path.stat().st_mtime_ns for path, _ in files]
+    again = teacher_bank(teachers, names, data, cfg, log=said.append, view_files=files)
+    assert torch.equal(first.view_logits, again.view_logits)
+    assert [path.stat().st_mtime_ns for path, _ in files] == stamp  # read, not rewritten
+    stale = [(files[0][0], {"kind": "teacher_views", "teacher": "other"}), files[1]]
+    rebuilt = teacher_bank(teachers, names, data, cfg, log=said.append, view_files=stale)
+    assert any("was made with other settings" in line and "rebuilding" in line for line in said)
+    assert torch.allclose(rebuilt.view_logits, first.view_logits)
 
 
 def test_cache_memory_is_reported(smoke):
