@@ -11,6 +11,9 @@ beta 100, hint_layer -2), for
 * ``scratch``, ``vanilla``, ``camkd``: kdlib's loop, teachers served from the cache
   (``CachedTeachers``; camkd is timed in an epoch where its feature term is on);
 * ``vanilla_live``, ``camkd_live``: the same, teachers run on every batch;
+* ``scratch_crop``, ``vanilla_crop``: ``augment: crop``, vanilla's teacher logits on
+  each image's view served from the view cache (``ViewCachedTeachers``; its one-off
+  build, 25 evaluation passes per teacher, is reported apart as ``view_cache_build_s``);
 * ``seed_style``: the old seed kit's way: torchvision dataset with per-sample
   ``ToTensor``/``Normalize`` through a ``DataLoader``, default memory layout,
   teachers run live, vanilla KD loss computed the plain way, always fp32.
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -50,16 +54,19 @@ from .train import (TrainConfig, iterate, pick_device, predict_logits, seed_ever
                     teacher_bank, train_epoch)
 from .teachers import freeze
 
-METHODS = ["scratch", "vanilla", "camkd", "vanilla_live", "camkd_live", "seed_style"]
+METHODS = ["scratch", "vanilla", "camkd", "vanilla_live", "camkd_live", "scratch_crop", "vanilla_crop",
+           "seed_style"]
 RATIOS = {"vanilla/scratch": ("vanilla", "scratch"), "camkd/scratch": ("camkd", "scratch"),
           "seed_style/vanilla": ("seed_style", "vanilla"), "vanilla_live/vanilla": ("vanilla_live", "vanilla"),
-          "camkd_live/camkd": ("camkd_live", "camkd")}
+          "camkd_live/camkd": ("camkd_live", "camkd"), "vanilla_crop/scratch_crop": ("vanilla_crop", "scratch_crop")}
 DESCRIPTIONS = {
     "scratch": "student alone (CE)",
     "vanilla": "vanilla KD, teacher logits from the cache",
     "camkd": "CAMKD (logit + feature terms), teacher outputs from the cache",
     "vanilla_live": "vanilla KD, teachers run every step",
     "camkd_live": "CAMKD, teachers run every step",
+    "scratch_crop": "student alone, augment: crop (random shifts of up to 2 px)",
+    "vanilla_crop": "vanilla KD, augment: crop, teacher logits on the same view from the view cache",
     "seed_style": "seed kit's loop: DataLoader + per-sample transforms, teachers live, no channels_last, fp32",
 }
 TEACHER_NOTE = "teachers: random init, frozen, eval mode (not trained; timing only)"
@@ -217,17 +224,24 @@ def run_benchmark(samples: int = 10_000, teachers: int = 3, precision: str = "fp
     log(f"building the teacher cache ({len(names)} teachers, {len(data.train)} + {len(data.test)} samples)")
     cached = teacher_bank(models, names, data, cfg, hint, cache=True, log=log)
     live = teacher_bank(models, names, data, cfg, hint, cache=False, log=log)
+    crop_cfg = dataclasses.replace(cfg, augment="crop")
+    log(f"building the teacher view cache ({len(names)} teachers, 25 views of {len(data.train)} samples)")
+    views = teacher_bank(models, names, data, crop_cfg, hint, cache=True, log=log)
 
     sample = normalize(data.train.images[:1], data.mean, data.std)
     passes = {}
     for method in METHODS[:-1]:
-        kind, bank = (method[:-5], live) if method.endswith("_live") else (method, cached)
+        kind, bank, c = method, cached, cfg
+        if method.endswith("_live"):
+            kind, bank = method[:-5], live
+        elif method.endswith("_crop"):
+            kind, bank, c = method[:-5], views, crop_cfg
         seed_everything(cfg.seed)
         student = build_model("student", data.in_channels, data.num_classes, data.image_size).to(dev)
         distiller = build_distiller(kind, student, bank, sample, T, alpha, beta, hint).to(dev)
-        optimizer = prepare(distiller, cfg)
+        optimizer = prepare(distiller, c)
         # epoch index 1: camkd's feature term is off in epoch 0
-        passes[method] = lambda w, d=distiller, o=optimizer: time_epoch(d, data, cfg, 1, optimizer=o, warmup=w)
+        passes[method] = lambda w, d=distiller, o=optimizer, c=c: time_epoch(d, data, c, 1, optimizer=o, warmup=w)
     passes["seed_style"] = SeedStyle(seed_models, root, samples, cfg, T, alpha, dev).time
 
     times = {m: [] for m in METHODS}
@@ -241,6 +255,7 @@ def run_benchmark(samples: int = 10_000, teachers: int = 3, precision: str = "fp
             "threads": torch.get_num_threads(), "precision": precision, "seconds": seconds,
             "ratios": {k: round(seconds[a] / seconds[b], 3) for k, (a, b) in RATIOS.items()},
             "cache_build_s": round(cached.build_seconds, 3), "cache_bytes": int(cached.nbytes()),
+            "view_cache_build_s": round(views.build_seconds, 3), "view_cache_bytes": int(views.nbytes()),
             "models": model_rates(["student"] + names, data, cfg)}
 
 
@@ -318,7 +333,10 @@ def format_table(result: dict, repeats: int = 1) -> str:
     lines += [f"{n:<18}{r['mflop_per_step']:>11.0f}{r['step_s'] * 1e3:>9.1f}{r['gflop_per_s']:>9.1f}"
               for n, r in result["models"].items()]
     lines += ["", f"teacher cache: built in {result['cache_build_s']:.2f} s (train + test), "
-                  f"{result['cache_bytes'] / 2**20:.1f} MiB", machine_line(result)]
+                  f"{result['cache_bytes'] / 2**20:.1f} MiB",
+              f"teacher view cache (augment: crop, logits only): built once in {result['view_cache_build_s']:.2f} s "
+              f"(25 passes per teacher over the training samples), {result['view_cache_bytes'] / 2**20:.1f} MiB",
+              machine_line(result)]
     return "\n".join(lines)
 
 
@@ -330,7 +348,9 @@ def format_markdown(result: dict, repeats: int = 1) -> str:
     r = result["ratios"]
     ratios = ", ".join(f"{k} {v:.2f}" for k, v in r.items())
     lines += ["", f"Seconds for {_header(result, repeats)}; {TEACHER_NOTE}. Teacher cache (train + test) "
-                  f"built in {result['cache_build_s']:.1f} s, {result['cache_bytes'] / 2**20:.1f} MiB. "
+                  f"built in {result['cache_build_s']:.1f} s, {result['cache_bytes'] / 2**20:.1f} MiB; view cache "
+                  f"(crop) built once in {result['view_cache_build_s']:.1f} s, "
+                  f"{result['view_cache_bytes'] / 2**20:.1f} MiB. "
                   f"Ratios: {ratios}. M{machine_line(result)[1:]}."]
     return "\n".join(lines)
 
@@ -348,12 +368,15 @@ def speed_markdown(results: list[dict], repeats: int = 1, load: tuple | None = N
     best = f"best of {repeats} passes" if repeats > 1 else "one pass"
     cache = "; ".join(f"M={r['teachers']}: built in {r['cache_build_s']:.1f} s, {r['cache_bytes'] / 2**20:.0f} MiB"
                       for r in results)
+    views = "; ".join(f"M={r['teachers']}: built once in {r['view_cache_build_s']:.1f} s, "
+                      f"{r['view_cache_bytes'] / 2**20:.0f} MiB" for r in results if "view_cache_build_s" in r)
     quiet = "" if load is None else f" Load average when it started: {load[0]:.2f}."
     lines += ["", f"Generated by `python -m kdlib.bench --teachers {' '.join(str(r['teachers']) for r in results)}"
                   f"{f' --repeats {repeats}' if repeats > 1 else ''} --readme README.md`: one training epoch over "
                   f"{r0['samples']:,} Fashion-MNIST images (batch 128, params of `fashionmnist.yaml`), {best} per "
                   f"method, {r0['precision']}; {TEACHER_NOTE}. M{machine_line(r0)[1:]}.{quiet}",
-              f"Teacher cache (train + test splits, hint features in fp16): {cache}."]
+              f"Teacher cache (train + test splits, hint features in fp16): {cache}. "
+              f"Teacher view cache for `augment: crop` (logits on 25 views of each training image): {views}."]
     models = results[-1]["models"]  # the largest teacher set holds every model
     lines += ["", "| model | MFLOP per training step (batch 128) | ms per step | GFLOP/s |", "|---|---:|---:|---:|"]
     lines += [f"| `{n}` | {r['mflop_per_step']:,.0f} | {r['step_s'] * 1e3:.1f} | {r['gflop_per_s']:.1f} |"

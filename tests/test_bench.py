@@ -18,9 +18,10 @@ from kdlib.train import TrainConfig, fit
 
 ROOT = Path(__file__).resolve().parent.parent
 KEYS = {"samples", "test_samples", "teachers", "device", "threads", "precision", "seconds", "ratios",
-        "cache_build_s", "cache_bytes", "models"}
+        "cache_build_s", "cache_bytes", "view_cache_build_s", "view_cache_bytes", "models"}
 MODEL_KEYS = {"mflop_per_step", "step_s", "gflop_per_s", "eval_s_per_image"}
-RATIO_KEYS = {"vanilla/scratch", "camkd/scratch", "seed_style/vanilla", "vanilla_live/vanilla", "camkd_live/camkd"}
+RATIO_KEYS = {"vanilla/scratch", "camkd/scratch", "seed_style/vanilla", "vanilla_live/vanilla", "camkd_live/camkd",
+              "vanilla_crop/scratch_crop"}
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +55,8 @@ def test_result_structure(result):
     assert result["ratios"]["vanilla_live/vanilla"] > 1.2 and result["ratios"]["camkd_live/camkd"] > 1.2
     assert result["cache_build_s"] > 0
     assert isinstance(result["cache_bytes"], int) and result["cache_bytes"] > 0
+    # the view cache holds 2 teachers' float32 logits on 25 views of each of the 256 images
+    assert result["view_cache_bytes"] == 2 * 25 * 256 * 10 * 4 and result["view_cache_build_s"] > 0
     json.dumps(result)  # serialisable as is
 
 

@@ -183,6 +183,10 @@ def test_explorer_renders_and_redraws_in_jupyterlab(lab, page):
     text = page.inner_text(".jp-Notebook")
     assert "<Figure size" not in text and "Traceback" not in text
     image = page.locator(".jp-Notebook img.widget-image")
+    try:  # the cell has finished; its widget may still be "Loading widget..." for a while on a busy machine
+        image.first.wait_for(state="attached", timeout=180_000)
+    except PlaywrightTimeout:
+        page.screenshot(path=str(home / "lab.png"))
     assert image.count() == 1, "the explorer shows its plot as an image"
     assert (home / "outputs" / "interactive" / "results.csv").is_file(), "outputs go to the temporary root"
     image.scroll_into_view_if_needed()
