@@ -120,3 +120,34 @@ def test_params_refuse_a_labelled_subset_that_cannot_run():
     with pytest.raises(ParamsError, match="labelled_subset.*at least one labelled image per class"):
         validate({"labelled_subset": 5})
     assert validate({"labelled_subset": 1000})["labelled_subset"] == 1000
+
+
+TINY = {"train_subset": 600, "test_subset": 200, "teachers": ["teacher_cnn1", "teacher_resnet"],
+        "methods": ["camkd", "vanilla", "scratch"], "teacher_epochs": 1, "student_epochs": 2, "threads": 1}
+
+
+@pytest.mark.slow
+def test_the_regimes_run_end_to_end_on_real_images(tmp_path):
+    """The regimes sweep's non-default settings together, through the book on a real
+    Fashion-MNIST subset: a transfer set, crop augmentation with un-augmented teachers
+    (reused, and their view cache written once and reused by the next seed), and the
+    official CA-MKD form."""
+    from kdlib import book
+    P = validate(dict(TINY, teacher_dir=str(tmp_path / "t"), run_dir=str(tmp_path / "run"), labelled_subset=100,
+                      augment="crop", teacher_augment="none", camkd_form="official", alpha=1.0, beta=50.0))
+    plain = dict(P, augment="none", teacher_augment="same")
+    assert all(book.teacher_checkpoint(P, n) == book.teacher_checkpoint(plain, n) for n in P["teachers"])
+    said = []
+    results = book.distill_students(P, log=said.append)
+    assert any("cross-entropy sees 100 labelled images; distillation uses all 600" in m for m in said)
+    assert any("teacher view cache: 2 teachers x 25 views of 600 images (crop)" in m for m in said)
+    views = sorted((tmp_path / "t" / "FashionMNIST" / "views").glob("*.pt"))
+    assert [v.name.split("-")[0] for v in views] == ["teacher_cnn1", "teacher_resnet"]
+    for method, record in results.items():
+        history = record["runs"][0]["history"]
+        assert len(history) == 2 and 10 < history[-1]["test_acc"] <= 100, method
+        assert record["hparams"]["labelled_subset"] == 100 and record["hparams"]["camkd_form"] == "official"
+    assert results["camkd"]["runs"][0]["history"][-1]["loss_feat"] > 0  # the official feature term is on
+    stamps = [v.stat().st_mtime_ns for v in views]
+    book.distill_students(dict(P, seeds=[1], methods=["vanilla"]), log=lambda *a: None)
+    assert [v.stat().st_mtime_ns for v in views] == stamps  # the next seed read the view cache
