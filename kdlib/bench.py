@@ -11,9 +11,11 @@ beta 100, hint_layer -2), for
 * ``scratch``, ``vanilla``, ``camkd``: kdlib's loop, teachers served from the cache
   (``CachedTeachers``; camkd is timed in an epoch where its feature term is on);
 * ``vanilla_live``, ``camkd_live``: the same, teachers run on every batch;
-* ``scratch_crop``, ``vanilla_crop``: ``augment: crop``, vanilla's teacher logits on
-  each image's view served from the view cache (``ViewCachedTeachers``; its one-off
-  build, 25 evaluation passes per teacher, is reported apart as ``view_cache_build_s``);
+* ``scratch_crop``, ``vanilla_crop``, ``camkd_crop``: ``augment: crop``; vanilla's
+  teacher logits on each image's view served from the view cache
+  (``ViewCachedTeachers``; its one-off build, 25 evaluation passes per teacher, is
+  reported apart as ``view_cache_build_s``), CAMKD's teachers run live (their hint
+  maps on every view are not kept);
 * ``seed_style``: the old seed kit's way: torchvision dataset with per-sample
   ``ToTensor``/``Normalize`` through a ``DataLoader``, default memory layout,
   teachers run live, vanilla KD loss computed the plain way, always fp32.
@@ -55,10 +57,11 @@ from .train import (TrainConfig, iterate, pick_device, predict_logits, seed_ever
 from .teachers import freeze
 
 METHODS = ["scratch", "vanilla", "camkd", "vanilla_live", "camkd_live", "scratch_crop", "vanilla_crop",
-           "seed_style"]
+           "camkd_crop", "seed_style"]
 RATIOS = {"vanilla/scratch": ("vanilla", "scratch"), "camkd/scratch": ("camkd", "scratch"),
           "seed_style/vanilla": ("seed_style", "vanilla"), "vanilla_live/vanilla": ("vanilla_live", "vanilla"),
-          "camkd_live/camkd": ("camkd_live", "camkd"), "vanilla_crop/scratch_crop": ("vanilla_crop", "scratch_crop")}
+          "camkd_live/camkd": ("camkd_live", "camkd"), "vanilla_crop/scratch_crop": ("vanilla_crop", "scratch_crop"),
+          "camkd_crop/scratch_crop": ("camkd_crop", "scratch_crop")}
 DESCRIPTIONS = {
     "scratch": "student alone (CE)",
     "vanilla": "vanilla KD, teacher logits from the cache",
@@ -67,6 +70,7 @@ DESCRIPTIONS = {
     "camkd_live": "CAMKD, teachers run every step",
     "scratch_crop": "student alone, augment: crop (random shifts of up to 2 px)",
     "vanilla_crop": "vanilla KD, augment: crop, teacher logits on the same view from the view cache",
+    "camkd_crop": "CAMKD, augment: crop, teachers run every step (hint maps are not cached per view)",
     "seed_style": "seed kit's loop: DataLoader + per-sample transforms, teachers live, no channels_last, fp32",
 }
 TEACHER_NOTE = "teachers: random init, frozen, eval mode (not trained; timing only)"

@@ -21,7 +21,7 @@ KEYS = {"samples", "test_samples", "teachers", "device", "threads", "precision",
         "cache_build_s", "cache_bytes", "view_cache_build_s", "view_cache_bytes", "models"}
 MODEL_KEYS = {"mflop_per_step", "step_s", "gflop_per_s", "eval_s_per_image"}
 RATIO_KEYS = {"vanilla/scratch", "camkd/scratch", "seed_style/vanilla", "vanilla_live/vanilla", "camkd_live/camkd",
-              "vanilla_crop/scratch_crop"}
+              "vanilla_crop/scratch_crop", "camkd_crop/scratch_crop"}
 
 
 @pytest.fixture(scope="module")
