@@ -1,10 +1,12 @@
 """The teacher-output cache: same results as live teachers; under augmentation, the
 teachers' logits on exactly the view the student sees, kept on disk for later runs;
 and the device/bf16 path (used on GPUs) exercised on the CPU."""
+import dataclasses
+
 import pytest
 import torch
 
-from kdlib.data import apply_views, normalize, view_count
+from kdlib.data import Split, apply_views, normalize, view_count
 from kdlib.distillers import Vanilla
 from kdlib.models import build_model
 from kdlib.teachers import LiveTeachers
@@ -37,13 +39,20 @@ def test_cached_and_live_runs_end_within_0_3_points(smoke, method):
     assert abs(accs[True] - accs[False]) <= 0.3, accs
 
 
+def first(data, n: int = 256):
+    """``data`` with its first ``n`` training images only (the view cache costs 25 or 50
+    teacher passes per image)."""
+    return dataclasses.replace(data, train=Split(data.train.images[:n], data.train.labels[:n]))
+
+
 def test_view_cache_holds_every_view_of_every_image(smoke):
     """Row (v, i) of the view cache is the teacher's logits on view v of image i,
     computed here independently: shift by hand, then the live teacher."""
     data, teachers = smoke
+    data = first(data)
     cfg = TrainConfig(augment="crop_flip")
     logits = view_logits(teachers[0], data.train, data, cfg)
-    assert logits.shape == (view_count(flip=True), 2000, 10) == (50, 2000, 10)
+    assert logits.shape == (view_count(flip=True), 256, 10) == (50, 256, 10)
     images = data.train.images[:64]
     for v, (dy, dx, flipped) in {0: (0, 0, False), 12: (2, 2, False), 31: (1, 1, True), 49: (4, 4, True)}.items():
         padded = torch.nn.functional.pad(images, (2, 2, 2, 2))[:, :, dy:dy + 28, dx:dx + 28]
@@ -74,34 +83,36 @@ class CheckedBank(LiveTeachers):
 
 def test_augmented_student_gets_its_teachers_answer_on_the_view_it_sees(smoke):
     data, teachers = smoke
-    cfg = TrainConfig(epochs=1, augment="crop", batch_size=200, channels_last=False)
+    data = first(data, 500)
+    cfg = TrainConfig(epochs=1, augment="crop", batch_size=64, channels_last=False)
     names = ["teacher_cnn1", "teacher_resnet"]
     said = []
     bank = teacher_bank(teachers, names, data, cfg, cache=True, log=said.append)
-    assert bank.cached and "25 views of 2000 images" in said[0] and "camkd" in said[0]
+    assert bank.cached and "25 views of 500 images" in said[0] and "camkd" in said[0]
     checked = CheckedBank(bank)
     student = build_model("student", data.in_channels, data.num_classes, data.image_size)
     distiller = Vanilla(student, checked)
-    train_epoch(distiller, torch.optim.Adam(distiller.trainable_parameters()), data, cfg, 0, steps=10)
-    assert checked.checked == 2000 and checked.worst < 1e-3, checked.worst
+    train_epoch(distiller, torch.optim.Adam(distiller.trainable_parameters()), data, cfg, 0, steps=8)
+    assert checked.checked == 500 and checked.worst < 1e-3, checked.worst
 
 
 def test_view_cache_is_written_once_reused_and_rebuilt_when_stale(smoke, tmp_path):
     data, teachers = smoke
+    data = first(data)
     cfg = TrainConfig(augment="crop")
     names = ["teacher_cnn1", "teacher_resnet"]
     files = [(tmp_path / f"{n}.pt", {"kind": "teacher_views", "teacher": n}) for n in names]
     said = []
-    first = teacher_bank(teachers, names, data, cfg, log=said.append, view_files=files)
+    built = teacher_bank(teachers, names, data, cfg, log=said.append, view_files=files)
     assert all(path.is_file() for path, _ in files)
     stamp = [path.stat().st_mtime_ns for path, _ in files]
     again = teacher_bank(teachers, names, data, cfg, log=said.append, view_files=files)
-    assert torch.equal(first.view_logits, again.view_logits)
+    assert torch.equal(built.view_logits, again.view_logits)
     assert [path.stat().st_mtime_ns for path, _ in files] == stamp  # read, not rewritten
     stale = [(files[0][0], {"kind": "teacher_views", "teacher": "other"}), files[1]]
     rebuilt = teacher_bank(teachers, names, data, cfg, log=said.append, view_files=stale)
     assert any("was made with other settings" in line and "rebuilding" in line for line in said)
-    assert torch.allclose(rebuilt.view_logits, first.view_logits)
+    assert torch.allclose(rebuilt.view_logits, built.view_logits)
 
 
 def test_cache_memory_is_reported(smoke):

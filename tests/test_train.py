@@ -265,6 +265,21 @@ def crash_in_epoch(monkeypatch, cls, epoch: int):
     return real
 
 
+def crash_and_resume(monkeypatch, cls, run, path, epoch: int, epochs: int) -> dict:
+    """``run(path)`` stopped at the start of epoch ``epoch`` (its checkpoint then holds
+    epoch ``epoch - 1``), then run again: it says it resumes. Returns the final checkpoint."""
+    real = crash_in_epoch(monkeypatch, cls, epoch)
+    with one_thread(), pytest.raises(KeyboardInterrupt):
+        run(path)
+    assert load_checkpoint(path)["epoch"] == epoch - 1
+    monkeypatch.setattr(cls, "forward_train", real)
+    logs = []
+    with one_thread():
+        run(path, logs.append)
+    assert any(f"resuming from epoch {epoch - 1} of {epochs}" in m for m in logs)
+    return load_checkpoint(path)
+
+
 def test_interrupted_run_resumes_to_the_same_result(fmnist_small, bank, students, tmp_path, monkeypatch):
     """Stop a scratch run in its second epoch, rerun: it resumes from epoch 1 and ends
     where the uninterrupted run ended (model, optimizer and RNG were all restored)."""
@@ -295,16 +310,8 @@ def test_camkd_killed_after_epoch_2_resumes_to_the_same_state(fmnist_small, bank
     run = lambda ckpt, log=quiet: train_student("camkd", bank, data, cfg, checkpoint=ckpt, identity=ident, log=log)
     with one_thread():
         run(tmp_path / "straight.pt")
-    real = crash_in_epoch(monkeypatch, CAMKD, 3)
-    with one_thread(), pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "resumed.pt")
-    assert load_checkpoint(tmp_path / "resumed.pt")["epoch"] == 2
-    monkeypatch.setattr(CAMKD, "forward_train", real)
-    logs = []
-    with one_thread():
-        run(tmp_path / "resumed.pt", logs.append)
-    assert any("resuming from epoch 2 of 3" in m for m in logs)
-    a, b = load_checkpoint(tmp_path / "straight.pt"), load_checkpoint(tmp_path / "resumed.pt")
+    b = crash_and_resume(monkeypatch, CAMKD, run, tmp_path / "resumed.pt", epoch=3, epochs=3)
+    a = load_checkpoint(tmp_path / "straight.pt")
     assert b["finished"] and a["history"][-1]["loss_feat"] > 0
     strip = lambda h: [{k: v for k, v in r.items() if k != "epoch_seconds"} for r in h]
     assert strip(b["history"]) == strip(a["history"])
@@ -363,16 +370,7 @@ def test_camkd_official_form_trains_and_resumes(fmnist_small, tmp_path, monkeypa
     assert set(straight["extra"]) == set(dist.regressors.state_dict())
     assert {k.split(".")[0] for k in straight["extra"]} == {"embed0", "embed1"}
 
-    real = crash_in_epoch(monkeypatch, CAMKD, 2)
-    with one_thread(), pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "resumed.pt")
-    assert load_checkpoint(tmp_path / "resumed.pt")["epoch"] == 1
-    monkeypatch.setattr(CAMKD, "forward_train", real)
-    logs = []
-    with one_thread():
-        run(tmp_path / "resumed.pt", logs.append)
-    assert any("resuming from epoch 1 of 2" in m for m in logs)
-    resumed = load_checkpoint(tmp_path / "resumed.pt")
+    resumed = crash_and_resume(monkeypatch, CAMKD, run, tmp_path / "resumed.pt", epoch=2, epochs=2)
     strip = lambda h: [{k: v for k, v in r.items() if k != "epoch_seconds"} for r in h]
     assert resumed["finished"] and strip(resumed["history"]) == strip(straight["history"])
     for part in ("model", "extra"):
