@@ -234,7 +234,8 @@ def distill_students(P, data=None, teachers=None, log=say) -> dict:
                          "extra_params": sum(p.numel() for p in distiller.extra_parameters())})
         results[method] = {"method": method, "dataset": data.name, "teachers": names,
                            "student_params": count_parameters(distiller.student),
-                           "teacher_cache": bank.cached, "eval_split": data.eval_split,
+                           "teacher_cache": bank.cached and not (bank.live_hints and method == "camkd"),
+                           "eval_split": data.eval_split,
                            "train_size": len(data.train), "eval_size": len(data.test),
                            "hparams": {k: P[k] for k in ("temperature", "alpha", "beta", "hint_layer",
                                                          "student_epochs", "batch_size", "lr",

@@ -29,6 +29,7 @@ class LiveTeachers(nn.Module):
     """Runs the frozen teachers on every batch."""
 
     cached = False
+    live_hints = True  # hint features (CAMKD's feature term) computed on every batch
 
     def __init__(self, models: list[StagedNet], names: list[str], hint_layer: int = -2):
         super().__init__()
@@ -82,6 +83,7 @@ class CachedTeachers(LiveTeachers):
     """
 
     cached = True
+    live_hints = False
 
     def __init__(self, models, names, hint_layer=-2, feature_dtype=torch.float16):
         super().__init__(models, names, hint_layer)

@@ -148,6 +148,8 @@ def test_the_regimes_run_end_to_end_on_real_images(tmp_path):
         assert len(history) == 2 and 10 < history[-1]["test_acc"] <= 100, method
         assert record["hparams"]["labelled_subset"] == 100 and record["hparams"]["camkd_form"] == "official"
     assert results["camkd"]["runs"][0]["history"][-1]["loss_feat"] > 0  # the official feature term is on
+    # vanilla read its teachers from the view cache; camkd's hint maps came from live teachers
+    assert results["vanilla"]["teacher_cache"] and not results["camkd"]["teacher_cache"]
     stamps = [v.stat().st_mtime_ns for v in views]
     book.distill_students(dict(P, seeds=[1], methods=["vanilla"]), log=lambda *a: None)
     assert [v.stat().st_mtime_ns for v in views] == stamps  # the next seed read the view cache
