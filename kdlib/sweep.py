@@ -94,7 +94,7 @@ def expand(sweep_file: str | Path) -> tuple[str, list[Run]]:
     for key in set(fixed) | set(grid) | {k for r in explicit for k in r}:
         if key in SET_BY_SWEEP:
             raise ParamsError(f"{src}: key {key!r} cannot be set in a sweep ({SET_BY_SWEEP[key]})")
-    points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+    points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())] if grid else []
     runs, seen = [], {}
     for own in points + explicit:
         name = run_name(own)
@@ -253,17 +253,19 @@ class Record:
 
 def _submit(client, base: str, runs: list[Run], sweep_dir: Path) -> dict:
     """Teacher tasks (one per distinct teacher set), then one book-run task per run that
-    depends on its teachers' future. Returns ``{run name: future}``."""
+    depends on its teachers' future, prioritised in the sweep file's order (so a long run
+    listed first starts first). Returns ``{run name: future}``."""
     tag = uuid.uuid4().hex[:6]  # keys unique on a shared scheduler
     teachers, futures = {}, {}
-    for run in runs:
+    for i, run in enumerate(runs):
         key = teacher_key(run.P)
         if key not in teachers:
             folder = sweep_dir / "_teachers" / identity_key({"checkpoints": key})
             teachers[key] = client.submit(teacher_task, run.P, str(folder), key=f"teachers-{folder.name}-{tag}",
-                                          resources=RESOURCES, pure=False)
+                                          resources=RESOURCES, pure=False, priority=len(runs) + 1)
         futures[run.name] = client.submit(run_task, base, run.name, run.overrides, str(sweep_dir), teachers[key],
-                                          key=f"run-{run.name}-{tag}", resources=RESOURCES, pure=False)
+                                          key=f"run-{run.name}-{tag}", resources=RESOURCES, pure=False,
+                                          priority=len(runs) - i)
     return futures
 
 

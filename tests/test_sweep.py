@@ -59,6 +59,29 @@ def test_grid_and_runs_expand_to_named_validated_runs(tmp_path):
         "lr=0.0001,augment=crop_flip,compile=true"
 
 
+def test_runs_only_sweep_has_exactly_its_runs_submitted_in_file_order(tmp_path):
+    """Without a grid there is no extra 'base' run; the run tasks carry priorities that
+    fall in the file's order (Dask starts the highest first), the teachers' above all."""
+    path = write_sweep(tmp_path, runs=[{"student_epochs": 3}, {"beta": 10}, {"methods": ["scratch"]}])
+    base, runs = sweep.expand(path)
+    assert [r.name for r in runs] == ["student_epochs=3", "beta=10", "methods=scratch"]
+
+    class Client:  # records what _submit asks of Dask
+        def __init__(self):
+            self.calls = []
+
+        def submit(self, fn, *args, **kw):
+            self.calls.append((fn.__name__, kw["priority"]))
+            return fn.__name__
+
+    client = Client()
+    sweep._submit(client, base, runs, tmp_path / "sw")
+    assert client.calls[0][0] == "teacher_task"  # one teacher set for all three
+    priorities = [p for name, p in client.calls if name == "run_task"]
+    assert len(priorities) == 3 and priorities == sorted(priorities, reverse=True)
+    assert client.calls[0][1] > priorities[0]
+
+
 @pytest.mark.parametrize("keys,words", [
     ({"grid": {"bta": [1, 2]}}, ["run bta=1", "unknown key 'bta'", "did you mean 'beta'"]),
     ({"grid": {"lr": [0.001, float("nan")]}}, ["run lr=nan", "lr", "finite"]),
