@@ -155,12 +155,14 @@ def main(argv=None) -> None:
     parser.add_argument("--readme", help="README file whose results block to replace")
     parser.add_argument("--vs", metavar="OTHER_RUN", help="compare the students of run_dir with this run's")
     parser.add_argument("--runs", nargs="+", metavar="RUN", help="more runs: one table row per run and method")
+    parser.add_argument("--by-run", action="store_true",
+                        help="a sweep of explicit runs: one table row per run, with the paired differences")
     parser.add_argument("--block", default=None, help="README block name (default: results, or compare with --vs)")
     args = parser.parse_args(argv)
     sweep = (Path(args.run_dir) / "sweep.json").is_file()
     if sweep:
-        from .sweep_analysis import markdown
-        block = markdown(args.run_dir)
+        from .sweep_analysis import markdown, run_markdown
+        block = run_markdown(args.run_dir) if args.by_run else markdown(args.run_dir)
     elif args.runs:
         block = runs_table([args.run_dir, *args.runs])
     elif args.vs:

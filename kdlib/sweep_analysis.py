@@ -10,6 +10,7 @@ McNemar on per-image correctness (``stats.comparison_frame``) and a plain verdic
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -134,6 +135,78 @@ def wide_table(table: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     if seeds is not None:
         wide.insert(0, "seeds", seeds.reindex(wide.index).to_numpy())
     return wide
+
+
+PAIRS = {"vanilla - scratch": "vanilla − scratch", "camkd - vanilla": "CAMKD − vanilla",
+         "camkd - scratch": "CAMKD − scratch"}
+
+
+def _diff_cell(row) -> str:
+    if row["seeds"] < 2:
+        return f"{row['mean_diff']:+.2f}"
+    star = " *" if row["p_value"] < 0.05 else ""
+    return f"{row['mean_diff']:+.2f} ({row['ci_low']:+.2f} to {row['ci_high']:+.2f}){star}"
+
+
+def setting_label(run: str) -> str:
+    """A run's name without its ``seeds=...`` part: the name of the setting it pools into."""
+    return re.sub(r"(^|,)seeds=[^,]*", "", run).lstrip(",") or "base"
+
+
+def run_table(res: SweepResults) -> pd.DataFrame:
+    """One row per setting of a sweep of explicit runs, named after its runs (``seeds=``
+    dropped, so runs that split one setting's seeds share a row), in the sweep file's
+    order: mean accuracy (95% CI over seeds) per method, then the paired differences
+    vanilla − scratch, CAMKD − vanilla and CAMKD − scratch over seeds (mean, 95% CI;
+    * where paired t p < 0.05)."""
+    table, diffs = setting_table(res), differences(res)
+    rows = {}
+    for run in dict.fromkeys(res.frame["run"]):
+        label = setting_label(run)
+        if label in rows:
+            continue
+        first = res.frame[res.frame["run"] == run].iloc[0]
+        setting = {k: first[k] for k in res.keys}
+
+        def pick(frame):
+            mask = np.ones(len(frame), bool)
+            for k, v in setting.items():
+                mask &= (frame[k] == v).to_numpy()
+            return frame[mask]
+
+        own, pairs = pick(table), pick(diffs) if not diffs.empty else diffs
+        row = {"setting": label, "seeds": int(own["n"].max())}
+        for method in sorted(dict.fromkeys(own["method"]), key=_method_rank):
+            acc = own[(own["method"] == method) & (own["metric"] == "accuracy")]
+            row[f"{NAMES.get(method, method)} accuracy %"] = _cell(acc.iloc[0], 2)
+        for pair, column in PAIRS.items():
+            hit = pairs[pairs["pair"] == pair] if not pairs.empty else pairs
+            if len(hit):
+                row[column] = _diff_cell(hit.iloc[0])
+        rows[label] = dict(row, _setting=tuple(setting.values()))
+    return pd.DataFrame(rows.values())
+
+
+def run_markdown(sweep_dir: str | Path) -> str:
+    """``run_table`` and the verdicts as markdown, for a README block (``kdlib.report --by-run``)."""
+    sweep_dir = Path(sweep_dir)
+    res = load(sweep_dir)
+    table = run_table(res)
+    labels = dict(zip(table.pop("_setting"), table["setting"]))
+    lines = [f"Sweep `{sweep_dir.name}`: {len(table)} settings ({res.frame['run'].nunique()} runs), {res.eval_split} "
+             "split, final epoch; accuracy as mean (95% CI over seeds); differences paired by seed, mean "
+             "(95% CI), * where paired t p < 0.05.", "",
+             "| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
+    lines += ["| " + " | ".join(f"`{v}`" if c == "setting" else str(v) for c, v in row.items()) + " |"
+              for _, row in table.iterrows()]
+    diffs = differences(res)
+    if not diffs.empty:
+        lines.append("")
+        for _, row in diffs.iterrows():
+            lines.append(f"- `{labels.get(tuple(row[k] for k in res.keys), 'all runs')}`: {row['verdict']}")
+    if res.skipped:
+        lines += ["", f"Not finished (left out): {', '.join(res.skipped)}."]
+    return "\n".join(lines)
 
 
 def markdown(sweep_dir: str | Path) -> str:

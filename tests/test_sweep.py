@@ -82,6 +82,54 @@ def test_runs_only_sweep_has_exactly_its_runs_submitted_in_file_order(tmp_path):
     assert client.calls[0][1] > priorities[0]
 
 
+def test_by_run_table_has_one_row_per_setting_with_paired_differences(tmp_path):
+    """kdlib.report --by-run (the README's Regimes block): settings in the file's order, named
+    after their runs, a setting split into one run per seed pooled into one row; accuracy
+    CIs and the paired differences against scipy."""
+    labels = np.arange(100) % 10
+    acc = {"beta=5": {"camkd": [80.0, 84.0, 83.0], "vanilla": [79.0, 81.0, 82.0], "scratch": [70.0, 75.0, 71.0]},
+           "beta=1": {"camkd": [60.0, 61.0, 62.0], "vanilla": [60.0, 62.0, 64.0], "scratch": [61.0, 61.0, 61.0]}}
+    runs = []
+    for setting, by_method in acc.items():
+        beta = float(setting.split("=")[1])
+        split = beta == 5  # beta=5: one run per seed, as regimes.yaml does for its long setting
+        for seeds in ([[0], [1], [2]] if split else [[0, 1, 2]]):
+            name = f"{setting},seeds={seeds[0]}" if split else setting
+            runs.append({"name": name, "overrides": {"beta": beta, "seeds": seeds}})
+            run = tmp_path / name
+            run.mkdir()
+            (run / "params.yaml").write_text(yaml.safe_dump(validate({"beta": beta, "seeds": seeds,
+                                                                       "methods": list(by_method)})))
+            (run / "manifest.json").write_text(json.dumps({"status": "finished"}))
+            preds = {"labels": labels}
+            for method, values in by_method.items():
+                (run / f"metrics_{method}.json").write_text(json.dumps({"method": method, "eval_split": "test", "runs": [
+                    {"seed": s, "test_acc": values[s], "fidelity": {"centroid_fidelity": 0.1}} for s in seeds]}))
+                for s in seeds:
+                    preds[f"{method}/seed{s}"] = np.where(np.arange(100) < round(values[s]), labels, (labels + 1) % 10)
+            np.savez(run / "predictions.npz", **preds)
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump({"runs": runs}))
+    res = sweep_analysis.load(tmp_path)
+    table = sweep_analysis.run_table(res).set_index("setting")
+    assert list(table.index) == ["beta=5", "beta=1"]  # the file's order, not sorted
+    a = acc["beta=5"]
+    low, high = st.t.interval(0.95, 2, loc=np.mean(a["scratch"]), scale=st.sem(a["scratch"]))
+    assert table.loc["beta=5", "scratch accuracy %"] == f"{np.mean(a['scratch']):.2f} ({low:.2f} to {high:.2f})"
+    ref = st.ttest_rel(a["vanilla"], a["scratch"])
+    ci = ref.confidence_interval()
+    star = " *" if ref.pvalue < 0.05 else ""
+    assert table.loc["beta=5", "vanilla − scratch"] == f"{np.mean(a['vanilla']) - np.mean(a['scratch']):+.2f} " \
+        f"({ci.low:+.2f} to {ci.high:+.2f}){star}"
+    b = acc["beta=1"]
+    assert table.loc["beta=1", "CAMKD − vanilla"].startswith(f"{np.mean(b['camkd']) - np.mean(b['vanilla']):+.2f} (")
+    assert not table.loc["beta=1", "CAMKD − vanilla"].endswith("*")  # -1, +1, -2... not significant
+    text = sweep_analysis.run_markdown(tmp_path)
+    assert sweep_analysis.setting_label("augment=crop,seeds=2,beta=5") == "augment=crop,beta=5"
+    assert list(table["seeds"]) == [3, 3]
+    assert "| setting | seeds | CAMKD accuracy % | vanilla accuracy % | scratch accuracy % | vanilla − scratch |" in text
+    assert "| `beta=1` | 3 |" in text and "- `beta=5`: vanilla vs scratch: " in text
+
+
 @pytest.mark.parametrize("keys,words", [
     ({"grid": {"bta": [1, 2]}}, ["run bta=1", "unknown key 'bta'", "did you mean 'beta'"]),
     ({"grid": {"lr": [0.001, float("nan")]}}, ["run lr=nan", "lr", "finite"]),
