@@ -183,7 +183,7 @@ def run_table(res: SweepResults) -> pd.DataFrame:
             hit = pairs[pairs["pair"] == pair] if not pairs.empty else pairs
             if len(hit):
                 row[column] = _diff_cell(hit.iloc[0])
-        rows[label] = dict(row, _setting=tuple(setting.values()))
+        rows[label] = row
     return pd.DataFrame(rows.values())
 
 
@@ -192,7 +192,7 @@ def run_markdown(sweep_dir: str | Path) -> str:
     sweep_dir = Path(sweep_dir)
     res = load(sweep_dir)
     table = run_table(res)
-    labels = dict(zip(table.pop("_setting"), table["setting"]))
+    labels = {tuple(row[k] for k in res.keys): setting_label(row["run"]) for _, row in res.frame.iterrows()}
     lines = [f"Sweep `{sweep_dir.name}`: {len(table)} settings ({res.frame['run'].nunique()} runs), {res.eval_split} "
              "split, final epoch; accuracy as mean (95% CI over seeds); differences paired by seed, mean "
              "(95% CI), * where paired t p < 0.05.", "",
