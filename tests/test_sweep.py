@@ -15,7 +15,7 @@ import pytest
 import yaml
 from scipy import stats as st
 
-from kdlib import book, sweep, sweep_analysis
+from kdlib import book, report, sweep, sweep_analysis
 from kdlib.__main__ import main
 from kdlib.data import DEBIAN_FASHION_MNIST
 from kdlib.params import validate
@@ -128,6 +128,10 @@ def test_by_run_table_has_one_row_per_setting_with_paired_differences(tmp_path):
     assert list(table["seeds"]) == [3, 3]
     assert "| setting | seeds | CAMKD accuracy % | vanilla accuracy % | scratch accuracy % | vanilla − scratch |" in text
     assert "| `beta=1` | 3 |" in text and "- `beta=5`: vanilla vs scratch: " in text
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- regimes:start -->\nold\n<!-- regimes:end -->\nrest\n")
+    report.main([str(tmp_path), "--by-run", "--readme", str(readme), "--block", "regimes"])
+    assert readme.read_text() == f"intro\n<!-- regimes:start -->\n{text}\n<!-- regimes:end -->\nrest\n"
 
 
 @pytest.mark.parametrize("keys,words", [
