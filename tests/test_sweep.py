@@ -128,6 +128,7 @@ def test_by_run_table_has_one_row_per_setting_with_paired_differences(tmp_path):
     assert list(table["seeds"]) == [3, 3]
     assert "| setting | seeds | CAMKD accuracy % | vanilla accuracy % | scratch accuracy % | vanilla − scratch |" in text
     assert "| `beta=1` | 3 |" in text and "- `beta=5`: vanilla vs scratch: " in text
+    (tmp_path / "sweep.json").write_text("{}")  # what marks a sweep folder for kdlib.report
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- regimes:start -->\nold\n<!-- regimes:end -->\nrest\n")
     report.main([str(tmp_path), "--by-run", "--readme", str(readme), "--block", "regimes"])
