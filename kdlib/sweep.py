@@ -253,8 +253,9 @@ class Record:
 
 def _submit(client, base: str, runs: list[Run], sweep_dir: Path) -> dict:
     """Teacher tasks (one per distinct teacher set), then one book-run task per run that
-    depends on its teachers' future, prioritised in the sweep file's order (so a long run
-    listed first starts first). Returns ``{run name: future}``."""
+    depends on its teachers' future, prioritised in the sweep file's order. Dask takes the
+    priorities as a preference: it hands resource-restricted tasks to workers as they become
+    ready, and was seen to start a later run first. Returns ``{run name: future}``."""
     tag = uuid.uuid4().hex[:6]  # keys unique on a shared scheduler
     teachers, futures = {}, {}
     for i, run in enumerate(runs):
