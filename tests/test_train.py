@@ -452,3 +452,45 @@ def test_non_finite_term_named_and_last_checkpoint_kept(fmnist_small, tmp_path):
     assert "epoch 2, batch 3" in msg and "'kd'" in msg and "nan" in msg
     state = load_checkpoint(ckpt)
     assert state["epoch"] == 1 and not state["finished"] and len(state["history"]) == 1
+
+
+STEPS_SCRIPT = """
+import resource, sys, torch
+from kdlib.distillers import Scratch
+from kdlib.models import build_model
+from kdlib.train import set_threads
+if sys.argv[1] == "set_threads":
+    set_threads(1)
+torch.manual_seed(0)
+torch.set_num_threads(1)
+x, y = torch.randn(128, 1, 28, 28).contiguous(memory_format=torch.channels_last), torch.randint(0, 10, (128,))
+d = Scratch(build_model("student")).to(memory_format=torch.channels_last)
+opt = torch.optim.Adam(d.parameters(), 1e-3)
+def step():
+    loss = sum(d.forward_train(x, y, None, 1)[1].values())
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+for _ in range(3):
+    step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    step()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc's malloc only")
+def test_training_steps_do_not_fault_memory_in_under_dasks_malloc_setting():
+    """A Dask worker (and every notebook kernel a sweep starts) has MALLOC_TRIM_THRESHOLD_=65536,
+    which makes glibc mmap and unmap every tensor over 128 KiB on every step. set_threads
+    (called by every run) raises the thresholds: the steps then reuse freed memory instead
+    of faulting fresh pages in (counted by the kernel, not timed)."""
+    import subprocess
+    import sys
+    env = dict(__import__("os").environ, MALLOC_TRIM_THRESHOLD_="65536")
+    faults = {mode: int(subprocess.run([sys.executable, "-c", STEPS_SCRIPT, mode], env=env, check=True,
+                                       capture_output=True, text=True).stdout.split()[-1])
+              for mode in ("plain", "set_threads")}
+    assert faults["plain"] > 10_000  # the trap: tens of thousands of page faults in 5 steps
+    assert faults["set_threads"] < faults["plain"] / 20
