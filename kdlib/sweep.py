@@ -232,8 +232,12 @@ class Record:
 
     def __init__(self, sweep_dir: Path, header: dict, names: list[str]):
         self.path = sweep_dir / "sweep.json"
-        old = json.loads(self.path.read_text())["runs"] if self.path.exists() else {}
-        self.data = dict(header, status="running", started=now(),
+        before = json.loads(self.path.read_text()) if self.path.exists() else {}
+        old = before.get("runs", {})
+        # a resumed sweep keeps when its earlier sessions started and ended
+        earlier = before.get("earlier", []) + ([{k: before.get(k) for k in ("started", "ended", "status")}]
+                                               if "started" in before else [])
+        self.data = dict(header, status="running", started=now(), **({"earlier": earlier} if earlier else {}),
                          runs={n: old.get(n) if (old.get(n) or {}).get("status") == "finished" else
                                {"status": "pending", "worker": None, "seconds": None, "error": None} for n in names})
         self.write()

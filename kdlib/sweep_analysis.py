@@ -149,13 +149,14 @@ def _diff_cell(row) -> str:
 
 
 def setting_label(run: str) -> str:
-    """A run's name without its ``seeds=...`` part: the name of the setting it pools into."""
-    return re.sub(r"(^|,)seeds=[^,]*", "", run).lstrip(",") or "base"
+    """A run's name without its ``seeds=...`` and ``methods=...`` parts: the name of the
+    setting it pools into (runs may split one setting's seeds, or its methods, between them)."""
+    return re.sub(r"(^|,)(seeds|methods)=[^,]*", "", run).lstrip(",") or "base"
 
 
 def run_table(res: SweepResults) -> pd.DataFrame:
-    """One row per setting of a sweep of explicit runs, named after its runs (``seeds=``
-    dropped, so runs that split one setting's seeds share a row), in the sweep file's
+    """One row per setting of a sweep of explicit runs, named after its runs (``seeds=`` and
+    ``methods=`` dropped, so runs that split one setting's seeds or methods share a row), in the sweep file's
     order: mean accuracy (95% CI over seeds) per method, then the paired differences
     vanilla − scratch, CAMKD − vanilla and CAMKD − scratch over seeds (mean, 95% CI;
     * where paired t p < 0.05)."""

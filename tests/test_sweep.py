@@ -92,17 +92,19 @@ def test_by_run_table_has_one_row_per_setting_with_paired_differences(tmp_path):
     runs = []
     for setting, by_method in acc.items():
         beta = float(setting.split("=")[1])
-        split = beta == 5  # beta=5: one run per seed, as regimes.yaml does for its long setting
-        for seeds in ([[0], [1], [2]] if split else [[0, 1, 2]]):
-            name = f"{setting},seeds={seeds[0]}" if split else setting
-            runs.append({"name": name, "overrides": {"beta": beta, "seeds": seeds}})
+        # beta=5: one run per seed (as regimes.yaml does for its long setting);
+        # beta=1: one run per group of methods, all seeds each (methods=camkd, methods=vanilla+scratch)
+        parts = [(f"{setting},seeds={s}", [s], list(by_method)) for s in range(3)] if beta == 5 else \
+            [(f"{setting},methods={'+'.join(m)}", [0, 1, 2], m) for m in (["camkd"], ["vanilla", "scratch"])]
+        for name, seeds, methods in parts:
+            runs.append({"name": name, "overrides": {"beta": beta, "seeds": seeds, "methods": methods}})
             run = tmp_path / name
             run.mkdir()
             (run / "params.yaml").write_text(yaml.safe_dump(validate({"beta": beta, "seeds": seeds,
-                                                                       "methods": list(by_method)})))
+                                                                       "methods": methods})))
             (run / "manifest.json").write_text(json.dumps({"status": "finished"}))
             preds = {"labels": labels}
-            for method, values in by_method.items():
+            for method, values in ((m, by_method[m]) for m in methods):
                 (run / f"metrics_{method}.json").write_text(json.dumps({"method": method, "eval_split": "test", "runs": [
                     {"seed": s, "test_acc": values[s], "fidelity": {"centroid_fidelity": 0.1}} for s in seeds]}))
                 for s in seeds:
@@ -125,6 +127,7 @@ def test_by_run_table_has_one_row_per_setting_with_paired_differences(tmp_path):
     assert not table.loc["beta=1", "CAMKD − vanilla"].endswith("*")  # -1, +1, -2... not significant
     text = sweep_analysis.run_markdown(tmp_path)
     assert sweep_analysis.setting_label("augment=crop,seeds=2,beta=5") == "augment=crop,beta=5"
+    assert sweep_analysis.setting_label("methods=camkd,beta=1,seeds=0") == "beta=1"
     assert list(table["seeds"]) == [3, 3]
     assert "| setting | seeds | CAMKD accuracy % | vanilla accuracy % | scratch accuracy % | vanilla − scratch |" in text
     assert "| `beta=1` | 3 |" in text and "- `beta=5`: vanilla vs scratch: " in text
@@ -302,6 +305,8 @@ def test_four_run_sweep_on_a_two_worker_local_cluster(project, capsys):
     assert main(["sweep", str(path), "--outputs", str(outputs), "--resume"]) == 0
     assert "4 run(s) finished earlier, skipped" in capsys.readouterr().out
     assert before == {n: (folder / n / "manifest.json").stat().st_mtime_ns for n in record["runs"]}
+    resumed = json.loads((folder / "sweep.json").read_text())
+    assert resumed["earlier"] == [{k: record[k] for k in ("started", "ended", "status")}]  # the first session kept
 
 
 @pytest.fixture
