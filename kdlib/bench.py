@@ -10,6 +10,9 @@ beta 100, hint_layer -2), for
 
 * ``scratch``, ``vanilla``, ``camkd``: kdlib's loop, teachers served from the cache
   (``CachedTeachers``; camkd is timed in an epoch where its feature term is on);
+* ``camkd_official``: the same with ``camkd_form: official`` (``CalWeight``: pooling or
+  resizing, then a 1x1 ``Embed``, instead of ``ConvReg``'s 5x5 conv for teacher_vgg's
+  3x3 map; the teachers' heads run with their graph);
 * ``vanilla_live``, ``camkd_live``: the same, teachers run on every batch;
 * ``scratch_crop``, ``vanilla_crop``, ``camkd_crop``: ``augment: crop``; vanilla's
   teacher logits on each image's view served from the view cache
@@ -56,16 +59,19 @@ from .train import (TrainConfig, iterate, pick_device, predict_logits, seed_ever
                     teacher_bank, train_epoch)
 from .teachers import freeze
 
-METHODS = ["scratch", "vanilla", "camkd", "vanilla_live", "camkd_live", "scratch_crop", "vanilla_crop",
-           "camkd_crop", "seed_style"]
+METHODS = ["scratch", "vanilla", "camkd", "camkd_official", "vanilla_live", "camkd_live", "scratch_crop",
+           "vanilla_crop", "camkd_crop", "seed_style"]
 RATIOS = {"vanilla/scratch": ("vanilla", "scratch"), "camkd/scratch": ("camkd", "scratch"),
-          "seed_style/vanilla": ("seed_style", "vanilla"), "vanilla_live/vanilla": ("vanilla_live", "vanilla"),
-          "camkd_live/camkd": ("camkd_live", "camkd"), "vanilla_crop/scratch_crop": ("vanilla_crop", "scratch_crop"),
+          "camkd_official/scratch": ("camkd_official", "scratch"), "seed_style/vanilla": ("seed_style", "vanilla"),
+          "vanilla_live/vanilla": ("vanilla_live", "vanilla"), "camkd_live/camkd": ("camkd_live", "camkd"),
+          "vanilla_crop/scratch_crop": ("vanilla_crop", "scratch_crop"),
           "camkd_crop/scratch_crop": ("camkd_crop", "scratch_crop")}
 DESCRIPTIONS = {
     "scratch": "student alone (CE)",
     "vanilla": "vanilla KD, teacher logits from the cache",
     "camkd": "CAMKD (logit + feature terms), teacher outputs from the cache",
+    "camkd_official": "CAMKD as published (camkd_form: official: CalWeight regressors, feature weights "
+                      "with gradients), teacher outputs from the cache",
     "vanilla_live": "vanilla KD, teachers run every step",
     "camkd_live": "CAMKD, teachers run every step",
     "scratch_crop": "student alone, augment: crop (random shifts of up to 2 px)",
@@ -235,14 +241,16 @@ def run_benchmark(samples: int = 10_000, teachers: int = 3, precision: str = "fp
     sample = normalize(data.train.images[:1], data.mean, data.std)
     passes = {}
     for method in METHODS[:-1]:
-        kind, bank, c = method, cached, cfg
-        if method.endswith("_live"):
+        kind, bank, c, form = method, cached, cfg, "kdbook"
+        if method == "camkd_official":
+            kind, form = "camkd", "official"
+        elif method.endswith("_live"):
             kind, bank = method[:-5], live
         elif method.endswith("_crop"):
             kind, bank, c = method[:-5], views, crop_cfg
         seed_everything(cfg.seed)
         student = build_model("student", data.in_channels, data.num_classes, data.image_size).to(dev)
-        distiller = build_distiller(kind, student, bank, sample, T, alpha, beta, hint).to(dev)
+        distiller = build_distiller(kind, student, bank, sample, T, alpha, beta, hint, camkd_form=form).to(dev)
         optimizer = prepare(distiller, c)
         # epoch index 1: camkd's feature term is off in epoch 0
         passes[method] = lambda w, d=distiller, o=optimizer, c=c: time_epoch(d, data, c, 1, optimizer=o, warmup=w)
