@@ -294,8 +294,12 @@ def book_estimate(result: dict, P: dict) -> dict:
         per_epoch = steps * result["seconds"][m] / bench_steps + test * models["student"]["eval_s_per_image"]
         parts[f"{m}: {len(P['seeds'])} seeds x {P['student_epochs']} epochs"] = (
             len(P["seeds"]) * P["student_epochs"] * per_epoch)
+    from . import book
+    found = [t for t in P["teachers"] if book.teacher_checkpoint(P, t).exists()]
+    reusing = sum(v for k, v in parts.items() if k.split(":")[0] not in found)
     return {"train_images": train, "test_images": test, "steps_per_epoch": steps,
-            "parts_s": {k: round(v, 1) for k, v in parts.items()}, "total_s": round(sum(parts.values()), 1)}
+            "parts_s": {k: round(v, 1) for k, v in parts.items()}, "total_s": round(sum(parts.values()), 1),
+            "teachers_found": found, "total_reusing_s": round(reusing, 1)}
 
 
 def format_book(book: dict) -> str:
@@ -304,6 +308,10 @@ def format_book(book: dict) -> str:
     lines += [f"  {k:<40}{v / 60:>8.1f} min" for k, v in book["parts_s"].items()]
     lines.append(f"  {'total':<40}{book['total_s'] / 60:>8.1f} min (training, evaluation, cache; "
                  f"not notebook start-up, plots, reports)")
+    if book.get("teachers_found"):
+        lines.append(f"  {'total reusing the teachers found':<40}{book['total_reusing_s'] / 60:>8.1f} min "
+                     f"({', '.join(book['teachers_found'])} already trained with these settings, e.g. the "
+                     f"shipped reference teachers: make book loads them instead of training them)")
     return "\n".join(lines)
 
 

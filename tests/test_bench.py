@@ -160,5 +160,11 @@ def test_book_estimate_arithmetic():
     for method, per_step in (("scratch", 0.1), ("vanilla", 0.2), ("camkd", 0.3)):
         assert parts[f"{method}: 1 seeds x 15 epochs"] == pytest.approx(15 * (469 * per_step + 1.0))
     assert book["total_s"] == pytest.approx(3 * teacher + 140 + 15 * (469 * 0.6 + 3.0), abs=0.2)
+    # the shipped reference teachers match these settings: make book loads them, so they cost nothing
+    assert book["teachers_found"] == P["teachers"]
+    assert book["total_reusing_s"] == pytest.approx(book["total_s"] - 3 * teacher, abs=0.2)
+    assert "total reusing the teachers found" in bench.format_book(book)
+    other = bench.book_estimate(_fake_result(), dict(P, teacher_epochs=3))  # no such teachers anywhere
+    assert other["teachers_found"] == [] and other["total_reusing_s"] == other["total_s"]
     three = bench.book_estimate(_fake_result(), dict(P, seeds=[0, 1, 2]))
     assert three["parts_s"]["camkd: 3 seeds x 15 epochs"] == pytest.approx(3 * parts["camkd: 1 seeds x 15 epochs"])
