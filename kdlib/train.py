@@ -323,11 +323,24 @@ def train_teacher(name: str, data: Dataset, cfg: TrainConfig, checkpoint: str | 
     model = build_for(name, data, data.train.images.device)
     if checkpoint is None:
         history = fit(Scratch(model), data, cfg, desc=name, log=log)
+    elif _finished(checkpoint, identity):  # only read: no lock, nothing written beside it (shipped teachers)
+        history = fit(Scratch(model), data, cfg, checkpoint=checkpoint, identity=identity, desc=name, log=log)
     else:
         Path(checkpoint).parent.mkdir(parents=True, exist_ok=True)
         with FileLock(f"{checkpoint}.lock"):  # a second process waits, then reuses what the first wrote
             history = fit(Scratch(model), data, cfg, checkpoint=checkpoint, identity=identity, desc=name, log=log)
     return freeze(model), history, checkpoint
+
+
+def _finished(checkpoint, identity) -> bool:
+    """Whether ``checkpoint`` is a finished one made with ``identity`` (a mismatch is left
+    to ``fit``, which names the keys that differ)."""
+    if not Path(checkpoint).exists():
+        return False
+    try:
+        return bool(load_checkpoint(checkpoint, identity, map_location="cpu")["finished"])
+    except CheckpointError:
+        return False
 
 
 def load_teacher(path: str | Path, data: Dataset, identity: dict | None = None) -> torch.nn.Module:
