@@ -51,6 +51,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .book import teacher_checkpoint
 from .data import balanced_subset, load_dataset, normalize
 from .distillers import Scratch, build_distiller
 from .models import TEACHERS, build_model
@@ -294,8 +295,7 @@ def book_estimate(result: dict, P: dict) -> dict:
         per_epoch = steps * result["seconds"][m] / bench_steps + test * models["student"]["eval_s_per_image"]
         parts[f"{m}: {len(P['seeds'])} seeds x {P['student_epochs']} epochs"] = (
             len(P["seeds"]) * P["student_epochs"] * per_epoch)
-    from . import book
-    found = [t for t in P["teachers"] if book.teacher_checkpoint(P, t).exists()]
+    found = [t for t in P["teachers"] if teacher_checkpoint(P, t).exists()]
     reusing = sum(v for k, v in parts.items() if k.split(":")[0] not in found)
     return {"train_images": train, "test_images": test, "steps_per_epoch": steps,
             "parts_s": {k: round(v, 1) for k, v in parts.items()}, "total_s": round(sum(parts.values()), 1),

@@ -156,7 +156,8 @@ def main(argv=None) -> None:
     parser.add_argument("--vs", metavar="OTHER_RUN", help="compare the students of run_dir with this run's")
     parser.add_argument("--runs", nargs="+", metavar="RUN", help="more runs: one table row per run and method")
     parser.add_argument("--by-run", action="store_true",
-                        help="a sweep of explicit runs: one table row per setting, named after its runs, with the paired differences")
+                        help="a sweep of explicit runs: one table row per setting, named after its runs, "
+                             "with the paired differences")
     parser.add_argument("--block", default=None, help="README block name (default: results, or compare with --vs)")
     args = parser.parse_args(argv)
     sweep = (Path(args.run_dir) / "sweep.json").is_file()

@@ -296,7 +296,9 @@ def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 512 
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return False
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold)) & bool(libc.mallopt(M_TRIM_THRESHOLD, trim_threshold))
+    mmap_set = libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold)
+    trim_set = libc.mallopt(M_TRIM_THRESHOLD, trim_threshold)
+    return bool(mmap_set and trim_set)
 
 
 def set_threads(threads: int | None = None) -> int:

@@ -20,8 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 KEYS = {"samples", "test_samples", "teachers", "device", "threads", "precision", "seconds", "ratios",
         "cache_build_s", "cache_bytes", "view_cache_build_s", "view_cache_bytes", "models"}
 MODEL_KEYS = {"mflop_per_step", "step_s", "gflop_per_s", "eval_s_per_image"}
-RATIO_KEYS = {"vanilla/scratch", "camkd/scratch", "camkd_official/scratch", "seed_style/vanilla", "vanilla_live/vanilla", "camkd_live/camkd",
-              "vanilla_crop/scratch_crop", "camkd_crop/scratch_crop"}
+RATIO_KEYS = {"vanilla/scratch", "camkd/scratch", "camkd_official/scratch", "seed_style/vanilla",
+              "vanilla_live/vanilla", "camkd_live/camkd", "vanilla_crop/scratch_crop", "camkd_crop/scratch_crop"}
 
 
 @pytest.fixture(scope="module")

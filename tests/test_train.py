@@ -5,7 +5,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
+import platform
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -480,15 +484,13 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc's malloc only")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
 def test_training_steps_do_not_fault_memory_in_under_dasks_malloc_setting():
     """A Dask worker (and every notebook kernel a sweep starts) has MALLOC_TRIM_THRESHOLD_=65536,
     which makes glibc mmap and unmap every tensor over 128 KiB on every step. set_threads
     (called by every run) raises the thresholds: the steps then reuse freed memory instead
     of faulting fresh pages in (counted by the kernel, not timed)."""
-    import subprocess
-    import sys
-    env = dict(__import__("os").environ, MALLOC_TRIM_THRESHOLD_="65536")
+    env = dict(os.environ, MALLOC_TRIM_THRESHOLD_="65536")
     faults = {mode: int(subprocess.run([sys.executable, "-c", STEPS_SCRIPT, mode], env=env, check=True,
                                        capture_output=True, text=True).stdout.split()[-1])
               for mode in ("plain", "set_threads")}
