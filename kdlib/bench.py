@@ -31,8 +31,12 @@ each method is reported. Ratios are taken within the one process.
 
 Then each model (student, teachers) is timed training alone for a few steps and
 evaluating the test samples: its FLOPs per training step (``FlopCounterMode``) over
-its seconds per step give GFLOP/s. ``--book`` turns these per-step and per-image
-times into an estimate of the whole book's time (``book_estimate``).
+its seconds per step give GFLOP/s, set beside what one fp32 matrix product reaches on
+the same cores (``matmul_peak``: the limit dense work can aim at). The FLOPs of one
+training step of each cache-served method give a lower bound on its ratio to scratch
+(``ratio_bounds``: its extra FLOPs run at that peak, its memory-bound work free).
+``--book`` turns the per-step and per-image times into an estimate of the whole book's
+time (``book_estimate``).
 """
 from __future__ import annotations
 
@@ -170,6 +174,45 @@ class SeedStyle:
         return time.perf_counter() - t0
 
 
+FLOP_METHODS = ["scratch", "vanilla", "camkd", "camkd_official"]
+
+
+def matmul_peak(device: torch.device, size: int = 2048, repeats: int = 5) -> float:
+    """GFLOP/s of one fp32 ``size`` x ``size`` matrix product on ``device``, best of
+    ``repeats`` after one warm-up: the rate these cores reach on dense work."""
+    a, b = (torch.randn(size, size, device=device) for _ in range(2))
+    best = math.inf
+    for r in range(repeats + 1):
+        _sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        _sync(device)
+        if r:
+            best = min(best, time.perf_counter() - t0)
+    return 2 * size ** 3 / best / 1e9
+
+
+def step_flops(distiller, data, cfg: TrainConfig, epoch: int = 1) -> int:
+    """FLOPs of one training step of ``distiller`` (forward and backward of its loss on
+    one batch, epoch ``epoch``), counted by ``torch.utils.flop_counter``; the gradients
+    it leaves are cleared."""
+    from torch.utils.flop_counter import FlopCounterMode
+    x, y, idx = next(iterate(data.train, data, cfg.batch_size, channels_last=cfg.channels_last))
+    with FlopCounterMode(display=False) as counter:
+        sum(distiller.forward_train(x, y, idx, epoch)[1].values()).backward()
+    distiller.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def ratio_bounds(flops: dict, seconds: dict, steps: int, peak_gflops: float) -> dict:
+    """For each method in ``flops`` but scratch: the least ``method/scratch`` could be
+    if the student's step took what scratch's did (``seconds["scratch"] / steps``) and
+    the method's extra FLOPs ran at ``peak_gflops`` with its memory-bound work free."""
+    step = seconds["scratch"] / steps
+    return {f"{m}/scratch": round(1 + max(f - flops["scratch"], 0) / (peak_gflops * 1e9) / step, 3)
+            for m, f in flops.items() if m != "scratch"}
+
+
 def model_rates(names: list[str], data, cfg: TrainConfig, steps: int = 5, warmup: int = 2) -> dict:
     """Per model, trained alone (``Scratch``, as teachers are): the FLOPs of one training
     step (forward and backward, counted by ``torch.utils.flop_counter``), the seconds
@@ -240,7 +283,7 @@ def run_benchmark(samples: int = 10_000, teachers: int = 3, precision: str = "fp
     views = teacher_bank(models, names, data, crop_cfg, hint, cache=True, log=log)
 
     sample = normalize(data.train.images[:1], data.mean, data.std)
-    passes = {}
+    passes, flops = {}, {}
     for method in METHODS[:-1]:
         kind, bank, c, form = method, cached, cfg, "kdbook"
         if method == "camkd_official":
@@ -253,6 +296,8 @@ def run_benchmark(samples: int = 10_000, teachers: int = 3, precision: str = "fp
         student = build_model("student", data.in_channels, data.num_classes, data.image_size).to(dev)
         distiller = build_distiller(kind, student, bank, sample, T, alpha, beta, hint, camkd_form=form).to(dev)
         optimizer = prepare(distiller, c)
+        if method in FLOP_METHODS:
+            flops[method] = step_flops(distiller, data, c)
         # epoch index 1: camkd's feature term is off in epoch 0
         passes[method] = lambda w, d=distiller, o=optimizer, c=c: time_epoch(d, data, c, 1, optimizer=o, warmup=w)
     passes["seed_style"] = SeedStyle(seed_models, root, samples, cfg, T, alpha, dev).time
@@ -264,12 +309,17 @@ def run_benchmark(samples: int = 10_000, teachers: int = 3, precision: str = "fp
             log(f"pass {r + 1}/{repeats} {method}: {times[method][-1]:.2f} s")
     seconds = {m: round(min(ts), 4) for m, ts in times.items()}
     log("timing one training step of each model alone, and its evaluation")
+    peak = matmul_peak(dev)
+    steps = math.ceil(len(data.train) / cfg.batch_size)
     return {"samples": len(data.train), "test_samples": len(data.test), "teachers": len(names), "device": str(dev),
             "threads": torch.get_num_threads(), "precision": precision, "seconds": seconds,
             "ratios": {k: round(seconds[a] / seconds[b], 3) for k, (a, b) in RATIOS.items()},
             "cache_build_s": round(cached.build_seconds, 3), "cache_bytes": int(cached.nbytes()),
             "view_cache_build_s": round(views.build_seconds, 3), "view_cache_bytes": int(views.nbytes()),
-            "models": model_rates(["student"] + names, data, cfg)}
+            "models": model_rates(["student"] + names, data, cfg),
+            "matmul_gflop_per_s": round(peak, 1),
+            "method_mflop_per_step": {m: round(f / 1e6, 1) for m, f in flops.items()},
+            "ratio_bounds": ratio_bounds(flops, seconds, steps, peak)}
 
 
 FULL_SIZES = {"FashionMNIST": (60_000, 10_000), "MNIST": (60_000, 10_000), "CIFAR10": (50_000, 10_000)}
@@ -341,6 +391,15 @@ def _header(result: dict, repeats: int) -> str:
             f"{result['teachers']} teachers ({names}), {result['precision']}, {best} per method")
 
 
+def work_line(result: dict) -> str:
+    """FLOPs per training step of the cache-served methods, and the ratio bounds they give."""
+    mf, bounds = result["method_mflop_per_step"], result["ratio_bounds"]
+    work = ", ".join(f"{m} {v:,.0f}" for m, v in mf.items())
+    least = ", ".join(f"{k} {v:.2f}" for k, v in bounds.items())
+    return (f"M={result['teachers']}: MFLOP per training step (batch 128): {work}. Least ratios if each "
+            f"method's extra FLOPs ran at the peak, its memory-bound work free: {least}.")
+
+
 def format_table(result: dict, repeats: int = 1) -> str:
     s = result["seconds"]
     lines = [_header(result, repeats), TEACHER_NOTE, "",
@@ -349,9 +408,12 @@ def format_table(result: dict, repeats: int = 1) -> str:
         lines.append(f"{m:<14}{s[m]:>9.2f}{s[m] / s['scratch']:>11.2f}  {DESCRIPTIONS[m]}")
     lines.append("")
     lines += [f"{k:<22}{v:>7.2f}" for k, v in result["ratios"].items()]
-    lines += ["", f"{'model':<18}{'MFLOP/step':>11}{'ms/step':>9}{'GFLOP/s':>9}"]
+    peak = result["matmul_gflop_per_s"]
+    lines += ["", f"{'model':<18}{'MFLOP/step':>11}{'ms/step':>9}{'GFLOP/s':>9}{'% of peak':>11}"]
     lines += [f"{n:<18}{r['mflop_per_step']:>11.0f}{r['step_s'] * 1e3:>9.1f}{r['gflop_per_s']:>9.1f}"
-              for n, r in result["models"].items()]
+              f"{100 * r['gflop_per_s'] / peak:>10.0f}%" for n, r in result["models"].items()]
+    lines += ["", f"peak: one fp32 2048x2048 matrix product, {peak:.1f} GFLOP/s on these cores",
+              work_line(result)]
     lines += ["", f"teacher cache: built in {result['cache_build_s']:.2f} s (train + test), "
                   f"{result['cache_bytes'] / 2**20:.1f} MiB",
               f"teacher view cache (augment: crop, logits only): built once in {result['view_cache_build_s']:.2f} s "
@@ -367,7 +429,8 @@ def format_markdown(result: dict, repeats: int = 1) -> str:
         lines.append(f"| `{m}` | {DESCRIPTIONS[m]} | {s[m]:.2f} | {s[m] / s['scratch']:.2f} |")
     r = result["ratios"]
     ratios = ", ".join(f"{k} {v:.2f}" for k, v in r.items())
-    lines += ["", f"Seconds for {_header(result, repeats)}; {TEACHER_NOTE}. Teacher cache (train + test) "
+    lines += ["", work_line(result),
+              "", f"Seconds for {_header(result, repeats)}; {TEACHER_NOTE}. Teacher cache (train + test) "
                   f"built in {result['cache_build_s']:.1f} s, {result['cache_bytes'] / 2**20:.1f} MiB; view cache "
                   f"(crop) built once in {result['view_cache_build_s']:.1f} s, "
                   f"{result['view_cache_bytes'] / 2**20:.1f} MiB. "
@@ -391,18 +454,33 @@ def speed_markdown(results: list[dict], repeats: int = 1, load: tuple | None = N
     views = "; ".join(f"M={r['teachers']}: built once in {r['view_cache_build_s']:.1f} s, "
                       f"{r['view_cache_bytes'] / 2**20:.0f} MiB" for r in results if "view_cache_build_s" in r)
     quiet = "" if load is None else f" Load average when it started: {load[0]:.2f}."
+    flags = "".join(flag for flag, on in ((f" --samples {r0['samples']}", r0["samples"] != 10_000),
+                                          (f" --repeats {repeats}", repeats > 1),
+                                          (" --book", any("book" in r for r in results))) if on)
     lines += ["", f"Generated by `python -m kdlib.bench --teachers {' '.join(str(r['teachers']) for r in results)}"
-                  f"{f' --repeats {repeats}' if repeats > 1 else ''} --readme README.md`: one training epoch over "
+                  f"{flags} --readme README.md`: one training epoch over "
                   f"{r0['samples']:,} Fashion-MNIST images (batch 128, params of `fashionmnist.yaml`), {best} per "
                   f"method, {r0['precision']}; {TEACHER_NOTE}. M{machine_line(r0)[1:]}.{quiet}",
               f"Teacher cache (train + test splits, hint features in fp16): {cache}. "
               f"Teacher view cache for `augment: crop` (logits on 25 views of each training image): {views}."]
-    models = results[-1]["models"]  # the largest teacher set holds every model
-    lines += ["", "| model | MFLOP per training step (batch 128) | ms per step | GFLOP/s |", "|---|---:|---:|---:|"]
-    lines += [f"| `{n}` | {r['mflop_per_step']:,.0f} | {r['step_s'] * 1e3:.1f} | {r['gflop_per_s']:.1f} |"
-              for n, r in models.items()]
+    lines += [""] + [work_line(r) for r in results]
+    last = results[-1]  # the largest teacher set holds every model
+    models, peak = last["models"], last["matmul_gflop_per_s"]
+    lines += ["", "| model | MFLOP per training step (batch 128) | ms per step | GFLOP/s | % of peak |",
+              "|---|---:|---:|---:|---:|"]
+    lines += [f"| `{n}` | {r['mflop_per_step']:,.0f} | {r['step_s'] * 1e3:.1f} | {r['gflop_per_s']:.1f} | "
+              f"{100 * r['gflop_per_s'] / peak:.0f}% |" for n, r in models.items()]
     lines += ["", "Each model trained alone (cross-entropy, Adam), median of 5 steps; FLOPs counted by "
-                  "`torch.utils.flop_counter` (forward and backward)."]
+                  "`torch.utils.flop_counter` (forward and backward); peak: one fp32 2048x2048 matrix "
+                  f"product on the same cores, {peak:.1f} GFLOP/s (best of 5)."]
+    books = [r["book"] for r in results if "book" in r]
+    if books:
+        b = books[0]
+        lines += ["", f"`--book` estimate of `make book` from these measurements: {b['total_s'] / 60:.1f} min "
+                      f"with the teachers trained"
+                      + (f", {b['total_reusing_s'] / 60:.1f} min loading the shipped reference teachers "
+                         f"(what `make book` does on a fresh clone)" if b["teachers_found"] else "")
+                      + " (training, evaluation and the cache; not notebook start-up, plots, reports)."]
     return "\n".join(lines)
 
 

@@ -169,8 +169,8 @@ class CAMKD(Distiller):
             self.batch_stats["feat_weight"] = v.detach().mean(1)
             return logits, losses
         mapped = self.regressors(feats[self.hint_layer])  # one map per group of same-size teachers
-        with torch.no_grad():
-            head_logits = torch.stack([self.teachers.head(i, m).float()
+        with torch.no_grad():  # the heads see the mapped maps as constants (detached: no autograd hooks either)
+            head_logits = torch.stack([self.teachers.head(i, m.detach()).float()
                                        for i, m in enumerate(self.regressors.split(mapped))])
         mse = torch.stack(self.regressors.in_teacher_order(
             grouped_feature_mse(m, [t_hints[i] for i in members])

@@ -18,7 +18,8 @@ from kdlib.train import TrainConfig, fit
 
 ROOT = Path(__file__).resolve().parent.parent
 KEYS = {"samples", "test_samples", "teachers", "device", "threads", "precision", "seconds", "ratios",
-        "cache_build_s", "cache_bytes", "view_cache_build_s", "view_cache_bytes", "models"}
+        "cache_build_s", "cache_bytes", "view_cache_build_s", "view_cache_bytes", "models",
+        "matmul_gflop_per_s", "method_mflop_per_step", "ratio_bounds"}
 MODEL_KEYS = {"mflop_per_step", "step_s", "gflop_per_s", "eval_s_per_image"}
 RATIO_KEYS = {"vanilla/scratch", "camkd/scratch", "camkd_official/scratch", "seed_style/vanilla",
               "vanilla_live/vanilla", "camkd_live/camkd", "vanilla_crop/scratch_crop", "camkd_crop/scratch_crop"}
@@ -126,7 +127,12 @@ def test_speed_markdown_has_a_column_pair_per_teacher_count(result):
     ratio = result["seconds"]["camkd"] / result["seconds"]["scratch"]
     assert cells[2:] == [f"{result['seconds']['camkd']:.2f}", f"{ratio:.2f}",
                          f"{2 * result['seconds']['camkd']:.2f}", f"{ratio:.2f}"]
-    assert "--teachers 2 5 --repeats 3" in md and "Load average when it started: 0.50" in md
+    assert "--teachers 2 5 --samples 256 --repeats 3 --readme" in md and "Load average when it started: 0.50" in md
+    assert "| `student` |" in md and "% of peak" in md and "M=5: MFLOP per training step" in md
+    assert "--book" not in md and "estimate of `make book`" not in md
+    book = {"total_s": 600.0, "total_reusing_s": 300.0, "teachers_found": ["teacher_cnn1"]}
+    md = bench.speed_markdown([dict(result, book=book), other])
+    assert "--book --readme" in md and "10.0 min with the teachers trained, 5.0 min loading" in md
 
 
 def test_model_flops_match_a_hand_count(result):
@@ -139,6 +145,31 @@ def test_model_flops_match_a_hand_count(result):
     step = 128 * (3 * forward - 2 * macs["conv1"])
     assert result["models"]["student"]["mflop_per_step"] == pytest.approx(step / 1e6, abs=0.05)
     assert result["models"]["teacher_cnn1"]["mflop_per_step"] > 4 * result["models"]["student"]["mflop_per_step"]
+
+
+def test_method_flops_match_a_hand_count(result):
+    """CAMKD's extra work per step with teacher_cnn1 and teacher_cnn2 (both hint maps
+    64x7x7, like the student's): one fused 1x1 regressor 64 -> 128 channels (forward,
+    and backward to its input and weights: 3 x 2 MACs), and the two teachers' heads
+    (3136 -> 68 -> 10 and 3136 -> 520 -> 10) run forward only on the mapped feature.
+    Vanilla's loss adds no matrix product to the student's step."""
+    mf, student = result["method_mflop_per_step"], result["models"]["student"]["mflop_per_step"]
+    assert list(mf) == bench.FLOP_METHODS
+    assert mf["scratch"] == pytest.approx(student, abs=0.05) and mf["vanilla"] == mf["scratch"]
+    regressor = 6 * 128 * 49 * 64 * 128
+    heads = 2 * 128 * (3136 * 68 + 68 * 10 + 3136 * 520 + 520 * 10)
+    assert mf["camkd"] - mf["scratch"] == pytest.approx((regressor + heads) / 1e6, abs=0.1)
+    assert mf["camkd_official"] > mf["scratch"]
+    assert result["matmul_gflop_per_s"] > 0
+    steps = 2   # 256 samples, batch 128
+    assert result["ratio_bounds"] == bench.ratio_bounds({m: v * 1e6 for m, v in mf.items()}, result["seconds"],
+                                                        steps, result["matmul_gflop_per_s"])
+
+
+def test_ratio_bounds_arithmetic():
+    # scratch 0.5 s per step; camkd 10 GFLOP more per step at 20 GFLOP/s: at least 0.5 s more
+    bounds = bench.ratio_bounds({"scratch": 3e9, "vanilla": 3e9, "camkd": 13e9}, {"scratch": 5.0}, 10, 20.0)
+    assert bounds == {"vanilla/scratch": 1.0, "camkd/scratch": 2.0}
 
 
 def _fake_result():
