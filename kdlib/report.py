@@ -142,11 +142,12 @@ def runs_table(runs: list[str | Path]) -> str:
 def update_readme(readme: str | Path, block: str, name: str = "results") -> None:
     readme = Path(readme)
     text = readme.read_text()
-    pattern = re.compile(rf"(<!-- {re.escape(name)}:start -->\n).*?(\n<!-- {re.escape(name)}:end -->)", re.S)
+    # the two marker lines, with anything (or nothing yet) between them
+    pattern = re.compile(rf"(<!-- {re.escape(name)}:start -->\n)(?:.*?\n)?(<!-- {re.escape(name)}:end -->)", re.S)
     if not pattern.search(text):
         raise SystemExit(f"{readme}: no <!-- {name}:start --> ... <!-- {name}:end --> block to replace; add the "
                          "two marker lines where the table should go")
-    readme.write_text(pattern.sub(lambda m: m.group(1) + block + m.group(2), text))
+    readme.write_text(pattern.sub(lambda m: m.group(1) + block + "\n" + m.group(2), text))
 
 
 def main(argv=None) -> None:

@@ -37,6 +37,11 @@ def test_readme_block_replaced_and_missing_block_named(tmp_path):
     assert readme.read_text() == "a\n<!-- schedule:start -->\nnew\n<!-- schedule:end -->\nb\n"
     with pytest.raises(SystemExit, match="no <!-- tuning:start -->"):
         update_readme(readme, "x", "tuning")
+    # as the error says: the two marker lines added with nothing between them yet
+    readme.write_text("a\n<!-- book:start -->\n<!-- book:end -->\nb\n")
+    update_readme(readme, "table\nlines", "book")
+    update_readme(readme, "again", "book")
+    assert readme.read_text() == "a\n<!-- book:start -->\nagain\n<!-- book:end -->\nb\n"
 
 
 def test_cli_vs(tmp_path, capsys):

@@ -92,6 +92,20 @@ def test_teachers_learn(fmnist_small, teachers):
         assert state["finished"] and state["epoch"] == 2 and state["identity"] == teacher_id(name)
 
 
+def test_evaluation_batch_size_does_not_change_logits(fmnist_small, teachers):
+    """Evaluation runs in batches of ``eval_batch_size`` (256: see TrainConfig); what the
+    records hold must not depend on it: a trained teacher's and a fresh student's logits
+    on 1,000 test images are the same bit for bit at 64, 256 and 1024 (one batch)."""
+    model = teachers[1]["teacher_cnn1"][0]
+    student = build_model("student").to(memory_format=torch.channels_last)
+    assert CFG.eval_batch_size == 256
+    for net in (model, student):
+        base = predict_logits(net, fmnist_small.test, fmnist_small, CFG)
+        for size in (64, 1024):
+            other = predict_logits(net, fmnist_small.test, fmnist_small, dataclasses.replace(CFG, eval_batch_size=size))
+            assert torch.equal(base, other), (type(net).__name__, size)
+
+
 @pytest.mark.parametrize("method", ["scratch", "vanilla", "camkd"])
 def test_students_learn_with_every_method(fmnist_small, students, method):
     probs, runs = students
