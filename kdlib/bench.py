@@ -218,7 +218,6 @@ def model_rates(names: list[str], data, cfg: TrainConfig, steps: int = 5, warmup
     step (forward and backward, counted by ``torch.utils.flop_counter``), the seconds
     per step (median of ``steps`` after ``warmup``), their ratio in GFLOP/s, and the
     seconds per image of evaluation (``predict_logits`` over ``data.test``)."""
-    from torch.utils.flop_counter import FlopCounterMode
     device = data.train.images.device
     steps = min(steps, math.ceil(len(data.train) / cfg.batch_size))
     rates = {}
@@ -226,9 +225,7 @@ def model_rates(names: list[str], data, cfg: TrainConfig, steps: int = 5, warmup
         seed_everything(0)
         distiller = Scratch(build_model(name, data.in_channels, data.num_classes, data.image_size).to(device))
         optimizer = prepare(distiller, cfg)
-        x, y, idx = next(iterate(data.train, data, cfg.batch_size, channels_last=cfg.channels_last))
-        with FlopCounterMode(display=False) as counter:
-            sum(distiller.forward_train(x, y, idx, 1)[1].values()).backward()
+        flop = step_flops(distiller, data, cfg)
         train_epoch(distiller, optimizer, data, cfg, 1, steps, max_batches=warmup)
         times = []
         for b in range(steps):
@@ -240,7 +237,6 @@ def model_rates(names: list[str], data, cfg: TrainConfig, steps: int = 5, warmup
         t0 = time.perf_counter()
         predict_logits(distiller.student, data.test, data, cfg)
         _sync(device)
-        flop = counter.get_total_flops()
         step = statistics.median(times)
         rates[name] = {"mflop_per_step": round(flop / 1e6, 1), "step_s": round(step, 5),
                        "gflop_per_s": round(flop / step / 1e9, 1),
