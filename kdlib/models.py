@@ -260,7 +260,9 @@ class ConvRegs(nn.Module):
     so one BN over the concatenation is their BNs side by side). It computes what
     the per-teacher ``ConvReg`` list computes, up to float summation order (tested),
     in one pass instead of M. Built from that list, so a seed draws the same initial
-    weights as before; checkpoints holding the per-teacher keys
+    weights as before and leaves the random stream (dropout masks) where the list left
+    it: the fused convs' own initial draw runs in a forked generator and is then
+    overwritten. Checkpoints holding the per-teacher keys
     (``regressors.<i>.conv.weight``, ...) load into the fused layout.
     """
 
@@ -270,8 +272,9 @@ class ConvRegs(nn.Module):
         self.channels = [t[-3] for t in t_shapes]
         sizes = [tuple(t[-2:]) for t in t_shapes]
         self.members = [[i for i, hw in enumerate(sizes) if hw == size] for size in dict.fromkeys(sizes)]
-        self.groups = nn.ModuleList(
-            ConvReg(s_shape, (sum(self.channels[i] for i in m), *sizes[m[0]]), use_relu) for m in self.members)
+        with torch.random.fork_rng(devices=[]):  # their own initial draw is overwritten below: keep the
+            self.groups = nn.ModuleList(         # seed's stream where the per-teacher list left it
+                ConvReg(s_shape, (sum(self.channels[i] for i in m), *sizes[m[0]]), use_relu) for m in self.members)
         self.load_state_dict(self._fused_state({f"{i}.{k}": v for i, r in enumerate(per_teacher)
                                                 for k, v in r.state_dict().items()}))
 

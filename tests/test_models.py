@@ -171,6 +171,18 @@ def test_fused_convregs_match_one_convreg_per_teacher(built, teachers, hint):
         torch.testing.assert_close(value, ref_state[key], rtol=1e-5, atol=1e-6)  # incl. BN running stats
 
 
+@pytest.mark.parametrize("shapes", [[(64, 7, 7)] * 3, [(64, 7, 7), (64, 7, 7), (128, 3, 3), (152, 7, 7)]])
+def test_fused_convregs_leave_the_random_stream_where_the_per_teacher_list_did(shapes):
+    """After building, the seed's stream (what draws the student's dropout masks next)
+    is where one ConvReg per teacher leaves it: fusing changes no later random draw."""
+    torch.manual_seed(5)
+    ConvRegs((64, 7, 7), shapes)
+    after_fused = torch.rand(4)
+    torch.manual_seed(5)
+    torch.nn.ModuleList([ConvReg((64, 7, 7), t) for t in shapes])
+    torch.testing.assert_close(after_fused, torch.rand(4), rtol=0, atol=0)
+
+
 def test_fused_convregs_load_per_teacher_checkpoints():
     """A state_dict written with one ConvReg per teacher (regressors.<i>.conv.weight, ...)
     loads into the fused form and gives the same outputs."""
