@@ -100,14 +100,53 @@ def _differing_params(a: Path, b: Path) -> str:
     return ", ".join(diff)
 
 
+def _teachers(run_dir: Path) -> list[dict] | None:
+    """The run's teachers as recorded in ``teachers.json`` (None when it has none)."""
+    path = run_dir / "teachers.json"
+    return json.loads(path.read_text())["teachers"] if path.is_file() else None
+
+
+def _differing_teachers(a: Path, b: Path) -> str:
+    """What tells the teachers two runs learned from apart, or "" when they are the
+    same trained teachers (same names and the same training history, epoch by epoch;
+    a shipped copy of a checkpoint keeps its history, so it counts as the same)."""
+    ta, tb = _teachers(a), _teachers(b)
+    if ta is None or tb is None or ta == tb:
+        return ""
+    same = [x["name"] for x in ta] == [x["name"] for x in tb]
+    if same and all(x["history"] == y["history"] for x, y in zip(ta, tb)):
+        return ""
+    accs = ", ".join(f"{x['name']} {x['test_acc']:.2f} → {y['test_acc']:.2f}" for x, y in zip(ta, tb)) if same \
+        else f"{', '.join(x['name'] for x in ta)} → {', '.join(x['name'] for x in tb)}"
+    return f"other teachers: {accs} % test accuracy (other checkpoints)"
+
+
+def _commits(a: Path, b: Path) -> str:
+    """"code `x` → `y`" when the two runs were made at different commits, else ""."""
+    commits = []
+    for d in (a, b):
+        path = d / "manifest.json"
+        commits.append(str(json.loads(path.read_text()).get("git", {}).get("commit") or "?")[:7]
+                       if path.is_file() else "?")
+    return "" if commits[0] == commits[1] else f"code `{commits[0]}` → `{commits[1]}`"
+
+
 def runs_markdown(run_a: str | Path, run_b: str | Path) -> str:
     """Students of two runs side by side, paired by seed: final accuracy (mean ± std),
     the paired difference b - a with its 95% t interval, and how much accuracy still
-    moved over the last three epochs (mean |change| per epoch)."""
+    moved over the last three epochs (mean |change| per epoch). The header names what
+    differs between the runs: parameters, teachers (a warning line when they are other
+    checkpoints) and the commit each was made at."""
     a, b = Path(run_a), Path(run_b)
     sa, sb = _students(a), _students(b)
     split = sa.get(next(iter(sa), ""), {}).get("eval_split", "test")
-    lines = [f"`{a.name}` → `{b.name}` ({_differing_params(a, b) or 'no parameter'}); {split} accuracy %, final epoch.", "",
+    params, teachers, code = _differing_params(a, b), _differing_teachers(a, b), _commits(a, b)
+    context = "; ".join(x for x in (params or "no parameter", teachers, code) if x)
+    others = " and ".join(x for x, differs in (("the parameters", params), ("the code", code)) if differs)
+    caution = ([f"**The two runs learned from different teachers**: a difference below "
+                + (f"mixes what the teachers changed with what {others} changed." if others
+                   else "is the teachers' (and run-to-run noise)."), ""] if teachers else [])
+    lines = [f"`{a.name}` → `{b.name}` ({context}); {split} accuracy %, final epoch.", "", *caution,
              f"| Student | seeds | `{a.name}` | `{b.name}` | difference (95% CI) | mean \\|Δ acc\\| per epoch, "
              f"last 3 epochs |", "|---|---|---|---|---|---|"]
     for method in [m for m in sa if m in sb]:
@@ -131,7 +170,9 @@ def runs_table(runs: list[str | Path]) -> str:
     lines = ["| Run | differs from the first run in | Student | seeds | split | accuracy % |",
              "|---|---|---|---|---|---|"]
     for run in runs:
-        diff = "—" if run == runs[0] else (_differing_params(runs[0], run) or "nothing")
+        diff = "—" if run == runs[0] else ("; ".join(x for x in (_differing_params(runs[0], run),
+                                                                  _differing_teachers(runs[0], run)) if x)
+                                            or "nothing")
         for method, per_seed in _students(run).items():
             seeds = sorted(k for k in per_seed if k != "eval_split")
             lines.append(f"| `{run.name}` | {diff} | {LABELS.get(method, method)} | {', '.join(map(str, seeds))} | "

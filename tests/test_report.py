@@ -59,3 +59,37 @@ def test_runs_table_one_row_per_run(tmp_path):
     table = runs_table([a, b]).splitlines()
     assert table[2] == "| `beta100` | — | Student (vanilla) | 0 | test | 91.00 |"
     assert table[3] == "| `beta10` | beta: 100.0 → 10.0 | Student (vanilla) | 0 | test | 91.40 |"
+
+
+def with_teachers(folder, accs, commit, history_shift=0.0):
+    """Give a fake run a teachers.json (one history per teacher) and a manifest commit."""
+    teachers = [{"name": f"teacher_{i}", "test_acc": acc,
+                 "history": [{"epoch": 1, "test_acc": acc - 1 + history_shift}, {"epoch": 2, "test_acc": acc}]}
+                for i, acc in enumerate(accs)]
+    (folder / "teachers.json").write_text(json.dumps({"dataset": "FashionMNIST", "teachers": teachers}))
+    (folder / "manifest.json").write_text(json.dumps({"git": {"commit": commit}}))
+    return folder
+
+
+def test_comparison_says_when_the_teachers_or_code_differ(tmp_path):
+    a = with_teachers(fake_run(tmp_path / "ref", "cosine", [91.2, 91.1], 0.0), [93.11, 92.10], "a80bfa1237")
+    same = with_teachers(fake_run(tmp_path / "same", "cosine", [91.0, 91.0], 0.0), [93.11, 92.10], "a80bfa1237")
+    header = runs_markdown(a, same).splitlines()[0]
+    assert header.startswith("`ref` → `same` (no parameter); test accuracy")
+    assert "different teachers" not in runs_markdown(a, same)
+
+    # the shipped teachers of the same settings: other checkpoints, other accuracies, newer code
+    other = with_teachers(fake_run(tmp_path / "other", "cosine", [90.9, 90.8], 0.0), [93.06, 91.95], "0cd3d7a300")
+    table = runs_markdown(a, other)
+    assert ("(no parameter; other teachers: teacher_0 93.11 → 93.06, teacher_1 92.10 → 91.95 % test accuracy "
+            "(other checkpoints); code `a80bfa1` → `0cd3d7a`)") in table
+    assert "**The two runs learned from different teachers**" in table and "what the code changed" in table
+
+    # equal final accuracies but another training history: still other teachers, and no code change
+    retrained = with_teachers(fake_run(tmp_path / "retrained", "cosine", [91.0, 91.0], 0.0), [93.11, 92.10],
+                              "a80bfa1237", history_shift=0.3)
+    table = runs_markdown(a, retrained)
+    assert "other teachers: teacher_0 93.11 → 93.11" in table and "code `" not in table
+    assert "is the teachers' (and run-to-run noise)" in table
+    assert "other teachers" in runs_table([a, same, retrained]).splitlines()[-1]
+    assert "other teachers" not in runs_table([a, same]).splitlines()[-1]
