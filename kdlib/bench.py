@@ -204,6 +204,29 @@ def step_flops(distiller, data, cfg: TrainConfig, epoch: int = 1) -> int:
     return counter.get_total_flops()
 
 
+def interleaved_steps(runs: dict, data, cfg: TrainConfig, rounds: int = 40) -> dict:
+    """Seconds of single training steps taken in turn: each round runs one step of every
+    method in ``runs`` ({method: (distiller, optimizer, cfg)}), so a burst of load
+    elsewhere falls on all of them alike. Returns {method: [seconds of each step]}."""
+    device = data.train.images.device
+    steps = math.ceil(len(data.train) / cfg.batch_size)
+    times = {m: [] for m in runs}
+    for _ in range(rounds):
+        for method, (distiller, optimizer, c) in runs.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            train_epoch(distiller, optimizer, data, c, 1, steps, max_batches=1)
+            _sync(device)
+            times[method].append(time.perf_counter() - t0)
+    return times
+
+
+def step_ratios(times: dict) -> dict:
+    """``method/scratch`` of the median single-step times of ``interleaved_steps``."""
+    med = {m: statistics.median(ts) for m, ts in times.items()}
+    return {f"{m}/scratch": round(med[m] / med["scratch"], 3) for m in med if m != "scratch"}
+
+
 def ratio_bounds(flops: dict, seconds: dict, steps: int, peak_gflops: float) -> dict:
     """For each method in ``flops`` but scratch: the least ``method/scratch`` could be
     if the student's step took what scratch's did (``seconds["scratch"] / steps``) and
@@ -247,12 +270,14 @@ def model_rates(names: list[str], data, cfg: TrainConfig, steps: int = 5, warmup
 def run_benchmark(samples: int = 10_000, teachers: int = 3, precision: str = "fp32", repeats: int = 1, *,
                   test_samples: int = 1000, warmup: int = 3, data_root: str | Path | None = None,
                   device: str | None = None, threads: int | None = None, download: bool = True,
-                  log=None) -> dict:
+                  step_rounds: int = 40, log=None) -> dict:
     """Time one epoch of every method in ``METHODS``; return the ``--json`` object."""
     if not 2 <= teachers <= len(TEACHERS):
         raise ValueError(f"teachers must be 2..{len(TEACHERS)} (camkd needs 2), got {teachers}")
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if step_rounds < 1:
+        raise ValueError(f"step_rounds must be >= 1, got {step_rounds}")
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
     log = log or (lambda *a, **k: None)
@@ -279,7 +304,7 @@ def run_benchmark(samples: int = 10_000, teachers: int = 3, precision: str = "fp
     views = teacher_bank(models, names, data, crop_cfg, hint, cache=True, log=log)
 
     sample = normalize(data.train.images[:1], data.mean, data.std)
-    passes, flops = {}, {}
+    passes, flops, built = {}, {}, {}
     for method in METHODS[:-1]:
         kind, bank, c, form = method, cached, cfg, "kdbook"
         if method == "camkd_official":
@@ -294,6 +319,7 @@ def run_benchmark(samples: int = 10_000, teachers: int = 3, precision: str = "fp
         optimizer = prepare(distiller, c)
         if method in FLOP_METHODS:
             flops[method] = step_flops(distiller, data, c)
+            built[method] = (distiller, optimizer, c)
         # epoch index 1: camkd's feature term is off in epoch 0
         passes[method] = lambda w, d=distiller, o=optimizer, c=c: time_epoch(d, data, c, 1, optimizer=o, warmup=w)
     passes["seed_style"] = SeedStyle(seed_models, root, samples, cfg, T, alpha, dev).time
@@ -304,12 +330,17 @@ def run_benchmark(samples: int = 10_000, teachers: int = 3, precision: str = "fp
             times[method].append(passes[method](warmup if r == 0 else 0))
             log(f"pass {r + 1}/{repeats} {method}: {times[method][-1]:.2f} s")
     seconds = {m: round(min(ts), 4) for m, ts in times.items()}
+    log(f"timing single steps in turn ({', '.join(built)}; {step_rounds} rounds)")
+    steps_in_turn = interleaved_steps(built, data, cfg, step_rounds)
     log("timing one training step of each model alone, and its evaluation")
     peak = matmul_peak(dev)
     steps = math.ceil(len(data.train) / cfg.batch_size)
     return {"samples": len(data.train), "test_samples": len(data.test), "teachers": len(names), "device": str(dev),
             "threads": torch.get_num_threads(), "precision": precision, "seconds": seconds,
             "ratios": {k: round(seconds[a] / seconds[b], 3) for k, (a, b) in RATIOS.items()},
+            "step_rounds": step_rounds,
+            "step_ms": {m: round(1e3 * statistics.median(ts), 2) for m, ts in steps_in_turn.items()},
+            "step_ratios": step_ratios(steps_in_turn),
             "cache_build_s": round(cached.build_seconds, 3), "cache_bytes": int(cached.nbytes()),
             "view_cache_build_s": round(views.build_seconds, 3), "view_cache_bytes": int(views.nbytes()),
             "models": model_rates(["student"] + names, data, cfg),
@@ -396,6 +427,14 @@ def work_line(result: dict) -> str:
             f"method's extra FLOPs ran at the peak, its memory-bound work free: {least}.")
 
 
+def steps_line(result: dict) -> str:
+    """The interleaved single steps: median ms per method and their ratios to scratch."""
+    ms = ", ".join(f"{m} {v:.1f}" for m, v in result["step_ms"].items())
+    ratios = ", ".join(f"{k} {v:.2f}" for k, v in result["step_ratios"].items())
+    return (f"M={result['teachers']}: single steps taken in turn ({result['step_rounds']} rounds, one step of each "
+            f"method per round), median ms: {ms}; ratios of the medians: {ratios}.")
+
+
 def format_table(result: dict, repeats: int = 1) -> str:
     s = result["seconds"]
     lines = [_header(result, repeats), TEACHER_NOTE, "",
@@ -404,6 +443,7 @@ def format_table(result: dict, repeats: int = 1) -> str:
         lines.append(f"{m:<14}{s[m]:>9.2f}{s[m] / s['scratch']:>11.2f}  {DESCRIPTIONS[m]}")
     lines.append("")
     lines += [f"{k:<22}{v:>7.2f}" for k, v in result["ratios"].items()]
+    lines += ["", steps_line(result)]
     peak = result["matmul_gflop_per_s"]
     lines += ["", f"{'model':<18}{'MFLOP/step':>11}{'ms/step':>9}{'GFLOP/s':>9}{'% of peak':>11}"]
     lines += [f"{n:<18}{r['mflop_per_step']:>11.0f}{r['step_s'] * 1e3:>9.1f}{r['gflop_per_s']:>9.1f}"
@@ -425,7 +465,7 @@ def format_markdown(result: dict, repeats: int = 1) -> str:
         lines.append(f"| `{m}` | {DESCRIPTIONS[m]} | {s[m]:.2f} | {s[m] / s['scratch']:.2f} |")
     r = result["ratios"]
     ratios = ", ".join(f"{k} {v:.2f}" for k, v in r.items())
-    lines += ["", work_line(result),
+    lines += ["", work_line(result), "", steps_line(result),
               "", f"Seconds for {_header(result, repeats)}; {TEACHER_NOTE}. Teacher cache (train + test) "
                   f"built in {result['cache_build_s']:.1f} s, {result['cache_bytes'] / 2**20:.1f} MiB; view cache "
                   f"(crop) built once in {result['view_cache_build_s']:.1f} s, "
@@ -452,6 +492,8 @@ def speed_markdown(results: list[dict], repeats: int = 1, load: tuple | None = N
     quiet = "" if load is None else f" Load average when it started: {load[0]:.2f}."
     flags = "".join(flag for flag, on in ((f" --samples {r0['samples']}", r0["samples"] != 10_000),
                                           (f" --repeats {repeats}", repeats > 1),
+                                          (f" --step-rounds {r0.get('step_rounds')}",
+                                           r0.get("step_rounds", 40) != 40),
                                           (" --book", any("book" in r for r in results))) if on)
     lines += ["", f"Generated by `python -m kdlib.bench --teachers {' '.join(str(r['teachers']) for r in results)}"
                   f"{flags} --readme README.md`: one training epoch over "
@@ -460,6 +502,7 @@ def speed_markdown(results: list[dict], repeats: int = 1, load: tuple | None = N
               f"Teacher cache (train + test splits, hint features in fp16): {cache}. "
               f"Teacher view cache for `augment: crop` (logits on 25 views of each training image): {views}."]
     lines += [""] + [work_line(r) for r in results]
+    lines += [""] + [steps_line(r) for r in results if "step_ratios" in r]
     last = results[-1]  # the largest teacher set holds every model
     models, peak = last["models"], last["matmul_gflop_per_s"]
     lines += ["", "| model | MFLOP per training step (batch 128) | ms per step | GFLOP/s | % of peak |",
@@ -488,6 +531,8 @@ def main(argv=None) -> int:
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--repeats", type=int, default=1, help="timed passes per method; the fastest is kept")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps per method before timing")
+    ap.add_argument("--step-rounds", type=int, default=40,
+                    help="rounds of single steps taken in turn (scratch, vanilla, camkd, camkd_official)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     ap.add_argument("--device", default=None, help="auto (default), cpu, cuda, ...")
     ap.add_argument("--data-root", default=None, help="torchvision's data folder (default: data)")
@@ -511,6 +556,7 @@ def main(argv=None) -> int:
         try:
             result = run_benchmark(args.samples, m, args.precision, args.repeats, warmup=args.warmup,
                                    data_root=args.data_root, device=args.device, threads=args.threads,
+                                   step_rounds=args.step_rounds,
                                    log=lambda *a, **k: print(*a, file=sys.stderr))
         except ValueError as err:
             ap.error(str(err))

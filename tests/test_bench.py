@@ -7,19 +7,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from kdlib import bench
 from kdlib.data import DataNotFoundError, load_dataset
-from kdlib.distillers import Scratch
+from kdlib.distillers import Scratch, build_distiller
 from kdlib.models import build_model
-from kdlib.train import TrainConfig, fit
+from kdlib.teachers import freeze
+from kdlib.train import TrainConfig, fit, teacher_bank
 
 ROOT = Path(__file__).resolve().parent.parent
 KEYS = {"samples", "test_samples", "teachers", "device", "threads", "precision", "seconds", "ratios",
         "cache_build_s", "cache_bytes", "view_cache_build_s", "view_cache_bytes", "models",
-        "matmul_gflop_per_s", "method_mflop_per_step", "ratio_bounds"}
+        "matmul_gflop_per_s", "method_mflop_per_step", "ratio_bounds", "step_rounds", "step_ms", "step_ratios"}
 MODEL_KEYS = {"mflop_per_step", "step_s", "gflop_per_s", "eval_s_per_image"}
 RATIO_KEYS = {"vanilla/scratch", "camkd/scratch", "camkd_official/scratch", "seed_style/vanilla",
               "vanilla_live/vanilla", "camkd_live/camkd", "vanilla_crop/scratch_crop", "camkd_crop/scratch_crop"}
@@ -41,7 +43,7 @@ def tiny_data(data_root):
 @pytest.fixture(scope="module")
 def result(tiny_data, data_root):
     return bench.run_benchmark(samples=256, teachers=2, repeats=1, test_samples=100, warmup=1,
-                               data_root=data_root, device="cpu", download=False)
+                               data_root=data_root, device="cpu", download=False, step_rounds=3)
 
 
 def test_result_structure(result):
@@ -61,6 +63,33 @@ def test_result_structure(result):
     json.dumps(result)  # serialisable as is
 
 
+def test_steps_taken_in_turn(tiny_data):
+    """interleaved_steps runs one step of each method per round; step_ratios are the
+    ratios of the median step times; a step with live teachers costs more than one
+    served by the cache; the result's lines say the same."""
+    cfg = TrainConfig(epochs=1, batch_size=64, seed=0)
+    sample = tiny_data.train.images[:1].float()
+    models = [freeze(build_model(n)) for n in ("teacher_cnn1", "teacher_cnn2")]
+    names = ["teacher_cnn1", "teacher_cnn2"]
+    cached = teacher_bank(models, names, tiny_data, cfg, cache=True, log=lambda *a: None)
+    live = teacher_bank(models, names, tiny_data, cfg, cache=False)
+    runs = {}
+    for method, bank in (("scratch", None), ("vanilla", cached), ("vanilla_live", live)):
+        torch.manual_seed(0)
+        d = build_distiller(method.split("_")[0], build_model("student"), bank, sample)
+        runs[method] = (d, bench.prepare(d, cfg), cfg)
+    times = bench.interleaved_steps(runs, tiny_data, cfg, rounds=5)
+    assert {m: len(t) for m, t in times.items()} == {"scratch": 5, "vanilla": 5, "vanilla_live": 5}
+    ratios = bench.step_ratios(times)
+    med = {m: float(np.median(t)) for m, t in times.items()}
+    assert ratios == {"vanilla/scratch": round(med["vanilla"] / med["scratch"], 3),
+                      "vanilla_live/scratch": round(med["vanilla_live"] / med["scratch"], 3)}
+    assert med["vanilla_live"] > 1.2 * med["vanilla"]  # two teachers' forward passes on every step
+    line = bench.steps_line({"teachers": 2, "step_rounds": 5, "step_ms": {m: 1e3 * v for m, v in med.items()},
+                             "step_ratios": ratios})
+    assert line.startswith("M=2: single steps taken in turn (5 rounds") and f"vanilla/scratch {ratios['vanilla/scratch']:.2f}" in line
+
+
 def test_table_and_markdown(result):
     table = bench.format_table(result)
     md = bench.format_markdown(result)
@@ -68,6 +97,9 @@ def test_table_and_markdown(result):
         assert method in table and f"| `{method}` |" in md
     assert "random init" in table and "random init" in md
     assert "machine:" in table and "Machine:" in md
+    assert result["step_rounds"] == 3 and set(result["step_ms"]) == set(bench.FLOP_METHODS)
+    assert set(result["step_ratios"]) == {f"{m}/scratch" for m in bench.FLOP_METHODS[1:]}
+    assert "single steps taken in turn (3 rounds" in table and "single steps taken in turn" in md
     assert md.splitlines()[1] == "|---|---|---:|---:|"
 
 
@@ -127,7 +159,9 @@ def test_speed_markdown_has_a_column_pair_per_teacher_count(result):
     ratio = result["seconds"]["camkd"] / result["seconds"]["scratch"]
     assert cells[2:] == [f"{result['seconds']['camkd']:.2f}", f"{ratio:.2f}",
                          f"{2 * result['seconds']['camkd']:.2f}", f"{ratio:.2f}"]
-    assert "--teachers 2 5 --samples 256 --repeats 3 --readme" in md and "Load average when it started: 0.50" in md
+    assert ("--teachers 2 5 --samples 256 --repeats 3 --step-rounds 3 --readme" in md
+            and "Load average when it started: 0.50" in md)
+    assert "M=2: single steps taken in turn (3 rounds" in md
     assert "| `student` |" in md and "% of peak" in md and "M=5: MFLOP per training step" in md
     assert "--book" not in md and "estimate of `make book`" not in md
     book = {"total_s": 600.0, "total_reusing_s": 300.0, "teachers_found": ["teacher_cnn1"]}
