@@ -18,8 +18,8 @@ from .checkpoint import export_finished, identity_key, sha256_file
 from .data import holdout_validation, load_dataset, with_labelled_subset
 from .models import count_parameters
 from .params import SCHEMA, student_identity, teacher_identity, teacher_value, validate
-from .train import (TrainConfig, pick_device, predict_logits, set_threads, teacher_bank, teacher_test_probs,
-                    train_student, train_teacher)
+from .assemble import teacher_bank, teacher_test_probs, train_student, train_teacher
+from .train import TrainConfig, pick_device, predict_logits, set_threads
 
 
 def project_root() -> Path:
@@ -129,7 +129,7 @@ def teacher_checkpoint(P, name: str) -> Path:
 
 def view_cache_files(P, teacher_sha256: dict, data) -> list | None:
     """Where each teacher's logits on every augmented view of the students' training
-    images are kept (``kdlib.train.view_logits``), with the identity they are made for:
+    images are kept (``kdlib.assemble.view_logits``), with the identity they are made for:
     ``<teacher_dir>/<dataset>/views/<name>-<hash>.pt``; shared by every run and seed
     with the same teacher file, training split, augmentation and precision. None
     without augmentation."""

@@ -191,6 +191,17 @@ def load_params(path: str | Path) -> dict:
     return validate(read_mapping(path), str(path))
 
 
+def format_value(value) -> str:
+    """A value as it appears in a run folder name: 10.0 -> 10, [a, b] -> a+b."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list):
+        return "+".join(format_value(v) for v in value)
+    return str(value)
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """``key=value`` with the value parsed as YAML (``-p seeds=[0,1]``, ``-p lr=3e-4``)."""
     if "=" not in text:

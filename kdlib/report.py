@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
+from .records import update_readme
 from .stats import mean_sd as _mean_sd, paired_t, verdict
 
 SEED_EXPECTED = {  # the seed kit's README, "Expected results on Fashion-MNIST"
@@ -178,17 +178,6 @@ def runs_table(runs: list[str | Path]) -> str:
             lines.append(f"| `{run.name}` | {diff} | {LABELS.get(method, method)} | {', '.join(map(str, seeds))} | "
                          f"{per_seed['eval_split']} | {_mean_sd([per_seed[k][0] for k in seeds])} |")
     return "\n".join(lines)
-
-
-def update_readme(readme: str | Path, block: str, name: str = "results") -> None:
-    readme = Path(readme)
-    text = readme.read_text()
-    # the two marker lines, with anything (or nothing yet) between them
-    pattern = re.compile(rf"(<!-- {re.escape(name)}:start -->\n)(?:.*?\n)?(<!-- {re.escape(name)}:end -->)", re.S)
-    if not pattern.search(text):
-        raise SystemExit(f"{readme}: no <!-- {name}:start --> ... <!-- {name}:end --> block to replace; add the "
-                         "two marker lines where the table should go")
-    readme.write_text(pattern.sub(lambda m: m.group(1) + block + "\n" + m.group(2), text))
 
 
 def main(argv=None) -> None:

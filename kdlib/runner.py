@@ -18,9 +18,9 @@ from pathlib import Path
 
 import yaml
 
-from .bench import cpu_name
 from .book import display_path, portable, say
 from .params import ParamsError, load_params, parse_override, validate
+from .records import cpu_name
 
 NOTEBOOKS = ["01_train_teachers.ipynb", "02_distill_students.ipynb", "03_fidelity_analysis.ipynb"]
 

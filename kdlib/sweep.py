@@ -27,7 +27,7 @@ import yaml
 
 from . import book
 from .checkpoint import identity_key
-from .params import ParamsError, load_params, read_mapping, validate
+from .params import ParamsError, format_value, load_params, read_mapping, validate
 from .runner import RunError, execute, notebooks_dir, now, package_root, render_html
 
 SWEEP_KEYS = ("base", "grid", "runs")
@@ -43,17 +43,6 @@ class Run:
     name: str        # folder name under the sweep folder
     overrides: dict  # keys set on top of the base params file (fixed keys, grid point, explicit run)
     P: dict          # the validated parameters
-
-
-def format_value(value) -> str:
-    """A value as it appears in a run folder name: 10.0 -> 10, [a, b] -> a+b."""
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, float):
-        return f"{value:g}"
-    if isinstance(value, list):
-        return "+".join(format_value(v) for v in value)
-    return str(value)
 
 
 def run_name(own: dict) -> str:

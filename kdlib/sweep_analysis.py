@@ -18,8 +18,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from .params import format_value
 from .stats import NAMES, comparison_frame, mean_ci, verdict
-from .sweep import format_value
 
 METHOD_ORDER = ["camkd", "vanilla", "scratch"]  # pairs come out as camkd - vanilla, camkd - scratch, vanilla - scratch
 NOT_SETTING = {"run_dir", "threads", "seeds", "methods"}

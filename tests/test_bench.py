@@ -16,10 +16,11 @@ from kdlib.data import DataNotFoundError, load_dataset
 from kdlib.distillers import Scratch, build_distiller
 from kdlib.models import build_model
 from kdlib.teachers import freeze
-from kdlib.train import TrainConfig, fit, teacher_bank
+from kdlib.assemble import teacher_bank
+from kdlib.train import TrainConfig, fit
 
 ROOT = Path(__file__).resolve().parent.parent
-KEYS = {"samples", "test_samples", "teachers", "device", "threads", "precision", "seconds", "ratios",
+KEYS = {"samples", "test_samples", "teachers", "device", "threads", "precision", "methods", "seconds", "ratios",
         "cache_build_s", "cache_bytes", "view_cache_build_s", "view_cache_bytes", "models",
         "matmul_gflop_per_s", "method_mflop_per_step", "ratio_bounds", "step_rounds", "step_ms", "step_ratios"}
 MODEL_KEYS = {"mflop_per_step", "step_s", "gflop_per_s", "eval_s_per_image"}
@@ -136,19 +137,32 @@ def test_train_epoch_is_fits_loop(tiny_data, monkeypatch):
     assert n == cfg.batch_size and set(sums) == {"ce"} and 0 <= correct <= n and stats == {}
 
 
-def test_cli_json(tiny_data, data_root):
+def test_cli_json_with_named_methods(tiny_data, data_root):
+    """``--methods`` times only the rows named, plus scratch (every ratio's reference);
+    without a crop row no view cache is built; stdout holds exactly one JSON object."""
     env = dict(os.environ, KDBOOK_PROGRESS="off")
     proc = subprocess.run([sys.executable, "-m", "kdlib.bench", "--samples", "256", "--teachers", "2",
+                           "--methods", "camkd", "vanilla", "--step-rounds", "2",
                            "--repeats", "1", "--warmup", "1", "--device", "cpu", "--data-root", str(data_root),
                            "--json"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout)  # stdout holds exactly one JSON object
-    assert set(out) == KEYS and set(out["seconds"]) == set(bench.METHODS) and set(out["ratios"]) == RATIO_KEYS
+    out = json.loads(proc.stdout)
+    assert set(out) == KEYS - {"view_cache_build_s", "view_cache_bytes"}
+    assert list(out["seconds"]) == out["methods"] == ["scratch", "vanilla", "camkd"]
+    assert set(out["ratios"]) == {"vanilla/scratch", "camkd/scratch"}
+    assert set(out["step_ms"]) == {"scratch", "vanilla", "camkd"}
     assert all(v > 0 for v in out["seconds"].values())
-    assert "random init" in proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "kdlib.bench", "--teachers", "2", "--book"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2 and "--book needs --teachers 3" in proc.stderr
+    assert "random init" in proc.stderr and "view cache" not in proc.stderr
+    table = bench.format_table(out)
+    assert "camkd_crop" not in table and "view cache" not in table and "camkd/scratch" in table
+    md = bench.speed_markdown([out])
+    assert "--methods scratch vanilla camkd" in md and "| `camkd_crop` |" not in md
+    for args, says in ((["--teachers", "2", "--book"], "--book needs --teachers 3"),
+                       (["--methods", "camkd", "--book"], "--book needs the book's methods timed: add vanilla"),
+                       (["--methods", "nonesuch"], "unknown bench method 'nonesuch'")):
+        proc = subprocess.run([sys.executable, "-m", "kdlib.bench", *args],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and says in proc.stderr, proc.stderr
 
 
 def test_speed_markdown_has_a_column_pair_per_teacher_count(result):

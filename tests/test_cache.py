@@ -10,8 +10,8 @@ from kdlib.data import Split, apply_views, normalize, view_count
 from kdlib.distillers import Vanilla
 from kdlib.models import build_model
 from kdlib.teachers import LiveTeachers
-from kdlib.train import (TrainConfig, teacher_bank, teacher_test_probs, train_epoch, train_student, train_teacher,
-                         view_logits)
+from kdlib.assemble import teacher_bank, teacher_test_probs, train_student, train_teacher, view_logits
+from kdlib.train import TrainConfig, train_epoch
 
 from conftest import fashion_mnist_subset
 

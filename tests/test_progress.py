@@ -41,7 +41,8 @@ def test_other_modes_print_no_lines(monkeypatch, capsys, mode):
 
 
 def test_fit_prints_one_line_per_epoch(tmp_path_factory, monkeypatch, capsys):
-    from kdlib.train import TrainConfig, set_threads, teacher_bank, train_student
+    from kdlib.assemble import teacher_bank, train_student
+    from kdlib.train import TrainConfig, set_threads
     data = fashion_mnist_subset(tmp_path_factory, 300, 100)
     monkeypatch.setenv("KDBOOK_PROGRESS", "text")
     threads = torch.get_num_threads()

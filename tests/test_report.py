@@ -6,7 +6,8 @@ import pytest
 import yaml
 from scipy import stats as st
 
-from kdlib.report import main, runs_markdown, runs_table, update_readme
+from kdlib.records import update_readme
+from kdlib.report import main, runs_markdown, runs_table
 
 
 def fake_run(folder, schedule, finals, curve_step):

@@ -113,7 +113,8 @@ import sys, time
 from pathlib import Path
 import kdlib.train as train
 from kdlib.data import load_dataset
-from kdlib.train import TrainConfig, set_threads, train_student, teacher_bank
+from kdlib.assemble import teacher_bank, train_student
+from kdlib.train import TrainConfig, set_threads
 set_threads(1)
 ckpt, data_root, signal = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 save = train.atomic_save
@@ -163,7 +164,8 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path):
 
 
 def test_report_generates_the_readme_table(smoke_run, tmp_path):
-    from kdlib.report import results_markdown, update_readme
+    from kdlib.records import update_readme
+    from kdlib.report import results_markdown
     import pandas as pd
     block = results_markdown(smoke_run)
     results = pd.read_csv(smoke_run / "results.csv")

@@ -23,8 +23,8 @@ from kdlib.distillers import CAMKD, Scratch, build_distiller
 from kdlib.metrics import accuracy, fidelity_metrics
 from kdlib.models import CalWeight, build_model
 from kdlib.teachers import CachedTeachers, LiveTeachers
-from kdlib.train import (NonFiniteLossError, TrainConfig, fit, iterate, load_teacher, lr_at, predict_logits,
-                         teacher_bank, teacher_test_probs, train_epoch, train_student, train_teacher)
+from kdlib.assemble import load_teacher, teacher_bank, teacher_test_probs, train_student, train_teacher
+from kdlib.train import NonFiniteLossError, TrainConfig, fit, iterate, lr_at, predict_logits, train_epoch
 
 from conftest import fashion_mnist_subset, student_id, teacher_id
 

@@ -1,0 +1,32 @@
+"""What every record shares: the machine's name and the generated blocks of a README or page.
+
+The lowest floor of the records: the runner (manifests), the benchmark and the reports
+import from here, and this module imports nothing of kdlib.
+"""
+from __future__ import annotations
+
+import platform
+import re
+from pathlib import Path
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+
+def update_readme(readme: str | Path, block: str, name: str = "results") -> None:
+    readme = Path(readme)
+    text = readme.read_text()
+    # the two marker lines, with anything (or nothing yet) between them
+    pattern = re.compile(rf"(<!-- {re.escape(name)}:start -->\n)(?:.*?\n)?(<!-- {re.escape(name)}:end -->)", re.S)
+    if not pattern.search(text):
+        raise SystemExit(f"{readme}: no <!-- {name}:start --> ... <!-- {name}:end --> block to replace; add the "
+                         "two marker lines where the table should go")
+    readme.write_text(pattern.sub(lambda m: m.group(1) + block + "\n" + m.group(2), text))
