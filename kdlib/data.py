@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
+import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -187,6 +188,50 @@ def holdout_validation(data: Dataset, n: int) -> Dataset:
     train = Split(data.train.images[keep], data.train.labels[keep])
     val = Split(data.train.images[val_idx], data.train.labels[val_idx])
     return Dataset(data.name, train, val, data.mean, data.std, data.classes, "validation")
+
+
+def teacher_label_seed(name: str, teacher_seed: int) -> int:
+    """The seed of teacher ``name``'s label noise: fixed per teacher and ``teacher_seed``,
+    so two teachers with the same noise fraction get different wrong labels."""
+    return teacher_seed * 1_000_003 + zlib.crc32(name.encode())
+
+
+def swap_classes(labels: torch.Tensor, pairs) -> torch.Tensor:
+    """``labels`` with each class pair ``[a, b]`` of ``pairs`` exchanged (a becomes b, b
+    becomes a); every other label unchanged."""
+    out = labels.clone()
+    for a, b in pairs:
+        out[labels == a] = b
+        out[labels == b] = a
+    return out
+
+
+def noisy_labels(labels: torch.Tensor, fraction: float, num_classes: int, seed: int) -> torch.Tensor:
+    """``labels`` with ``round(fraction * n_c)`` images of each class ``c`` (``n_c`` of
+    them; a class-balanced draw) given a wrong label, drawn uniformly from the other
+    ``num_classes - 1`` classes. Which images and which labels depend only on ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    cpu = labels.cpu()
+    order = torch.randperm(len(cpu), generator=gen)
+    picked = []
+    for c in range(num_classes):
+        members = order[cpu[order] == c]
+        picked.append(members[:int(fraction * len(members) + 0.5)])
+    picked = torch.cat(picked)
+    out = cpu.clone()
+    out[picked] = (cpu[picked] + torch.randint(1, num_classes, (len(picked),), generator=gen)) % num_classes
+    return out.to(labels.device)
+
+
+def teacher_labels(labels: torch.Tensor, num_classes: int, *, noise: float = 0.0, swap=(), seed: int = 0):
+    """The training labels one teacher learns from: its class pairs ``swap`` exchanged,
+    then a fraction ``noise`` of each class replaced by wrong labels (``noisy_labels``,
+    wrong with respect to the swapped label). With neither, ``labels`` itself."""
+    if swap:
+        labels = swap_classes(labels, swap)
+    if noise:
+        labels = noisy_labels(labels, noise, num_classes, seed)
+    return labels
 
 
 def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,

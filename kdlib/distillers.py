@@ -11,8 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .losses import (camkd_feature_loss, camkd_logit_loss, consensus_targets, grouped_feature_mse, labelled_ce,
-                     vanilla_kd_loss)
+from .losses import (camkd_feature_loss, camkd_logit_loss, camkd_weights, consensus_targets, grouped_feature_mse,
+                     labelled_ce, vanilla_kd_loss)
 from .models import CalWeight, ConvRegs, StagedNet
 from .teachers import LiveTeachers
 
@@ -54,6 +54,12 @@ class Distiller(nn.Module):
 
     def forward_train(self, x, y, idx, epoch: int):
         raise NotImplementedError
+
+    def teacher_weights(self, x, y, idx) -> torch.Tensor | None:
+        """The per-image teacher weights [M,B] as this method's loss uses them on batch
+        ``x`` (labels ``y``, bank keys ``idx``), or None for a method without any.
+        Called without gradients, in eval mode, after training (``kdlib.train``)."""
+        return None
 
 
 class Scratch(Distiller):
@@ -150,6 +156,12 @@ class CAMKD(Distiller):
 
     def extra_module(self):
         return self.regressors
+
+    def teacher_weights(self, x, y, idx):
+        """The logit term's weights w = camkd_weights(t, y) (both forms), with the
+        teachers' consensus standing in for a missing label, as in ``forward_train``."""
+        t_logits = self.teachers.logits(x, idx)
+        return camkd_weights(t_logits, consensus_targets(y, t_logits))
 
     def forward_train(self, x, y, idx, epoch):
         logits, feats = self.student(x, return_features=True)

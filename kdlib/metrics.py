@@ -54,3 +54,32 @@ def fidelity_metrics(teacher_probs: torch.Tensor, student_probs: torch.Tensor) -
 def accuracy(logits_or_probs: torch.Tensor, labels: torch.Tensor) -> float:
     """Top-1 accuracy in percent."""
     return 100.0 * (logits_or_probs.argmax(-1) == labels).double().mean().item()
+
+
+def confidently_wrong(probs: torch.Tensor, labels: torch.Tensor, threshold: float = 0.9) -> float:
+    """Percent of samples a model gets wrong with confidence: argmax != label and the
+    argmax's probability above ``threshold``. ``probs`` [N,C] at T = 1."""
+    top, predicted = probs.max(-1)
+    return 100.0 * ((predicted != labels) & (top > threshold)).double().mean().item()
+
+
+def weights_by_correctness(weights: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor) -> dict:
+    """How a method weighs each teacher where that teacher is right and where it is wrong.
+
+    ``weights`` [M,N]: the per-image teacher weights the method's loss uses;
+    ``teacher_logits`` [M,N,C]; ``labels`` [N], the true labels. Returns lists over the
+    M teachers (JSON-ready): ``mean`` (over all images), ``wrong`` and ``right`` (mean
+    weight on the images where the teacher's argmax differs from / equals the label;
+    None where there are none) and ``wrong_share`` (% of images it gets wrong).
+    """
+    if weights.shape != teacher_logits.shape[:2] or teacher_logits.shape[1] != labels.shape[0]:
+        raise ValueError(f"expected weights [M,N], teacher_logits [M,N,C], labels [N], got {tuple(weights.shape)}, "
+                         f"{tuple(teacher_logits.shape)}, {tuple(labels.shape)}")
+    weights = weights.double()
+    wrong = teacher_logits.argmax(-1) != labels.unsqueeze(0)
+
+    def mean_where(mask):
+        return [w[m].mean().item() if m.any() else None for w, m in zip(weights, mask)]
+
+    return {"mean": weights.mean(1).tolist(), "wrong": mean_where(wrong), "right": mean_where(~wrong),
+            "wrong_share": (100.0 * wrong.double().mean(1)).tolist()}

@@ -180,15 +180,32 @@ class TeacherDenseNet(StagedNet):
         super().__init__(stages, neck, nn.Linear(c, num_classes))
 
 
+STUDENT_SIZES = (32, 64, 60)  # the student's conv channels and hidden units at width 1
+
+
+def student_sizes(width: float = 1.0) -> tuple[int, int, int]:
+    """The student's (conv1 channels, conv2 channels, hidden units) at ``width``: each of
+    ``STUDENT_SIZES`` times ``width``, rounded half up. Raises ValueError when a layer
+    would get no unit."""
+    sizes = tuple(int(n * width + 0.5) for n in STUDENT_SIZES)
+    if width <= 0 or min(sizes) < 1:
+        smallest = 0.5 / min(STUDENT_SIZES)
+        raise ValueError(f"student width {width}: its layers (conv, conv, hidden) would get {sizes} units and "
+                         f"every layer needs one; give a width >= {smallest:g}")
+    return sizes
+
+
 class StudentNet(StagedNet):
     """Light student: 2 conv layers (32, 64 channels) with MaxPool, Dropout 0.25, one
-    hidden FC layer (seed: 207K params)."""
+    hidden FC layer (seed: 207K params). ``width`` scales the channels and hidden units
+    (``student_sizes``); width 1 is the seed's student, layer for layer."""
 
-    def __init__(self, in_channels=1, num_classes=10, image_size=28):
+    def __init__(self, in_channels=1, num_classes=10, image_size=28, width: float = 1.0):
+        c1, c2, hidden = student_sizes(width)
         side = image_size // 4
-        stages = [nn.Sequential(*_conv(in_channels, 32, pool=True)),
-                  nn.Sequential(*_conv(32, 64, pool=True))]
-        super().__init__(stages, _mlp_neck(64 * side * side, 60, 0.25), nn.Linear(60, num_classes))
+        stages = [nn.Sequential(*_conv(in_channels, c1, pool=True)),
+                  nn.Sequential(*_conv(c1, c2, pool=True))]
+        super().__init__(stages, _mlp_neck(c2 * side * side, hidden, 0.25), nn.Linear(hidden, num_classes))
 
 
 MODELS = {
@@ -202,10 +219,15 @@ MODELS = {
 TEACHERS = [name for name in MODELS if name.startswith("teacher_")]
 
 
-def build_model(name: str, in_channels: int = 1, num_classes: int = 10, image_size: int = 28) -> StagedNet:
-    """Build one of the seed's models by name."""
+def build_model(name: str, in_channels: int = 1, num_classes: int = 10, image_size: int = 28,
+                width: float = 1.0) -> StagedNet:
+    """Build one of the seed's models by name; ``width`` scales the student only."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}: valid names are {', '.join(MODELS)}")
+    if name == "student":
+        return StudentNet(in_channels=in_channels, num_classes=num_classes, image_size=image_size, width=width)
+    if width != 1:
+        raise ValueError(f"width {width}: only the student has a width (teachers are the seed's, as they are)")
     return MODELS[name](in_channels=in_channels, num_classes=num_classes, image_size=image_size)
 
 

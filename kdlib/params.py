@@ -14,9 +14,9 @@ from typing import Any
 
 import yaml
 
-from .data import DATASETS, SPLIT_SIZES
+from .data import CLASS_NAMES, DATASETS, SPLIT_SIZES
 from .distillers import METHODS
-from .models import TEACHERS
+from .models import TEACHERS, student_sizes
 
 
 class ParamsError(ValueError):
@@ -32,6 +32,8 @@ class Key:
     min: float | None = None
     exclusive_min: bool = False
     identity: tuple = ()  # which trained models the key determines: "teacher", "student", both or none
+    per_teacher: bool = False  # a mapping teacher name -> setting: in a teacher's identity only its own entry
+    omit_default: bool = False  # in identities only when not the default: models made before the key keep theirs
 
 
 T, S, TS = ("teacher",), ("student",), ("teacher", "student")
@@ -49,7 +51,17 @@ SCHEMA: dict[str, Key] = {
     "teacher_epochs": Key(20, int, "epochs per teacher", min=1, identity=T),
     "teacher_seed": Key(0, int, "seed of the teacher set", min=0, identity=T),
     "teacher_dir": Key("checkpoints/teachers", str, "teacher checkpoints, reused across runs"),
+    "teacher_label_noise": Key({}, dict, "per teacher, the fraction of its training labels replaced by uniformly "
+                               "drawn wrong labels (a fixed class-balanced draw per teacher and teacher_seed), "
+                               "e.g. {teacher_resnet: 0.4}; students' labels are never changed",
+                               identity=T, per_teacher=True),
+    "teacher_class_swap": Key({}, dict, "per teacher, class pairs whose training labels it learns exchanged, "
+                              "e.g. {teacher_resnet: [[0, 6], [2, 4]]}; students' labels are never changed",
+                              identity=T, per_teacher=True),
     "student_epochs": Key(15, int, "epochs per student", min=1, identity=S),
+    "student_width": Key(1.0, float, "scale of the student's conv channels and hidden units, each rounded "
+                         "(1 = the seed's 207K-parameter student)", min=0, exclusive_min=True, identity=S,
+                         omit_default=True),
     "methods": Key(["camkd", "vanilla", "scratch"], list, "student training methods", tuple(METHODS)),
     "seeds": Key([0], list, "student seeds (each method runs once per seed)"),
     "batch_size": Key(128, int, "training batch size", min=1, identity=TS),
@@ -95,10 +107,34 @@ def _fail(source: str, key: str, value, allowed: str):
     raise ParamsError(f"{source}: {key}: {value!r} is not allowed; {allowed}")
 
 
+def _check_teacher_setting(source: str, key: str, name, setting) -> None:
+    """One entry of ``teacher_label_noise`` or ``teacher_class_swap`` (class range and
+    teacher names are checked with the other keys, in ``_check_combination``)."""
+    if not isinstance(name, str):
+        _fail(source, key, name, "give teacher names as keys, e.g. {teacher_resnet: ...}")
+    if key == "teacher_label_noise":
+        if not _type_ok(setting, float) or not 0 <= setting < 1:
+            _fail(source, key, {name: setting}, "give a fraction in [0, 1), e.g. {teacher_resnet: 0.4}")
+        return
+    pairs_ok = isinstance(setting, list) and all(
+        isinstance(pair, list) and len(pair) == 2 and all(_type_ok(c, int) for c in pair) and pair[0] != pair[1]
+        for pair in setting)
+    if not pairs_ok:
+        _fail(source, key, {name: setting}, "give a list of pairs of two different class indices, "
+              "e.g. {teacher_resnet: [[0, 6], [2, 4]]}")
+    classes = [c for pair in setting for c in pair]
+    if len(set(classes)) != len(classes):
+        _fail(source, key, {name: setting}, "name each class in one pair at most")
+
+
 def _check_key(source: str, key: str, value) -> None:
     spec = SCHEMA[key]
     if not _type_ok(value, spec.kind):
         _fail(source, key, value, f"expected {spec.kind.__name__} ({spec.help})")
+    if spec.per_teacher:
+        for name, setting in value.items():
+            _check_teacher_setting(source, key, name, setting)
+        return
     if spec.kind is list:
         if not value:
             _fail(source, key, value, f"give a non-empty list ({spec.help})")
@@ -141,6 +177,18 @@ def _check_combination(source: str, p: dict, students: bool = True) -> None:
         if p["labelled_subset"] < classes:
             _fail(source, "labelled_subset", p["labelled_subset"],
                   f"give at least one labelled image per class ({classes})")
+    for key in (k for k, spec in SCHEMA.items() if spec.per_teacher):
+        for name, setting in p[key].items():
+            if name not in p["teachers"]:
+                _fail(source, key, {name: setting}, f"name a teacher of this run ({', '.join(p['teachers'])})")
+            if key == "teacher_class_swap" and not all(0 <= c < len(CLASS_NAMES[p["dataset"]])
+                                                       for pair in setting for c in pair):
+                _fail(source, key, {name: setting},
+                      f"{p['dataset']}'s classes are 0 to {len(CLASS_NAMES[p['dataset']]) - 1}")
+    try:
+        student_sizes(p["student_width"])
+    except ValueError as err:
+        _fail(source, "student_width", p["student_width"], str(err).split(": ", 1)[1])
     if students and "camkd" in p["methods"] and len(p["teachers"]) < 2:
         _fail(source, "teachers", p["teachers"], "camkd needs at least 2 teachers")
     from .models import build_model  # hint_layer must be a conv feature map of every model used
@@ -167,6 +215,8 @@ def validate(params: dict, source: str = "params", partial: bool = False) -> dic
         if isinstance(value, int) and SCHEMA[key].kind is float and not isinstance(value, bool):
             params[key] = float(value)
         _check_key(source, key, params[key])
+        if key == "teacher_label_noise":
+            params[key] = {name: float(v) for name, v in value.items()}
     full = {k: params.get(k, spec.default) for k, spec in SCHEMA.items()}
     _check_combination(source, full, students="methods" in params or not partial)
     return dict(params) if partial else full
@@ -221,12 +271,27 @@ def teacher_identity(P: dict, name: str) -> dict:
     ``SCHEMA`` (``lr_schedule`` as the teachers actually use it). Two teachers with the
     same identity are interchangeable; a checkpoint with another identity is refused."""
     ident = {"kind": "teacher", "model": name}
-    ident.update({k: P[k] for k, spec in SCHEMA.items() if "teacher" in spec.identity})
+    ident.update({k: P[k] for k, spec in SCHEMA.items() if "teacher" in spec.identity and not spec.per_teacher})
     for own, shared in TEACHER_OWN.items():  # stored under the shared key, as the teachers use it
         value = ident.pop(own)
         if value != "same":
             ident[shared] = value
+    ident.update(teacher_degradation(P, name))
     return ident
+
+
+def teacher_degradation(P: dict, name: str) -> dict:
+    """Teacher ``name``'s own label changes: ``{"label_noise": f, "class_swap": pairs}``
+    for those it has (a zero fraction or no pair is none), ``{}`` for a clean teacher,
+    whose identity is then what it was before these keys existed."""
+    out = {}
+    noise = P.get("teacher_label_noise", {}).get(name, 0.0)
+    swap = P.get("teacher_class_swap", {}).get(name, [])
+    if noise:
+        out["label_noise"] = float(noise)
+    if swap:
+        out["class_swap"] = sorted(sorted(pair) for pair in swap)
+    return out
 
 
 TEACHER_OWN = {"teacher_lr_schedule": "lr_schedule", "teacher_augment": "augment"}
@@ -244,6 +309,7 @@ def student_identity(P: dict, method: str, seed: int, teacher_sha256: dict[str, 
     retrained with other settings keeps its name, not its hash). Scratch students
     carry them too: their recorded fidelity is measured against those teachers."""
     ident = {"kind": "student", "model": "student", "method": method, "seed": seed}
-    ident.update({k: P[k] for k, spec in SCHEMA.items() if "student" in spec.identity})
+    ident.update({k: P[k] for k, spec in SCHEMA.items() if "student" in spec.identity
+                  and not (spec.omit_default and P[k] == spec.default)})
     ident["teacher_sha256"] = [teacher_sha256[n] for n in P["teachers"]]
     return ident

@@ -414,6 +414,86 @@ def plot_comparison(metrics_by_method: dict[str, dict], teachers_json: dict | No
     return fig
 
 
+# ---------------------------------------------------------------- teacher weights
+WEIGHT_COLUMNS = ["method", "seed", "teacher", "mean", "wrong", "right", "wrong_share"]
+
+
+def weighting_methods(metrics_by_method: dict[str, dict]) -> list[str]:
+    """The methods whose runs recorded per-image teacher weights (``teacher_weights``:
+    their distiller returns some), in the given order."""
+    return [m for m, met in metrics_by_method.items() if any(r.get("teacher_weights") for r in met["runs"])]
+
+
+def teacher_label(name: str, hparams: dict) -> str:
+    """``name`` with its label changes, when it has any: ``teacher_resnet (40% noise)``."""
+    notes = []
+    noise = (hparams.get("teacher_label_noise") or {}).get(name)
+    swap = (hparams.get("teacher_class_swap") or {}).get(name)
+    if noise:
+        notes.append(f"{100 * noise:g}% noise")
+    if swap:
+        notes.append("swap " + ", ".join(f"{a}-{b}" for a, b in swap))
+    return f"{name} ({'; '.join(notes)})" if notes else name
+
+
+def teacher_weights_frame(metrics_by_method: dict[str, dict]) -> pd.DataFrame:
+    """One row per method, seed and teacher of every run with ``teacher_weights``: the
+    mean weight over the training images, on those the teacher gets wrong and on those
+    it gets right (NaN where there are none), and the % it gets wrong."""
+    rows = []
+    for method in weighting_methods(metrics_by_method):
+        met = metrics_by_method[method]
+        for run in met["runs"]:
+            tw = run.get("teacher_weights")
+            if not tw:
+                continue
+            for i, name in enumerate(met["teachers"]):
+                rows.append((method, run["seed"], teacher_label(name, met.get("hparams", {})),
+                             *(math.nan if tw[k][i] is None else tw[k][i] for k in WEIGHT_COLUMNS[3:])))
+    return pd.DataFrame(rows, columns=WEIGHT_COLUMNS)
+
+
+def plot_teacher_weights(metrics_by_method: dict[str, dict]) -> Figure:
+    """Where a weighting method puts its weight. Left: its mean weight per teacher over
+    the epochs (``weight`` in the history, mean over seeds, min-max band). Right: after
+    training, one pass over the training images: each teacher's mean weight on the
+    images it gets wrong (hatched) and right (solid), mean over seeds; the dashed line
+    is equal weights 1/M. Only methods in ``weighting_methods``."""
+    methods = weighting_methods(metrics_by_method)
+    fig = Figure(figsize=(15, 4.8), layout="constrained")
+    ax_epoch, ax_bar = fig.subplots(1, 2)
+    if not methods:
+        for ax in (ax_epoch, ax_bar):
+            ax.text(0.5, 0.5, "no method with per-image teacher weights", ha="center", va="center",
+                    transform=ax.transAxes, color="gray")
+        return fig
+    colors = method_colors(metrics_by_method)
+    subset = {m: metrics_by_method[m] for m in methods}
+    hf = history_frame(subset)
+    specs = [("weight", m, n, f"{m}: {teacher_label(n, subset[m].get('hparams', {}))}", colors[m], ls, mk)
+             for m in methods for n, ls, mk in zip(subset[m]["teachers"], TEACHER_STYLES * 3, TEACHER_MARKERS * 3)]
+    _lines(ax_epoch, hf, specs, "Mean weight per teacher (training batches, per epoch)", "weight")
+    frame = teacher_weights_frame(subset)
+    g = frame.groupby(["teacher", "method"], sort=False)[["wrong", "right"]].mean()
+    teachers = list(dict.fromkeys(frame["teacher"]))
+    width = 0.8 / (2 * len(methods))
+    for j, m in enumerate(methods):
+        for k, (part, hatch) in enumerate((("wrong", "//"), ("right", None))):
+            heights = [g[part].get((t, m), math.nan) for t in teachers]
+            x = np.arange(len(teachers)) - 0.4 + width * (2 * j + k + 0.5)
+            bars = ax_bar.bar(x, np.nan_to_num(heights), width, color=colors[m], alpha=0.55 if hatch else 0.9,
+                              hatch=hatch, edgecolor="k", lw=0.5, label=f"{m}: teacher {part}")
+            ax_bar.bar_label(bars, labels=["n/a" if math.isnan(h) else f"{h:.2f}" for h in heights], fontsize=7)
+    m_teachers = len(next(iter(subset.values()))["teachers"])
+    ax_bar.axhline(1 / m_teachers, color="k", ls="--", lw=1, label=f"equal weights 1/M = {1 / m_teachers:.3f}")
+    ax_bar.set_xticks(np.arange(len(teachers)), teachers)
+    _style(ax_bar, "Mean weight where the teacher is wrong vs right (training images, after training)",
+           "weight", xlabel="")
+    ax_bar.tick_params(axis="x", labelrotation=10)
+    fig.suptitle(f"Teacher weights of {', '.join(methods)} (mean over seeds)")
+    return fig
+
+
 # ---------------------------------------------------------------- diversity
 def plot_diversity(pairwise, names, teacher_diversity=None) -> Figure:
     """Heatmap of pairwise KL(T_i || T_j) and, if given, a bar of KL(T_i || C)."""

@@ -1,0 +1,341 @@
+"""The regimes where confidence weighting should matter: teachers of unequal quality
+(label noise, swapped classes), a narrower student, and the per-image teacher weights
+a method uses, split by where each teacher is right and wrong."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from kdlib import book, plots  # noqa: E402
+from kdlib.__main__ import main  # noqa: E402
+from kdlib.data import noisy_labels, swap_classes, teacher_label_seed, teacher_labels  # noqa: E402
+from kdlib.distillers import CAMKD, Scratch, Vanilla  # noqa: E402
+from kdlib.losses import camkd_weights  # noqa: E402
+from kdlib.metrics import confidently_wrong, weights_by_correctness  # noqa: E402
+from kdlib.models import CalWeight, StudentNet, build_model, count_parameters, student_sizes  # noqa: E402
+from kdlib.params import ParamsError, load_params, student_identity, teacher_identity, validate  # noqa: E402
+from kdlib.teachers import LiveTeachers  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+REFERENCE = ROOT / "reference_teachers" / "FashionMNIST"
+
+
+def balanced_labels(per_class: int = 600, classes: int = 10) -> torch.Tensor:
+    return torch.arange(classes).repeat_interleave(per_class)[torch.randperm(per_class * classes,
+                                                                             generator=torch.Generator().manual_seed(3))]
+
+
+# ---------------------------------------------------------------- teachers' labels
+@pytest.mark.parametrize("fraction", [0.0, 0.1, 0.4, 0.75])
+def test_label_noise_is_wrong_at_exactly_the_fraction_in_every_class(fraction):
+    y = balanced_labels()
+    noisy = noisy_labels(y, fraction, 10, seed=7)
+    wrong = noisy != y
+    assert wrong.sum().item() == round(fraction * len(y))
+    for c in range(10):  # the draw is class-balanced
+        assert wrong[y == c].sum().item() == round(fraction * 600)
+    assert ((noisy >= 0) & (noisy < 10)).all()
+
+
+def test_label_noise_draws_every_wrong_class_about_uniformly_and_is_fixed_by_its_seed():
+    y = balanced_labels(per_class=3000)
+    noisy = noisy_labels(y, 0.5, 10, seed=1)
+    offsets = (noisy - y)[noisy != y] % 10  # 1..9: which of the nine wrong classes
+    counts = torch.bincount(offsets, minlength=10)[1:].double()
+    assert counts.min() > 0.9 * counts.mean() and counts.max() < 1.1 * counts.mean()  # 1,667 each expected
+    assert torch.equal(noisy, noisy_labels(y, 0.5, 10, seed=1))
+    assert not torch.equal(noisy, noisy_labels(y, 0.5, 10, seed=2))
+    # per teacher: the same teacher_seed gives two teachers different draws
+    assert teacher_label_seed("teacher_resnet", 0) != teacher_label_seed("teacher_cnn1", 0)
+    assert teacher_label_seed("teacher_resnet", 0) != teacher_label_seed("teacher_resnet", 1)
+
+
+def test_class_swap_exchanges_exactly_those_classes():
+    y = balanced_labels()
+    swapped = swap_classes(y, [[0, 6], [2, 4]])
+    expected = y.clone()
+    for a, b in ((0, 6), (6, 0), (2, 4), (4, 2)):
+        expected[y == a] = b
+    assert torch.equal(swapped, expected)
+    untouched = ~torch.isin(y, torch.tensor([0, 6, 2, 4]))
+    assert torch.equal(swapped[untouched], y[untouched]) and (swapped[~untouched] != y[~untouched]).all()
+    assert torch.equal(swap_classes(swapped, [[0, 6], [2, 4]]), y)
+
+
+def test_teacher_labels_swap_then_noise_and_nothing_without_either():
+    y = balanced_labels()
+    assert teacher_labels(y, 10) is y
+    both = teacher_labels(y, 10, noise=0.2, swap=[[1, 3]], seed=5)
+    assert torch.equal(both, noisy_labels(swap_classes(y, [[1, 3]]), 0.2, 10, seed=5))
+
+
+# ---------------------------------------------------------------- identities
+def shipped_identity(name: str) -> tuple[Path, dict]:
+    [path] = REFERENCE.glob(f"{name}-*.pt")
+    return path, torch.load(path, weights_only=True, map_location="cpu")["identity"]
+
+
+@pytest.mark.parametrize("degrade", [{"teacher_label_noise": {"teacher_resnet": 0.4}},
+                                     {"teacher_class_swap": {"teacher_resnet": [[0, 6], [2, 4]]}},
+                                     {"student_width": 0.25}])
+def test_clean_teachers_keep_the_shipped_identities_and_files(degrade):
+    P = validate(dict(load_params(ROOT / "params/fashionmnist.yaml"), **degrade))
+    for name in P["teachers"]:
+        path, shipped = shipped_identity(name)
+        degraded = name in degrade.get("teacher_label_noise", {}) or name in degrade.get("teacher_class_swap", {})
+        assert (teacher_identity(P, name) == shipped) is not degraded, name
+        assert (book.teacher_checkpoint(P, name) == path) is not degraded, name
+
+
+def test_a_degraded_teachers_identity_names_its_degradation():
+    P = validate({"teacher_label_noise": {"teacher_resnet": 0.4}, "teacher_class_swap": {"teacher_cnn1": [[6, 0]]}})
+    clean = validate({})
+    assert teacher_identity(P, "teacher_resnet") == dict(teacher_identity(clean, "teacher_resnet"), label_noise=0.4)
+    assert teacher_identity(P, "teacher_cnn1") == dict(teacher_identity(clean, "teacher_cnn1"), class_swap=[[0, 6]])
+    assert teacher_identity(P, "teacher_cnn2") == teacher_identity(clean, "teacher_cnn2")
+    # no change is no degradation: the clean teacher's identity (and checkpoint)
+    none = validate({"teacher_label_noise": {"teacher_resnet": 0}, "teacher_class_swap": {"teacher_resnet": []}})
+    assert teacher_identity(none, "teacher_resnet") == teacher_identity(clean, "teacher_resnet")
+    # students learn from checkpoints' hashes, not from these keys
+    sha = {n: "x" for n in clean["teachers"]}
+    assert student_identity(P, "camkd", 0, sha) == student_identity(clean, "camkd", 0, sha)
+
+
+def test_student_width_is_in_the_students_identity_only_when_it_is_not_one():
+    sha = {n: "x" for n in validate({})["teachers"]}
+    default = student_identity(validate({}), "camkd", 0, sha)
+    assert "student_width" not in default
+    assert student_identity(validate({"student_width": 1}), "camkd", 0, sha) == default
+    narrow = student_identity(validate({"student_width": 0.25}), "camkd", 0, sha)
+    assert narrow == dict(default, student_width=0.25)
+    assert teacher_identity(validate({"student_width": 0.25}), "teacher_cnn1") == \
+        teacher_identity(validate({}), "teacher_cnn1")
+
+
+# ---------------------------------------------------------------- the student's width
+def student_count(width: float, channels: int = 1, classes: int = 10, side: int = 7) -> int:
+    """Parameters of the student at ``width``, counted by hand from its layer sizes."""
+    c1, c2, hidden = (int(n * width + 0.5) for n in (32, 64, 60))
+    return (channels * c1 * 9 + c1) + (c1 * c2 * 9 + c2) + (c2 * side * side * hidden + hidden) \
+        + (hidden * classes + classes)
+
+
+@pytest.mark.parametrize("width,params", [(1.0, 207_646), (0.5, 52_180), (0.25, 13_183), (0.125, 3_570)])
+def test_parameter_count_per_width(width, params):
+    assert count_parameters(build_model("student", width=width)) == params == student_count(width)
+    assert count_parameters(build_model("student", 3, 10, 32, width=width)) == student_count(width, 3, side=8)
+
+
+def test_width_one_is_the_seed_student_layer_for_layer():
+    torch.manual_seed(0)
+    default = StudentNet()
+    torch.manual_seed(0)
+    one = build_model("student", width=1.0)
+    shapes = {k: tuple(v.shape) for k, v in one.state_dict().items()}
+    assert shapes == {"stages.0.0.weight": (32, 1, 3, 3), "stages.0.0.bias": (32,),
+                      "stages.1.0.weight": (64, 32, 3, 3), "stages.1.0.bias": (64,),
+                      "neck.2.weight": (60, 3136), "neck.2.bias": (60,),
+                      "classifier.weight": (10, 60), "classifier.bias": (10,)}
+    assert all(torch.equal(a, b) for a, b in zip(default.state_dict().values(), one.state_dict().values()))
+
+
+def test_a_width_that_leaves_a_layer_empty_is_refused():
+    assert student_sizes(1 / 64) == (1, 1, 1)
+    with pytest.raises(ValueError, match="every layer needs one"):
+        student_sizes(0.01)
+    with pytest.raises(ValueError, match="only the student"):
+        build_model("teacher_cnn1", width=0.5)
+
+
+@pytest.mark.parametrize("form", ["kdbook", "official"])
+def test_camkd_regressors_size_themselves_from_the_narrow_students_map(form):
+    torch.manual_seed(0)
+    teachers = LiveTeachers([build_model(n) for n in ("teacher_cnn1", "teacher_resnet")],
+                            ["teacher_cnn1", "teacher_resnet"])
+    student = build_model("student", width=0.25)
+    camkd = CAMKD.for_shapes(student, teachers, torch.randn(1, 1, 28, 28), form=form)
+    narrow = student_sizes(0.25)[1]  # 16 channels in the last conv map
+    if form == "official":
+        assert isinstance(camkd.regressors, CalWeight)
+        assert [getattr(camkd.regressors, f"embed{i}").transfer[0].in_channels for i in range(2)] == [narrow] * 2
+    else:
+        assert [g.conv.in_channels for g in camkd.regressors.groups] == [narrow]
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    logits, losses = camkd.train().forward_train(x, y, None, epoch=1)
+    sum(losses.values()).backward()
+    assert logits.shape == (8, 10) and losses["feat"] > 0
+    assert all(p.grad is not None for p in camkd.regressors.parameters())
+
+
+# ---------------------------------------------------------------- per-image teacher weights
+def test_confidently_wrong_by_hand():
+    probs = torch.tensor([[0.95, 0.05], [0.05, 0.95], [0.6, 0.4], [0.91, 0.09]])
+    labels = torch.tensor([0, 0, 1, 1])
+    # sample 1: wrong at 0.95; sample 2: wrong at 0.6 (not confident); sample 3: wrong at 0.91
+    assert confidently_wrong(probs, labels) == 50.0
+    assert confidently_wrong(probs, labels, threshold=0.92) == 25.0
+    assert confidently_wrong(probs, torch.tensor([0, 1, 0, 0])) == 0.0
+
+
+def test_weights_by_correctness_by_hand():
+    weights = torch.tensor([[0.5, 0.4, 0.3, 0.2], [0.5, 0.6, 0.7, 0.8]])
+    logits = torch.zeros(2, 4, 3)
+    logits[0, :, 0] = 5  # teacher 0 always says class 0
+    logits[1, torch.arange(4), torch.tensor([0, 1, 2, 0])] = 5  # teacher 1 is right on every image
+    labels = torch.tensor([0, 1, 2, 0])  # teacher 0 wrong on images 1 and 2
+    out = weights_by_correctness(weights, logits, labels)
+    assert out["mean"] == pytest.approx([0.35, 0.65])
+    assert out["wrong"][0] == pytest.approx(0.35) and out["right"][0] == pytest.approx(0.35)
+    assert out["wrong"][1] is None and out["right"][1] == pytest.approx(0.65)
+    assert out["wrong_share"] == pytest.approx([50.0, 0.0])
+    with pytest.raises(ValueError, match="expected weights"):
+        weights_by_correctness(weights[:, :3], logits, labels)
+
+
+class FixedLogits(nn.Module):
+    """A 'teacher' whose logits for image k are row k of ``table`` (the images carry k)."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = table
+
+    def forward(self, x, return_features=False):
+        logits = self.table[x[:, 0, 0, 0].long()]
+        return (logits, [x, x, logits]) if return_features else logits
+
+    def check_hint_layer(self, hint_layer):
+        return 1
+
+
+def test_camkd_weighs_the_teacher_that_is_wrong_less_where_it_is_wrong():
+    """Three teachers on four images; teacher 2 is confidently wrong on images 0 and 1.
+    CAMKD's weights (by hand: w = (1 - softmax_i CE_i) / (M - 1)) put less on it there."""
+    labels = torch.tensor([0, 1, 2, 3])
+    right = F.one_hot(labels, 4).float() * 4
+    wrong = right.clone()
+    wrong[[0, 1]] = F.one_hot(torch.tensor([3, 0]), 4).float() * 4
+    tables = [right, right * 0.5, wrong]
+    teachers = LiveTeachers([FixedLogits(t) for t in tables], ["a", "b", "c"])
+    camkd = CAMKD(build_model("student"), teachers, feature_shapes=[(1, 28, 28)] * 3, student_shape=(1, 28, 28))
+    x = torch.arange(4).float().view(4, 1, 1, 1).expand(4, 1, 28, 28)
+    w = camkd.teacher_weights(x, labels, None)
+    ce = torch.stack([F.cross_entropy(t, labels, reduction="none") for t in tables])
+    by_hand = (1 - ce.softmax(0)) / 2
+    torch.testing.assert_close(w, by_hand)
+    torch.testing.assert_close(w.sum(0), torch.ones(4))
+    out = weights_by_correctness(w, torch.stack(tables), labels)
+    assert out["wrong"][:2] == [None, None] and out["wrong_share"] == [0.0, 0.0, 50.0]
+    assert out["wrong"][2] < 0.1 < 1 / 3 < out["right"][2]
+    assert out["wrong"][2] == pytest.approx(by_hand[2, :2].mean().item())
+    assert Scratch(build_model("student")).teacher_weights(x, labels, None) is None
+    assert Vanilla(build_model("student"), teachers).teacher_weights(x, labels, None) is None
+
+
+def test_camkd_teacher_weights_use_the_consensus_where_there_is_no_label():
+    from kdlib.losses import UNLABELLED
+    torch.manual_seed(0)
+    teachers = LiveTeachers([build_model(n) for n in ("teacher_cnn1", "teacher_resnet")], ["a", "b"])
+    camkd = CAMKD.for_shapes(build_model("student"), teachers, torch.randn(1, 1, 28, 28))
+    x = torch.randn(5, 1, 28, 28)
+    t = teachers.logits(x)
+    consensus = t.softmax(-1).mean(0).argmax(-1)
+    y = torch.tensor([1, UNLABELLED, 3, UNLABELLED, 0])
+    expected = camkd_weights(t, torch.where(y >= 0, y, consensus))
+    torch.testing.assert_close(camkd.teacher_weights(x, y, None), expected)
+
+
+# ---------------------------------------------------------------- plots
+def weighted_metrics(method="camkd", seeds=(0, 1), teachers=("t_a", "t_b", "t_c")):
+    runs = []
+    for seed in seeds:
+        history = [{"epoch": e, "test_acc": 80.0, "train_acc": 80.0, "train_loss": 1.0, "test_loss": 1.0,
+                    "lr": 1e-3, "loss_ce": 1.0, "loss_kd": 0.1, "weight": [0.4, 0.35 + 0.01 * e, 0.25 - 0.01 * e]}
+                   for e in (1, 2, 3)]
+        tw = {"mean": [0.4, 0.35, 0.25], "wrong": [None, 0.3, 0.1 + 0.02 * seed], "right": [0.4, 0.36, 0.3],
+              "wrong_share": [0.0, 2.0, 40.0]}
+        runs.append({"seed": seed, "test_acc": 80.0, "history": history, "teacher_weights": tw})
+    return {"method": method, "teachers": list(teachers), "runs": runs,
+            "hparams": {"teacher_label_noise": {"t_c": 0.4}, "teacher_class_swap": {}}}
+
+
+def unweighted_metrics(method="vanilla"):
+    m = weighted_metrics(method)
+    for run in m["runs"]:
+        run.pop("teacher_weights")
+        for rec in run["history"]:
+            rec.pop("weight")
+    return m
+
+
+def test_teacher_weights_frame_holds_the_runs_numbers_and_only_weighting_methods():
+    metrics = {"camkd": weighted_metrics(), "vanilla": unweighted_metrics()}
+    assert plots.weighting_methods(metrics) == ["camkd"]
+    frame = plots.teacher_weights_frame(metrics)
+    assert list(frame.columns) == plots.WEIGHT_COLUMNS and len(frame) == 6
+    assert list(frame["teacher"].unique()) == ["t_a", "t_b", "t_c (40% noise)"]
+    row = frame[(frame["seed"] == 1) & (frame["teacher"] == "t_c (40% noise)")].iloc[0]
+    assert (row["wrong"], row["right"], row["wrong_share"]) == pytest.approx((0.12, 0.3, 40.0))
+    assert frame.loc[frame["teacher"] == "t_a", "wrong"].isna().all()
+    assert plots.teacher_label("t", {"teacher_class_swap": {"t": [[0, 6], [2, 4]]}}) == "t (swap 0-6, 2-4)"
+
+
+def test_plot_teacher_weights_bars_are_the_means_over_seeds():
+    metrics = {"camkd": weighted_metrics(), "vanilla": unweighted_metrics(),
+               "ebkd": weighted_metrics("ebkd", seeds=(0,))}
+    fig = plots.plot_teacher_weights(metrics)
+    ax_epoch, ax_bar = fig.axes
+    labels = [t.get_text() for t in ax_epoch.get_legend().get_texts()]
+    assert "camkd: t_c (40% noise)" in labels and "ebkd: t_a" in labels and not any("vanilla" in t for t in labels)
+    heights = {c.get_label(): [round(b.get_height(), 6) for b in c] for c in ax_bar.containers}
+    assert heights["camkd: teacher wrong"] == [0.0, 0.3, 0.11]  # t_a is never wrong: no bar (n/a)
+    assert heights["camkd: teacher right"] == [0.4, 0.36, 0.3]
+    assert heights["ebkd: teacher wrong"] == [0.0, 0.3, 0.1]
+    assert any("n/a" in t.get_text() for t in ax_bar.texts)
+    empty = plots.plot_teacher_weights({"vanilla": unweighted_metrics()})
+    assert "no method with per-image teacher weights" in empty.axes[0].texts[0].get_text()
+
+
+# ---------------------------------------------------------------- bad input
+BAD = [  # (yaml text, words the one-line error must contain)
+    ("teacher_label_noise: {teacher_vgg: 0.4}", ["teacher_label_noise", "teacher_vgg", "name a teacher of this run"]),
+    ("teacher_label_noise: {teacher_resnet: 1.0}", ["teacher_label_noise", "1.0", "[0, 1)"]),
+    ("teacher_label_noise: {teacher_resnet: -0.1}", ["teacher_label_noise", "-0.1", "[0, 1)"]),
+    ("teacher_label_noise: 0.4", ["teacher_label_noise", "0.4", "expected dict"]),
+    ("teacher_class_swap: {teacher_cnn9: [[0, 6]]}", ["teacher_class_swap", "teacher_cnn9", "teacher of this run"]),
+    ("teacher_class_swap: {teacher_resnet: [[0, 10]]}", ["teacher_class_swap", "10", "classes are 0 to 9"]),
+    ("teacher_class_swap: {teacher_resnet: [[-1, 2]]}", ["teacher_class_swap", "-1", "classes are 0 to 9"]),
+    ("teacher_class_swap: {teacher_resnet: [[0, 6], [6, 2]]}", ["teacher_class_swap", "[6, 2]", "one pair at most"]),
+    ("teacher_class_swap: {teacher_resnet: [[3, 3]]}", ["teacher_class_swap", "[3, 3]", "two different"]),
+    ("teacher_class_swap: {teacher_resnet: [0, 6]}", ["teacher_class_swap", "[0, 6]", "list of pairs"]),
+    ("student_width: 0", ["student_width", "0", "> 0"]),
+    ("student_width: -0.5", ["student_width", "-0.5", "> 0"]),
+    ("student_width: 0.01", ["student_width", "0.01", "(0, 1, 1)", "width >= 0.015625"]),
+]
+
+
+@pytest.mark.parametrize("text,words", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_refused_in_one_line_before_anything_runs(tmp_path, capsys, text, words):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text + "\n")
+    outputs = tmp_path / "outputs"
+    assert main(["run", str(path), "--outputs", str(outputs)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(path) in err, err
+    for word in words:
+        assert word in err, (word, err)
+    assert not outputs.exists()
+
+
+def test_settings_are_normalised():
+    P = validate({"teacher_label_noise": {"teacher_resnet": 0}, "student_width": 1})
+    assert P["teacher_label_noise"] == {"teacher_resnet": 0.0} and isinstance(P["student_width"], float)
+    with pytest.raises(ParamsError, match="teacher_label_noise"):
+        validate({"teachers": ["teacher_cnn1", "teacher_cnn2"], "teacher_label_noise": {"teacher_resnet": 0.2}})
