@@ -162,6 +162,13 @@ def _portable(notebook: Path, source: str) -> None:
     nbformat.write(nb, notebook)
 
 
+# The kernel process writes its own log to the runner's stderr: at its default level that is a
+# warning per notebook (ipykernel 7: "Kernel is running over TCP without encryption", the
+# loopback transport papermill uses). Its errors still reach the terminal; the cells' own
+# output and errors are recorded in the executed notebook and the manifest.
+KERNEL_ARGUMENTS = ["--IPKernelApp.log_level=ERROR"]
+
+
 def execute(nb_dir: Path, name: str, run_dir: Path, params: dict, declared: set[str], log=say) -> None:
     import papermill
     env_before = os.environ.get("KDBOOK_PROGRESS")
@@ -171,7 +178,7 @@ def execute(nb_dir: Path, name: str, run_dir: Path, params: dict, declared: set[
         papermill.execute_notebook(str(nb_dir / name), str(run_dir / name),
                                    parameters={k: v for k, v in params.items() if k in declared},
                                    kernel_name="python3", cwd=str(Path.cwd()), progress_bar=False,
-                                   stdout_file=echo, stderr_file=echo)
+                                   stdout_file=echo, stderr_file=echo, extra_arguments=KERNEL_ARGUMENTS)
     finally:
         echo.close()
         if env_before is None:

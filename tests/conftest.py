@@ -65,7 +65,7 @@ def student_id(method: str, seed: int = 0, **params) -> dict:
 def tiny_book(tmp_path_factory):
     """The whole book through ``python -m kdlib run`` on a tiny real Fashion-MNIST subset
     (600/300 images, 1 epoch, seed 0), in a project root of its own (``KDBOOK_ROOT``):
-    ``(run folder, project root, what the terminal showed)``."""
+    ``(run folder, project root, what the terminal showed: stdout and stderr as one stream)``."""
     if not (DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file():
         pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
     project = tmp_path_factory.mktemp("project")
@@ -73,6 +73,6 @@ def tiny_book(tmp_path_factory):
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     proc = subprocess.run([sys.executable, "-m", "kdlib", "run", "params/smoke.yaml", "--name", "tiny",
                            "--outputs", str(project / "outputs"), *TINY], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:]
     return project / "outputs" / "tiny", project, proc.stdout

@@ -1,6 +1,7 @@
 """The runner end to end on real Fashion-MNIST (params/smoke.yaml), and its failure modes."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -232,6 +233,18 @@ def test_terminal_shows_each_epoch_once_as_it_happens(tiny_book):
             assert lines.count(f"{Path(nb).stem} | {line}") == 1, line
             assert start < lines.index(f"{Path(nb).stem} | {line}") < end
             assert notebook.count(line) == 1, line
+
+
+def test_terminal_holds_only_the_runners_lines(tiny_book):
+    """What a batch run prints (stdout and stderr together) is the runner's own lines and
+    the notebooks' progress behind their names: no kernel log lines such as ipykernel's
+    "[IPKernelApp] WARNING | Kernel is running over TCP without encryption"."""
+    _, _, out = tiny_book
+    stems = "|".join(Path(nb).stem for nb in NOTEBOOKS)
+    runner_line = re.compile(rf"^(({stems})\.ipynb: (running|finished in .+)|({stems}) \| .+|run finished: .+)$")
+    strays = [line for line in out.splitlines() if not runner_line.match(line)]
+    assert strays == [], strays
+    assert out.count(": running") == len(NOTEBOOKS) and out.splitlines()[-1].startswith("run finished: ")
 
 
 def test_records_name_no_machine_path(tiny_book):
