@@ -164,8 +164,12 @@ def test_fused_convregs_match_one_convreg_per_teacher(built, teachers, hint):
     per_teacher = {f"{i}.{k}": p.grad for i, r in enumerate(reference) for k, p in r.named_parameters()}
     fused_grads = {k: p.grad for k, p in fused.named_parameters()}
     expected = fused._fused_state(per_teacher)
+    # a conv bias before train-mode BatchNorm has a true gradient of 0 (BN subtracts the mean):
+    # what autograd gives there is rounding noise of sums of terms ~100 (seen: 4e-5 against
+    # 4e-5, in either order), so the absolute tolerance is set by the largest gradient's size
+    scale = max(g.abs().max().item() for g in expected.values())
     for key, grad in fused_grads.items():
-        torch.testing.assert_close(grad, expected[key], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(grad, expected[key], rtol=1e-4, atol=1e-6 * scale)
     ref_state = fused._fused_state({f"{i}.{k}": v for i, r in enumerate(reference) for k, v in r.state_dict().items()})
     for key, value in fused.state_dict().items():
         torch.testing.assert_close(value, ref_state[key], rtol=1e-5, atol=1e-6)  # incl. BN running stats
