@@ -147,8 +147,8 @@ def teacher_test_probs(bank: LiveTeachers, data: Dataset, cfg: TrainConfig) -> t
 
 def train_student(method: str, bank: LiveTeachers, data: Dataset, cfg: TrainConfig, *, temperature=4.0,
                   alpha=0.7, beta=100.0, hint_layer=-2, checkpoint=None, identity=None, test_probs=None, log=print,
-                  replace_stale=False, camkd_form="kdbook"):
-    """Train the student with ``method`` (scratch, vanilla, camkd) against ``bank``.
+                  replace_stale=False, camkd_form="kdbook", label_smoothing=0.1):
+    """Train the student with ``method`` (a name in ``kdlib.distillers.METHODS``) against ``bank``.
 
     Returns ``(distiller, history)``; seeded by ``cfg.seed`` (init, batch order, dropout).
     ``checkpoint`` needs the student's ``identity`` (``kdlib.params.student_identity``).
@@ -156,7 +156,8 @@ def train_student(method: str, bank: LiveTeachers, data: Dataset, cfg: TrainConf
     seed_everything(cfg.seed)
     student = build_for("student", data, data.train.images.device)
     sample = normalize(data.train.images[:1], data.mean, data.std)
-    distiller = build_distiller(method, student, bank, sample, temperature, alpha, beta, hint_layer, camkd_form)
+    distiller = build_distiller(method, student, bank, sample, temperature, alpha, beta, hint_layer, camkd_form,
+                                label_smoothing)
     distiller.to(data.train.images.device)
     history = fit(distiller, data, cfg, checkpoint=checkpoint, identity=identity, teacher_test_probs=test_probs,
                   desc=f"{method} seed {cfg.seed}", log=log, replace_stale=replace_stale)

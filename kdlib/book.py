@@ -224,7 +224,8 @@ def distill_students(P, data=None, teachers=None, log=say) -> dict:
                 method, bank, data, cfg, temperature=P["temperature"], alpha=P["alpha"], beta=P["beta"],
                 hint_layer=P["hint_layer"], checkpoint=run_dir / f"student_{method}_seed{seed}.pt",
                 identity=student_identity(P, method, seed, teacher_sha256), test_probs=test_probs, log=log,
-                replace_stale=run_dir.name == "interactive", camkd_form=P["camkd_form"])
+                replace_stale=run_dir.name == "interactive", camkd_form=P["camkd_form"],
+                label_smoothing=P["label_smoothing"])
             logits = predict_logits(distiller.student, data.test, data, cfg)
             predictions[f"{method}/seed{seed}"] = logits.argmax(-1).cpu().numpy()
             runs.append({"seed": seed, "test_acc": history[-1]["test_acc"],
@@ -241,7 +242,7 @@ def distill_students(P, data=None, teachers=None, log=say) -> dict:
                                                          "student_epochs", "batch_size", "lr",
                                                          "lr_schedule", "teacher_lr_schedule", "val_subset",
                                                          "precision", "augment", "teacher_augment",
-                                                         "labelled_subset", "camkd_form")},
+                                                         "labelled_subset", "camkd_form", "label_smoothing")},
                            "runs": runs}
         _write_json(run_dir / f"metrics_{method}.json", results[method])
     np.savez_compressed(run_dir / "predictions.npz", **predictions)

@@ -11,8 +11,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .losses import (camkd_feature_loss, camkd_logit_loss, camkd_weights, consensus_targets, grouped_feature_mse,
-                     labelled_ce, vanilla_kd_loss)
+from .losses import (aekd_loss, aver_kd_loss, camkd_feature_loss, camkd_logit_loss, camkd_weights,
+                     consensus_targets, ebkd_loss, entropy_weights, grouped_feature_mse, labelled_ce,
+                     vanilla_kd_loss)
 from .models import CalWeight, ConvRegs, StagedNet
 from .teachers import LiveTeachers
 
@@ -25,6 +26,8 @@ class Distiller(nn.Module):
     distillation terms still use every sample. ``idx`` is the teacher bank's row key."""
 
     learns_from_teachers = True  # False: trains on the labelled images only
+    min_teachers = 0  # fewer are refused, by kdlib.params before anything runs and by the constructor
+    teachers_why = ""  # why, when the reason is not plain
 
     def __init__(self, student: StagedNet, teachers: LiveTeachers | None = None):
         super().__init__()
@@ -72,19 +75,124 @@ class Scratch(Distiller):
         return logits, {"ce": labelled_ce(logits, y)}
 
 
-class Vanilla(Distiller):
-    """Vanilla multi-teacher KD (equal weights 1/M, logits only):
-    L = CE(s, y) + alpha * T^2 * KL(c_T || softmax(s/T)), c_T = (1/M) sum_i softmax(t_i/T)."""
+class LabelSmoothing(Distiller):
+    """The student alone with smoothed labels (Szegedy et al. 2016), a teacher-free
+    control for the soft targets of KD: L = CE_eps(s, y), the target (1 - eps) one-hot
+    + eps uniform over the classes (``F.cross_entropy(..., label_smoothing=eps)``). Trains
+    as scratch does (the labelled images only under ``labelled_subset``, where unlabelled
+    targets are skipped as ``labelled_ce`` does); eps = 0 is scratch exactly."""
+
+    learns_from_teachers = False
+
+    def __init__(self, student, teachers=None, label_smoothing=0.1):
+        super().__init__(student, teachers)
+        if not 0 <= label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.eps = label_smoothing
+
+    def forward_train(self, x, y, idx, epoch):
+        logits = self.student(x)
+        return logits, {"ce": labelled_ce(logits, y, self.eps)}
+
+
+class LogitKD(Distiller):
+    """A method that learns from the teachers' logits alone: temperature T, weight alpha
+    of its KD term ``kd``; every sample, labelled or not, is distilled."""
+
+    min_teachers = 1
 
     def __init__(self, student, teachers, temperature=4.0, alpha=0.7):
         super().__init__(student, teachers)
+        check_teachers(type(self), len(teachers))
         self.T, self.alpha = temperature, alpha
+
+
+class Vanilla(LogitKD):
+    """Vanilla multi-teacher KD (equal weights 1/M, logits only):
+    L = CE(s, y) + alpha * T^2 * KL(c_T || softmax(s/T)), c_T = (1/M) sum_i softmax(t_i/T)."""
 
     def forward_train(self, x, y, idx, epoch):
         logits = self.student(x)
         t_logits = self.teachers.logits(x, idx)
         return logits, {"ce": labelled_ce(logits, y),
                         "kd": self.alpha * vanilla_kd_loss(logits, t_logits, self.T)}
+
+
+class Aver(LogitKD):
+    """AVER, the CA-MKD paper's averaging baseline: the mean of the teachers' KL terms,
+    L = CE(s, y) + alpha * (1/M) sum_i T^2 KL(softmax(t_i/T) || softmax(s/T)), batch mean
+    (``AVERAGE_LOSS``, Rorozhl/CA-MKD ``helper/loops.py`` lines 200-203, ``DistillKL``
+    ``distiller_zoo/KD.py`` line 19; ``kdlib.losses.aver_kd_loss``).
+
+    Against ``vanilla``, which takes one KL to the mean distribution c_T: the mean of
+    KLs exceeds the KL to the mean by the teachers' Jensen-Shannon divergence (times
+    T^2), which does not depend on the student, so the gradient, and hence training, is
+    the same as vanilla's; only the logged ``kd`` value is larger. One teacher is
+    allowed (the official code trains a single teacher with this branch,
+    ``train_student.py`` lines 137-138)."""
+
+    def forward_train(self, x, y, idx, epoch):
+        logits = self.student(x)
+        t_logits = self.teachers.logits(x, idx)
+        return logits, {"ce": labelled_ce(logits, y), "kd": self.alpha * aver_kd_loss(logits, t_logits, self.T)}
+
+
+class EBKD(LogitKD):
+    """Entropy-based KD, as the CA-MKD paper's EBKD baseline (``helper/loops.py`` lines
+    204-219): L = CE(s, y) + alpha * sum_b sum_i w[i,b] T^2 KL(softmax(t_i/T) ||
+    softmax(s/T))[b] / (B M), with w[i,b] = 1 - H_i[b] / sum_j H_j[b] and H_i teacher
+    i's entropy at T = 1 (``kdlib.losses.entropy_weights``, ``ebkd_loss``): a more
+    certain teacher weighs more. The weights need no label, so transfer-set images are
+    weighted like any other. Each column of w sums to M - 1 (not 1), and the loss
+    divides by B M as the official code does: with equally certain teachers each KL
+    weighs (M-1)/M^2, (M-1)/M of AVER's 1/M."""
+
+    min_teachers = 2
+    teachers_why = "with one teacher its weight 1 - H/H is 0 and nothing is distilled"
+
+    def forward_train(self, x, y, idx, epoch):
+        logits = self.student(x)
+        t_logits = self.teachers.logits(x, idx)
+        kd, w = ebkd_loss(logits, t_logits, self.T)
+        self.batch_stats = {"weight": w.mean(1)}
+        return logits, {"ce": labelled_ce(logits, y), "kd": self.alpha * kd}
+
+    def teacher_weights(self, x, y, idx):
+        """w [M,B] exactly as the loss uses it (each column sums to M - 1; the loss
+        divides by B M), not normalised to sum to 1."""
+        return entropy_weights(self.teachers.logits(x, idx))
+
+
+class AEKD(LogitKD):
+    """Adaptive ensemble KD in gradient space (Du et al., NeurIPS 2020), as the CA-MKD
+    paper's AEKD baseline (``helper/loops.py`` lines 230-249): L = CE(s, y) + alpha *
+    sum_i lambda_i T^2 KL(softmax(t_i/T) || softmax(s/T)), each KL a batch mean, with
+    one weight per teacher and batch: lambda solves a one-class SVM on the Gram matrix of
+    the teachers' KL gradients in the student logits (``kdlib.losses.aekd_loss``,
+    ``svm_teacher_weights``; nu = 1/(0.6 M), ``train_student.py`` line 142), so it is
+    the smallest-norm combination of those gradients with each lambda_i <= 0.6.
+
+    The official code gets the gradients with a hook and one extra backward pass through
+    the student per teacher; here they come in closed form (``kd_logit_gradients``), the
+    same numbers without the passes (tested against autograd). No label is needed."""
+
+    min_teachers = 2
+    teachers_why = "with one teacher its SVM weight is always 1, which is single-teacher KD"
+
+    def forward_train(self, x, y, idx, epoch):
+        logits = self.student(x)
+        t_logits = self.teachers.logits(x, idx)
+        kd, lam = aekd_loss(logits, t_logits, self.T)
+        self.batch_stats = {"weight": lam}
+        return logits, {"ce": labelled_ce(logits, y), "kd": self.alpha * kd}
+
+    def teacher_weights(self, x, y, idx):
+        """The batch's lambda [M] broadcast to [M,B]: one weight per teacher and batch,
+        so an image's weights depend on the batch it is in (the student's current logits
+        on every image of it)."""
+        t_logits = self.teachers.logits(x, idx)
+        lam = aekd_loss(self.student(x), t_logits, self.T)[1]
+        return lam.unsqueeze(1).expand(-1, len(x))
 
 
 class CAMKD(Distiller):
@@ -127,6 +235,8 @@ class CAMKD(Distiller):
     a teacher against: there, in both forms, the teachers' consensus stands in
     (``kdlib.losses.consensus_targets``); the cross-entropy skips them.
     """
+
+    min_teachers = 2
 
     def __init__(self, student, teachers, temperature=4.0, alpha=0.7, beta=100.0,
                  hint_layer=-2, feature_shapes=None, student_shape=None, form="kdbook"):
@@ -201,18 +311,33 @@ class CAMKD(Distiller):
         return camkd_feature_loss(mse, head_logits, y, official=True)
 
 
-METHODS = {"scratch": Scratch, "vanilla": Vanilla, "camkd": CAMKD}
+METHODS = {"scratch": Scratch, "vanilla": Vanilla, "camkd": CAMKD, "aver": Aver, "ebkd": EBKD, "aekd": AEKD,
+           "label_smoothing": LabelSmoothing}
+
+
+def check_teachers(method: type[Distiller] | str, m: int) -> None:
+    """ValueError unless ``m`` teachers are enough for ``method`` (a name or a class)."""
+    cls = METHODS[method] if isinstance(method, str) else method
+    if m < cls.min_teachers:
+        name = next(k for k, v in METHODS.items() if v is cls)
+        why = f" ({cls.teachers_why})" if cls.teachers_why else ""
+        raise ValueError(f"{name} needs at least {cls.min_teachers} teachers, got {m}{why}")
 
 
 def build_distiller(method: str, student: StagedNet, teachers: LiveTeachers | None, sample: torch.Tensor,
-                    temperature=4.0, alpha=0.7, beta=100.0, hint_layer=-2, camkd_form="kdbook") -> Distiller:
+                    temperature=4.0, alpha=0.7, beta=100.0, hint_layer=-2, camkd_form="kdbook",
+                    label_smoothing=0.1) -> Distiller:
     """The distiller for ``method``; ``sample`` [1,C,H,W] sizes CAMKD's regressors;
-    ``camkd_form`` picks CAMKD's loss (``kdbook`` or ``official``)."""
+    ``camkd_form`` picks CAMKD's loss (``kdbook`` or ``official``); ``label_smoothing``
+    is the label_smoothing method's eps."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: valid methods are {', '.join(METHODS)}")
+    cls = METHODS[method]
     if method == "scratch":
         return Scratch(student, teachers)
-    if method == "vanilla":
-        return Vanilla(student, teachers, temperature, alpha)
+    if method == "label_smoothing":
+        return LabelSmoothing(student, teachers, label_smoothing)
+    if issubclass(cls, LogitKD):
+        return cls(student, teachers, temperature, alpha)
     return CAMKD.for_shapes(student, teachers, sample, temperature=temperature, alpha=alpha,
                             beta=beta, hint_layer=hint_layer, form=camkd_form)

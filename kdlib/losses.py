@@ -15,14 +15,16 @@ import torch.nn.functional as F
 UNLABELLED = -100  # the target of a transfer-set image (labelled_subset): no label to learn from
 
 
-def labelled_ce(student_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def labelled_ce(student_logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
     """Cross-entropy averaged over the batch's labelled samples (target >= 0); zero
     (with zero gradient) when the batch has none. With every sample labelled it is
-    exactly ``F.cross_entropy``."""
+    exactly ``F.cross_entropy(..., label_smoothing=label_smoothing)`` (Szegedy et al.
+    2016: the target is (1 - eps) one-hot + eps uniform over the classes)."""
     labelled = targets >= 0
     if bool(labelled.all()):
-        return F.cross_entropy(student_logits.float(), targets)
-    ce = F.cross_entropy(student_logits.float(), targets.clamp(min=0), reduction="none")
+        return F.cross_entropy(student_logits.float(), targets, label_smoothing=label_smoothing)
+    ce = F.cross_entropy(student_logits.float(), targets.clamp(min=0), reduction="none",
+                         label_smoothing=label_smoothing)
     return (ce * labelled).sum() / labelled.sum().clamp(min=1)
 
 
@@ -148,3 +150,112 @@ def camkd_feature_loss(mse: torch.Tensor, head_logits: torch.Tensor, targets: to
     v = camkd_weights(head_logits, targets, detach=not official)
     loss = (v * mse).sum(0).mean()
     return (loss / v.shape[0] if official else loss), v
+
+
+# ---------------------------------------------------------------- the CA-MKD paper's multi-teacher baselines
+# Official code: Rorozhl/CA-MKD, helper/loops.py (train_distill_multi_teacher), helper/optimization.py
+# (find_optimal_svm), distiller_zoo/KD.py (DistillKL), train_student.py (nu).
+
+def per_teacher_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float) -> torch.Tensor:
+    """T^2 KL(softmax(t_i/T) || softmax(s/T))[b] for every teacher and sample: [M,B]
+    (``DistillKL(is_ca=True)``, ``distiller_zoo/KD.py`` lines 13-17)."""
+    return kl_per_sample(student_logits.unsqueeze(0), F.log_softmax(teacher_logits.float() / T, -1), T)
+
+
+def aver_kd_loss(student_logits, teacher_logits, T: float) -> torch.Tensor:
+    """AVER: (1/M) sum_i T^2 KL(softmax(t_i/T) || softmax(s/T)), each KL a batch mean
+    (the ``AVERAGE_LOSS`` branch, ``helper/loops.py`` lines 200-203, with ``DistillKL``'s
+    ``batchmean``, ``distiller_zoo/KD.py`` line 19).
+
+    Its gradient in the student logits is vanilla KD's, for any teachers: both are
+    (T/B) (softmax(s/T) - c_T) with c_T the mean of the softened teachers, because
+    the mean of KL(p_i || q) and KL(c_T || q) differ only by terms without q (the
+    teachers' generalised Jensen-Shannon divergence, T^2 JS, a constant to the student).
+    The two losses differ by that constant; they train the same way."""
+    return per_teacher_kl(student_logits, teacher_logits, T).mean()
+
+
+def entropy_weights(teacher_logits: torch.Tensor) -> torch.Tensor:
+    """EBKD's per-sample teacher weights [M,B]: w[i,b] = 1 - H_i[b] / sum_j H_j[b], with
+    H_i teacher i's entropy at T = 1 (``helper/loops.py`` lines 207-215). A more certain
+    (lower-entropy) teacher weighs more; each column sums to M - 1. Detached, as the
+    official teachers run under ``no_grad``.
+
+    Differs from the official code only where it would fail: the entropy comes from
+    ``log_softmax`` (the official ``softmax * log(softmax)`` gives NaN where a
+    probability underflows to 0), and a sample on which every teacher is certain
+    (all H_i = 0, where the official code divides 0 by 0) gets equal weights (M-1)/M."""
+    log_p = F.log_softmax(teacher_logits.detach().float(), dim=-1)
+    h = -(log_p.exp() * log_p).sum(-1)
+    total = h.sum(0, keepdim=True)
+    m = h.shape[0]
+    return torch.where(total > 0, 1.0 - h / total.clamp(min=torch.finfo(h.dtype).tiny),
+                       torch.full_like(h, (m - 1) / m))
+
+
+def ebkd_loss(student_logits, teacher_logits, T: float):
+    """EBKD: sum_b sum_i w[i,b] T^2 KL(softmax(t_i/T) || softmax(s/T))[b] / (B M),
+    w = ``entropy_weights`` (``helper/loops.py`` lines 204-219: the per-sample KLs of
+    ``DistillKL(is_ca=True)`` weighted, summed and divided by ``bsz * teacher_num``).
+    Returns ``(loss, weights)``. The weights sum to M - 1, so with equally certain
+    teachers each weighs (M-1)/M^2: the loss is then (M-1)/M times AVER's."""
+    w = entropy_weights(teacher_logits)
+    kl = per_teacher_kl(student_logits, teacher_logits, T)
+    return (w * kl).sum() / kl.numel(), w
+
+
+AEKD_C = 0.6  # train_student.py line 91: '-C', default 0.6, "tolerance for disagreement among teachers"
+
+
+def aekd_nu(m: int, c: float = AEKD_C) -> float:
+    """The one-class SVM's nu for M teachers: 1/(C M) (``train_student.py`` line 142),
+    clamped to [1/M, 1] as ``find_optimal_svm`` does (``helper/optimization.py`` lines 25-30)."""
+    return min(1.0, max(1.0 / m, 1.0 / (c * m)))
+
+
+def kd_logit_gradients(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float) -> torch.Tensor:
+    """d/ds of each teacher's batch-mean T^2 KL(softmax(t_i/T) || softmax(s/T)), in closed
+    form: T (softmax(s/T) - softmax(t_i/T)) / B, [M,B,C] float32, no graph.
+
+    What the official AEKD branch collects with a hook on the student logits and one
+    extra backward pass per teacher (``helper/loops.py`` lines 233-239); the derivative
+    of -sum_c p_c log softmax(s/T)_c in s is (softmax(s/T) - p)/T, times T^2/B."""
+    s = student_logits.detach().float()
+    q = F.softmax(s / T, dim=-1)
+    p = F.softmax(teacher_logits.detach().float() / T, dim=-1)
+    return T * (q.unsqueeze(0) - p) / s.shape[0]
+
+
+def svm_teacher_weights(grads: torch.Tensor, nu: float) -> torch.Tensor:
+    """AEKD's teacher weights [M] from per-teacher gradients [M,B,...]: ``find_optimal_svm``
+    with its defaults (``helper/optimization.py`` lines 16-57; ``is_norm`` is the
+    ``--svm_norm`` flag, off by default, ``train_student.py`` line 93, and off in the
+    published AEKD command, ``scripts/run.sh``).
+
+    Each teacher's gradient is averaged over the batch (lines 18-19), the Gram matrix of
+    those M vectors (line 23) goes to scikit-learn's ``OneClassSVM(kernel="precomputed",
+    nu, tol=1e-6)`` (line 39), and the weights are the dual coefficients of its support
+    vectors divided by M nu (line 49), zero for the others. libsvm's dual has
+    0 <= a_i <= 1 and sum_i a_i = nu M, so the weights are non-negative, sum to 1 and are
+    at most 1/(nu M): the minimum-norm point of the teachers' gradients' convex hull,
+    with each weight capped (at C = 0.6 for the default nu)."""
+    from sklearn.svm import OneClassSVM  # imported here: only AEKD needs it
+
+    m = grads.shape[0]
+    vec = grads.reshape(m, grads.shape[1], -1).mean(1)
+    gram = (vec @ vec.T).detach().cpu().numpy()
+    svm = OneClassSVM(kernel="precomputed", nu=nu, tol=1e-6).fit(gram)
+    weights = torch.zeros(m)
+    weights[torch.as_tensor(svm.support_)] = torch.as_tensor(svm.dual_coef_[0] / (m * nu), dtype=torch.float32)
+    return weights
+
+
+def aekd_loss(student_logits, teacher_logits, T: float, nu: float | None = None):
+    """AEKD: sum_i lambda_i T^2 KL(softmax(t_i/T) || softmax(s/T)), each KL a batch mean,
+    lambda = ``svm_teacher_weights`` of the KLs' logit gradients (``kd_logit_gradients``),
+    a constant to the student (``helper/loops.py`` lines 230-249). ``nu`` defaults to
+    ``aekd_nu(M)``. Returns ``(loss, lambda [M])``."""
+    m = teacher_logits.shape[0]
+    lam = svm_teacher_weights(kd_logit_gradients(student_logits, teacher_logits, T), nu or aekd_nu(m))
+    kl = per_teacher_kl(student_logits, teacher_logits, T).mean(1)
+    return (lam.to(kl.device) * kl).sum(), lam.to(kl.device)

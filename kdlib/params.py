@@ -31,6 +31,7 @@ class Key:
     choices: tuple = ()
     min: float | None = None
     exclusive_min: bool = False
+    max: float | None = None  # always exclusive
     identity: tuple = ()  # which trained models the key determines: "teacher", "student", both or none
     per_teacher: bool = False  # a mapping teacher name -> setting: in a teacher's identity only its own entry
     omit_default: bool = False  # in identities only when not the default: models made before the key keep theirs
@@ -85,6 +86,8 @@ SCHEMA: dict[str, Key] = {
                            "training images while distillation uses every training image (a transfer set); "
                            "scratch trains on the labelled images only (0 = every image labelled)", min=0,
                            identity=S),
+    "label_smoothing": Key(0.1, float, "label_smoothing method: eps of its smoothed targets, (1 - eps) one-hot + "
+                           "eps uniform", min=0, max=1, identity=S, omit_default=True),
     "camkd_form": Key("kdbook", str, "camkd's loss: kdbook (no extra 1/M, detached feature weights, ConvReg) "
                       "or official (Rorozhl/CA-MKD as published)", ("kdbook", "official"), identity=S),
     "cache_teachers": Key(True, bool, "run each frozen teacher once and cache its outputs", identity=S),
@@ -154,6 +157,8 @@ def _check_key(source: str, key: str, value) -> None:
         _fail(source, key, value, f"choose from {', '.join(spec.choices)}")
     if spec.min is not None and (value < spec.min or (spec.exclusive_min and value == spec.min)):
         _fail(source, key, value, f"must be {'>' if spec.exclusive_min else '>='} {spec.min} ({spec.help})")
+    if spec.max is not None and value >= spec.max:
+        _fail(source, key, value, f"must be < {spec.max} ({spec.help})")
 
 
 def _check_combination(source: str, p: dict, students: bool = True) -> None:
@@ -189,8 +194,11 @@ def _check_combination(source: str, p: dict, students: bool = True) -> None:
         student_sizes(p["student_width"])
     except ValueError as err:
         _fail(source, "student_width", p["student_width"], str(err).split(": ", 1)[1])
-    if students and "camkd" in p["methods"] and len(p["teachers"]) < 2:
-        _fail(source, "teachers", p["teachers"], "camkd needs at least 2 teachers")
+    for method in p["methods"] if students else ():
+        need, why = METHODS[method].min_teachers, METHODS[method].teachers_why
+        if len(p["teachers"]) < need:
+            _fail(source, "teachers", p["teachers"], f"{method} needs at least {need} teachers"
+                  f"{f' ({why})' if why else ''}; name more teachers or drop {method} from methods")
     from .models import build_model  # hint_layer must be a conv feature map of every model used
     for name in p["teachers"] + ["student"]:
         model = build_model(name)

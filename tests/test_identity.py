@@ -17,7 +17,7 @@ ALT = {  # a valid value other than the default, for every key
     "lr_schedule": "constant", "teacher_lr_schedule": "constant", "weight_decay": 0.1, "temperature": 2.0,
     "alpha": 0.5, "beta": 10.0, "hint_layer": -3, "fidelity_freq": 2, "precision": "bf16", "augment": "crop",
     "cache_teachers": False, "compile": True, "device": "cpu", "threads": 1, "run_dir": "outputs/x",
-    "teacher_augment": "crop_flip", "labelled_subset": 500, "camkd_form": "official",
+    "teacher_augment": "crop_flip", "labelled_subset": 500, "camkd_form": "official", "label_smoothing": 0.2,
     "teacher_label_noise": {"teacher_cnn1": 0.4}, "teacher_class_swap": {"teacher_cnn1": [[0, 6]]},
     "student_width": 0.5,
 }
@@ -26,7 +26,8 @@ TEACHER_KEYS = {"dataset", "train_subset", "test_subset", "teacher_epochs", "tea
                 "teacher_label_noise", "teacher_class_swap"}
 STUDENT_KEYS = {"dataset", "train_subset", "test_subset", "val_subset", "teachers", "student_epochs", "batch_size",
                 "lr", "lr_schedule", "weight_decay", "temperature", "alpha", "beta", "hint_layer", "precision",
-                "augment", "cache_teachers", "labelled_subset", "camkd_form", "student_width"}
+                "augment", "cache_teachers", "labelled_subset", "camkd_form", "student_width",
+                "label_smoothing"}
 
 
 def identities(params: dict):
