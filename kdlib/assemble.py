@@ -20,9 +20,9 @@ from .teachers import CachedTeachers, LiveTeachers, ViewCachedTeachers, freeze
 from .train import TrainConfig, autocast, fit, iterate, predict_logits, seed_everything
 
 
-def build_for(name: str, data: Dataset, device: torch.device):
-    model = build_model(name, data.in_channels, data.num_classes, data.image_size).to(device)
-    return model
+def build_for(name: str, data: Dataset, device: torch.device, width: float = 1.0):
+    """Model ``name`` for ``data``'s images and classes; ``width`` scales the student."""
+    return build_model(name, data.in_channels, data.num_classes, data.image_size, width=width).to(device)
 
 
 def train_teacher(name: str, data: Dataset, cfg: TrainConfig, checkpoint: str | Path | None = None,
@@ -147,14 +147,17 @@ def teacher_test_probs(bank: LiveTeachers, data: Dataset, cfg: TrainConfig) -> t
 
 def train_student(method: str, bank: LiveTeachers, data: Dataset, cfg: TrainConfig, *, temperature=4.0,
                   alpha=0.7, beta=100.0, hint_layer=-2, checkpoint=None, identity=None, test_probs=None, log=print,
-                  replace_stale=False, camkd_form="kdbook", label_smoothing=0.1):
+                  replace_stale=False, camkd_form="kdbook", label_smoothing=0.1,
+                  width=1.0):
     """Train the student with ``method`` (a name in ``kdlib.distillers.METHODS``) against ``bank``.
 
     Returns ``(distiller, history)``; seeded by ``cfg.seed`` (init, batch order, dropout).
     ``checkpoint`` needs the student's ``identity`` (``kdlib.params.student_identity``).
+    ``width`` scales the student (``kdlib.models.student_sizes``); CAMKD's regressors
+    size themselves from its feature map.
     """
     seed_everything(cfg.seed)
-    student = build_for("student", data, data.train.images.device)
+    student = build_for("student", data, data.train.images.device, width)
     sample = normalize(data.train.images[:1], data.mean, data.std)
     distiller = build_distiller(method, student, bank, sample, temperature, alpha, beta, hint_layer, camkd_form,
                                 label_smoothing)

@@ -9,17 +9,19 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .checkpoint import export_finished, identity_key, sha256_file
-from .data import holdout_validation, load_dataset, with_labelled_subset
+from .data import Split, holdout_validation, load_dataset, teacher_label_seed, teacher_labels, with_labelled_subset
+from .metrics import accuracy, confidently_wrong, weights_by_correctness
 from .models import count_parameters
-from .params import SCHEMA, student_identity, teacher_identity, teacher_value, validate
+from .params import SCHEMA, student_identity, teacher_degradation, teacher_identity, teacher_value, validate
 from .assemble import teacher_bank, teacher_test_probs, train_student, train_teacher
-from .train import TrainConfig, pick_device, predict_logits, set_threads
+from .train import TrainConfig, pick_device, predict_logits, predict_teacher_weights, set_threads
 
 
 def project_root() -> Path:
@@ -94,6 +96,19 @@ def student_data(P, data):
     return with_labelled_subset(holdout_validation(data, P["val_subset"]), P["labelled_subset"])
 
 
+def teacher_data(P, data, name: str):
+    """The data teacher ``name`` trains on: ``data`` with its own training labels
+    (``teacher_label_noise``, ``teacher_class_swap``; ``kdlib.data.teacher_labels``, the
+    noise drawn with a seed of its name and ``teacher_seed``). The test set, the other
+    teachers' labels and the students' are unchanged."""
+    own = teacher_degradation(P, name)
+    if not own:
+        return data
+    labels = teacher_labels(data.train.labels, data.num_classes, noise=own.get("label_noise", 0.0),
+                            swap=own.get("class_swap", ()), seed=teacher_label_seed(name, P["teacher_seed"]))
+    return replace(data, train=Split(data.train.images, labels))
+
+
 def _config(P, epochs: int, seed: int, device, teacher: bool = False) -> TrainConfig:
     pick = (lambda key: teacher_value(P, key)) if teacher else P.__getitem__
     return TrainConfig(epochs=epochs, batch_size=P["batch_size"], lr=P["lr"], lr_schedule=pick("lr_schedule"),
@@ -160,7 +175,10 @@ def ship_teachers(P, log=say) -> list[Path]:
 
 
 def train_teachers(P, data=None, log=say) -> dict:
-    """Train (or reuse) every teacher in ``P["teachers"]``; write ``teachers.json``.
+    """Train (or reuse) every teacher in ``P["teachers"]``, each on its own labels
+    (``teacher_data``); write ``teachers.json``: per teacher its label changes, history,
+    test accuracy and, against the true training labels, the % of training images it
+    gets wrong and gets wrong with probability > 0.9 (``confidently_wrong``).
 
     Returns ``{name: model}``. A teacher is reused when a checkpoint with the same
     identity (``kdlib.params.teacher_identity``) exists in ``teacher_dir``.
@@ -172,10 +190,14 @@ def train_teachers(P, data=None, log=say) -> dict:
     for name in P["teachers"]:
         t0 = time.perf_counter()
         path = teacher_checkpoint(P, name)
-        model, history, _ = train_teacher(name, data, cfg, path, teacher_identity(P, name), log=log)
+        model, history, _ = train_teacher(name, teacher_data(P, data, name), cfg, path, teacher_identity(P, name),
+                                          log=log)
         models[name] = model
-        records.append({"name": name, "params": count_parameters(model),
-                        "test_acc": history[-1]["test_acc"], "history": history,
+        train_probs = predict_logits(model, data.train, data, cfg).softmax(-1)
+        records.append({"name": name, "params": count_parameters(model), **teacher_degradation(P, name),
+                        "test_acc": history[-1]["test_acc"],
+                        "train_wrong": 100.0 - accuracy(train_probs, data.train.labels),
+                        "confidently_wrong": confidently_wrong(train_probs, data.train.labels), "history": history,
                         "checkpoint": display_path(path), "sha256": sha256_file(path),
                         "train_seconds": sum(h["epoch_seconds"] for h in history),
                         "seconds": time.perf_counter() - t0})
@@ -225,10 +247,13 @@ def distill_students(P, data=None, teachers=None, log=say) -> dict:
                 hint_layer=P["hint_layer"], checkpoint=run_dir / f"student_{method}_seed{seed}.pt",
                 identity=student_identity(P, method, seed, teacher_sha256), test_probs=test_probs, log=log,
                 replace_stale=run_dir.name == "interactive", camkd_form=P["camkd_form"],
-                label_smoothing=P["label_smoothing"])
+                label_smoothing=P["label_smoothing"], width=P["student_width"])
             logits = predict_logits(distiller.student, data.test, data, cfg)
             predictions[f"{method}/seed{seed}"] = logits.argmax(-1).cpu().numpy()
+            weighted = predict_teacher_weights(distiller, data, cfg)  # None: a method without teacher weights
             runs.append({"seed": seed, "test_acc": history[-1]["test_acc"],
+                         **({"teacher_weights": weights_by_correctness(*weighted, data.train.labels)}
+                            if weighted is not None else {}),
                          "fidelity": history[-1].get("fidelity"), "history": history,
                          "train_seconds": sum(h["epoch_seconds"] for h in history),
                          "seconds": time.perf_counter() - t0,
@@ -242,7 +267,9 @@ def distill_students(P, data=None, teachers=None, log=say) -> dict:
                                                          "student_epochs", "batch_size", "lr",
                                                          "lr_schedule", "teacher_lr_schedule", "val_subset",
                                                          "precision", "augment", "teacher_augment",
-                                                         "labelled_subset", "camkd_form", "label_smoothing")},
+                                                         "labelled_subset", "camkd_form", "label_smoothing",
+                                                         "student_width", "teacher_label_noise",
+                                                         "teacher_class_swap")},
                            "runs": runs}
         _write_json(run_dir / f"metrics_{method}.json", results[method])
     np.savez_compressed(run_dir / "predictions.npz", **predictions)

@@ -247,6 +247,12 @@ def view_count(pad: int = 2, flip: bool = True) -> int:
     return (2 * pad + 1) ** 2 * (2 if flip else 1)
 
 
+def unshifted_view(pad: int = 2) -> int:
+    """The view (``apply_views``) that is the image itself: shifted by ``pad`` both ways
+    in the padded frame, not flipped."""
+    return pad + (2 * pad + 1) * pad
+
+
 def apply_views(images: torch.Tensor, views: torch.Tensor, pad: int = 2) -> torch.Tensor:
     """The augmented views ``views`` [B] of a uint8 batch [B,C,H,W]: view
     ``v = dx + s*dy + s*s*flipped`` (``s = 2 pad + 1``) is the image shifted so that its

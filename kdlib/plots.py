@@ -184,6 +184,20 @@ def _uses_teachers(hf: pd.DataFrame, method: str) -> bool:
 
 
 # ---------------------------------------------------------------- teachers
+TEACHER_TABLE = ["name", "labels", "params", "test_acc", "train_wrong", "confidently_wrong", "train_seconds"]
+
+
+def teachers_table(teachers_json: dict) -> pd.DataFrame:
+    """One row per teacher: its label changes ('true' for none), parameters, test
+    accuracy, % of training images it gets wrong and confidently wrong (probability
+    > 0.9) against the true labels (NaN in records made before these were kept), and
+    training seconds."""
+    recs = teachers_json["teachers"]
+    table = pd.DataFrame(recs).reindex(columns=TEACHER_TABLE)
+    table["labels"] = [label_changes(r.get("label_noise"), r.get("class_swap")) or "true" for r in recs]
+    return table
+
+
 def plot_teachers(teachers_json: dict) -> Figure:
     """Each teacher's test accuracy and loss per epoch, and a bar of its final test accuracy."""
     recs = teachers_json["teachers"]
@@ -424,16 +438,19 @@ def weighting_methods(metrics_by_method: dict[str, dict]) -> list[str]:
     return [m for m, met in metrics_by_method.items() if any(r.get("teacher_weights") for r in met["runs"])]
 
 
-def teacher_label(name: str, hparams: dict) -> str:
-    """``name`` with its label changes, when it has any: ``teacher_resnet (40% noise)``."""
-    notes = []
-    noise = (hparams.get("teacher_label_noise") or {}).get(name)
-    swap = (hparams.get("teacher_class_swap") or {}).get(name)
-    if noise:
-        notes.append(f"{100 * noise:g}% noise")
+def label_changes(noise=None, swap=None) -> str:
+    """A teacher's label changes in words: ``40% noise; swap 0-6, 2-4`` ('' for none)."""
+    notes = [f"{100 * noise:g}% noise"] if noise else []
     if swap:
         notes.append("swap " + ", ".join(f"{a}-{b}" for a, b in swap))
-    return f"{name} ({'; '.join(notes)})" if notes else name
+    return "; ".join(notes)
+
+
+def teacher_label(name: str, hparams: dict) -> str:
+    """``name`` with its label changes, when it has any: ``teacher_resnet (40% noise)``."""
+    notes = label_changes((hparams.get("teacher_label_noise") or {}).get(name),
+                          (hparams.get("teacher_class_swap") or {}).get(name))
+    return f"{name} ({notes})" if notes else name
 
 
 def teacher_weights_frame(metrics_by_method: dict[str, dict]) -> pd.DataFrame:
@@ -453,12 +470,19 @@ def teacher_weights_frame(metrics_by_method: dict[str, dict]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=WEIGHT_COLUMNS)
 
 
+def teacher_weights_table(metrics_by_method: dict[str, dict]) -> pd.DataFrame:
+    """``teacher_weights_frame`` averaged over seeds: one row per method and teacher."""
+    frame = teacher_weights_frame(metrics_by_method)
+    return frame.groupby(["method", "teacher"], sort=False)[WEIGHT_COLUMNS[3:]].mean().reset_index()
+
+
 def plot_teacher_weights(metrics_by_method: dict[str, dict]) -> Figure:
     """Where a weighting method puts its weight. Left: its mean weight per teacher over
     the epochs (``weight`` in the history, mean over seeds, min-max band). Right: after
     training, one pass over the training images: each teacher's mean weight on the
-    images it gets wrong (hatched) and right (solid), mean over seeds; the dashed line
-    is equal weights 1/M. Only methods in ``weighting_methods``."""
+    images it gets wrong (hatched) and right (solid), mean over seeds; a dashed line per
+    method marks equal weights at its scale (the mean of its weights: 1/M for CAMKD).
+    Only methods in ``weighting_methods``."""
     methods = weighting_methods(metrics_by_method)
     fig = Figure(figsize=(15, 4.8), layout="constrained")
     ax_epoch, ax_bar = fig.subplots(1, 2)
@@ -484,8 +508,9 @@ def plot_teacher_weights(metrics_by_method: dict[str, dict]) -> Figure:
             bars = ax_bar.bar(x, np.nan_to_num(heights), width, color=colors[m], alpha=0.55 if hatch else 0.9,
                               hatch=hatch, edgecolor="k", lw=0.5, label=f"{m}: teacher {part}")
             ax_bar.bar_label(bars, labels=["n/a" if math.isnan(h) else f"{h:.2f}" for h in heights], fontsize=7)
-    m_teachers = len(next(iter(subset.values()))["teachers"])
-    ax_bar.axhline(1 / m_teachers, color="k", ls="--", lw=1, label=f"equal weights 1/M = {1 / m_teachers:.3f}")
+    for m in methods:  # equal weights at the method's own scale (CAMKD's sum to 1 per image, EBKD's to M - 1)
+        level = frame.loc[frame["method"] == m, "mean"].mean()
+        ax_bar.axhline(level, color=colors[m], ls="--", lw=1, label=f"{m}: equal weights ({level:.3f})")
     ax_bar.set_xticks(np.arange(len(teachers)), teachers)
     _style(ax_bar, "Mean weight where the teacher is wrong vs right (training images, after training)",
            "weight", xlabel="")

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import CheckpointError, CheckpointMismatch, atomic_save, load_checkpoint
-from .data import Dataset, Split, augment_batch, batch_order, normalize, repeated_batch_order
+from .data import Dataset, Split, augment_batch, batch_order, normalize, repeated_batch_order, unshifted_view
 from .distillers import Distiller
 from .losses import UNLABELLED
 from .metrics import accuracy, fidelity_metrics
@@ -116,6 +116,35 @@ def predict_logits(model: torch.nn.Module, split: Split, data: Dataset, cfg: Tra
             out.append(model(x).float())
     model.train(was_training)
     return torch.cat(out)
+
+
+@torch.no_grad()
+def predict_teacher_weights(distiller: Distiller, data: Dataset, cfg: TrainConfig):
+    """``(weights [M,N], teacher logits [M,N,C])`` over the training images, or None for a
+    method without per-image teacher weights (``Distiller.teacher_weights``).
+
+    One pass, in order, without augmentation (under ``augment`` the teachers answer on
+    the unshifted view), without gradients, in eval mode; labels as training passes them
+    (``UNLABELLED`` outside a ``labelled_subset``)."""
+    was_training = distiller.training
+    distiller.eval()
+    weights, logits = [], []
+    labelled = data.labelled
+    device = data.train.images.device
+    try:
+        with autocast(device, cfg.precision):
+            for x, y, idx in iterate(data.train, data, cfg.eval_batch_size, shuffle=False,
+                                     channels_last=cfg.channels_last):
+                target = y if labelled is None else torch.where(labelled[idx], y, UNLABELLED)
+                key = idx if cfg.augment == "none" else unshifted_view() * len(data.train) + idx  # the bank's row
+                w = distiller.teacher_weights(x, target, key)
+                if w is None:
+                    return None
+                weights.append(w.float())
+                logits.append(distiller.teachers.logits(x, key).float())
+    finally:
+        distiller.train(was_training)
+    return torch.cat(weights, 1), torch.cat(logits, 1)
 
 
 def _check_finite(losses: dict, total: torch.Tensor, epoch: int, batch: int, cfg: TrainConfig) -> None:

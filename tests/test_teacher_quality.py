@@ -299,8 +299,30 @@ def test_plot_teacher_weights_bars_are_the_means_over_seeds():
     assert heights["camkd: teacher right"] == [0.4, 0.36, 0.3]
     assert heights["ebkd: teacher wrong"] == [0.0, 0.3, 0.1]
     assert any("n/a" in t.get_text() for t in ax_bar.texts)
+    levels = {ln.get_label(): ln.get_ydata()[0] for ln in ax_bar.get_lines()}
+    assert levels == pytest.approx({"camkd: equal weights (0.333)": 1 / 3, "ebkd: equal weights (0.333)": 1 / 3})
     empty = plots.plot_teacher_weights({"vanilla": unweighted_metrics()})
     assert "no method with per-image teacher weights" in empty.axes[0].texts[0].get_text()
+
+
+def test_teacher_weights_table_is_the_mean_over_seeds():
+    table = plots.teacher_weights_table({"camkd": weighted_metrics(), "vanilla": unweighted_metrics()})
+    assert list(table.columns) == ["method", "teacher", "mean", "wrong", "right", "wrong_share"] and len(table) == 3
+    row = table[table["teacher"] == "t_c (40% noise)"].iloc[0]
+    assert (row["wrong"], row["right"]) == pytest.approx((0.11, 0.3))
+
+
+def test_teachers_table_names_label_changes_and_reads_older_records():
+    teachers = {"teachers": [
+        {"name": "a", "params": 10, "test_acc": 90.0, "train_wrong": 4.0, "confidently_wrong": 1.0,
+         "train_seconds": 3.0},
+        {"name": "b", "params": 10, "test_acc": 80.0, "train_wrong": 30.0, "confidently_wrong": 0.5,
+         "train_seconds": 3.0, "label_noise": 0.4, "class_swap": [[0, 6]]},
+        {"name": "old", "params": 10, "test_acc": 92.0, "train_seconds": 3.0}]}  # made before these were kept
+    table = plots.teachers_table(teachers)
+    assert list(table.columns) == plots.TEACHER_TABLE
+    assert list(table["labels"]) == ["true", "40% noise; swap 0-6", "true"]
+    assert table["confidently_wrong"].tolist()[:2] == [1.0, 0.5] and table["train_wrong"].isna().tolist()[2]
 
 
 # ---------------------------------------------------------------- bad input
@@ -339,3 +361,73 @@ def test_settings_are_normalised():
     assert P["teacher_label_noise"] == {"teacher_resnet": 0.0} and isinstance(P["student_width"], float)
     with pytest.raises(ParamsError, match="teacher_label_noise"):
         validate({"teachers": ["teacher_cnn1", "teacher_cnn2"], "teacher_label_noise": {"teacher_resnet": 0.2}})
+
+
+# ---------------------------------------------------------------- wiring: the weights pass, the book's steps
+def synthetic_data(n=70, seed=0):
+    from kdlib.data import Dataset, Split
+    gen = torch.Generator().manual_seed(seed)
+    split = lambda k: Split(torch.randint(0, 256, (k, 1, 28, 28), dtype=torch.uint8, generator=gen),  # noqa: E731
+                            torch.randint(0, 10, (k,), generator=gen))
+    return Dataset("Synthetic", split(n), split(20), torch.tensor([0.3]), torch.tensor([0.35]),
+                   [str(c) for c in range(10)])
+
+
+@pytest.mark.parametrize("bank_kind", ["live", "cached", "view_cached"])
+def test_predict_teacher_weights_is_camkds_weights_on_every_training_image_in_order(bank_kind):
+    from kdlib.assemble import teacher_bank
+    from kdlib.data import normalize
+    from kdlib.train import TrainConfig, predict_teacher_weights
+    torch.manual_seed(0)
+    data = synthetic_data()
+    names = ["teacher_cnn1", "teacher_resnet"]
+    models = [build_model(n) for n in names]
+    for m in models:
+        m.eval()
+    cfg = TrainConfig(augment="crop" if bank_kind == "view_cached" else "none", eval_batch_size=32)
+    bank = teacher_bank(models, names, data, cfg, cache=bank_kind != "live", log=lambda *a: None)
+    camkd = CAMKD.for_shapes(build_model("student"), bank, normalize(data.train.images[:1], data.mean, data.std))
+    camkd.train()
+    weights, logits = predict_teacher_weights(camkd, data, cfg)
+    with torch.no_grad():
+        x = normalize(data.train.images, data.mean, data.std)
+        expected_logits = torch.stack([m(x) for m in models])
+    torch.testing.assert_close(logits, expected_logits, rtol=1e-4, atol=1e-4)  # the unshifted images
+    torch.testing.assert_close(weights, camkd_weights(expected_logits, data.train.labels), rtol=1e-4, atol=1e-5)
+    assert camkd.training and camkd.student.training  # left as found
+    assert predict_teacher_weights(Vanilla(build_model("student"), bank), data, cfg) is None
+
+
+TINY = {"train_subset": 300, "test_subset": 100, "teacher_epochs": 1, "student_epochs": 1, "threads": 1,
+        "teachers": ["teacher_cnn1", "teacher_resnet"], "methods": ["camkd", "vanilla"]}
+
+
+@pytest.mark.slow
+def test_book_trains_a_degraded_teacher_and_a_narrow_student_and_records_the_weights(tmp_path):
+    import json
+    from kdlib.checkpoint import load_checkpoint
+    P = validate(dict(TINY, teacher_dir=str(tmp_path / "t"), run_dir=str(tmp_path / "run"), student_width=0.25,
+                      teacher_label_noise={"teacher_resnet": 0.4}, teacher_class_swap={"teacher_cnn1": [[0, 6]]}))
+    quiet = lambda *a: None  # noqa: E731
+    results = book.distill_students(P, log=quiet)
+    teachers = {t["name"]: t for t in json.loads((tmp_path / "run" / "teachers.json").read_text())["teachers"]}
+    assert teachers["teacher_resnet"]["label_noise"] == 0.4 and "class_swap" not in teachers["teacher_resnet"]
+    assert teachers["teacher_cnn1"]["class_swap"] == [[0, 6]]
+    for t in teachers.values():
+        assert 0 <= t["confidently_wrong"] <= t["train_wrong"] <= 100
+    state = load_checkpoint(book.teacher_checkpoint(P, "teacher_resnet"))
+    assert state["identity"]["label_noise"] == 0.4
+    # the teacher learned from its own labels; the students' labels are the true ones
+    data = book.load_data(P)
+    assert (book.teacher_data(P, data, "teacher_resnet").train.labels != data.train.labels).float().mean() == 0.4
+    assert torch.equal(book.student_data(P, data).train.labels, data.train.labels)
+    camkd, vanilla = results["camkd"], results["vanilla"]
+    assert camkd["student_params"] == vanilla["student_params"] == 13_183
+    assert camkd["hparams"]["student_width"] == 0.25
+    assert camkd["hparams"]["teacher_label_noise"] == {"teacher_resnet": 0.4}
+    tw = camkd["runs"][0]["teacher_weights"]
+    assert set(tw) == {"mean", "wrong", "right", "wrong_share"} and len(tw["mean"]) == 2
+    assert sum(tw["mean"]) == pytest.approx(1.0)
+    assert "teacher_weights" not in vanilla["runs"][0]
+    saved = json.loads((tmp_path / "run" / "metrics_camkd.json").read_text())["runs"][0]["teacher_weights"]
+    assert saved == json.loads(json.dumps(tw))
