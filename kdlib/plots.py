@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import io
 import math
+import textwrap
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import seaborn as sns
+from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
@@ -24,7 +26,8 @@ PER_TEACHER = ("weight", "feat_weight")
 SKIP_FIDELITY = ("pairwise_diversity",)
 FINAL_SCALARS = ("centroid_fidelity", "mean_individual_fidelity", "centroid_agreement")
 FINAL_PER_TEACHER = ("individual_fidelity", "top1_agreement")
-METHOD_COLORS = {"camkd": "tab:blue", "vanilla": "tab:orange", "scratch": "tab:gray"}
+METHOD_COLORS = {"camkd": "tab:blue", "vanilla": "tab:orange", "aver": "tab:brown", "ebkd": "tab:green",
+                 "aekd": "tab:purple", "label_smoothing": "tab:olive", "scratch": "tab:gray"}
 TERM_ORDER = ("loss_ce", "loss_kd", "loss_feat")
 TEACHER_STYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1)))
 TEACHER_MARKERS = ("o", "s", "^", "D", "v", "P", "X")
@@ -94,8 +97,9 @@ def _per_teacher_long(final: pd.DataFrame, key: str) -> pd.DataFrame:
 
 # ---------------------------------------------------------------- helpers
 def method_colors(methods) -> dict:
-    """Fixed colours for the known methods, tab10 for any other."""
-    spare = iter(c for c in sns.color_palette("tab10").as_hex() if c not in METHOD_COLORS.values())
+    """Fixed colours for the known methods (``METHOD_COLORS``), the rest of tab10 for any other."""
+    taken = {to_hex(c) for c in METHOD_COLORS.values()}
+    spare = iter(c for c in sns.color_palette("tab10").as_hex() if c not in taken)
     return {m: METHOD_COLORS.get(m) or next(spare) for m in methods}
 
 
@@ -171,6 +175,14 @@ def _zoom_ylim(ax, lo: float, hi: float) -> None:
     point apart; room above for the bar labels."""
     pad = max(1.0, 0.25 * (hi - lo))
     ax.set_ylim(max(0.0, lo - pad), hi + 1.5 * pad)
+
+
+def _slant(ax, degrees=30) -> None:
+    """x tick labels at an angle, each ending under its tick (long method names do not
+    run into the next)."""
+    ax.tick_params(axis="x", labelrotation=degrees)
+    for label in ax.get_xticklabels():
+        label.set(ha="right", rotation_mode="anchor")
 
 
 def _text_panel(ax, text: str, title: str, size=8.5) -> None:
@@ -257,6 +269,8 @@ def _training_summary(metrics: dict, uses_teachers: bool) -> str:
     lines += ["", "epochs={student_epochs} lr={lr} {lr_schedule}".format_map(_Missing(hp))]
     if uses_teachers:
         lines.append("T={temperature} alpha={alpha} beta={beta}".format_map(_Missing(hp)))
+    if metrics["method"] == "label_smoothing":
+        lines.append("label_smoothing eps={label_smoothing}".format_map(_Missing(hp)))
     lines.append(f"train s/seed {_pm([r.get('train_seconds', r.get('seconds', math.nan)) for r in metrics['runs']], '.1f')}")
     return "\n".join(lines)
 
@@ -315,7 +329,9 @@ def _compare_weights(ax, hf, metrics_by_method, colors) -> None:
             ax.axhline(1 / len(names), color=colors[m], ls="--", label=f"{m}: 1/M = {1 / len(names):.3f}")
         else:
             ax.axhline(0, color=colors[m], ls=":", label=f"{m}: no teachers (0)")
-    _style(ax, "Teacher weights (logit term)", "weight")
+    _style(ax, "Teacher weights (logit term)", "weight", legend=False)
+    entries = len(ax.get_legend_handles_labels()[0])
+    ax.legend(fontsize=7 if entries <= 6 else 6, ncols=1 if entries <= 6 else 2, loc="best", framealpha=0.8)
 
 
 def _compare_final_acc(ax, final, methods, colors, teachers_json=None) -> None:
@@ -331,7 +347,7 @@ def _compare_final_acc(ax, final, methods, colors, teachers_json=None) -> None:
     ax.bar_label(bars, labels=[f"{v:.2f}" for v in means], fontsize=7, padding=2)
     _zoom_ylim(ax, min(np.subtract(means, errs)), max(np.add(means, errs)))
     _style(ax, "Final test accuracy (mean ± std, zoomed axis)", "accuracy (%)", legend=False, xlabel="")
-    ax.tick_params(axis="x", labelrotation=30)
+    _slant(ax)
 
 
 def _compare_fidelity_dist(ax, final, methods, colors) -> None:
@@ -339,6 +355,8 @@ def _compare_fidelity_dist(ax, final, methods, colors) -> None:
     values = [long.loc[long["method"] == m, "value"].to_numpy() for m in methods]
     boxes = ax.boxplot(values, tick_labels=methods, patch_artist=True, showfliers=False, widths=0.6,
                        medianprops={"color": "k"})
+    if len(methods) > 3:
+        _slant(ax)
     for patch, m in zip(boxes["boxes"], methods):
         patch.set(facecolor=colors[m], alpha=0.5)
     rng = np.random.default_rng(0)
@@ -369,16 +387,18 @@ def _compare_diversity(ax, final_fid: dict, methods, colors, names) -> None:
 
 
 def _comparison_summary(final: pd.DataFrame, methods) -> str:
-    head = f"{'method':<10}{'seeds':>6}{'test acc %':>17}{'KL(C||S)':>19}{'mean KL(T||S)':>19}{'centroid agr %':>17}"
+    w = max(10, max(map(len, methods), default=0) + 1)
+    head = f"{'method':<{w}}{'seeds':>6}{'test acc %':>17}{'KL(C||S)':>19}{'mean KL(T||S)':>19}{'centroid agr %':>17}"
     lines = [head, "-" * len(head)]
     for m in methods:
         f = final[final["method"] == m]
-        lines.append(f"{m:<10}{len(f):>6}{_pm(f['test_acc']):>17}{_pm(f['centroid_fidelity'], '.4f'):>19}"
+        lines.append(f"{m:<{w}}{len(f):>6}{_pm(f['test_acc']):>17}{_pm(f['centroid_fidelity'], '.4f'):>19}"
                      f"{_pm(f['mean_individual_fidelity'], '.4f'):>19}{_pm(f['centroid_agreement'], '.1f'):>17}")
-    if {"camkd", "vanilla"} <= set(methods):
+    others = [m for m in methods if m != "camkd"]
+    if "camkd" in methods and others:
         acc = final.groupby("method")["test_acc"].mean()
-        gap = acc["camkd"] - acc["vanilla"]
-        lines += ["", f"camkd - vanilla test acc: {gap:+.2f} points (mean over seeds)"]
+        gaps = ", ".join(f"{m} {acc[m] - acc['camkd']:+.2f}" for m in others)
+        lines += [""] + textwrap.wrap(f"test acc minus camkd's (points, mean over seeds): {gaps}", len(head))
     return "\n".join(lines)
 
 
@@ -581,7 +601,7 @@ def explorer(metrics_by_method: dict[str, dict]):
                         description="metric")
     teacher = w.Dropdown(options=[ALL] + list(hf["teacher"].dropna().unique()), description="teacher")
     methods = w.SelectMultiple(options=list(metrics_by_method), value=tuple(metrics_by_method),
-                               description="methods", rows=min(4, max(1, len(metrics_by_method))))
+                               description="methods", rows=min(7, max(1, len(metrics_by_method))))
     image = w.Image(format="png")
 
     def redraw(*_):

@@ -17,7 +17,7 @@ import pandas as pd
 import yaml
 
 from .records import update_readme
-from .stats import mean_sd as _mean_sd, paired_t, verdict
+from .stats import anchored_pairs, mean_sd as _mean_sd, paired_t, verdict
 
 SEED_EXPECTED = {  # the seed kit's README, "Expected results on Fashion-MNIST"
     "teacher_cnn1": "~92.5", "teacher_cnn2": "~93.3", "teacher_resnet": "~92.0",
@@ -25,7 +25,9 @@ SEED_EXPECTED = {  # the seed kit's README, "Expected results on Fashion-MNIST"
 }
 LABELS = {"teacher_cnn1": "Teacher CNN1", "teacher_cnn2": "Teacher CNN2", "teacher_resnet": "Teacher ResNet",
           "teacher_vgg": "Teacher VGG", "teacher_densenet": "Teacher DenseNet",
-          "camkd": "Student (CAMKD)", "vanilla": "Student (vanilla)", "scratch": "Student (scratch, no teachers)"}
+          "camkd": "Student (CAMKD)", "vanilla": "Student (vanilla)", "aver": "Student (AVER)",
+          "ebkd": "Student (EBKD)", "aekd": "Student (AEKD)",
+          "label_smoothing": "Student (label smoothing, no teachers)", "scratch": "Student (scratch, no teachers)"}
 
 
 def _acc(values: pd.Series) -> str:
@@ -61,7 +63,7 @@ def results_markdown(run_dir: str | Path) -> str:
         lines.append(f"| {LABELS.get(name, name)} | {params} | {SEED_EXPECTED.get(name, '')} | "
                      f"{_acc(group['test_acc'])} | {fid} |")
     lines.append("")
-    lines += [f"- {verdict(row)}" for _, row in comparison.iterrows()]
+    lines += [f"- {verdict(row)}" for _, row in anchored_pairs(comparison).iterrows()]
     git = manifest.get("git", {})
     dev = manifest.get("device", {})
     teach, stud = training_minutes(run_dir)

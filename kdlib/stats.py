@@ -16,7 +16,15 @@ import numpy as np
 import pandas as pd
 from scipy import stats as st
 
-NAMES = {"camkd": "CAMKD", "vanilla": "vanilla", "scratch": "scratch"}
+NAMES = {"camkd": "CAMKD", "vanilla": "vanilla", "aver": "AVER", "ebkd": "EBKD", "aekd": "AEKD",
+         "label_smoothing": "label smoothing", "scratch": "scratch"}
+METHOD_ORDER = list(NAMES)  # how methods are listed and paired: camkd - X and X - scratch
+ANCHORS = ("camkd", "scratch")  # the headline compares every method with these two
+
+
+def method_rank(method: str) -> int:
+    """A method's place in ``METHOD_ORDER`` (an unknown one after all of them)."""
+    return METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
 
 
 def paired_t(a, b, confidence: float = 0.95) -> dict:
@@ -74,10 +82,12 @@ def results_frame(teachers_json: dict, metrics: dict) -> pd.DataFrame:
 
 def comparison_frame(metrics: dict, predictions: dict) -> pd.DataFrame:
     """One row per pair of methods: paired-t over seeds on test accuracy, and exact
-    McNemar on per-example correctness pooled over the seeds both methods ran."""
+    McNemar on per-example correctness pooled over the seeds both methods ran. Pairs
+    follow ``METHOD_ORDER`` (a - b with a listed first: camkd - X, X - scratch),
+    whatever order ``metrics`` has."""
     labels = predictions["labels"]
     rows = []
-    for a, b in itertools.combinations(metrics, 2):
+    for a, b in itertools.combinations(sorted(metrics, key=method_rank), 2):
         acc_a = {r["seed"]: r["test_acc"] for r in metrics[a]["runs"]}
         acc_b = {r["seed"]: r["test_acc"] for r in metrics[b]["runs"]}
         seeds = sorted(set(acc_a) & set(acc_b))
@@ -94,6 +104,23 @@ def comparison_frame(metrics: dict, predictions: dict) -> pd.DataFrame:
                      "mcnemar_p": m["p_value"], "only_a_correct": m["only_a_correct"],
                      "only_b_correct": m["only_b_correct"]})
     return pd.DataFrame(rows)
+
+
+def anchored_pairs(comparison: pd.DataFrame, anchors=ANCHORS) -> pd.DataFrame:
+    """The rows of ``comparison_frame`` that compare a method with one of ``anchors``
+    present (every method against camkd and against scratch: 11 of the 21 pairs of
+    seven methods), those against scratch first, then camkd's; all rows when no anchor ran."""
+    if comparison.empty:
+        return comparison
+    ran = set(comparison["method_a"]) | set(comparison["method_b"])
+    present = [a for a in anchors if a in ran]
+    if not present:
+        return comparison
+    shown = comparison[comparison["method_a"].isin(present) | comparison["method_b"].isin(present)]
+    # those against the last anchor first (X - scratch), then those against the first (camkd - X)
+    rank = [max(len(present) - 1 - present.index(m) for m in (a, b) if m in present)
+            for a, b in zip(shown["method_a"], shown["method_b"])]
+    return shown.iloc[np.argsort(rank, kind="stable")]
 
 
 def verdict(row, alpha: float = 0.05) -> str:
@@ -157,7 +184,8 @@ def method_table(results: pd.DataFrame) -> pd.DataFrame:
 
 def headline(results: pd.DataFrame, comparison: pd.DataFrame) -> str:
     """The answer first, as markdown: the student with the highest mean accuracy, the
-    paired verdicts, the teachers' accuracy and ``method_table``."""
+    paired verdicts of every method against camkd and scratch (``anchored_pairs``), the
+    teachers' accuracy and ``method_table``."""
     students = results[results["role"] == "student"]
     if students.empty:
         return "No student results yet."
@@ -165,7 +193,11 @@ def headline(results: pd.DataFrame, comparison: pd.DataFrame) -> str:
     best = means.idxmax()
     lines = [f"**Highest mean test accuracy: {NAMES.get(best, best)}** ({means[best]:.2f} %, "
              f"n = {int((students['name'] == best).sum())}).", ""]
-    lines += [f"- {verdict(row)}" for _, row in comparison.iterrows()]
+    shown = anchored_pairs(comparison)
+    lines += [f"- {verdict(row)}" for _, row in shown.iterrows()]
+    if len(shown) < len(comparison):
+        lines += [f"- (each method against {' and '.join(NAMES.get(a, a) for a in ANCHORS)}: {len(shown)} of "
+                  f"the {len(comparison)} pairs; every pair in `comparison.csv`)"]
     teachers = results[results["role"] == "teacher"]
     if not teachers.empty:
         lines += ["", "Teachers: " + ", ".join(f"{n} {a:.2f} %" for n, a in zip(teachers["name"], teachers["test_acc"]))

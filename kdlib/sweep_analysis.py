@@ -4,8 +4,9 @@ A *setting* is one combination of the keys that vary across the sweep's runs (``
 and ``methods`` excepted: runs that differ only in seeds pool into one setting, and
 methods are the columns). Per setting and method: final accuracy and centroid fidelity
 KL(C||S) as mean and 95% t interval over seeds (``stats.mean_ci``); per setting the
-paired differences camkd - vanilla, camkd - scratch, vanilla - scratch over seeds, with
-McNemar on per-image correctness (``stats.comparison_frame``) and a plain verdict.
+paired differences of every pair of methods over seeds, with McNemar on per-image
+correctness (``stats.comparison_frame``) and a plain verdict; tables and verdicts show
+those of every method against scratch and against camkd (``stats.anchored_pairs``).
 """
 from __future__ import annotations
 
@@ -19,9 +20,8 @@ import pandas as pd
 import yaml
 
 from .params import format_value
-from .stats import NAMES, comparison_frame, mean_ci, verdict
+from .stats import NAMES, anchored_pairs, comparison_frame, mean_ci, method_rank, verdict
 
-METHOD_ORDER = ["camkd", "vanilla", "scratch"]  # pairs come out as camkd - vanilla, camkd - scratch, vanilla - scratch
 NOT_SETTING = {"run_dir", "threads", "seeds", "methods"}
 METRICS = {"accuracy": "accuracy %", "centroid_fidelity": "KL(C‖S)"}
 
@@ -72,12 +72,8 @@ def load(sweep_dir: str | Path) -> SweepResults:
                              "accuracy": r["test_acc"],
                              "centroid_fidelity": (r.get("fidelity") or {}).get("centroid_fidelity")})
     for merged in settings.values():  # methods in the canonical order, whatever order the runs listed them
-        merged["metrics"] = {m: merged["metrics"][m] for m in sorted(merged["metrics"], key=_method_rank)}
+        merged["metrics"] = {m: merged["metrics"][m] for m in sorted(merged["metrics"], key=method_rank)}
     return SweepResults(keys, pd.DataFrame(rows), settings, skipped, "/".join(sorted(splits)))
-
-
-def _method_rank(method: str) -> int:
-    return METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
 
 
 def setting_table(res: SweepResults) -> pd.DataFrame:
@@ -107,10 +103,18 @@ def differences(res: SweepResults) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
+def anchored(res: SweepResults, diffs: pd.DataFrame) -> pd.DataFrame:
+    """The rows of ``differences`` that ``stats.anchored_pairs`` keeps, setting by setting."""
+    if diffs.empty or not res.keys:
+        return anchored_pairs(diffs)
+    return pd.concat([anchored_pairs(group) for _, group in diffs.groupby(res.keys, sort=False, dropna=False)])
+
+
 def verdict_lines(res: SweepResults, diffs: pd.DataFrame) -> list[str]:
-    """'- beta=10: CAMKD vs vanilla: ...' per row of ``differences``."""
+    """'- beta=10: CAMKD vs vanilla: ...' per row of ``differences`` that compares a
+    method with scratch or camkd (``anchored``)."""
     return [f"- {''.join(f'{k}={format_value(row[k])}, ' for k in res.keys)[:-2] or 'all runs'}: {row['verdict']}"
-            for _, row in diffs.iterrows()]
+            for _, row in anchored(res, diffs).iterrows()]
 
 
 def _cell(row, digits: int) -> str:
@@ -128,17 +132,13 @@ def wide_table(table: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     if not keys:
         table = table.assign(all="all runs")
     wide = table.pivot_table(index=index, columns="column", values="cell", aggfunc="first", sort=False)
-    order = [c for m in sorted(dict.fromkeys(table["method"]), key=_method_rank) for c in wide.columns
+    order = [c for m in sorted(dict.fromkeys(table["method"]), key=method_rank) for c in wide.columns
              if c.startswith(NAMES.get(m, m) + " ")]
     wide = wide[list(dict.fromkeys(order))]
     wide.columns.name = None
     if seeds is not None:
         wide.insert(0, "seeds", seeds.reindex(wide.index).to_numpy())
     return wide
-
-
-PAIRS = {"vanilla - scratch": "vanilla − scratch", "camkd - vanilla": "CAMKD − vanilla",
-         "camkd - scratch": "CAMKD − scratch"}
 
 
 def _diff_cell(row) -> str:
@@ -157,9 +157,10 @@ def setting_label(run: str) -> str:
 def run_table(res: SweepResults) -> pd.DataFrame:
     """One row per setting of a sweep of explicit runs, named after its runs (``seeds=`` and
     ``methods=`` dropped, so runs that split one setting's seeds or methods share a row), in the sweep file's
-    order: mean accuracy (95% CI over seeds) per method, then the paired differences
-    vanilla − scratch, CAMKD − vanilla and CAMKD − scratch over seeds (mean, 95% CI;
-    * where paired t p < 0.05)."""
+    order: mean accuracy (95% CI over seeds) per method, then the paired differences over
+    seeds of every method against scratch, then of CAMKD against every method
+    (``stats.anchored_pairs``: vanilla − scratch, CAMKD − vanilla, CAMKD − scratch for
+    the book's three; mean, 95% CI; * where paired t p < 0.05)."""
     table, diffs = setting_table(res), differences(res)
     rows = {}
     for run in dict.fromkeys(res.frame["run"]):
@@ -177,13 +178,12 @@ def run_table(res: SweepResults) -> pd.DataFrame:
 
         own, pairs = pick(table), pick(diffs) if not diffs.empty else diffs
         row = {"setting": label, "seeds": int(own["n"].max())}
-        for method in sorted(dict.fromkeys(own["method"]), key=_method_rank):
+        for method in sorted(dict.fromkeys(own["method"]), key=method_rank):
             acc = own[(own["method"] == method) & (own["metric"] == "accuracy")]
             row[f"{NAMES.get(method, method)} accuracy %"] = _cell(acc.iloc[0], 2)
-        for pair, column in PAIRS.items():
-            hit = pairs[pairs["pair"] == pair] if not pairs.empty else pairs
-            if len(hit):
-                row[column] = _diff_cell(hit.iloc[0])
+        for _, pair in anchored_pairs(pairs).iterrows():
+            row[f"{NAMES.get(pair['method_a'], pair['method_a'])} − {NAMES.get(pair['method_b'], pair['method_b'])}"] \
+                = _diff_cell(pair)
         rows[label] = row
     return pd.DataFrame(rows.values())
 
@@ -203,7 +203,7 @@ def run_markdown(sweep_dir: str | Path) -> str:
     diffs = differences(res)
     if not diffs.empty:
         lines.append("")
-        for _, row in diffs.iterrows():
+        for _, row in anchored(res, diffs).iterrows():
             lines.append(f"- `{labels.get(tuple(row[k] for k in res.keys), 'all runs')}`: {row['verdict']}")
     if res.skipped:
         lines += ["", f"Not finished (left out): {', '.join(res.skipped)}."]

@@ -377,3 +377,78 @@ def test_label_smoothing_enters_the_students_identity_only_when_not_the_default(
     assert "label_smoothing" not in student_identity(validate({}), "camkd", 0, sha)
     smooth = student_identity(validate({"label_smoothing": 0.2}), "label_smoothing", 0, sha)
     assert smooth["label_smoothing"] == 0.2
+
+
+# ------------------------------------------------------------- seven methods downstream
+SEVEN = ["camkd", "vanilla", "aver", "ebkd", "aekd", "label_smoothing", "scratch"]
+
+
+def test_a_sweep_of_seven_methods_shows_each_against_scratch_and_camkd(tmp_path):
+    import json
+
+    import yaml
+
+    from kdlib import sweep_analysis
+    from kdlib.stats import NAMES
+    labels = np.arange(100) % 10
+    runs = []
+    for beta in (1.0, 5.0):
+        name = f"beta={beta:g}"
+        runs.append({"name": name, "overrides": {"beta": beta}})
+        run = tmp_path / name
+        run.mkdir()
+        (run / "params.yaml").write_text(yaml.safe_dump(validate({"beta": beta, "seeds": [0, 1],
+                                                                   "methods": list(reversed(SEVEN))})))
+        (run / "manifest.json").write_text(json.dumps({"status": "finished"}))
+        preds = {"labels": labels}
+        for i, method in enumerate(SEVEN):
+            accs = [80.0 + i + beta, 81.0 + i]
+            (run / f"metrics_{method}.json").write_text(json.dumps({"method": method, "runs": [
+                {"seed": s, "test_acc": a, "fidelity": {"centroid_fidelity": 0.1}} for s, a in enumerate(accs)]}))
+            for s, a in enumerate(accs):
+                preds[f"{method}/seed{s}"] = np.where(np.arange(100) < round(a), labels, (labels + 1) % 10)
+        np.savez(run / "predictions.npz", **preds)
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump({"runs": runs}))
+    res = sweep_analysis.load(tmp_path)
+    diffs = sweep_analysis.differences(res)
+    assert len(diffs) == 2 * 21 and len(sweep_analysis.anchored(res, diffs)) == 2 * 11
+    table = sweep_analysis.run_table(res)
+    label = lambda m: NAMES[m]
+    pairs = [f"{label(m)} − scratch" for m in SEVEN[1:-1]] + [f"CAMKD − {label(m)}" for m in SEVEN[1:]]
+    assert list(table.columns) == ["setting", "seeds"] + [f"{label(m)} accuracy %" for m in SEVEN] + pairs
+    lines = sweep_analysis.verdict_lines(res, diffs)
+    assert len(lines) == 22 and lines[0].startswith("- beta=1: vanilla vs scratch:")
+    wide = sweep_analysis.wide_table(sweep_analysis.setting_table(res), res.keys)
+    assert [c for c in wide.columns if c.endswith("accuracy %")] == [f"{label(m)} accuracy %" for m in SEVEN]
+
+
+def test_seven_methods_get_seven_fixed_distinct_colours():
+    from matplotlib.colors import to_hex
+
+    from kdlib import plots
+    colors = plots.method_colors(SEVEN + ["other"])
+    assert len({to_hex(c) for c in colors.values()}) == 8
+    assert {m: colors[m] for m in SEVEN} == plots.method_colors(list(reversed(SEVEN)))
+
+
+def test_the_14_panel_comparison_shows_seven_methods():
+    from kdlib import plots
+    from test_plots import make_metrics, make_teachers
+    metrics = {}
+    for i, method in enumerate(SEVEN):
+        base = "scratch" if method in ("scratch", "label_smoothing") else "camkd" if method in (
+            "camkd", "ebkd", "aekd") else "vanilla"
+        metrics[method] = dict(make_metrics(base), method=method)
+        for run in metrics[method]["runs"]:
+            run["test_acc"] += i
+    fig = plots.plot_comparison(metrics, make_teachers())
+    legend = fig.legends[0]
+    assert [t.get_text() for t in legend.get_texts()] == SEVEN
+    assert len({h.get_color() for h in legend.legend_handles}) == 7
+    summary = next(t.get_text() for a in fig.axes for t in a.texts if "centroid agr" in t.get_text())
+    assert all(f"\n{m} " in summary for m in SEVEN)
+    acc = {m: np.mean([r["test_acc"] for r in met["runs"]]) for m, met in metrics.items()}
+    gaps = ", ".join(f"{m} {acc[m] - acc['camkd']:+.2f}" for m in SEVEN[1:])
+    assert f"test acc minus camkd's (points, mean over seeds): {gaps}" in summary.replace("\n", " ")
+    bars = next(a for a in fig.axes if a.get_title().startswith("Final test accuracy"))
+    assert [t.get_text() for t in bars.get_xticklabels()][:7] == SEVEN

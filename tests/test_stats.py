@@ -2,6 +2,7 @@
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 from scipy import stats as st
 
@@ -141,3 +142,40 @@ def test_answer_table_cells_match_results_csv(tmp_path):
     summary = (tmp_path / "summary.csv").read_text().splitlines()
     assert summary[0].startswith("role,name,test_acc_mean,test_acc_std,test_acc_count")
     assert len(summary) == 1 + 2 + 3  # header, two teachers, three students
+
+
+SEVEN = ["camkd", "vanilla", "aver", "ebkd", "aekd", "label_smoothing", "scratch"]
+
+
+def seven_methods(order):
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 10, 100)
+    preds, metrics = {"labels": labels}, {}
+    for i, method in enumerate(order):
+        runs = []
+        for seed in (0, 1):
+            preds[f"{method}/seed{seed}"] = np.where(rng.random(100) < 0.8, labels, (labels + 1) % 10)
+            runs.append({"seed": seed, "test_acc": 80.0 + i + seed})
+        metrics[method] = {"runs": runs}
+    return metrics, preds
+
+
+def test_seven_methods_pair_in_method_order_and_the_headline_shows_each_against_camkd_and_scratch():
+    from kdlib.stats import anchored_pairs, headline, method_rank
+    metrics, preds = seven_methods(list(reversed(SEVEN)))   # given in another order
+    comp = comparison_frame(metrics, preds)
+    assert len(comp) == 21
+    assert all(method_rank(a) < method_rank(b) for a, b in zip(comp["method_a"], comp["method_b"]))
+    shown = anchored_pairs(comp)
+    pairs = list(zip(shown["method_a"], shown["method_b"]))
+    assert pairs == ([(m, "scratch") for m in SEVEN[1:-1]] + [("camkd", m) for m in SEVEN[1:]])  # 5 + 6 = 11
+    results = pd.DataFrame([{"role": "student", "name": m, "seed": r["seed"], "test_acc": r["test_acc"]}
+                            for m, met in metrics.items() for r in met["runs"]])
+    text = headline(results, comp)
+    assert text.count("\n- ") == 12 and "11 of the 21 pairs" in text
+    assert "AVER vs scratch" in text and "CAMKD vs label smoothing" in text and "vanilla vs AVER" not in text
+    three = comparison_frame(*seven_methods(["scratch", "vanilla", "camkd"]))  # the book's three: every pair
+    assert list(zip(anchored_pairs(three)["method_a"], anchored_pairs(three)["method_b"])) == [
+        ("vanilla", "scratch"), ("camkd", "vanilla"), ("camkd", "scratch")]
+    none = comparison_frame(*seven_methods(["aver", "ebkd", "aekd"]))  # no anchor ran: every pair
+    assert len(anchored_pairs(none)) == 3
