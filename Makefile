@@ -4,12 +4,12 @@ PY := $(VENV)/bin/python
 NAME ?= fashionmnist-$(shell date +%Y%m%d-%H%M%S)
 export KDBOOK_PROGRESS ?= text
 
-.PHONY: install data browser book smoke sweep lab test bench clean-interactive
+.PHONY: install data browser book smoke sweep lab test bench site blocks clean-interactive
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,docs]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -45,3 +45,11 @@ test: install data browser
 
 bench: install data
 	$(PY) -m kdlib.bench
+
+# The site (docs/ and a page per committed run, notebooks rendered from their stored outputs) into site/.
+site: install
+	$(PY) -m kdlib.site
+
+# Every generated block (the README's answers, the site's results tables) from the committed records.
+blocks: install
+	$(PY) -m kdlib.blocks

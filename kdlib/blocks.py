@@ -1,0 +1,217 @@
+"""Every generated block of the README and the site's pages, from the committed records.
+
+``python -m kdlib.blocks`` (``make blocks``) regenerates them all: the README's answers
+table, and the tables of ``docs/results.md``, each between its ``NAME:start`` and
+``NAME:end`` marker lines. The answers table has one row per question (a run, or a
+setting of a sweep): the best student, CAMKD − vanilla and KD (vanilla) − scratch over
+paired seeds with 95% intervals, and a link to the record. The Speed table is written by
+the benchmark when it measures (``python -m kdlib.bench ... --readme docs/speed.md``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+import yaml
+
+from .data import SPLIT_SIZES
+from .params import format_value
+from .stats import NAMES, mean_ci
+from .sweep_analysis import setting_label
+
+try:  # the marker mechanism moved to kdlib.records
+    from .records import update_readme
+except ImportError:  # pragma: no cover - older tree
+    from .report import update_readme
+
+ROOT = Path(__file__).resolve().parent.parent
+NBSP = "\u00a0"  # a number and its interval stay on one line
+REFERENCE = "outputs/fashionmnist"  # the run `make book` reproduces
+SWEEPS = ["outputs/regimes"]  # the sweeps whose settings are questions
+
+
+def _interval(mean: float, low: float, high: float, signed: bool = False, p: float | None = None) -> str:
+    f = "+.2f" if signed else ".2f"
+    text = f"{mean:{f}}" if math.isnan(low) else f"{mean:{f}} ({low:{f}} to {high:{f}})"
+    if p is not None and p < 0.05:
+        text += " *"
+    return text.replace(" ", NBSP)
+
+
+def _label(name: str) -> str:
+    """A run folder's or setting's name as it wraps in a table cell: 'beta=10, alpha=0.5'."""
+    return name.replace(",", ", ")
+
+
+def _data(P: dict) -> str:
+    """What the students learned from, in a few words: images, labels, epochs, and what else
+    sets the regime apart (augmentation, CAMKD's published form)."""
+    train = P.get("train_subset") or SPLIT_SIZES[P.get("dataset", "FashionMNIST")][0]
+    words = [f"{train:,} images"]
+    if P.get("labelled_subset"):
+        words.append(f"{P['labelled_subset']:,} labelled")
+    words.append(f"{P.get('student_epochs', 15)} epochs")
+    if P.get("augment", "none") != "none":
+        words.append(f"augment {P['augment']}")
+    if P.get("camkd_form", "kdbook") != "kdbook":
+        words.append(f"CAMKD {P['camkd_form']} (alpha {P.get('alpha')}, beta {P.get('beta')})")
+    return ", ".join(words)
+
+
+def _teachers(run: Path) -> str:
+    path = run / "teachers.json"
+    if not path.is_file():
+        return "—"
+    return " / ".join(f"{t['test_acc']:.1f}" for t in json.loads(path.read_text())["teachers"])
+
+
+def _pair(frame: pd.DataFrame, a: str, b: str, cols=("method_a", "method_b")) -> str:
+    hit = frame[(frame[cols[0]] == a) & (frame[cols[1]] == b)] if len(frame) else frame
+    if not len(hit):
+        return "—"
+    r = hit.iloc[0]
+    return _interval(r["mean_diff"], r["ci_low"], r["ci_high"], signed=True, p=r["p_value"])
+
+
+def _best(accuracy: dict) -> str:
+    """'vanilla 89.57 (89.16 to 89.98)' for {method: (mean, low, high)}."""
+    best = max(accuracy, key=lambda m: accuracy[m][0])
+    return f"{NAMES.get(best, best)} " + _interval(*accuracy[best])
+
+
+def run_answer(run: Path) -> dict:
+    """The answer row of one run folder, from its results.csv and comparison.csv."""
+    results = pd.read_csv(run / "results.csv")
+    try:
+        comparison = pd.read_csv(run / "comparison.csv")
+    except pd.errors.EmptyDataError:
+        comparison = pd.DataFrame()
+    students = results[results["role"] == "student"]
+    accuracy = {}
+    for name, group in students.groupby("name", sort=False):
+        ci = mean_ci(group["test_acc"])
+        accuracy[name] = (ci["mean"], ci["ci_low"], ci["ci_high"])
+    P = yaml.safe_load((run / "params.yaml").read_text())
+    return {"question": _label(run.name), "data": _data(P), "teachers %": _teachers(run),
+            "seeds": int(students.groupby("name")["seed"].count().max()), "best student %": _best(accuracy),
+            "CAMKD − vanilla": _pair(comparison, "camkd", "vanilla"),
+            "KD − scratch": _pair(comparison, "vanilla", "scratch"), "record": run}
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, list):
+        a = format_value(a)
+    try:
+        return float(a) == float(b)
+    except (TypeError, ValueError):
+        return str(a) == str(b)
+
+
+def sweep_answers(sweep: Path) -> list[dict]:
+    """One answer row per setting of a sweep (runs that split a setting's seeds or methods
+    pool into one row, named as its run folders are), from sweep_summary.csv and
+    sweep_differences.csv."""
+    summary = pd.read_csv(sweep / "sweep_summary.csv")
+    diffs = pd.read_csv(sweep / "sweep_differences.csv")
+    keys = [k for k in summary.columns[:list(summary.columns).index("method")] if k != "setting"]
+    rows = {}
+    for run in yaml.safe_load((sweep / "sweep.yaml").read_text())["runs"]:
+        label = setting_label(run["name"])
+        folder = sweep / run["name"]
+        if label in rows or not (folder / "params.yaml").is_file():
+            continue
+        P = yaml.safe_load((folder / "params.yaml").read_text())
+
+        def mine(frame):
+            mask = pd.Series(True, index=frame.index)
+            for k in keys:
+                mask &= frame[k].map(lambda v, k=k: _same(P.get(k), v))
+            return frame[mask]
+
+        own, pairs = mine(summary), mine(diffs)
+        acc = own[own["metric"] == "accuracy"]
+        if acc.empty:
+            continue
+        accuracy = {r["method"]: (r["mean"], r["ci_low"], r["ci_high"]) for _, r in acc.iterrows()}
+        rows[label] = {"question": _label(label), "data": _data(P), "teachers %": _teachers(folder),
+                       "seeds": int(acc["n"].max()), "best student %": _best(accuracy),
+                       "CAMKD − vanilla": _pair(pairs, "camkd", "vanilla"),
+                       "KD − scratch": _pair(pairs, "vanilla", "scratch"), "record": folder}
+    return list(rows.values())
+
+
+def answers(root: Path = ROOT) -> list[dict]:
+    rows = [run_answer(root / REFERENCE)] if (root / REFERENCE / "results.csv").is_file() else []
+    for sweep in SWEEPS:
+        if (root / sweep / "sweep_summary.csv").is_file():
+            rows += sweep_answers(root / sweep)
+    return rows
+
+
+def answers_markdown(rows: list[dict], link: Callable[[Path], str], root: Path = ROOT) -> str:
+    """The answers as a markdown table; ``link`` turns a record folder into the link target."""
+    lines = ["| question (its record) | students learned from | teachers % | seeds | best student, accuracy % | "
+             "CAMKD − vanilla | KD − scratch |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| [{r['question']}]({link(r['record'])}) | {r['data']} | {r['teachers %']} | {r['seeds']} | "
+                     f"{r['best student %']} | {r['CAMKD − vanilla']} | {r['KD − scratch']} |")
+    lines += ["", "Test accuracy at the final epoch; mean (95% CI) over seeds; differences paired by seed, "
+                  "\\* where paired t p < 0.05; KD is vanilla multi-teacher KD; teachers' test accuracy as trained "
+                  "for that question. Generated by `python -m kdlib.blocks` from the records' CSV files."]
+    return "\n".join(lines)
+
+
+def record_page(folder: Path, root: Path = ROOT) -> str:
+    """Where a record folder's page is on the site, relative to a top-level page."""
+    return "records/" + "/".join(folder.relative_to(root / "outputs").parts) + "/index.md"
+
+
+def blocks(root: Path = ROOT) -> list[tuple[str, str, Callable[[], str]]]:
+    """(file, block name, markdown) of every generated block, files relative to ``root``."""
+    from .report import results_markdown, runs_markdown, runs_table
+    from .sweep_analysis import run_markdown
+
+    out = root / "outputs"
+    rows = answers(root)
+    readme_link = lambda f: f.relative_to(root).as_posix() + "/"  # noqa: E731 (the folder on the repository)
+    return [
+        ("README.md", "answers", lambda: answers_markdown(rows, readme_link, root)),
+        ("docs/index.md", "answers", lambda: answers_markdown(rows, lambda f: record_page(f, root), root)),
+        ("docs/results.md", "answers", lambda: answers_markdown(rows, lambda f: record_page(f, root), root)),
+        ("docs/results.md", "results", lambda: results_markdown(out / "fashionmnist")),
+        ("docs/results.md", "book", lambda: runs_markdown(out / "fashionmnist", out / "fashionmnist-timed")),
+        ("docs/results.md", "tuning", lambda: runs_table([out / n for n in ("tune-beta100", "tune-beta33.3",
+                                                                              "tune-beta10", "tune-scratch")])),
+        ("docs/results.md", "tuned", lambda: runs_markdown(out / "fashionmnist", out / "fashionmnist-camkd-beta10")),
+        ("docs/results.md", "schedule", lambda: runs_markdown(out / "fashionmnist", out / "fashionmnist-constant")),
+        ("docs/results.md", "regimes", lambda: run_markdown(out / "regimes")),
+    ]
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m kdlib.blocks", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--root", default=str(ROOT), help="the project root (default: this checkout)")
+    parser.add_argument("--check", action="store_true", help="only say which blocks differ from the records; exit 1 if any")
+    args = parser.parse_args(argv)
+    root = Path(args.root)
+    stale = []
+    for file, name, make in blocks(root):
+        path = root / file
+        before = path.read_text()
+        update_readme(path, make(), name)
+        if args.check:
+            if path.read_text() != before:
+                stale.append(f"{file}: {name}")
+            path.write_text(before)
+        else:
+            print(f"{file}: {name}")
+    if stale:
+        raise SystemExit("out of date: " + "; ".join(stale))
+
+
+if __name__ == "__main__":
+    main()
