@@ -24,6 +24,7 @@ from .stats import NAMES, anchored_pairs, comparison_frame, mean_ci, method_rank
 
 NOT_SETTING = {"run_dir", "threads", "seeds", "methods"}
 METRICS = {"accuracy": "accuracy %", "centroid_fidelity": "KL(C‖S)"}
+NBSP = "\u00a0"  # a number and its interval stay on one line in a table cell
 
 
 @dataclass
@@ -84,7 +85,8 @@ def setting_table(res: SweepResults) -> pd.DataFrame:
         for metric in METRICS:
             values = sub[metric].dropna()
             if len(values):
-                rows.append({**dict(zip(res.keys + ["method"], group)), "metric": metric, **mean_ci(values)})
+                rows.append({"setting": setting_label(sub["run"].iloc[0]), **dict(zip(res.keys + ["method"], group)),
+                             "metric": metric, **mean_ci(values)})
     return pd.DataFrame(rows)
 
 
@@ -120,15 +122,16 @@ def verdict_lines(res: SweepResults, diffs: pd.DataFrame) -> list[str]:
 def _cell(row, digits: int) -> str:
     if np.isnan(row["ci_low"]):
         return f"{row['mean']:.{digits}f}"
-    return f"{row['mean']:.{digits}f} ({row['ci_low']:.{digits}f} to {row['ci_high']:.{digits}f})"
+    return f"{row['mean']:.{digits}f} ({row['ci_low']:.{digits}f} to {row['ci_high']:.{digits}f})".replace(" ", NBSP)
 
 
 def wide_table(table: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
-    """One row per setting; a column per method and metric: 'mean (95% CI)'."""
+    """One row per setting; a column per method and metric: 'mean (95% CI)'. With several
+    keys, a setting is named in one column, as its run folders are (``setting_label``)."""
     table = table.assign(cell=[_cell(r, 2 if r["metric"] == "accuracy" else 3) for _, r in table.iterrows()],
                          column=[f"{NAMES.get(m, m)} {METRICS[k]}" for m, k in zip(table["method"], table["metric"])])
-    seeds = table.groupby(keys, sort=False)["n"].max().rename("seeds") if keys else None
-    index = keys or ["all"]
+    index = (["setting"] if len(keys) > 1 and "setting" in table else keys) or ["all"]
+    seeds = table.groupby(index, sort=False)["n"].max().rename("seeds") if keys else None
     if not keys:
         table = table.assign(all="all runs")
     wide = table.pivot_table(index=index, columns="column", values="cell", aggfunc="first", sort=False)
@@ -138,14 +141,14 @@ def wide_table(table: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     wide.columns.name = None
     if seeds is not None:
         wide.insert(0, "seeds", seeds.reindex(wide.index).to_numpy())
-    return wide
+    return wide.rename(index=lambda name: name.replace(",", ", ")) if index == ["setting"] else wide
 
 
 def _diff_cell(row) -> str:
     if row["seeds"] < 2:
         return f"{row['mean_diff']:+.2f}"
     star = " *" if row["p_value"] < 0.05 else ""
-    return f"{row['mean_diff']:+.2f} ({row['ci_low']:+.2f} to {row['ci_high']:+.2f}){star}"
+    return f"{row['mean_diff']:+.2f} ({row['ci_low']:+.2f} to {row['ci_high']:+.2f}){star}".replace(" ", NBSP)
 
 
 def setting_label(run: str) -> str:

@@ -171,3 +171,16 @@ def test_readme_relative_links_resolve_and_answers_are_generated():
     rows = blocks.answers(ROOT)
     table = blocks.answers_markdown(rows, lambda f: f.relative_to(ROOT).as_posix() + "/", ROOT)
     assert f"<!-- answers:start -->\n{table}\n<!-- answers:end -->" in readme, "make blocks: the README's answers are stale"
+
+
+def test_sweep_table_names_a_setting_in_one_column():
+    """04's per-setting table of a sweep whose settings vary several keys: one `setting`
+    column named as the run folders are, and each number and its interval on one line."""
+    from kdlib import sweep_analysis
+    res = sweep_analysis.load(ROOT / "outputs" / "regimes")
+    assert len(res.keys) > 1
+    wide = sweep_analysis.wide_table(sweep_analysis.setting_table(res), res.keys)
+    assert wide.index.name == "setting" and "labelled_subset=1000" in wide.index
+    assert "augment=crop, teacher_augment=none, student_epochs=24" in wide.index
+    cell = wide.loc["labelled_subset=1000", "CAMKD accuracy %"]
+    assert " " not in cell and sweep_analysis.NBSP in cell

@@ -116,14 +116,15 @@ def test_by_run_table_has_one_row_per_setting_with_paired_differences(tmp_path):
     assert list(table.index) == ["beta=5", "beta=1"]  # the file's order, not sorted
     a = acc["beta=5"]
     low, high = st.t.interval(0.95, 2, loc=np.mean(a["scratch"]), scale=st.sem(a["scratch"]))
-    assert table.loc["beta=5", "scratch accuracy %"] == f"{np.mean(a['scratch']):.2f} ({low:.2f} to {high:.2f})"
+    nbsp = sweep_analysis.NBSP  # a number and its interval on one line
+    assert table.loc["beta=5", "scratch accuracy %"] == f"{np.mean(a['scratch']):.2f} ({low:.2f} to {high:.2f})".replace(" ", nbsp)
     ref = st.ttest_rel(a["vanilla"], a["scratch"])
     ci = ref.confidence_interval()
     star = " *" if ref.pvalue < 0.05 else ""
-    assert table.loc["beta=5", "vanilla − scratch"] == f"{np.mean(a['vanilla']) - np.mean(a['scratch']):+.2f} " \
-        f"({ci.low:+.2f} to {ci.high:+.2f}){star}"
+    assert table.loc["beta=5", "vanilla − scratch"] == (f"{np.mean(a['vanilla']) - np.mean(a['scratch']):+.2f} "
+                                                       f"({ci.low:+.2f} to {ci.high:+.2f}){star}").replace(" ", nbsp)
     b = acc["beta=1"]
-    assert table.loc["beta=1", "CAMKD − vanilla"].startswith(f"{np.mean(b['camkd']) - np.mean(b['vanilla']):+.2f} (")
+    assert table.loc["beta=1", "CAMKD − vanilla"].startswith(f"{np.mean(b['camkd']) - np.mean(b['vanilla']):+.2f}{nbsp}(")
     assert not table.loc["beta=1", "CAMKD − vanilla"].endswith("*")  # -1, +1, -2... not significant
     text = sweep_analysis.run_markdown(tmp_path)
     assert sweep_analysis.setting_label("augment=crop,seeds=2,beta=5") == "augment=crop,beta=5"
@@ -213,7 +214,7 @@ def test_analysis_pools_seeds_per_setting_and_pairs_them(tmp_path):
     assert d["verdict"].startswith("CAMKD vs vanilla: +1.67 points")
     wide = sweep_analysis.wide_table(sweep_analysis.setting_table(res), res.keys)
     assert list(wide.index) == [1.0, 5.0] and list(wide["seeds"]) == [3, 3]
-    assert wide.loc[5.0, "CAMKD accuracy %"] == f"{np.mean(values):.2f} ({low:.2f} to {high:.2f})"
+    assert wide.loc[5.0, "CAMKD accuracy %"] == f"{np.mean(values):.2f} ({low:.2f} to {high:.2f})".replace(" ", sweep_analysis.NBSP)
     text = sweep_analysis.markdown(tmp_path)  # the README block kdlib.report writes
     assert "| beta | seeds | CAMKD accuracy % | CAMKD KL(C‖S) | vanilla accuracy % |" in text
     assert "- beta=1: CAMKD vs vanilla: +1.67 points" in text and "left out): beta=9,seeds=0" in text
