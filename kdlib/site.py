@@ -79,7 +79,8 @@ def parameters_markdown() -> str:
         default = json.dumps(spec.default) if isinstance(spec.default, (list, bool)) else repr(spec.default) \
             if isinstance(spec.default, str) else spec.default
         rows.append([f"`{key}`", f"`{default}`", allowed, " and ".join(spec.identity) or "—", spec.help])
-    return _table(["key", "default", "allowed", "determines", "meaning"], rows)
+    table = _table(["key", "default", "allowed", "determines", "meaning"], rows)
+    return f'<div class="kdbook-params" markdown>\n\n{table}\n\n</div>'  # its keys never break
 
 
 def _params(path: Path) -> dict:
@@ -251,7 +252,7 @@ def stage(root: Path, stage_dir: Path, only: list[str] | None = None) -> list:
     shutil.copytree(root / "docs", stage_dir)
     update_readme(stage_dir / "parameters.md", parameters_markdown(), "parameters")
     found = records(root, only)
-    nav = [{"Overview": "records/index.md"}]
+    nav = [{"All records": "records/index.md"}]
     (stage_dir / "records").mkdir(exist_ok=True)
     (stage_dir / "records" / "index.md").write_text(index_markdown(found, root))
     for folder in found:
@@ -259,16 +260,16 @@ def stage(root: Path, stage_dir: Path, only: list[str] | None = None) -> list:
         _copy_record(folder, stage_dir / rel)
         if (folder / "sweep.json").is_file():
             (stage_dir / rel / "index.md").write_text(sweep_markdown(folder, root))
-            children = [{"Overview": f"{rel}/index.md"}, *_nb_nav(folder, rel)]
+            children = [{f"{folder.name} (sweep)": f"{rel}/index.md"}, *_nb_nav(folder, rel)]
             for run in sweep_runs(folder):
                 run_rel = f"{rel}/{run.name}"
                 _copy_record(run, stage_dir / run_rel)
                 (stage_dir / run_rel / "index.md").write_text(run_markdown(run, root, sweep=folder))
-                children.append({run.name: [{"Overview": f"{run_rel}/index.md"}, *_nb_nav(run, run_rel)]})
+                children.append({run.name: [{run.name: f"{run_rel}/index.md"}, *_nb_nav(run, run_rel)]})
             nav.append({folder.name: children})
         else:
             (stage_dir / rel / "index.md").write_text(run_markdown(folder, root))
-            nav.append({folder.name: [{"Overview": f"{rel}/index.md"}, *_nb_nav(folder, rel)]})
+            nav.append({folder.name: [{folder.name: f"{rel}/index.md"}, *_nb_nav(folder, rel)]})
     mathjax = Path(__import__("jupyter_server_mathjax").__file__).parent / "static"
     shutil.copytree(mathjax, stage_dir / "assets" / "mathjax",
                     ignore=shutil.ignore_patterns("localization"))
