@@ -164,7 +164,7 @@ def run_task(base: str, name: str, overrides: dict, sweep_dir: str, teachers: di
 
 def default_workers(cores: int, runs: int) -> int:
     """CPU workers for ``runs`` runs on ``cores`` cores: one single-threaded worker per core
-    (measured faster than one multi-threaded worker for this model size; see README), never
+    (measured faster than one multi-threaded worker for this model size; see docs/sweeps.md), never
     more workers than runs."""
     return max(1, min(cores, runs))
 
