@@ -145,6 +145,12 @@ def verdict_markdown(run: Path) -> str:
     return headline(results, comparison)
 
 
+def _folded(title: str, path: Path, lang: str = "yaml") -> list[str]:
+    """A file's text in a block the reader opens with one click."""
+    body = "\n".join("    " + line for line in [f"```{lang}", *path.read_text().rstrip().splitlines(), "```"])
+    return [f'??? note "{title}"', "", body, ""]
+
+
 def _files(run: Path) -> str:
     files = sorted(p for p in run.iterdir() if p.is_file() and p.suffix in COPIED)
     return ", ".join(f"[`{p.name}`]({p.name})" for p in files)
@@ -164,6 +170,8 @@ def run_markdown(run: Path, root: Path, sweep: Path | None = None) -> str:
         parts += [f"One run of the sweep [`{sweep.name}`](../index.md).", ""]
     parts += ["## Verdict", "", verdict_markdown(run), "", "## What it asked", "",
               asked_markdown(run, root, base), ""]
+    if (run / "params.yaml").is_file():
+        parts += _folded("Every parameter (params.yaml)", run / "params.yaml")
     nbs = _notebooks(run)
     if nbs:
         parts += ["## Executed notebooks", "", "Rendered from their stored outputs:", ""]
@@ -185,7 +193,10 @@ def sweep_markdown(sweep: Path, root: Path) -> str:
     rows = sweep_answers(sweep) if (sweep / "sweep_summary.csv").is_file() else []
     parts = [f"# `{sweep.name}` (sweep)", "",
              f"Sweep file `{record.get('sweep')}` on base `{record.get('base')}`; {len(runs)} runs, status "
-             f"{record.get('status')}, {record.get('cluster', '')}.", "", "## Verdict", ""]
+             f"{record.get('status')}, {record.get('cluster', '')}.", ""]
+    if record.get("sweep") and (root / record["sweep"]).is_file():
+        parts += _folded(f"What it asked ({record['sweep']})", root / record["sweep"])
+    parts += ["## Verdict", ""]
     if rows:
         parts += [answers_markdown(rows, lambda f: f.name + "/index.md", root), ""]
         diffs = pd.read_csv(sweep / "sweep_differences.csv")
