@@ -20,13 +20,9 @@ import yaml
 
 from .data import SPLIT_SIZES
 from .params import format_value
+from .records import update_readme
 from .stats import NAMES, mean_ci
 from .sweep_analysis import setting_label
-
-try:  # the marker mechanism moved to kdlib.records
-    from .records import update_readme
-except ImportError:  # pragma: no cover - older tree
-    from .report import update_readme
 
 ROOT = Path(__file__).resolve().parent.parent
 NBSP = "\u00a0"  # a number and its interval stay on one line
@@ -140,7 +136,8 @@ def sweep_answers(sweep: Path) -> list[dict]:
         rows[label] = {"question": _label(label), "data": _data(P), "teachers %": _teachers(folder),
                        "seeds": int(acc["n"].max()), "best student %": _best(accuracy),
                        "CAMKD − vanilla": _pair(pairs, "camkd", "vanilla"),
-                       "KD − scratch": _pair(pairs, "vanilla", "scratch"), "record": folder}
+                       "KD − scratch": _pair(pairs, "vanilla", "scratch"), "record": folder,
+                       "verdicts": list(pairs["verdict"]) if "verdict" in pairs else []}
     return list(rows.values())
 
 

@@ -22,11 +22,7 @@ import pandas as pd
 import yaml
 
 from .blocks import NBSP, answers_markdown, record_page, run_answer, sweep_answers
-
-try:  # the marker mechanism moved to kdlib.records
-    from .records import update_readme
-except ImportError:  # pragma: no cover - older tree
-    from .report import update_readme
+from .records import update_readme
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGE = Path("build/site-src")
@@ -199,18 +195,7 @@ def sweep_markdown(sweep: Path, root: Path) -> str:
     parts += ["## Verdict", ""]
     if rows:
         parts += [answers_markdown(rows, lambda f: f.name + "/index.md", root), ""]
-        diffs = pd.read_csv(sweep / "sweep_differences.csv")
-        if "verdict" in diffs:
-            keys = list(diffs.columns[:list(diffs.columns).index("pair")])
-            labels = {}
-            for run in runs:
-                from .sweep_analysis import setting_label
-                P = yaml.safe_load((run / "params.yaml").read_text())
-                labels.setdefault(tuple(str(P.get(k)) for k in keys), setting_label(run.name))
-            for _, row in diffs.iterrows():
-                key = tuple(str(row[k]) if not isinstance(row[k], float) else str(row[k]) for k in keys)
-                parts.append(f"- `{labels.get(key, ', '.join(f'{k}={row[k]}' for k in keys))}`: {row['verdict']}")
-            parts.append("")
+        parts += [f"- {r['question']}: {verdict}" for r in rows for verdict in r["verdicts"]] + [""]
     parts += ["## The sweep's notebook", ""] + [f"- [{nb.stem}]({nb.name})" for nb in _notebooks(sweep)] + [""]
     figures = [f for f in ("sweep_accuracy.png", "sweep_fidelity.png") if (sweep / f).is_file()]
     parts += [f"![{f}]({f})" for f in figures] + [""]
