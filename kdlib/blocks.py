@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -196,16 +198,17 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     root = Path(args.root)
     stale = []
-    for file, name, make in blocks(root):
-        path = root / file
-        before = path.read_text()
-        update_readme(path, make(), name)
-        if args.check:
-            if path.read_text() != before:
+    with tempfile.TemporaryDirectory() as tmp:
+        for file, name, make in blocks(root):
+            path = root / file
+            if args.check:  # on a copy: the page itself is left as it is
+                path = Path(shutil.copy(path, Path(tmp) / path.name))
+            before = path.read_text()
+            update_readme(path, make(), name)
+            if args.check and path.read_text() != before:
                 stale.append(f"{file}: {name}")
-            path.write_text(before)
-        else:
-            print(f"{file}: {name}")
+            elif not args.check:
+                print(f"{file}: {name}")
     if stale:
         raise SystemExit("out of date: " + "; ".join(stale))
 
