@@ -35,9 +35,11 @@ class Key:
     identity: tuple = ()  # which trained models the key determines: "teacher", "student", both or none
     per_teacher: bool = False  # a mapping teacher name -> setting: in a teacher's identity only its own entry
     omit_default: bool = False  # in identities only when not the default: models made before the key keep theirs
+    read_by: tuple | None = None  # the only methods whose training reads the key (None: every method)
 
 
 T, S, TS = ("teacher",), ("student",), ("teacher", "student")
+KD = tuple(m for m, cls in METHODS.items() if cls.learns_from_teachers)  # the methods that learn from teachers
 
 
 SCHEMA: dict[str, Key] = {
@@ -71,10 +73,11 @@ SCHEMA: dict[str, Key] = {
     "teacher_lr_schedule": Key("same", str, "teachers' schedule ('same' = lr_schedule)",
                                ("same", "cosine", "constant"), identity=T),
     "weight_decay": Key(0.0, float, "Adam weight decay", min=0, identity=TS),
-    "temperature": Key(4.0, float, "distillation temperature T", min=0, exclusive_min=True, identity=S),
-    "alpha": Key(0.7, float, "weight of the KL (logit) term", min=0, identity=S),
-    "beta": Key(100.0, float, "weight of CAMKD's feature term", min=0, identity=S),
-    "hint_layer": Key(-2, int, "feature index for CAMKD's feature term (-2 = last conv stage)", identity=S),
+    "temperature": Key(4.0, float, "distillation temperature T", min=0, exclusive_min=True, identity=S, read_by=KD),
+    "alpha": Key(0.7, float, "weight of the KL (logit) term", min=0, identity=S, read_by=KD),
+    "beta": Key(100.0, float, "weight of CAMKD's feature term", min=0, identity=S, read_by=("camkd",)),
+    "hint_layer": Key(-2, int, "feature index for CAMKD's feature term (-2 = last conv stage)", identity=S,
+                      read_by=("camkd",)),
     "fidelity_freq": Key(1, int, "compute fidelity metrics every N epochs", min=1),
     "precision": Key("fp32", str, "fp32, or bf16 autocast", ("fp32", "bf16"), identity=TS),
     "augment": Key("none", str, "batch augmentation of the training images: none, crop (random shifts of up "
@@ -87,9 +90,10 @@ SCHEMA: dict[str, Key] = {
                            "scratch trains on the labelled images only (0 = every image labelled)", min=0,
                            identity=S),
     "label_smoothing": Key(0.1, float, "label_smoothing method: eps of its smoothed targets, (1 - eps) one-hot + "
-                           "eps uniform", min=0, max=1, identity=S, omit_default=True),
+                           "eps uniform", min=0, max=1, identity=S, omit_default=True, read_by=("label_smoothing",)),
     "camkd_form": Key("kdbook", str, "camkd's loss: kdbook (no extra 1/M, detached feature weights, ConvReg) "
-                      "or official (Rorozhl/CA-MKD as published)", ("kdbook", "official"), identity=S),
+                      "or official (Rorozhl/CA-MKD as published)", ("kdbook", "official"), identity=S,
+                      read_by=("camkd",)),
     "cache_teachers": Key(True, bool, "run each frozen teacher once and cache its outputs", identity=S),
     "compile": Key(False, bool, "torch.compile the model being trained (off: no measured win on CPU)"),
     "device": Key("auto", str, "auto (CUDA, MPS, CPU) or a torch device name"),
@@ -250,13 +254,16 @@ def load_params(path: str | Path) -> dict:
 
 
 def format_value(value) -> str:
-    """A value as it appears in a run folder name: 10.0 -> 10, [a, b] -> a+b."""
+    """A value as it appears in a run folder name: 10.0 -> 10, [a, b] -> a+b, a pair
+    [[0, 6], [2, 4]] -> 0-6+2-4, a mapping {teacher_resnet: 0.4} -> teacher_resnet-0.4."""
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, float):
         return f"{value:g}"
     if isinstance(value, list):
-        return "+".join(format_value(v) for v in value)
+        return "+".join("-".join(map(format_value, v)) if isinstance(v, list) else format_value(v) for v in value)
+    if isinstance(value, dict):
+        return "+".join(f"{k}-{format_value(v)}" for k, v in value.items())
     return str(value)
 
 

@@ -22,9 +22,12 @@ METHOD_ORDER = list(NAMES)  # how methods are listed and paired: camkd - X and X
 ANCHORS = ("camkd", "scratch")  # the headline compares every method with these two
 
 
-def method_rank(method: str) -> int:
-    """A method's place in ``METHOD_ORDER`` (an unknown one after all of them)."""
-    return METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+def method_rank(method: str) -> float:
+    """A method's place in ``METHOD_ORDER`` (an unknown one after all of them); a
+    variant (``camkd[beta=0]``, ``kdlib.sweep_analysis``) right after its method."""
+    base = method.split("[")[0]
+    rank = METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER)
+    return rank + 0.5 * (base != method)
 
 
 def paired_t(a, b, confidence: float = 0.95) -> dict:

@@ -7,6 +7,11 @@ KL(C||S) as mean and 95% t interval over seeds (``stats.mean_ci``); per setting 
 paired differences of every pair of methods over seeds, with McNemar on per-image
 correctness (``stats.comparison_frame``) and a plain verdict; tables and verdicts show
 those of every method against scratch and against camkd (``stats.anchored_pairs``).
+
+A run that sets a key only its own methods read (``read_by`` in ``kdlib.params.SCHEMA``)
+away from the value the other runs share trains a *variant* of its method, not another
+setting: ``{methods: [camkd], beta: 0}`` beside the seed recipe's runs is
+``camkd[beta=0]``, a method of that setting, paired with the others by seed.
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from .params import format_value
+from .params import SCHEMA, format_value
 from .stats import NAMES, anchored_pairs, comparison_frame, mean_ci, method_rank, verdict
 
 NOT_SETTING = {"run_dir", "threads", "seeds", "methods"}
@@ -34,10 +39,32 @@ class SweepResults:
     settings: dict = field(default_factory=dict)  # setting tuple -> {"metrics": {...}, "predictions": {...}}
     skipped: list[str] = field(default_factory=list)  # runs without a finished record
     eval_split: str = "test"
+    variant_keys: dict = field(default_factory=dict)  # key -> the value that is no variant (``variant_keys``)
 
 
 def _value(v):
-    return format_value(v) if isinstance(v, list) else v
+    return format_value(v) if isinstance(v, (list, dict)) else v
+
+
+def variant_keys(params: dict[str, dict]) -> dict:
+    """``{key: reference value}`` for each key (with ``read_by``) that some runs set away
+    from the value shared by every run training a method that does not read it, all
+    those runs training only methods that do: in them it names a method variant."""
+    out = {}
+    for key, spec in SCHEMA.items():
+        if spec.read_by is None:
+            continue
+        readers = set(spec.read_by)
+        shared = {json.dumps(P.get(key)) for P in params.values() if not set(P["methods"]) <= readers}
+        if len(shared) == 1 and any(json.dumps(P.get(key)) not in shared for P in params.values()):
+            out[key] = json.loads(shared.pop())
+    return out
+
+
+def method_label(method: str, P: dict, variants: dict) -> str:
+    """``method``, or its variant in run ``P``: ``camkd[beta=0]``."""
+    own = [f"{k}={format_value(P.get(k))}" for k, ref in variants.items() if P.get(k) != ref]
+    return f"{method}[{','.join(own)}]" if own else method
 
 
 def load(sweep_dir: str | Path) -> SweepResults:
@@ -56,25 +83,28 @@ def load(sweep_dir: str | Path) -> SweepResults:
     if not params:
         raise FileNotFoundError(f"{sweep_dir}: no finished run yet (sweep.json says how far it got)")
     named = list(dict.fromkeys(k for run in order for k in run["overrides"]))
+    variants = variant_keys(params)
     keys = [k for k in named + [k for k in next(iter(params.values())) if k not in named]
-            if k not in NOT_SETTING and len({json.dumps(p.get(k)) for p in params.values()}) > 1]
+            if k not in NOT_SETTING and k not in variants and len({json.dumps(p.get(k)) for p in params.values()}) > 1]
     rows, settings, splits = [], {}, set()
     for name, P in params.items():
         setting = tuple(_value(P.get(k)) for k in keys)
         merged = settings.setdefault(setting, {"metrics": {}, "predictions": {}})
-        with np.load(sweep_dir / name / "predictions.npz") as npz:
-            merged["predictions"].update(dict(npz))
+        label = {m: method_label(m, P, variants) for m in P["methods"]}
+        with np.load(sweep_dir / name / "predictions.npz") as npz:  # keys "<method>/seed<k>", "teacher/<name>"
+            merged["predictions"].update({label.get(k.split("/")[0], k.split("/")[0]) + k[len(k.split("/")[0]):]: v
+                                          for k, v in npz.items()})
         for method in P["methods"]:
             metrics = json.loads((sweep_dir / name / f"metrics_{method}.json").read_text())
             splits.add(metrics.get("eval_split", "test"))
-            merged["metrics"].setdefault(method, {"runs": []})["runs"].extend(metrics["runs"])
+            merged["metrics"].setdefault(label[method], {"runs": []})["runs"].extend(metrics["runs"])
             for r in metrics["runs"]:
-                rows.append({"run": name, **dict(zip(keys, setting)), "method": method, "seed": r["seed"],
+                rows.append({"run": name, **dict(zip(keys, setting)), "method": label[method], "seed": r["seed"],
                              "accuracy": r["test_acc"],
                              "centroid_fidelity": (r.get("fidelity") or {}).get("centroid_fidelity")})
     for merged in settings.values():  # methods in the canonical order, whatever order the runs listed them
         merged["metrics"] = {m: merged["metrics"][m] for m in sorted(merged["metrics"], key=method_rank)}
-    return SweepResults(keys, pd.DataFrame(rows), settings, skipped, "/".join(sorted(splits)))
+    return SweepResults(keys, pd.DataFrame(rows), settings, skipped, "/".join(sorted(splits)), variants)
 
 
 def setting_table(res: SweepResults) -> pd.DataFrame:
@@ -85,7 +115,8 @@ def setting_table(res: SweepResults) -> pd.DataFrame:
         for metric in METRICS:
             values = sub[metric].dropna()
             if len(values):
-                rows.append({"setting": setting_label(sub["run"].iloc[0]), **dict(zip(res.keys + ["method"], group)),
+                rows.append({"setting": setting_label(sub["run"].iloc[0], res.variant_keys),
+                             **dict(zip(res.keys + ["method"], group)),
                              "metric": metric, **mean_ci(values)})
     return pd.DataFrame(rows)
 
@@ -151,10 +182,12 @@ def _diff_cell(row) -> str:
     return f"{row['mean_diff']:+.2f} ({row['ci_low']:+.2f} to {row['ci_high']:+.2f}){star}".replace(" ", NBSP)
 
 
-def setting_label(run: str) -> str:
-    """A run's name without its ``seeds=...`` and ``methods=...`` parts: the name of the
-    setting it pools into (runs may split one setting's seeds, or its methods, between them)."""
-    return re.sub(r"(^|,)(seeds|methods)=[^,]*", "", run).lstrip(",") or "base"
+def setting_label(run: str, variants=()) -> str:
+    """A run's name without its ``seeds=...`` and ``methods=...`` parts (and those of the
+    ``variants``' keys, which name a method's variant): the name of the setting it pools
+    into (runs may split one setting's seeds, or its methods, between them)."""
+    parts = "|".join(["seeds", "methods", *map(re.escape, variants)])
+    return re.sub(rf"(^|,)({parts})=[^,]*", "", run).lstrip(",") or "base"
 
 
 def run_table(res: SweepResults) -> pd.DataFrame:
@@ -167,7 +200,7 @@ def run_table(res: SweepResults) -> pd.DataFrame:
     table, diffs = setting_table(res), differences(res)
     rows = {}
     for run in dict.fromkeys(res.frame["run"]):
-        label = setting_label(run)
+        label = setting_label(run, res.variant_keys)
         if label in rows:
             continue
         first = res.frame[res.frame["run"] == run].iloc[0]
@@ -196,7 +229,8 @@ def run_markdown(sweep_dir: str | Path) -> str:
     sweep_dir = Path(sweep_dir)
     res = load(sweep_dir)
     table = run_table(res)
-    labels = {tuple(row[k] for k in res.keys): setting_label(row["run"]) for _, row in res.frame.iterrows()}
+    labels = {tuple(row[k] for k in res.keys): setting_label(row["run"], res.variant_keys)
+              for _, row in res.frame.iterrows()}
     lines = [f"Sweep `{sweep_dir.name}`: {len(table)} settings ({res.frame['run'].nunique()} runs), {res.eval_split} "
              "split, final epoch; accuracy as mean (95% CI over seeds); differences paired by seed, mean "
              "(95% CI), * where paired t p < 0.05.", "",

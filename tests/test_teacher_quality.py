@@ -3,6 +3,7 @@
 a method uses, split by where each teacher is right and wrong."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import matplotlib
@@ -431,3 +432,90 @@ def test_book_trains_a_degraded_teacher_and_a_narrow_student_and_records_the_wei
     assert "teacher_weights" not in vanilla["runs"][0]
     saved = json.loads((tmp_path / "run" / "metrics_camkd.json").read_text())["runs"][0]["teacher_weights"]
     assert saved == json.loads(json.dumps(tw))
+
+
+# ---------------------------------------------------------------- the sweep: its file, and method variants
+def test_teacher_quality_sweep_expands_to_valid_runs():
+    from kdlib.sweep import expand
+    base, runs = expand(ROOT / "params/sweeps/teacher-quality.yaml")
+    assert base.endswith("params/fashionmnist.yaml") and len({r.name for r in runs}) == len(runs)
+    for run in runs:
+        P = run.P
+        assert (P["train_subset"], P["test_subset"], P["student_epochs"]) == (0, 0, 15)
+        assert P["teachers"] == ["teacher_cnn1", "teacher_cnn2", "teacher_resnet"] and P["teacher_epochs"] == 20
+    settings = {(json.dumps(r.P["teacher_label_noise"]), json.dumps(r.P["teacher_class_swap"]), r.P["student_width"])
+                for r in runs}
+    assert len(settings) == 5
+    every = {"scratch", "label_smoothing", "vanilla", "camkd", "camkd[beta=0]"}
+    by_setting = {}
+    for r in runs:
+        key = (json.dumps(r.P["teacher_label_noise"]), json.dumps(r.P["teacher_class_swap"]), r.P["student_width"])
+        for m in r.P["methods"]:
+            variant = ("[beta=0]" if r.P["beta"] == 0 else "") + \
+                ("[official]" if r.P["camkd_form"] == "official" else "")
+            assert not variant or r.P["methods"] == ["camkd"]  # a variant run trains the variant alone
+            by_setting.setdefault(key, {}).setdefault(m + variant, set()).update(r.P["seeds"])
+    for key, methods in by_setting.items():
+        assert every <= set(methods), key
+        assert all(seeds == {0, 1, 2} for seeds in methods.values()), key
+    swapped = (json.dumps({}), json.dumps({"teacher_resnet": [[0, 6], [2, 4]]}), 1.0)
+    for key in ((json.dumps({}), json.dumps({}), 1.0), swapped):
+        assert {"aver", "ebkd", "aekd", "camkd[official]"} <= set(by_setting[key])
+    official = next(r.P for r in runs if r.P["camkd_form"] == "official")
+    assert (official["alpha"], official["beta"]) == (1.0, 50.0)
+    assert runs[0].overrides["teacher_class_swap"] == {"teacher_resnet": [[0, 6], [2, 4]]}  # the cheapest first
+
+
+def fake_run(folder: Path, name: str, overrides: dict, acc: dict, runs: list) -> None:
+    """A finished run record: acc = {method: {seed: accuracy}}; predictions right on the
+    first round(accuracy) of 100 labels."""
+    import json
+    import numpy as np
+    import yaml
+    labels = np.arange(100) % 10
+    run = folder / name
+    run.mkdir(parents=True)
+    (run / "params.yaml").write_text(yaml.safe_dump(validate(dict(overrides))))
+    (run / "manifest.json").write_text(json.dumps({"status": "finished"}))
+    preds = {"labels": labels}
+    for method, by_seed in acc.items():
+        (run / f"metrics_{method}.json").write_text(json.dumps({"method": method, "eval_split": "test", "runs": [
+            {"seed": s, "test_acc": a, "fidelity": {"centroid_fidelity": 0.1}} for s, a in by_seed.items()]}))
+        for s, a in by_seed.items():
+            preds[f"{method}/seed{s}"] = np.where(np.arange(100) < round(a), labels, (labels + 1) % 10)
+    np.savez(run / "predictions.npz", **preds)
+    runs.append({"name": name, "overrides": overrides})
+
+
+def test_a_run_changing_only_its_methods_key_is_a_variant_of_that_method_in_the_setting(tmp_path):
+    import yaml
+    from kdlib import sweep_analysis
+    from kdlib.sweep import run_name
+    seeds = {0: 0.0, 1: 2.0, 2: 1.0}
+    runs = []
+    for swap in ({}, {"teacher_resnet": [[0, 6]]}):
+        shift = 5.0 * bool(swap)
+        main_run = {"teacher_class_swap": swap, "methods": ["camkd", "vanilla", "scratch"], "seeds": [0, 1, 2]}
+        fake_run(tmp_path, run_name(main_run), main_run,
+                 {"camkd": {s: 80 + d - shift for s, d in seeds.items()},
+                  "vanilla": {s: 79 + d - shift for s, d in seeds.items()},
+                  "scratch": {s: 75 + d for s, d in seeds.items()}}, runs)
+        for s in seeds:  # CAMKD's weighting alone: one run per seed
+            variant = {"teacher_class_swap": swap, "methods": ["camkd"], "beta": 0.0, "seeds": [s]}
+            fake_run(tmp_path, run_name(variant), variant, {"camkd": {s: 83 + seeds[s] - shift}}, runs)
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump({"runs": runs}))
+    res = sweep_analysis.load(tmp_path)
+    assert res.keys == ["teacher_class_swap"] and res.variant_keys == {"beta": 100.0}
+    assert set(res.frame["method"]) == {"camkd", "camkd[beta=0]", "vanilla", "scratch"}
+    assert set(res.frame["teacher_class_swap"]) == {"", "teacher_resnet-0-6"}
+    diffs = sweep_analysis.differences(res).set_index(["teacher_class_swap", "pair"])
+    d = diffs.loc[("teacher_resnet-0-6", "camkd - camkd[beta=0]")]  # listed right after camkd
+    assert d["seeds"] == 3 and d["mean_diff"] == pytest.approx(-3.0) and d["only_b_correct"] == 9
+    assert diffs.loc[("", "camkd[beta=0] - scratch"), "mean_diff"] == pytest.approx(8.0)
+    table = sweep_analysis.run_table(res)
+    assert list(table["setting"]) == ["teacher_class_swap=", "teacher_class_swap=teacher_resnet-0-6"]
+    assert "camkd[beta=0] accuracy %" in table.columns and list(table["seeds"]) == [3, 3]
+    assert sweep_analysis.setting_label("teacher_class_swap=x,methods=camkd,beta=0,seeds=1", {"beta": 100.0}) == \
+        "teacher_class_swap=x"
+    # a key that runs of other methods also change is a setting, as before
+    assert sweep_analysis.variant_keys({"a": validate({"beta": 0.0}), "b": validate({})}) == {}
