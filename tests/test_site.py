@@ -76,8 +76,12 @@ def test_every_internal_link_and_image_resolves(site):
         for ref in parser.refs:
             if ref.startswith(("http://", "https://", "//")):
                 outside.append((page.name, ref))
-            elif _local(ref) and not (page.parent / unquote(urlsplit(ref).path)).exists():
-                broken.append((str(page.relative_to(site)), ref))
+            elif _local(ref):
+                target = page.parent / unquote(urlsplit(ref).path)
+                anchor = urlsplit(ref).fragment
+                if not target.exists() or (anchor and target.suffix == ".html"
+                                           and f'id="{anchor}"' not in target.read_text()):
+                    broken.append((str(page.relative_to(site)), ref))
     assert not broken, broken[:10]
     # links to other hosts are allowed (a reader may follow them); nothing is loaded from one
     assert not [r for r in outside if r[1].endswith((".js", ".css", ".woff", ".woff2", ".png", ".svg"))], outside
