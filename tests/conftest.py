@@ -39,8 +39,7 @@ def restore_global_state():
     os.environ.update(env)
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ["-p", "train_subset=600", "-p", "test_subset=300", "-p", "teacher_epochs=1", "-p", "student_epochs=1",
-        "-p", "seeds=[0]"]
+SMOKE_SIZE = ["-p", "train_subset=1000", "-p", "test_subset=500"]
 
 
 def fashion_mnist_subset(tmp_path_factory, train_subset: int, test_subset: int):
@@ -62,17 +61,19 @@ def student_id(method: str, seed: int = 0, **params) -> dict:
     P = validate(params)
     return student_identity(P, method, seed, {n: f"sha-{n}" for n in P["teachers"]})
 @pytest.fixture(scope="session")
-def tiny_book(tmp_path_factory):
-    """The whole book through ``python -m kdlib run`` on a tiny real Fashion-MNIST subset
-    (600/300 images, 1 epoch, seed 0), in a project root of its own (``KDBOOK_ROOT``):
+def smoke_book(tmp_path_factory):
+    """The whole book through ``python -m kdlib run params/smoke.yaml`` on a small real
+    Fashion-MNIST subset (SMOKE_SIZE: 1,000/500 images; the file's 2 teacher and student
+    epochs, 3 teachers, 3 methods, seeds 0 and 1), in a project root of its own
+    (``KDBOOK_ROOT``), run once for every test that reads a whole book's record:
     ``(run folder, project root, what the terminal showed: stdout and stderr as one stream)``."""
     if not (DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file():
         pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
     project = tmp_path_factory.mktemp("project")
     env = dict(os.environ, KDBOOK_ROOT=str(project),
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, "-m", "kdlib", "run", "params/smoke.yaml", "--name", "tiny",
-                           "--outputs", str(project / "outputs"), *TINY], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, "-m", "kdlib", "run", "params/smoke.yaml",
+                           "--outputs", str(project / "outputs"), *SMOKE_SIZE], cwd=ROOT, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:]
-    return project / "outputs" / "tiny", project, proc.stdout
+    return project / "outputs" / "smoke", project, proc.stdout

@@ -50,10 +50,10 @@ def page(browser):
 
 # ---------------------------------------------------------------- the executed book's HTML
 @pytest.mark.parametrize("notebook", NOTEBOOKS)
-def test_html_reads_in_chromium(tiny_book, page, notebook):
+def test_html_reads_in_chromium(smoke_book, page, notebook):
     """Every figure loads, no error or warning output is shown, 03 gives the verdict,
     and no path of the machine that ran it appears (text or markup)."""
-    run, project, _ = tiny_book
+    run, project, _ = smoke_book
     html = run / Path(notebook).with_suffix(".html")
     page.goto(html.as_uri())
     images = page.evaluate("() => [...document.images].map(i => [i.complete, i.naturalWidth])")
