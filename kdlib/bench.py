@@ -13,6 +13,10 @@ beta 100, hint_layer -2), for
 * ``camkd_official``: the same with ``camkd_form: official`` (``CalWeight``: pooling or
   resizing, then a 1x1 ``Embed``, instead of ``ConvReg``'s 5x5 conv for teacher_vgg's
   3x3 map; the teachers' heads run with their graph);
+* ``aver``, ``ebkd``, ``aekd``: the CA-MKD paper's baselines (``kdlib.distillers``),
+  teacher logits from the cache as for vanilla; aekd's one-class SVM (scikit-learn)
+  runs on the CPU once per batch; ``label_smoothing``: the student alone with smoothed
+  labels;
 * ``vanilla_live``, ``camkd_live``: the same, teachers run on every batch;
 * ``scratch_crop``, ``vanilla_crop``, ``camkd_crop``: ``augment: crop``; vanilla's
   teacher logits on each image's view served from the view cache
@@ -207,7 +211,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=1, help="timed passes per method; the fastest is kept")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps per method before timing")
     ap.add_argument("--step-rounds", type=int, default=STEP_ROUNDS,
-                    help="rounds of single steps taken in turn (scratch, vanilla, camkd, camkd_official)")
+                    help=f"rounds of single steps taken in turn ({', '.join(FLOP_METHODS)})")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     ap.add_argument("--device", default=None, help="auto (default), cpu, cuda, ...")
     ap.add_argument("--data-root", default=None, help="torchvision's data folder (default: data)")

@@ -24,10 +24,12 @@ from .assemble import teacher_bank
 from .train import TrainConfig, iterate, pick_device, predict_logits, seed_everything, set_threads, train_epoch
 from .teachers import freeze
 
-METHODS = ["scratch", "vanilla", "camkd", "camkd_official", "vanilla_live", "camkd_live", "scratch_crop",
-           "vanilla_crop", "camkd_crop", "seed_style"]
+BASELINES = ["aver", "ebkd", "aekd", "label_smoothing"]  # the CA-MKD paper's baselines and a teacher-free control
+METHODS = ["scratch", "vanilla", "camkd", "camkd_official", *BASELINES, "vanilla_live", "camkd_live",
+           "scratch_crop", "vanilla_crop", "camkd_crop", "seed_style"]
 RATIOS = {"vanilla/scratch": ("vanilla", "scratch"), "camkd/scratch": ("camkd", "scratch"),
-          "camkd_official/scratch": ("camkd_official", "scratch"), "seed_style/vanilla": ("seed_style", "vanilla"),
+          "camkd_official/scratch": ("camkd_official", "scratch"),
+          **{f"{m}/scratch": (m, "scratch") for m in BASELINES}, "seed_style/vanilla": ("seed_style", "vanilla"),
           "vanilla_live/vanilla": ("vanilla_live", "vanilla"), "camkd_live/camkd": ("camkd_live", "camkd"),
           "vanilla_crop/scratch_crop": ("vanilla_crop", "scratch_crop"),
           "camkd_crop/scratch_crop": ("camkd_crop", "scratch_crop")}
@@ -37,6 +39,11 @@ DESCRIPTIONS = {
     "camkd": "CAMKD (logit + feature terms), teacher outputs from the cache",
     "camkd_official": "CAMKD as published (camkd_form: official: CalWeight regressors, feature weights "
                       "with gradients), teacher outputs from the cache",
+    "aver": "AVER: mean of the per-teacher KL terms, teacher logits from the cache",
+    "ebkd": "EBKD: per-teacher KL terms weighted by teacher entropy, teacher logits from the cache",
+    "aekd": "AEKD: per-teacher KL terms weighted by a one-class SVM (scikit-learn) on their logit "
+            "gradients, each batch, teacher logits from the cache",
+    "label_smoothing": "student alone, cross-entropy with smoothed labels (eps 0.1)",
     "vanilla_live": "vanilla KD, teachers run every step",
     "camkd_live": "CAMKD, teachers run every step",
     "scratch_crop": "student alone, augment: crop (random shifts of up to 2 px)",
@@ -135,7 +142,7 @@ class SeedStyle:
         return time.perf_counter() - t0
 
 
-FLOP_METHODS = ["scratch", "vanilla", "camkd", "camkd_official"]  # FLOPs counted, single steps timed in turn
+FLOP_METHODS = ["scratch", "vanilla", "camkd", "camkd_official", *BASELINES]  # FLOPs counted, steps timed in turn
 STEP_ROUNDS = 40  # rounds of single steps taken in turn (interleaved_steps), by default
 
 

@@ -25,7 +25,8 @@ KEYS = {"samples", "test_samples", "teachers", "device", "threads", "precision",
         "matmul_gflop_per_s", "method_mflop_per_step", "ratio_bounds", "step_rounds", "step_ms", "step_ratios"}
 MODEL_KEYS = {"mflop_per_step", "step_s", "gflop_per_s", "eval_s_per_image"}
 RATIO_KEYS = {"vanilla/scratch", "camkd/scratch", "camkd_official/scratch", "seed_style/vanilla",
-              "vanilla_live/vanilla", "camkd_live/camkd", "vanilla_crop/scratch_crop", "camkd_crop/scratch_crop"}
+              "vanilla_live/vanilla", "camkd_live/camkd", "vanilla_crop/scratch_crop", "camkd_crop/scratch_crop",
+              "aver/scratch", "ebkd/scratch", "aekd/scratch", "label_smoothing/scratch"}
 
 
 @pytest.fixture(scope="module")
@@ -211,8 +212,9 @@ def test_method_flops_match_a_hand_count(result):
     assert mf["camkd_official"] > mf["scratch"]
     assert result["matmul_gflop_per_s"] > 0
     steps = 2   # 256 samples, batch 128
-    assert result["ratio_bounds"] == bench.ratio_bounds({m: v * 1e6 for m, v in mf.items()}, result["seconds"],
-                                                        steps, result["matmul_gflop_per_s"])
+    # from the FLOPs as rounded to 0.1 MFLOP: the third decimal of a bound may differ
+    assert result["ratio_bounds"] == pytest.approx(bench.ratio_bounds(
+        {m: v * 1e6 for m, v in mf.items()}, result["seconds"], steps, result["matmul_gflop_per_s"]), abs=2e-3)
 
 
 def test_ratio_bounds_arithmetic():
