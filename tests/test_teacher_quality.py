@@ -519,3 +519,22 @@ def test_a_run_changing_only_its_methods_key_is_a_variant_of_that_method_in_the_
         "teacher_class_swap=x"
     # a key that runs of other methods also change is a setting, as before
     assert sweep_analysis.variant_keys({"a": validate({"beta": 0.0}), "b": validate({})}) == {}
+
+
+@pytest.mark.slow
+def test_teachers_training_errors_are_computed_once_per_checkpoint(tmp_path, monkeypatch):
+    import json
+    P = validate(dict(TINY, teacher_dir=str(tmp_path / "t"), run_dir=str(tmp_path / "run")))
+    book.train_teachers(P, log=lambda *a: None)
+    first = json.loads((tmp_path / "run" / "teachers.json").read_text())["teachers"]
+    kept = sorted((tmp_path / "t" / "FashionMNIST" / "train_errors").glob("*.json"))
+    assert [p.name.split("-")[0] for p in kept] == ["teacher_cnn1", "teacher_resnet"]
+
+    def no_pass(*a, **k):
+        raise AssertionError("a second pass over the training images")
+
+    monkeypatch.setattr(book, "predict_logits", no_pass)
+    book.train_teachers(dict(P, run_dir=str(tmp_path / "run2")), log=lambda *a: None)
+    again = json.loads((tmp_path / "run2" / "teachers.json").read_text())["teachers"]
+    assert [(t["train_wrong"], t["confidently_wrong"]) for t in again] == \
+        [(t["train_wrong"], t["confidently_wrong"]) for t in first]
