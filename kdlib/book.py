@@ -237,8 +237,8 @@ def distill_students(P, data=None, teachers=None, log=say) -> dict:
     data = student_data(P, data)
     if data.labelled is not None:
         log(f"labelled_subset: the students' cross-entropy sees {int(data.labelled.sum())} labelled images; "
-            f"distillation uses all {len(data.train)} training images; scratch trains on the labelled ones "
-            f"only, as many steps per epoch as the others")
+            f"distillation uses all {len(data.train)} training images; scratch and label_smoothing train on "
+            f"the labelled ones only, as many steps per epoch as the others")
     if data.eval_split != "test":
         log(f"validation: {len(data.test)} training images held out; students train on {len(data.train)} "
             f"and every score below (test_acc, fidelity) is on the held-out images, not the test set")

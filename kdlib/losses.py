@@ -238,7 +238,13 @@ def svm_teacher_weights(grads: torch.Tensor, nu: float) -> torch.Tensor:
     vectors divided by M nu (line 49), zero for the others. libsvm's dual has
     0 <= a_i <= 1 and sum_i a_i = nu M, so the weights are non-negative, sum to 1 and are
     at most 1/(nu M): the minimum-norm point of the teachers' gradients' convex hull,
-    with each weight capped (at C = 0.6 for the default nu)."""
+    with each weight capped (at C = 0.6 for the default nu).
+
+    libsvm starts from a = (1, nu M - 1, 0, ...) and stops once its optimality gap is
+    under tol. KD gradients are small (Gram entries ~1e-7 to 1e-6 at batch 128, less as
+    the student nears its teachers), so it often stops at once: weights (0.6, 0.4, 0, ...)
+    on the first two teachers, whatever they say. The official code does the same; we
+    do not rescale (``docs/methods-baselines.md``)."""
     from sklearn.svm import OneClassSVM  # imported here: only AEKD needs it
 
     m = grads.shape[0]

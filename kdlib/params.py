@@ -87,7 +87,8 @@ SCHEMA: dict[str, Key] = {
                            ("same", "none", "crop", "crop_flip"), identity=T),
     "labelled_subset": Key(0, int, "students: the cross-entropy sees only this many class-balanced labelled "
                            "training images while distillation uses every training image (a transfer set); "
-                           "scratch trains on the labelled images only (0 = every image labelled)", min=0,
+                           "scratch and label_smoothing train on the labelled images only (0 = every image "
+                           "labelled)", min=0,
                            identity=S),
     "label_smoothing": Key(0.1, float, "label_smoothing method: eps of its smoothed targets, (1 - eps) one-hot + "
                            "eps uniform", min=0, max=1, identity=S, omit_default=True, read_by=("label_smoothing",)),
