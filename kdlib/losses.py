@@ -248,8 +248,8 @@ def svm_teacher_weights(grads: torch.Tensor, nu: float) -> torch.Tensor:
     from sklearn.svm import OneClassSVM  # imported here: only AEKD needs it
 
     m = grads.shape[0]
-    vec = grads.reshape(m, grads.shape[1], -1).mean(1)
-    gram = (vec @ vec.T).detach().cpu().numpy()
+    vec = grads.reshape(m, grads.shape[1], -1).mean(1).detach().float().cpu().numpy()
+    gram = vec @ vec.T  # float32, as the official torch.matmul; in numpy, so no autocast makes it bf16
     svm = OneClassSVM(kernel="precomputed", nu=nu, tol=1e-6).fit(gram)
     weights = torch.zeros(m)
     weights[torch.as_tensor(svm.support_)] = torch.as_tensor(svm.dual_coef_[0] / (m * nu), dtype=torch.float32)

@@ -452,3 +452,20 @@ def test_the_14_panel_comparison_shows_seven_methods():
     assert f"test acc minus camkd's (points, mean over seeds): {gaps}" in summary.replace("\n", " ")
     bars = next(a for a in fig.axes if a.get_title().startswith("Final test accuracy"))
     assert [t.get_text() for t in bars.get_xticklabels()][:7] == SEVEN
+
+
+@pytest.mark.parametrize("method", ["aver", "ebkd", "aekd", "label_smoothing"])
+def test_under_bf16_autocast(bank_and_batch, method):
+    """precision: bf16 runs forward_train under CPU autocast: the losses stay finite and
+    AEKD's Gram matrix is still computed in float32 (numpy has no bfloat16)."""
+    live, _, x, y = bank_and_batch
+    torch.manual_seed(0)
+    dist = build_distiller(method, build_model("student"), live, x[:1])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, terms = dist.forward_train(x, y, torch.arange(8), 0)
+        weights = dist.teacher_weights(x, y, torch.arange(8))
+    total = sum(terms.values())
+    assert torch.isfinite(total) and total.dtype == torch.float32
+    total.backward()
+    if method in ("ebkd", "aekd"):
+        assert weights.shape == (3, 8) and torch.isfinite(weights).all()
