@@ -18,7 +18,7 @@ from kdlib.losses import (UNLABELLED, aekd_loss, aekd_nu, aver_kd_loss, ebkd_los
                           kd_logit_gradients, labelled_ce, svm_teacher_weights, vanilla_kd_loss)
 from kdlib.models import build_model
 from kdlib.params import ParamsError, student_identity, validate
-from kdlib.teachers import CachedTeachers, LiveTeachers
+from kdlib.teachers import CachedTeachers, LiveTeachers, ViewCachedTeachers
 from kdlib.train import TrainConfig, train_epoch
 
 B, C, M, D, T = 6, 5, 3, 4, 4.0
@@ -297,17 +297,18 @@ def bank_and_batch():
     x = torch.randn(8, 1, 28, 28)
     cached = CachedTeachers(list(live.models), names)
     cached.build("train", 8, [(x, torch.arange(8))])
-    return live, cached, x, torch.arange(8) % 10
+    views = ViewCachedTeachers(list(live.models), names, logits=live.logits(x))  # one view: row = sample
+    return live, cached, x, torch.arange(8) % 10, views
 
 
 @pytest.mark.parametrize("method,loss", [("aver", aver_kd_loss), ("ebkd", lambda s, t, T: ebkd_loss(s, t, T)[0]),
                                          ("aekd", lambda s, t, T: aekd_loss(s, t, T)[0])])
 def test_distillers_terms_weights_and_the_teacher_cache(bank_and_batch, method, loss):
-    live, cached, x, y = bank_and_batch
+    live, cached, x, y, views = bank_and_batch
     idx = torch.arange(8)
     partial = torch.where(idx < 4, y, UNLABELLED)  # a transfer set: half the images unlabelled
     out = {}
-    for bank in (live, cached):
+    for bank in (live, cached, views):
         torch.manual_seed(1)
         dist = build_distiller(method, build_model("student"), bank, x[:1], temperature=2.0, alpha=0.5)
         dist.eval()
@@ -315,7 +316,7 @@ def test_distillers_terms_weights_and_the_teacher_cache(bank_and_batch, method, 
         assert set(terms) == {"ce", "kd"}
         torch.testing.assert_close(terms["kd"], 0.5 * loss(logits, live.logits(x), 2.0))
         torch.testing.assert_close(terms["ce"], F.cross_entropy(logits[:4], y[:4]))
-        out[bank.cached] = terms["kd"]
+        out[type(bank).__name__] = terms["kd"]
         weights = dist.teacher_weights(x, partial, idx)
         if method == "aver":
             assert weights is None and dist.batch_stats == {}
@@ -324,7 +325,8 @@ def test_distillers_terms_weights_and_the_teacher_cache(bank_and_batch, method, 
         torch.testing.assert_close(dist.batch_stats["weight"], weights.mean(1))
         expected = entropy_weights(live.logits(x)) if method == "ebkd" else weights[:, :1].expand(-1, 8)
         torch.testing.assert_close(weights, expected)
-    torch.testing.assert_close(out[True], out[False])
+    torch.testing.assert_close(out["CachedTeachers"], out["LiveTeachers"])
+    torch.testing.assert_close(out["ViewCachedTeachers"], out["LiveTeachers"])
 
 
 def test_methods_and_their_classes():
@@ -458,7 +460,7 @@ def test_the_14_panel_comparison_shows_seven_methods():
 def test_under_bf16_autocast(bank_and_batch, method):
     """precision: bf16 runs forward_train under CPU autocast: the losses stay finite and
     AEKD's Gram matrix is still computed in float32 (numpy has no bfloat16)."""
-    live, _, x, y = bank_and_batch
+    live, _, x, y, _ = bank_and_batch
     torch.manual_seed(0)
     dist = build_distiller(method, build_model("student"), live, x[:1])
     with torch.autocast("cpu", dtype=torch.bfloat16):
