@@ -38,10 +38,14 @@ sweep: install data
 lab: install
 	KDBOOK_PROGRESS=auto $(VENV)/bin/jupyter lab notebooks/
 
+# pytest on TEST_WORKERS processes (pytest-xdist, --dist loadfile: a test file runs whole on one worker,
+# so its module fixtures are built once), then the
+# notebooks under nbval in order (03 reads what 01 and 02 wrote), writing their checkpoints and
+# outputs/interactive under a throw-away folder, not the repository
+TEST_WORKERS ?= 2
 test: install data browser
-	$(PY) -m pytest tests
-	# the notebooks write their checkpoints and outputs/interactive under a throw-away folder, not the repository
-	KDBOOK_ROOT=$$(mktemp -d) $(PY) -m pytest --nbval-lax notebooks/ -p no:cacheprovider
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile tests -p no:cacheprovider --durations=15
+	KDBOOK_ROOT=$$(mktemp -d) $(PY) -m pytest --nbval-lax notebooks/ -p no:cacheprovider --durations=5
 
 bench: install data
 	$(PY) -m kdlib.bench

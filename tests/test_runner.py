@@ -11,6 +11,8 @@ import pytest
 import yaml
 
 from conftest import ROOT, SMOKE_SIZE
+# the browser fixtures: here, so the smoke book's HTML is read on the worker (pytest-xdist) that made it
+from test_browser import CHROMIUM, browser, page, sync_playwright  # noqa: F401
 from kdlib.__main__ import main
 from kdlib.runner import NOTEBOOKS
 
@@ -280,3 +282,30 @@ def test_each_notebook_shows_what_happened_first(smoke_book):
         assert m in first and f"{acc:.3f}".rstrip("0") in first
     first = first_rich_output(run / NOTEBOOKS[2])["text/markdown"]
     assert first.startswith("**Highest mean test accuracy:") and "CAMKD vs vanilla:" in first
+
+
+# ---------------------------------------------------------------- the executed book's HTML
+@pytest.mark.slow
+@pytest.mark.skipif(not Path(CHROMIUM).is_file(), reason=f"no Chromium at {CHROMIUM}: apt-get install chromium")
+@pytest.mark.skipif(sync_playwright is None, reason="Playwright missing: pip install -e '.[test]'")
+@pytest.mark.parametrize("notebook", NOTEBOOKS)
+def test_html_reads_in_chromium(smoke_book, page, notebook):  # noqa: F811 (page: the fixture)
+    """Every figure loads, no error or warning output is shown, 03 gives the verdict,
+    and no path of the machine that ran it appears (text or markup)."""
+    run, project, _ = smoke_book
+    html = run / Path(notebook).with_suffix(".html")
+    page.goto(html.as_uri())
+    images = page.evaluate("() => [...document.images].map(i => [i.complete, i.naturalWidth])")
+    assert len(images) >= {0: 1, 1: 3, 2: 2}[NOTEBOOKS.index(notebook)]
+    assert all(complete and width > 0 for complete, width in images), images
+    assert page.locator('[data-mime-type="application/vnd.jupyter.stderr"]').count() == 0
+    text = page.inner_text("body")
+    assert "Traceback" not in text and "<Figure size" not in text
+    first = page.evaluate("""() => document.querySelector(['text/html', 'text/markdown', 'image/png']
+        .map(m => `.jp-OutputArea-output[data-mime-type="${m}"]`).join(', ')).getBoundingClientRect().top""")
+    assert first < 900, f"what happened (first table, answer or figure) starts at y = {first:.0f} px, below the first screen"
+    if notebook == NOTEBOOKS[2]:
+        assert "Highest mean test accuracy:" in text and "CAMKD vs vanilla:" in text
+    markup = page.content()
+    leaked = [p for p in (str(project), str(ROOT), str(Path.home()) + "/", "/tmp/") if p in markup]
+    assert not leaked, leaked
