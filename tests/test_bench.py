@@ -166,6 +166,8 @@ def test_cli_json_with_named_methods(tiny_data, data_root):
     assert "camkd_crop" not in table and "view cache" not in table and "camkd/scratch" in table
     md = bench.speed_markdown([out])
     assert "--methods scratch vanilla camkd" in md and "| `camkd_crop` |" not in md
+    assert "--readme docs/speed.md`" in md  # the file the block is written into, and its block when not the full table
+    assert "--readme docs/speed.md --block speed-baselines`" in bench.speed_markdown([out], block="speed-baselines")
     for args, says in ((["--teachers", "2", "--book"], "--book needs --teachers 3"),
                        (["--methods", "camkd", "--book"], "--book needs the book's methods timed: add vanilla"),
                        (["--methods", "nonesuch"], "unknown bench method 'nonesuch'")):
