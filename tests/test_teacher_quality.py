@@ -79,9 +79,17 @@ def test_teacher_labels_swap_then_noise_and_nothing_without_either():
 
 
 # ---------------------------------------------------------------- identities
+def shipped_identities(name: str) -> dict[Path, dict]:
+    """Every shipped checkpoint of teacher ``name``: the clean one and any degraded ones."""
+    return {path: torch.load(path, weights_only=True, map_location="cpu")["identity"]
+            for path in sorted(REFERENCE.glob(f"{name}-*.pt"))}
+
+
 def shipped_identity(name: str) -> tuple[Path, dict]:
-    [path] = REFERENCE.glob(f"{name}-*.pt")
-    return path, torch.load(path, weights_only=True, map_location="cpu")["identity"]
+    """The shipped clean teacher ``name`` (no label noise, no class swap)."""
+    [(path, ident)] = [(p, i) for p, i in shipped_identities(name).items()
+                       if "label_noise" not in i and "class_swap" not in i]
+    return path, ident
 
 
 @pytest.mark.parametrize("degrade", [{"teacher_label_noise": {"teacher_resnet": 0.4}},
@@ -94,6 +102,9 @@ def test_clean_teachers_keep_the_shipped_identities_and_files(degrade):
         degraded = name in degrade.get("teacher_label_noise", {}) or name in degrade.get("teacher_class_swap", {})
         assert (teacher_identity(P, name) == shipped) is not degraded, name
         assert (book.teacher_checkpoint(P, name) == path) is not degraded, name
+        if degraded:  # the teacher-quality sweep's degraded teachers ship too, found by their identity
+            found = book.teacher_checkpoint(P, name)
+            assert found.parent == path.parent and shipped_identities(name)[found] == teacher_identity(P, name)
 
 
 def test_a_degraded_teachers_identity_names_its_degradation():
