@@ -164,9 +164,12 @@ def _portable(notebook: Path, source: str) -> None:
 
 # The kernel process writes its own log to the runner's stderr: at its default level that is a
 # warning per notebook (ipykernel 7: "Kernel is running over TCP without encryption", the
-# loopback transport papermill uses). Its errors still reach the terminal; the cells' own
-# output and errors are recorded in the executed notebook and the manifest.
-KERNEL_ARGUMENTS = ["--IPKernelApp.log_level=ERROR"]
+# loopback transport papermill uses), and on a loaded machine an ERROR line when the kernel is
+# interrupted while papermill shuts it down after the last cell ("KeyboardInterrupt caught in
+# kernel"). Only its critical lines reach the terminal: what went wrong in a run is the runner's
+# to say (the failing notebook and cell, a kernel that died), and the cells' own output and
+# errors are recorded in the executed notebook and the manifest.
+KERNEL_ARGUMENTS = ["--IPKernelApp.log_level=CRITICAL"]
 
 
 def execute(nb_dir: Path, name: str, run_dir: Path, params: dict, declared: set[str], log=say) -> None:
