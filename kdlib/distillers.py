@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .losses import (aekd_loss, aver_kd_loss, camkd_feature_loss, camkd_logit_loss, camkd_weights,
                      consensus_targets, ebkd_loss, entropy_weights, grouped_feature_mse, labelled_ce,
@@ -106,16 +105,25 @@ class LogitKD(Distiller):
         check_teachers(type(self), len(teachers))
         self.T, self.alpha = temperature, alpha
 
+    def kd_term(self, logits, t_logits):
+        """``(kd, weights)``: the KD term, and each teacher's mean weight in it over the
+        batch [M] (logged per epoch as ``weight``), or None for a method without weights."""
+        raise NotImplementedError
+
+    def forward_train(self, x, y, idx, epoch):
+        logits = self.student(x)
+        kd, weights = self.kd_term(logits, self.teachers.logits(x, idx))
+        if weights is not None:
+            self.batch_stats = {"weight": weights}
+        return logits, {"ce": labelled_ce(logits, y), "kd": self.alpha * kd}
+
 
 class Vanilla(LogitKD):
     """Vanilla multi-teacher KD (equal weights 1/M, logits only):
     L = CE(s, y) + alpha * T^2 * KL(c_T || softmax(s/T)), c_T = (1/M) sum_i softmax(t_i/T)."""
 
-    def forward_train(self, x, y, idx, epoch):
-        logits = self.student(x)
-        t_logits = self.teachers.logits(x, idx)
-        return logits, {"ce": labelled_ce(logits, y),
-                        "kd": self.alpha * vanilla_kd_loss(logits, t_logits, self.T)}
+    def kd_term(self, logits, t_logits):
+        return vanilla_kd_loss(logits, t_logits, self.T), None
 
 
 class Aver(LogitKD):
@@ -131,10 +139,8 @@ class Aver(LogitKD):
     allowed (the official code trains a single teacher with this branch,
     ``train_student.py`` lines 137-138)."""
 
-    def forward_train(self, x, y, idx, epoch):
-        logits = self.student(x)
-        t_logits = self.teachers.logits(x, idx)
-        return logits, {"ce": labelled_ce(logits, y), "kd": self.alpha * aver_kd_loss(logits, t_logits, self.T)}
+    def kd_term(self, logits, t_logits):
+        return aver_kd_loss(logits, t_logits, self.T), None
 
 
 class EBKD(LogitKD):
@@ -150,12 +156,9 @@ class EBKD(LogitKD):
     min_teachers = 2
     teachers_why = "with one teacher its weight 1 - H/H is 0 and nothing is distilled"
 
-    def forward_train(self, x, y, idx, epoch):
-        logits = self.student(x)
-        t_logits = self.teachers.logits(x, idx)
+    def kd_term(self, logits, t_logits):
         kd, w = ebkd_loss(logits, t_logits, self.T)
-        self.batch_stats = {"weight": w.mean(1)}
-        return logits, {"ce": labelled_ce(logits, y), "kd": self.alpha * kd}
+        return kd, w.mean(1)
 
     def teacher_weights(self, x, y, idx):
         """w [M,B] exactly as the loss uses it (each column sums to M - 1; the loss
@@ -179,12 +182,8 @@ class AEKD(LogitKD):
     min_teachers = 2
     teachers_why = "with one teacher its SVM weight is always 1, which is single-teacher KD"
 
-    def forward_train(self, x, y, idx, epoch):
-        logits = self.student(x)
-        t_logits = self.teachers.logits(x, idx)
-        kd, lam = aekd_loss(logits, t_logits, self.T)
-        self.batch_stats = {"weight": lam}
-        return logits, {"ce": labelled_ce(logits, y), "kd": self.alpha * kd}
+    def kd_term(self, logits, t_logits):
+        return aekd_loss(logits, t_logits, self.T)
 
     def teacher_weights(self, x, y, idx):
         """The batch's lambda [M] broadcast to [M,B]: one weight per teacher and batch,

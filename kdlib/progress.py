@@ -32,7 +32,7 @@ def epoch_line(desc: str, record: dict, total: int, seconds_left: float) -> str:
 class EpochProgress:
     """Progress of one model's training, fed one epoch record at a time.
 
-    Time left is the mean duration of the epochs run so far in this session times
+    Time left is the mean duration of the epochs this process has run so far times
     the epochs still to run (epochs resumed from a checkpoint are not counted).
     """
 
