@@ -2,7 +2,8 @@
 
 ``python -m kdlib.blocks`` (``make blocks``) regenerates them all: the README's answers
 table, and the tables of ``docs/results.md``, each between its ``NAME:start`` and
-``NAME:end`` marker lines. The answers table has one row per question (a run, or a
+``NAME:end`` marker lines, and the teacher-quality sweep's block (``kdlib.quality``) in both.
+The answers table has one row per question (a run, or a
 setting of a sweep): the best student, CAMKD − vanilla and KD (vanilla) − scratch over
 paired seeds with 95% intervals, and a link to the record. The Speed table is written by
 the benchmark when it measures (``python -m kdlib.bench ... --readme docs/speed.md``).
@@ -30,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 NBSP = "\u00a0"  # a number and its interval stay on one line
 REFERENCE = "outputs/fashionmnist"  # the run `make book` reproduces
 SWEEPS = ["outputs/regimes"]  # the sweeps whose settings are questions
+QUALITY = "outputs/teacher-quality"  # the sweep over teacher quality (``kdlib.quality``)
 
 
 def _interval(mean: float, low: float, high: float, signed: bool = False, p: float | None = None) -> str:
@@ -171,13 +173,17 @@ def record_page(folder: Path, root: Path = ROOT) -> str:
 
 def blocks(root: Path = ROOT) -> list[tuple[str, str, Callable[[], str]]]:
     """(file, block name, markdown) of every generated block, files relative to ``root``."""
+    from .quality import markdown as quality_markdown
     from .report import results_markdown, runs_markdown, runs_table
     from .sweep_analysis import run_markdown
 
     out = root / "outputs"
     rows = answers(root)
     readme_link = lambda f: f.relative_to(root).as_posix() + "/"  # noqa: E731 (the folder on the repository)
+    quality = [(file, "teachers", lambda: quality_markdown(root / QUALITY)) for file in ("README.md", "docs/index.md", "docs/results.md")
+               if (root / QUALITY / "sweep.yaml").is_file()]
     return [
+        *quality,
         ("README.md", "answers", lambda: answers_markdown(rows, readme_link, root)),
         ("docs/index.md", "answers", lambda: answers_markdown(rows, lambda f: record_page(f, root), root)),
         ("docs/results.md", "answers", lambda: answers_markdown(rows, lambda f: record_page(f, root), root)),

@@ -5,7 +5,8 @@ markdown, and with ``--readme`` replaces the block between the ``results:start``
 and ``results:end`` markers. ``--vs outputs/OTHER --block NAME`` instead compares
 the students of two runs that differ in some parameters, seed by seed (block
 ``NAME:start`` ... ``NAME:end``). Given a sweep folder (``python -m kdlib sweep``), it
-prints the sweep's table, one row per setting, and its verdicts (block ``sweep``).
+prints the sweep's table, one row per setting, and its verdicts (block ``sweep``); with
+``--quality``, a sweep over teacher quality as ``kdlib.quality`` reads it.
 """
 from __future__ import annotations
 
@@ -191,12 +192,19 @@ def main(argv=None) -> None:
     parser.add_argument("--by-run", action="store_true",
                         help="a sweep of explicit runs: one table row per setting, named after its runs, "
                              "with the paired differences")
+    parser.add_argument("--quality", action="store_true",
+                        help="a sweep over teacher quality: one column per setting, the paired differences CAMKD − "
+                             "vanilla, vanilla − scratch and best − label smoothing, and where the teacher weights go")
     parser.add_argument("--block", default=None, help="README block name (default: results, or compare with --vs)")
     args = parser.parse_args(argv)
     sweep = (Path(args.run_dir) / "sweep.json").is_file()
     if sweep:
         from .sweep_analysis import markdown, run_markdown
-        block = run_markdown(args.run_dir) if args.by_run else markdown(args.run_dir)
+        if args.quality:
+            from .quality import markdown as quality_markdown
+            block = quality_markdown(args.run_dir)
+        else:
+            block = run_markdown(args.run_dir) if args.by_run else markdown(args.run_dir)
     elif args.runs:
         block = runs_table([args.run_dir, *args.runs])
     elif args.vs:

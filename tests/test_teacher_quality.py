@@ -477,21 +477,28 @@ def test_teacher_quality_sweep_expands_to_valid_runs():
     assert runs[0].overrides["teacher_class_swap"] == {"teacher_resnet": [[0, 6], [2, 4]]}  # the cheapest first
 
 
-def fake_run(folder: Path, name: str, overrides: dict, acc: dict, runs: list) -> None:
-    """A finished run record: acc = {method: {seed: accuracy}}; predictions right on the
-    first round(accuracy) of 100 labels."""
+def fake_run(folder: Path, name: str, overrides: dict, acc: dict, runs: list, weights: dict | None = None,
+             status: str = "finished") -> None:
+    """A run record: acc = {method: {seed: accuracy}}; predictions right on the first
+    round(accuracy) of 100 labels; weights = {method: {seed: teacher_weights}}."""
     import json
     import numpy as np
     import yaml
     labels = np.arange(100) % 10
     run = folder / name
     run.mkdir(parents=True)
-    (run / "params.yaml").write_text(yaml.safe_dump(validate(dict(overrides))))
-    (run / "manifest.json").write_text(json.dumps({"status": "finished"}))
+    P = validate(dict(overrides))
+    (run / "params.yaml").write_text(yaml.safe_dump(P))
+    (run / "manifest.json").write_text(json.dumps({"status": status}))
+    (run / "teachers.json").write_text(json.dumps({"teachers": [
+        {"name": t, "test_acc": 90.0 + i - 30.0 * (t in P["teacher_class_swap"])} for i, t in enumerate(P["teachers"])]}))
     preds = {"labels": labels}
     for method, by_seed in acc.items():
-        (run / f"metrics_{method}.json").write_text(json.dumps({"method": method, "eval_split": "test", "runs": [
-            {"seed": s, "test_acc": a, "fidelity": {"centroid_fidelity": 0.1}} for s, a in by_seed.items()]}))
+        (run / f"metrics_{method}.json").write_text(json.dumps({
+            "method": method, "eval_split": "test", "student_params": 1234, "runs": [
+                {"seed": s, "test_acc": a, "fidelity": {"centroid_fidelity": 0.1},
+                 **({"teacher_weights": weights[method][s]} if weights and method in weights else {})}
+                for s, a in by_seed.items()]}))
         for s, a in by_seed.items():
             preds[f"{method}/seed{s}"] = np.where(np.arange(100) < round(a), labels, (labels + 1) % 10)
     np.savez(run / "predictions.npz", **preds)
@@ -549,3 +556,75 @@ def test_teachers_training_errors_are_computed_once_per_checkpoint(tmp_path, mon
     again = json.loads((tmp_path / "run2" / "teachers.json").read_text())["teachers"]
     assert [(t["train_wrong"], t["confidently_wrong"]) for t in again] == \
         [(t["train_wrong"], t["confidently_wrong"]) for t in first]
+
+
+def test_quality_block_reads_accuracy_differences_and_weights_from_the_records(tmp_path):
+    """The teacher-quality block (kdlib.report --quality): each number against one
+    computed here from the fake records; an unfinished run is left out and counted."""
+    import yaml
+    from scipy import stats as st
+    from kdlib import quality, report
+    from kdlib.sweep import run_name
+    runs = []
+    d = {0: 0.0, 1: 1.5, 2: 0.5}
+    swap = {"teacher_resnet": [[0, 6], [2, 4]]}
+    tw = {s: {"mean": [0.4, 0.4, 0.2], "wrong": [0.5, None, 0.01 * (s + 1)], "right": [0.3, 0.4, 0.3],
+              "wrong_share": [4.0, 0.0, 40.0]} for s in d}
+    for setting, shift in (({}, 0.5), ({"teacher_class_swap": swap}, 1.0)):
+        main_run = dict(setting, methods=["camkd", "vanilla", "label_smoothing", "scratch"], seeds=[0, 1, 2])
+        fake_run(tmp_path, run_name(main_run), main_run,
+                 {"camkd": {s: 80 + shift + x * (1 + shift) for s, x in d.items()},
+                  "vanilla": {s: 80 + x for s, x in d.items()},
+                  "label_smoothing": {s: 81 + x / 2 for s, x in d.items()},
+                  "scratch": {s: 79 + x for s, x in d.items()}}, runs, weights={"camkd": tw})
+    for s in d:  # the weighting alone, one run per seed; seed 2's has not finished
+        variant = {"teacher_class_swap": swap, "methods": ["camkd"], "beta": 0.0, "seeds": [s]}
+        fake_run(tmp_path, run_name(variant), variant, {"camkd": {s: 82.0 + s}}, runs, weights={"camkd": tw},
+                 status="finished" if s < 2 else "running")
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump({"runs": runs}))
+    (tmp_path / "sweep.json").write_text("{}")
+
+    s = quality.Settings(tmp_path)
+    assert (s.finished_runs, s.total_runs, s.full) == (4, 5, 3)
+    assert [quality.short_name(s.params[c]) for c in s.columns] == ["shipped", "swapped resnet"]
+    shipped, swapped = s.columns
+    cam = [81 + x * 2 for x in d.values()]
+    van = [80 + x for x in d.values()]
+    t = st.ttest_rel(cam, van)
+    p = s.pair(swapped, "camkd", "vanilla")
+    half = st.t.ppf(0.975, 2) * st.sem([a - b for a, b in zip(cam, van)])
+    assert p["mean_diff"] == pytest.approx(1 + 2 / 3) and p["p_value"] == pytest.approx(t.pvalue)
+    assert (p["ci_low"], p["ci_high"]) == pytest.approx((1 + 2 / 3 - half, 1 + 2 / 3 + half))
+    back = s.pair(swapped, "vanilla", "camkd")  # the other way round: negated, interval flipped
+    assert (back["mean_diff"], back["ci_low"]) == pytest.approx((-p["mean_diff"], -p["ci_high"]))
+    assert s.best_kd(shipped) == "camkd" and s.best_kd(swapped) == "camkd[beta=0]"  # 82.5 over two seeds
+    w = s.weights(swapped, "camkd")["teacher_resnet"]
+    assert (w["wrong"], w["right"], w["seeds"]) == pytest.approx((0.02, 0.3, 3))
+    assert s.weights(swapped, "camkd")["teacher_cnn2"]["wrong"] != s.weights(swapped, "camkd")["teacher_cnn2"]["wrong"]
+
+    text = quality.markdown(tmp_path)
+    assert "**4 of 5 runs finished**" in text
+    assert "teacher_resnet with classes 0↔6, 2↔4 swapped" in text and "resnet 62.0" in text
+    blocks, rows = [], None
+    for line in text.splitlines():
+        if line.startswith("| ") and rows is None:
+            rows = {}
+            blocks.append(rows)
+        if line.startswith("| "):
+            rows[line.split(" | ")[0].strip("| ")] = line.strip("| ").split(" | ")[1:]
+        elif not line.startswith("|"):
+            rows = None
+    accuracy, diffs, weights = blocks
+    assert accuracy["CAMKD[beta=0]"][0] == "—"  # not run in the shipped setting
+    assert accuracy["CAMKD[beta=0]"][1] == "82.50\xa0(76.15\xa0to\xa088.85)\xa0[2\xa0seeds]"
+    assert accuracy["vanilla"][1].startswith(f"{sum(van) / 3:.2f}\xa0(") and "seeds" not in accuracy["vanilla"][1]
+    cell = f"{p['mean_diff']:+.2f}\xa0({p['ci_low']:+.2f}\xa0to\xa0{p['ci_high']:+.2f})"
+    assert diffs["CAMKD − vanilla"][1] == cell + ("\xa0*" if t.pvalue < 0.05 else "")
+    assert diffs["best with teachers − label smoothing"][1].startswith("CAMKD[beta=0]: ")
+    assert weights["CAMKD"] == ["0.40 / 0.40 / 0.20", "resnet: 0.020 wrong / 0.300 right"]
+    assert weights["CAMKD[beta=0]"] == ["—", "resnet: 0.015 wrong / 0.300 right"]
+    assert "CAMKD's weight on teacher_resnet is 0.020 on the 40.0 % of training images it gets wrong" in text
+    readme = tmp_path / "README.md"
+    readme.write_text("x\n<!-- teachers:start -->\nold\n<!-- teachers:end -->\n")
+    report.main([str(tmp_path), "--quality", "--readme", str(readme), "--block", "teachers"])
+    assert "**4 of 5 runs finished**" in readme.read_text() and "old" not in readme.read_text()

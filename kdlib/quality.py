@@ -1,0 +1,282 @@
+"""What a sweep over teacher quality found: one column per setting, read from its records.
+
+The settings of such a sweep differ in how good the teachers are (``teacher_label_noise``,
+``teacher_class_swap``) and in the student (``student_width``). The block it writes
+(``python -m kdlib.report outputs/teacher-quality --quality``, and ``kdlib.blocks``) holds:
+
+* test accuracy per method and setting, mean (95% CI over seeds);
+* the paired differences the question turns on: CAMKD − vanilla (and CAMKD's variants −
+  vanilla), vanilla − scratch, and the best method that uses teachers − label smoothing
+  (the control for softer targets without teachers);
+* where each weighting method puts its weight: on a degraded teacher, its mean weight on
+  the training images it gets wrong against those it gets right (``teacher_weights`` in
+  the metrics files); with no degraded teacher, each teacher's mean weight;
+* a plain reading generated from those numbers.
+
+Runs that have not finished are left out and counted; a cell over fewer seeds than the
+sweep runs says how many.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from .stats import NAMES, method_rank
+from .sweep_analysis import NBSP, SweepResults, differences, load, setting_table
+
+TEACHERLESS = ("scratch", "label_smoothing")  # students that never see a teacher
+KEYS = ("teacher_label_noise", "teacher_class_swap", "student_width")  # what a teacher-quality sweep varies
+
+
+def method_name(method: str) -> str:
+    """'CAMKD', 'CAMKD[beta=0]', 'label smoothing'."""
+    base, _, rest = method.partition("[")
+    return NAMES.get(base, base) + (f"[{rest}" if rest else "")
+
+
+def _swaps(pairs) -> str:
+    return ", ".join(f"{a}↔{b}" for a, b in pairs)
+
+
+def describe(P: dict) -> str:
+    """What sets a setting apart, in words: 'teacher_resnet with classes 0↔6, 2↔4 swapped;
+    student width 0.25'."""
+    words = [f"{t} trained on {100 * f:g} % wrong labels" for t, f in (P.get("teacher_label_noise") or {}).items()]
+    words += [f"{t} with classes {_swaps(p)} swapped" for t, p in (P.get("teacher_class_swap") or {}).items()]
+    if float(P.get("student_width", 1.0)) != 1.0:
+        words.append(f"student width {P['student_width']:g}")
+    return "; ".join(words) or "the shipped teachers, the seed's student"
+
+
+def short_name(P: dict) -> str:
+    """A column header: 'shipped', 'noisy resnet', 'swapped resnet', 'small student + swapped resnet'."""
+    words = [f"noisy {t.removeprefix('teacher_')}" for t in (P.get("teacher_label_noise") or {})]
+    words += [f"swapped {t.removeprefix('teacher_')}" for t in (P.get("teacher_class_swap") or {})]
+    if float(P.get("student_width", 1.0)) != 1.0:
+        words.insert(0, "small student")
+    return " + ".join(words) or "shipped"
+
+
+def degraded(P: dict) -> list[str]:
+    """The teachers a setting degrades (label noise or swapped classes)."""
+    return list(dict.fromkeys([*(P.get("teacher_label_noise") or {}), *(P.get("teacher_class_swap") or {})]))
+
+
+def _cell(mean: float, low: float, high: float, n: int, full: int, signed: bool = False, star: bool = False) -> str:
+    f = "+.2f" if signed else ".2f"
+    text = f"{mean:{f}}" if math.isnan(low) else f"{mean:{f}} ({low:{f}} to {high:{f}})"
+    if star:
+        text += " *"
+    if n < full:
+        text += f" [{n} seed{'s' if n != 1 else ''}]"
+    return text.replace(" ", NBSP)
+
+
+class Settings:
+    """The finished runs of a sweep, setting by setting, with what the block needs of each."""
+
+    def __init__(self, sweep_dir: str | Path):
+        self.dir = Path(sweep_dir)
+        self.res: SweepResults = load(self.dir)
+        order = yaml.safe_load((self.dir / "sweep.yaml").read_text())["runs"]
+        self.total_runs = len(order)
+        self.finished_runs = self.res.frame["run"].nunique()
+        self.full = len({seed for r in order for seed in r["overrides"].get("seeds", [])}) or 1  # seeds per setting
+        self.table = setting_table(self.res)
+        self.diffs = differences(self.res)
+        self.columns: list[tuple] = []  # setting tuples, in the order the sweep file first names them
+        self.params: dict[tuple, dict] = {}
+        self.folder: dict[tuple, Path] = {}
+        for run in dict.fromkeys(self.res.frame["run"]):
+            first = self.res.frame[self.res.frame["run"] == run].iloc[0]
+            key = tuple(first[k] for k in self.res.keys)
+            if key not in self.params:
+                self.columns.append(key)
+                self.params[key] = yaml.safe_load((self.dir / run / "params.yaml").read_text())
+                self.folder[key] = self.dir / run
+        # the shipped teachers first, then one degraded teacher, then the small student
+        # (not the sweep file's order, which puts the cheapest informative runs first)
+        self.columns.sort(key=lambda c: (float(self.params[c].get("student_width", 1.0)) != 1.0,
+                                         len(degraded(self.params[c])), short_name(self.params[c])))
+
+    def _mask(self, frame: pd.DataFrame, setting: tuple) -> pd.DataFrame:
+        if frame.empty:
+            return frame
+        mask = np.ones(len(frame), bool)
+        for k, v in zip(self.res.keys, setting):
+            mask &= (frame[k] == v).to_numpy()
+        return frame[mask]
+
+    def methods(self) -> list[str]:
+        return sorted(dict.fromkeys(self.res.frame["method"]), key=method_rank)
+
+    def accuracy(self, setting: tuple) -> dict[str, dict]:
+        own = self._mask(self.table, setting)
+        own = own[own["metric"] == "accuracy"]
+        return {r["method"]: r for _, r in own.iterrows()}
+
+    def pair(self, setting: tuple, a: str, b: str) -> dict | None:
+        """a − b over the seeds both ran (mean_diff, ci_low, ci_high, p_value, seeds), or None."""
+        own = self._mask(self.diffs, setting)
+        if own.empty:
+            return None
+        hit = own[(own["method_a"] == a) & (own["method_b"] == b)]
+        if len(hit):
+            return dict(hit.iloc[0])
+        hit = own[(own["method_a"] == b) & (own["method_b"] == a)]
+        if not len(hit):
+            return None
+        r = dict(hit.iloc[0])
+        return {**r, "method_a": a, "method_b": b, "mean_diff": -r["mean_diff"],
+                "ci_low": -r["ci_high"], "ci_high": -r["ci_low"]}
+
+    def best_kd(self, setting: tuple) -> str | None:
+        """The method that uses teachers with the highest mean test accuracy in ``setting``."""
+        acc = {m: r["mean"] for m, r in self.accuracy(setting).items() if m.split("[")[0] not in TEACHERLESS}
+        return max(acc, key=acc.get) if acc else None
+
+    def teachers(self, setting: tuple) -> list[dict]:
+        path = self.folder[setting] / "teachers.json"
+        return json.loads(path.read_text())["teachers"] if path.is_file() else []
+
+    def student_params(self, setting: tuple) -> int | None:
+        for path in sorted(self.folder[setting].glob("metrics_*.json")):
+            return json.loads(path.read_text()).get("student_params")
+        return None
+
+    def weights(self, setting: tuple, method: str) -> dict | None:
+        """Per teacher, over the seeds that recorded them: mean weight, and mean weight where
+        the teacher is wrong and where it is right, and its share wrong (%)."""
+        runs = [r["teacher_weights"] for r in self.res.settings[setting]["metrics"].get(method, {}).get("runs", [])
+                if r.get("teacher_weights")]
+        if not runs:
+            return None
+        names = self.params[setting]["teachers"]
+
+        def avg(key, i):
+            values = [r[key][i] for r in runs if r[key][i] is not None]
+            return float(np.mean(values)) if values else math.nan
+
+        return {t: {k: avg(k, i) for k in ("mean", "wrong", "right", "wrong_share")} | {"seeds": len(runs)}
+                for i, t in enumerate(names)}
+
+
+def _diff(p: dict | None, full: int) -> str:
+    if p is None or not p.get("seeds"):
+        return "—"
+    return _cell(p["mean_diff"], p["ci_low"], p["ci_high"], int(p["seeds"]), full, signed=True,
+                 star=p["seeds"] >= 2 and p["p_value"] < 0.05)
+
+
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def tables(s: Settings) -> list[str]:
+    """The block's three tables as markdown lines."""
+    heads = [short_name(s.params[c]) for c in s.columns]
+    lines = [_row(["test accuracy %", *heads]), "|" + "---|" * (len(heads) + 1)]
+    for method in s.methods():
+        cells = []
+        for c in s.columns:
+            r = s.accuracy(c).get(method)
+            cells.append("—" if r is None else _cell(r["mean"], r["ci_low"], r["ci_high"], int(r["n"]), s.full))
+        lines.append(_row([method_name(method), *cells]))
+    lines += ["", _row(["paired difference, points", *heads]), "|" + "---|" * (len(heads) + 1)]
+    variants = [m for m in s.methods() if m.startswith("camkd")]
+    for a, b in [(m, "vanilla") for m in variants] + [("vanilla", "scratch"), ("label_smoothing", "scratch")]:
+        if a not in s.methods() or b not in s.methods():
+            continue
+        lines.append(_row([f"{method_name(a)} − {method_name(b)}", *(_diff(s.pair(c, a, b), s.full) for c in s.columns)]))
+    best = [s.best_kd(c) for c in s.columns]
+    lines.append(_row(["best with teachers − label smoothing",
+                       *(f"{method_name(m)}: {_diff(s.pair(c, m, 'label_smoothing'), s.full)}"
+                         if m and s.pair(c, m, "label_smoothing") else "—" for c, m in zip(s.columns, best))]))
+    weighted = [m for m in s.methods() if any(s.weights(c, m) for c in s.columns)]
+    if weighted:
+        lines += ["", _row(["teacher weights", *heads]), "|" + "---|" * (len(heads) + 1)]
+        for method in weighted:
+            cells = []
+            for c in s.columns:
+                w = s.weights(c, method)
+                bad = degraded(s.params[c])
+                if w is None:
+                    cells.append("—")
+                elif bad:
+                    cells.append("; ".join(f"{t.removeprefix('teacher_')}: {w[t]['wrong']:.3f} wrong / "
+                                           f"{w[t]['right']:.3f} right" for t in bad))
+                else:
+                    cells.append(" / ".join(f"{w[t]['mean']:.2f}" for t in w))
+            lines.append(_row([method_name(method), *cells]))
+    return lines
+
+
+def reading(s: Settings) -> list[str]:
+    """Plain sentences generated from the numbers: where CAMKD (and its variants) beat
+    vanilla, whether the weight on a degraded teacher falls where it is wrong, whether any
+    method with teachers beats label smoothing."""
+    def where(a, b, sign):
+        hits = []
+        for c in s.columns:
+            p = s.pair(c, a, b)
+            if p and p["seeds"] >= 2 and p["p_value"] < 0.05 and np.sign(p["mean_diff"]) == sign:
+                hits.append(f"{short_name(s.params[c])} ({p['mean_diff']:+.2f}, {p['ci_low']:+.2f} to {p['ci_high']:+.2f})")
+        return "; ".join(hits) or "no setting"
+
+    lines = []
+    for m in [m for m in s.methods() if m.startswith("camkd")]:
+        if "vanilla" in s.methods():
+            lines.append(f"- **{method_name(m)} beats vanilla** significantly in {where(m, 'vanilla', 1)}; "
+                         f"falls below it significantly in {where(m, 'vanilla', -1)}.")
+    if "vanilla" in s.methods() and "scratch" in s.methods():
+        lines.append(f"- **Vanilla KD beats the student alone** in {where('vanilla', 'scratch', 1)}; "
+                     f"falls below it in {where('vanilla', 'scratch', -1)}.")
+    if "label_smoothing" in s.methods():
+        beats = []
+        for c in s.columns:
+            for m in s.accuracy(c):
+                p = s.pair(c, m, "label_smoothing")
+                if m.split("[")[0] not in TEACHERLESS and p and p["seeds"] >= 2 and p["p_value"] < 0.05 \
+                        and p["mean_diff"] > 0:
+                    beats.append(f"{method_name(m)} in {short_name(s.params[c])} ({p['mean_diff']:+.2f})")
+        lines.append(f"- **A method with teachers beats label smoothing** significantly: {'; '.join(beats) or 'none, in any setting'}.")
+    for c in s.columns:
+        bad = degraded(s.params[c])
+        w = s.weights(c, "camkd") if "camkd" in s.accuracy(c) else None
+        if bad and w:
+            t = bad[0]
+            others = ", ".join(f"{w[o]['mean']:.2f}" for o in w if o != t)
+            lines.append(f"- With {describe(s.params[c])}, CAMKD's weight on {t} is {w[t]['wrong']:.3f} on the "
+                         f"{w[t]['wrong_share']:.1f} % of training images it gets wrong and {w[t]['right']:.3f} on "
+                         f"those it gets right (the other teachers: {others} on average; {w[t]['seeds']} seeds).")
+    return lines
+
+
+def markdown(sweep_dir: str | Path) -> str:
+    """The teacher-quality block: legend, tables, reading."""
+    s = Settings(sweep_dir)
+    legend = []
+    for c in s.columns:
+        teachers = ", ".join(f"{t['name'].removeprefix('teacher_')} {t['test_acc']:.1f}" for t in s.teachers(c))
+        n = s.student_params(c)
+        legend.append(f"- **{short_name(s.params[c])}**: {describe(s.params[c])}; teachers' test accuracy % "
+                      f"{teachers}; student {n:,} parameters." if n else f"- **{short_name(s.params[c])}**: "
+                      f"{describe(s.params[c])}; teachers' test accuracy % {teachers}.")
+    status = (f"all {s.total_runs} runs finished" if s.finished_runs == s.total_runs else
+              f"**{s.finished_runs} of {s.total_runs} runs finished**; the others are left out, and a cell "
+              f"over fewer than {s.full} seeds says how many")
+    lines = [f"Sweep `{s.dir.name}` ({status}); test set, final epoch; mean (95% CI over seeds); differences "
+             "paired by seed, \\* where paired t p < 0.05; — where that method or pair has not run.", "", *legend,
+             "", *tables(s), "", *reading(s), "",
+             "Teacher weights are per-image weights over the training images at the end of training, means over "
+             "seeds: for a degraded teacher, where it is wrong / where it is right; otherwise each teacher's mean. "
+             + ("CAMKD's logit weights come from each teacher's cross-entropy on the label alone, so every CAMKD "
+                "variant in a setting has the same. " if any(m.startswith("camkd") for m in s.methods()) else "")
+             + "\"Best with teachers\" is picked on the test set, so that difference leans in its favour. "
+             f"Generated by `python -m kdlib.report outputs/{s.dir.name} --quality`."]
+    return "\n".join(lines)
