@@ -30,13 +30,18 @@ from .stats import NAMES, method_rank
 from .sweep_analysis import NBSP, SweepResults, differences, load, setting_table
 
 TEACHERLESS = ("scratch", "label_smoothing")  # students that never see a teacher
+BR = "<br>"  # a line break inside a markdown table cell (GitHub and the site both render it)
 KEYS = ("teacher_label_noise", "teacher_class_swap", "student_width")  # what a teacher-quality sweep varies
 
 
 def method_name(method: str) -> str:
-    """'CAMKD', 'CAMKD[beta=0]', 'label smoothing'."""
+    """'CAMKD', 'label smoothing'; a variant 'camkd[beta=0]' as 'CAMKD, beta=0' (it wraps in a cell),
+    CAMKD's published form 'camkd[alpha=1,beta=50,camkd_form=official]' as 'CA-MKD official, alpha=1, beta=50'."""
     base, _, rest = method.partition("[")
-    return NAMES.get(base, base) + (f"[{rest}" if rest else "")
+    parts = [v for v in rest.rstrip("]").split(",") if v]
+    if base == "camkd" and "camkd_form=official" in parts:  # the published form, with its own weights
+        return "CA-MKD official" + "".join(f", {v}" for v in parts if v != "camkd_form=official")
+    return NAMES.get(base, base) + "".join(f", {v}" for v in parts)
 
 
 def _swaps(pairs) -> str:
@@ -68,13 +73,15 @@ def degraded(P: dict) -> list[str]:
 
 
 def _cell(mean: float, low: float, high: float, n: int, full: int, signed: bool = False, star: bool = False) -> str:
+    """'91.11<br>(90.72 to 91.51) *': the mean, and its interval on a line of its own, so that five
+    settings side by side fit a page; '[2 seeds]' where fewer seeds than the sweep runs."""
     f = "+.2f" if signed else ".2f"
-    text = f"{mean:{f}}" if math.isnan(low) else f"{mean:{f}} ({low:{f}} to {high:{f}})"
+    text = f"{mean:{f}}" + ("" if math.isnan(low) else BR + f"({low:{f}} to {high:{f}})".replace(" ", NBSP))
     if star:
-        text += " *"
+        text += NBSP + "*"
     if n < full:
-        text += f" [{n} seed{'s' if n != 1 else ''}]"
-    return text.replace(" ", NBSP)
+        text += BR + f"[{n} seed{'s' if n != 1 else ''}]".replace(" ", NBSP)
+    return text
 
 
 class Settings:
@@ -195,7 +202,7 @@ def tables(s: Settings) -> list[str]:
         lines.append(_row([f"{method_name(a)} − {method_name(b)}", *(_diff(s.pair(c, a, b), s.full) for c in s.columns)]))
     best = [s.best_kd(c) for c in s.columns]
     lines.append(_row(["best with teachers − label smoothing",
-                       *(f"{method_name(m)}: {_diff(s.pair(c, m, 'label_smoothing'), s.full)}"
+                       *(f"{method_name(m)}:{BR}{_diff(s.pair(c, m, 'label_smoothing'), s.full)}"
                          if m and s.pair(c, m, "label_smoothing") else "—" for c, m in zip(s.columns, best))]))
     weighted = [m for m in s.methods() if any(s.weights(c, m) for c in s.columns)]
     if weighted:
@@ -208,8 +215,8 @@ def tables(s: Settings) -> list[str]:
                 if w is None:
                     cells.append("—")
                 elif bad:
-                    cells.append("; ".join(f"{t.removeprefix('teacher_')}: {w[t]['wrong']:.3f} wrong / "
-                                           f"{w[t]['right']:.3f} right" for t in bad))
+                    cells.append(BR.join((f"{t.removeprefix('teacher_')}: " if len(bad) > 1 else "")
+                                         + f"{w[t]['wrong']:.3f} wrong{BR}{w[t]['right']:.3f} right" for t in bad))
                 else:
                     cells.append(" / ".join(f"{w[t]['mean']:.2f}" for t in w))
             lines.append(_row([method_name(method), *cells]))
@@ -274,7 +281,8 @@ def markdown(sweep_dir: str | Path) -> str:
              "paired by seed, \\* where paired t p < 0.05; — where that method or pair has not run.", "", *legend,
              "", *tables(s), "", *reading(s), "",
              "Teacher weights are per-image weights over the training images at the end of training, means over "
-             "seeds: for a degraded teacher, where it is wrong / where it is right; otherwise each teacher's mean. "
+             "seeds: for a degraded teacher, its mean weight on the images it gets wrong and on those it gets "
+             "right; otherwise each teacher's mean weight, in the order of the legend. "
              + ("CAMKD's logit weights come from each teacher's cross-entropy on the label alone, so every CAMKD "
                 "variant in a setting has the same. " if any(m.startswith("camkd") for m in s.methods()) else "")
              + "\"Best with teachers\" is picked on the test set, so that difference leans in its favour. "

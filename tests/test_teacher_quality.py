@@ -615,14 +615,14 @@ def test_quality_block_reads_accuracy_differences_and_weights_from_the_records(t
         elif not line.startswith("|"):
             rows = None
     accuracy, diffs, weights = blocks
-    assert accuracy["CAMKD[beta=0]"][0] == "—"  # not run in the shipped setting
-    assert accuracy["CAMKD[beta=0]"][1] == "82.50\xa0(76.15\xa0to\xa088.85)\xa0[2\xa0seeds]"
-    assert accuracy["vanilla"][1].startswith(f"{sum(van) / 3:.2f}\xa0(") and "seeds" not in accuracy["vanilla"][1]
-    cell = f"{p['mean_diff']:+.2f}\xa0({p['ci_low']:+.2f}\xa0to\xa0{p['ci_high']:+.2f})"
+    assert accuracy["CAMKD, beta=0"][0] == "—"  # not run in the shipped setting
+    assert accuracy["CAMKD, beta=0"][1] == "82.50<br>(76.15\xa0to\xa088.85)<br>[2\xa0seeds]"
+    assert accuracy["vanilla"][1].startswith(f"{sum(van) / 3:.2f}<br>(") and "seeds" not in accuracy["vanilla"][1]
+    cell = f"{p['mean_diff']:+.2f}<br>({p['ci_low']:+.2f}\xa0to\xa0{p['ci_high']:+.2f})"
     assert diffs["CAMKD − vanilla"][1] == cell + ("\xa0*" if t.pvalue < 0.05 else "")
-    assert diffs["best with teachers − label smoothing"][1].startswith("CAMKD[beta=0]: ")
-    assert weights["CAMKD"] == ["0.40 / 0.40 / 0.20", "resnet: 0.020 wrong / 0.300 right"]
-    assert weights["CAMKD[beta=0]"] == ["—", "resnet: 0.015 wrong / 0.300 right"]
+    assert diffs["best with teachers − label smoothing"][1].startswith("CAMKD, beta=0:<br>")
+    assert weights["CAMKD"] == ["0.40 / 0.40 / 0.20", "0.020 wrong<br>0.300 right"]
+    assert weights["CAMKD, beta=0"] == ["—", "0.015 wrong<br>0.300 right"]
     assert "CAMKD's weight on teacher_resnet is 0.020 on the 40.0 % of training images it gets wrong" in text
     readme = tmp_path / "README.md"
     readme.write_text("x\n<!-- teachers:start -->\nold\n<!-- teachers:end -->\n")
