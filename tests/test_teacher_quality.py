@@ -623,7 +623,8 @@ def test_quality_block_reads_accuracy_differences_and_weights_from_the_records(t
     assert diffs["best with teachers − label smoothing"][1].startswith("CAMKD, beta=0:<br>")
     assert weights["CAMKD"] == ["0.40 / 0.40 / 0.20", "0.020 wrong<br>0.300 right"]
     assert weights["CAMKD, beta=0"] == ["—", "0.015 wrong<br>0.300 right"]
-    assert "CAMKD's weight on teacher_resnet is 0.020 on the 40.0 % of training images it gets wrong" in text
+    assert "- **swapped resnet**: CAMKD's weight on teacher_resnet is 0.020 on the 40.0 % of training images it " \
+        "gets wrong and 0.300 on those it gets right (the other teachers: 0.40, 0.40 on average; 3 seeds)" in text
     readme = tmp_path / "README.md"
     readme.write_text("x\n<!-- teachers:start -->\nold\n<!-- teachers:end -->\n")
     report.main([str(tmp_path), "--quality", "--readme", str(readme), "--block", "teachers"])
