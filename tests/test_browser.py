@@ -140,8 +140,21 @@ def clear_dialogs(page) -> bool:
     return not dialogs.count()
 
 
+def start_session(url: str, token: str, path: str) -> None:
+    """Start the notebook's python3 kernel through the server's REST API (``POST
+    /api/sessions``), so that Lab, opening the notebook, joins that session instead of
+    asking which kernel to start: on a loaded machine its "Select Kernel" dialog came back
+    after every accept and blocked the Run menu."""
+    body = json.dumps({"path": path, "type": "notebook", "name": Path(path).name, "kernel": {"name": "python3"}})
+    request = urllib.request.Request(f"{url}/api/sessions", data=body.encode(), method="POST",
+                                     headers={"Authorization": f"token {token}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        assert response.status in (200, 201), response.status
+
+
 def open_notebook(page, url: str, token: str, path: str, attempts: int = 3) -> None:
     """Open ``path`` in Lab with its kernel up and no dialog in the way."""
+    start_session(url, token, path)
     page.goto(f"{url}/lab/tree/{path}?token={token}")
     for attempt in range(attempts):
         page.locator(".jp-Notebook .jp-Cell").first.wait_for()
