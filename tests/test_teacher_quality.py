@@ -625,6 +625,13 @@ def test_quality_block_reads_accuracy_differences_and_weights_from_the_records(t
     assert weights["CAMKD, beta=0"] == ["—", "0.015 wrong<br>0.300 right"]
     assert "- **swapped resnet**: CAMKD's weight on teacher_resnet is 0.020 on the 40.0 % of training images it " \
         "gets wrong and 0.300 on those it gets right (the other teachers: 0.40, 0.40 on average; 3 seeds)" in text
+    # the fake scratch and label-smoothing students score alike in both settings, seed by seed
+    assert "they score the same to the last digit in every setting (6 pairs of runs)" in text
+    moved = next(tmp_path.glob("teacher_class_swap=*,methods=camkd+vanilla+label_smoothing+scratch*")) / "metrics_scratch.json"
+    m = json.loads(moved.read_text())
+    m["runs"][1]["test_acc"] += 0.25
+    moved.write_text(json.dumps(m))
+    assert "they differ by up to 0.25 points between settings (6 pairs of runs)" in quality.markdown(tmp_path)
     readme = tmp_path / "README.md"
     readme.write_text("x\n<!-- teachers:start -->\nold\n<!-- teachers:end -->\n")
     report.main([str(tmp_path), "--quality", "--readme", str(readme), "--block", "teachers"])
