@@ -96,7 +96,7 @@ class Settings:
         self.full = len({seed for r in order for seed in r["overrides"].get("seeds", [])}) or 1  # seeds per setting
         self.table = setting_table(self.res)
         self.diffs = differences(self.res)
-        self.columns: list[tuple] = []  # setting tuples, in the order the sweep file first names them
+        self.columns: list[tuple] = []  # setting tuples (values of res.keys), sorted below
         self.params: dict[tuple, dict] = {}
         self.folder: dict[tuple, Path] = {}
         for run in dict.fromkeys(self.res.frame["run"]):
@@ -111,7 +111,8 @@ class Settings:
         self.columns.sort(key=lambda c: (float(self.params[c].get("student_width", 1.0)) != 1.0,
                                          len(degraded(self.params[c])), short_name(self.params[c])))
 
-    def _mask(self, frame: pd.DataFrame, setting: tuple) -> pd.DataFrame:
+    def own(self, frame: pd.DataFrame, setting: tuple) -> pd.DataFrame:
+        """The rows of ``frame`` (with a column per key of ``res.keys``) that belong to ``setting``."""
         if frame.empty:
             return frame
         mask = np.ones(len(frame), bool)
@@ -123,13 +124,13 @@ class Settings:
         return sorted(dict.fromkeys(self.res.frame["method"]), key=method_rank)
 
     def accuracy(self, setting: tuple) -> dict[str, dict]:
-        own = self._mask(self.table, setting)
+        own = self.own(self.table, setting)
         own = own[own["metric"] == "accuracy"]
         return {r["method"]: r for _, r in own.iterrows()}
 
     def pair(self, setting: tuple, a: str, b: str) -> dict | None:
         """a − b over the seeds both ran (mean_diff, ci_low, ci_high, p_value, seeds), or None."""
-        own = self._mask(self.diffs, setting)
+        own = self.own(self.diffs, setting)
         if own.empty:
             return None
         hit = own[(own["method_a"] == a) & (own["method_b"] == b)]
@@ -272,7 +273,7 @@ def repeats(s: Settings) -> str:
     in teachers it ignores). '' when no such pair exists."""
     by = {}
     for c in s.columns:
-        own = s._mask(s.res.frame, c)
+        own = s.own(s.res.frame, c)
         for m in TEACHERLESS:
             rows = own[own["method"] == m]
             width = float(s.params[c].get("student_width", 1.0))
@@ -296,9 +297,9 @@ def markdown(sweep_dir: str | Path) -> str:
     for c in s.columns:
         teachers = ", ".join(f"{t['name'].removeprefix('teacher_')} {t['test_acc']:.1f}" for t in s.teachers(c))
         n = s.student_params(c)
+        student = f"; student {n:,} parameters" if n else ""
         legend.append(f"- **{short_name(s.params[c])}**: {describe(s.params[c])}; teachers' test accuracy % "
-                      f"{teachers}; student {n:,} parameters." if n else f"- **{short_name(s.params[c])}**: "
-                      f"{describe(s.params[c])}; teachers' test accuracy % {teachers}.")
+                      f"{teachers}{student}.")
     status = (f"all {s.total_runs} runs finished" if s.finished_runs == s.total_runs else
               f"**{s.finished_runs} of {s.total_runs} runs finished**; the others are left out, and a cell "
               f"over fewer than {s.full} seeds says how many")
