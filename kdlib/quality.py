@@ -264,6 +264,18 @@ def reading(s: Settings) -> list[str]:
             lines.append(f"- **{short_name(s.params[c])}**: CAMKD's weight on {t} is {w[t]['wrong']:.3f} on the "
                          f"{w[t]['wrong_share']:.1f} % of training images it gets wrong and {w[t]['right']:.3f} on "
                          f"those it gets right (the other teachers: {others} on average; {seeds}).")
+        # the other weighting methods, each with its own weights: where do they put the degraded teacher?
+        for m in [m for m in s.methods() if not m.startswith("camkd")]:
+            v = s.weights(c, m) if bad else None
+            if v is None or math.isnan(v[bad[0]]["wrong"]) or math.isnan(v[bad[0]]["right"]):
+                continue
+            t, gap = bad[0], v[bad[0]]["wrong"] - v[bad[0]]["right"]
+            how = ("the same" if abs(gap) < 0.0005 else "lower" if gap < 0 else "higher")
+            lines.append(f"- **{short_name(s.params[c])}**: {method_name(m)}'s weight on {t} is {how} where it is "
+                         f"wrong ({v[t]['wrong']:.3f}) than where it is right ({v[t]['right']:.3f})."
+                         if how != "the same" else
+                         f"- **{short_name(s.params[c])}**: {method_name(m)}'s weight on {t} is the same where it is "
+                         f"wrong and where it is right ({v[t]['wrong']:.3f}).")
     return lines
 
 
@@ -308,7 +320,9 @@ def markdown(sweep_dir: str | Path) -> str:
              "", *tables(s), "", *reading(s), "",
              "Teacher weights are per-image weights over the training images at the end of training, means over "
              "seeds: for a degraded teacher, its mean weight on the images it gets wrong and on those it gets "
-             "right; otherwise each teacher's mean weight, in the order of the legend. "
+             "right; otherwise each teacher's mean weight, in the order of the legend. Each method keeps its own "
+             "scale: CAMKD's and AEKD's weights sum to 1 over the teachers, EBKD's to M − 1 (as in the official "
+             "code), so equal weights are 1/M and (M − 1)/M. "
              + ("CAMKD's logit weights come from each teacher's cross-entropy on the label alone, so every CAMKD "
                 "variant in a setting has the same. " if any(m.startswith("camkd") for m in s.methods()) else "")
              + repeats(s) + "\"Best with teachers\" is picked on the test set, so that difference leans in its favour. "

@@ -636,3 +636,28 @@ def test_quality_block_reads_accuracy_differences_and_weights_from_the_records(t
     readme.write_text("x\n<!-- teachers:start -->\nold\n<!-- teachers:end -->\n")
     report.main([str(tmp_path), "--quality", "--readme", str(readme), "--block", "teachers"])
     assert "**4 of 5 runs finished**" in readme.read_text() and "old" not in readme.read_text()
+
+
+def test_quality_reading_says_where_each_other_weighting_puts_the_degraded_teacher(tmp_path):
+    """EBKD (entropy) can trust a confidently wrong teacher more where it is wrong; the
+    reading says so from the records, and says 'the same' for a weight that never moves."""
+    import yaml
+    from kdlib import quality
+    from kdlib.sweep import run_name
+    runs = []
+    swap = {"teacher_resnet": [[0, 6]]}
+    ebkd = {s: {"mean": [0.8, 0.8, 0.4], "wrong": [None, None, 0.9 + 0.01 * s], "right": [0.8, 0.8, 0.35],
+                "wrong_share": [0.0, 0.0, 20.0]} for s in (0, 1)}
+    aekd = {s: {"mean": [0.6, 0.4, 0.0], "wrong": [None, None, 0.0], "right": [0.6, 0.4, 0.0],
+                "wrong_share": [0.0, 0.0, 20.0]} for s in (0, 1)}
+    run = {"teacher_class_swap": swap, "methods": ["ebkd", "aekd", "vanilla"], "seeds": [0, 1]}
+    fake_run(tmp_path, run_name(run), run, {m: {0: 80.0, 1: 81.0} for m in ("ebkd", "aekd", "vanilla")}, runs,
+             weights={"ebkd": ebkd, "aekd": aekd})
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump({"runs": runs}))
+    (tmp_path / "sweep.json").write_text("{}")
+    text = quality.markdown(tmp_path)
+    assert "- **swapped resnet**: EBKD's weight on teacher_resnet is higher where it is wrong (0.905) than where " \
+        "it is right (0.350)." in text
+    assert "- **swapped resnet**: AEKD's weight on teacher_resnet is the same where it is wrong and where it is " \
+        "right (0.000)." in text
+    assert "CAMKD's weight" not in text and "EBKD's to M − 1" in text
