@@ -661,3 +661,4 @@ def test_quality_reading_says_where_each_other_weighting_puts_the_degraded_teach
     assert "- **swapped resnet**: AEKD's weight on teacher_resnet is the same where it is wrong and where it is " \
         "right (0.000)." in text
     assert "CAMKD's weight" not in text and "EBKD's to M − 1" in text
+    assert "EBKD's weights come from the teachers' entropies alone" in text and "every CAMKD variant" not in text
