@@ -244,6 +244,22 @@ def reading(s: Settings) -> list[str]:
     if "vanilla" in s.methods() and "scratch" in s.methods():
         lines.append(f"- **Vanilla KD beats the student alone** in {where('vanilla', 'scratch', 1)}; "
                      f"falls below it in {where('vanilla', 'scratch', -1)}.")
+    if "scratch" in s.methods():
+        above, below, pairs = [], 0, 0
+        for c in s.columns:
+            for m in s.accuracy(c):
+                p = s.pair(c, m, "scratch")
+                if m.split("[")[0] in TEACHERLESS or not p or p["seeds"] < 2:
+                    continue
+                pairs += 1
+                if p["p_value"] < 0.05:
+                    if p["mean_diff"] > 0:
+                        above.append(f"{method_name(m)} in {short_name(s.params[c])} ({p['mean_diff']:+.2f})")
+                    else:
+                        below += 1
+        lines.append(f"- **A method with teachers beats the student alone** significantly: "
+                     f"{'; '.join(above) or 'none, in any setting'}; {below} of {pairs} method-and-setting pairs "
+                     "fall significantly below it.")
     if "label_smoothing" in s.methods():
         beats = []
         for c in s.columns:
