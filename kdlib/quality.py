@@ -244,54 +244,48 @@ def reading(s: Settings) -> list[str]:
     if "vanilla" in s.methods() and "scratch" in s.methods():
         lines.append(f"- **Vanilla KD beats the student alone** in {where('vanilla', 'scratch', 1)}; "
                      f"falls below it in {where('vanilla', 'scratch', -1)}.")
+    def against(ref):
+        """(setting, method, pair) for every method with teachers against ``ref``, over >= 2 seeds."""
+        return [(c, m, p) for c in s.columns for m in s.accuracy(c)
+                if m.split("[")[0] not in TEACHERLESS and (p := s.pair(c, m, ref)) and p["seeds"] >= 2]
+
+    def named(hits):
+        return "; ".join(f"{method_name(m)} in {short_name(s.params[c])} ({p['mean_diff']:+.2f})"
+                         for c, m, p in hits) or "none, in any setting"
+
     if "scratch" in s.methods():
-        above, below, pairs = [], 0, 0
-        for c in s.columns:
-            for m in s.accuracy(c):
-                p = s.pair(c, m, "scratch")
-                if m.split("[")[0] in TEACHERLESS or not p or p["seeds"] < 2:
-                    continue
-                pairs += 1
-                if p["p_value"] < 0.05:
-                    if p["mean_diff"] > 0:
-                        above.append(f"{method_name(m)} in {short_name(s.params[c])} ({p['mean_diff']:+.2f})")
-                    else:
-                        below += 1
-        lines.append(f"- **A method with teachers beats the student alone** significantly: "
-                     f"{'; '.join(above) or 'none, in any setting'}; {below} of {pairs} method-and-setting pairs "
-                     "fall significantly below it.")
+        pairs = against("scratch")
+        significant = [h for h in pairs if h[2]["p_value"] < 0.05]
+        above = [h for h in significant if h[2]["mean_diff"] > 0]
+        lines.append(f"- **A method with teachers beats the student alone** significantly: {named(above)}; "
+                     f"{len(significant) - len(above)} of {len(pairs)} method-and-setting pairs fall significantly "
+                     "below it.")
     if "label_smoothing" in s.methods():
-        beats = []
-        for c in s.columns:
-            for m in s.accuracy(c):
-                p = s.pair(c, m, "label_smoothing")
-                if m.split("[")[0] not in TEACHERLESS and p and p["seeds"] >= 2 and p["p_value"] < 0.05 \
-                        and p["mean_diff"] > 0:
-                    beats.append(f"{method_name(m)} in {short_name(s.params[c])} ({p['mean_diff']:+.2f})")
-        lines.append(f"- **A method with teachers beats label smoothing** significantly: {'; '.join(beats) or 'none, in any setting'}.")
+        beats = [h for h in against("label_smoothing") if h[2]["p_value"] < 0.05 and h[2]["mean_diff"] > 0]
+        lines.append(f"- **A method with teachers beats label smoothing** significantly: {named(beats)}.")
     for c in s.columns:
         bad = degraded(s.params[c])
+        if not bad:
+            continue
+        t = bad[0]
         # CAMKD's logit weights do not depend on the student: any of its variants that ran tells them
         w = next((s.weights(c, m) for m in s.methods() if m.startswith("camkd") and s.weights(c, m)), None)
-        if bad and w:
-            t = bad[0]
+        if w:
             others = ", ".join(f"{w[o]['mean']:.2f}" for o in w if o != t)
             seeds = f"{w[t]['seeds']} seed{'s' if w[t]['seeds'] != 1 else ''}"
             lines.append(f"- **{short_name(s.params[c])}**: CAMKD's weight on {t} is {w[t]['wrong']:.3f} on the "
                          f"{w[t]['wrong_share']:.1f} % of training images it gets wrong and {w[t]['right']:.3f} on "
                          f"those it gets right (the other teachers: {others} on average; {seeds}).")
         # the other weighting methods, each with its own weights: where do they put the degraded teacher?
-        for m in [m for m in s.methods() if not m.startswith("camkd")]:
-            v = s.weights(c, m) if bad else None
-            if v is None or math.isnan(v[bad[0]]["wrong"]) or math.isnan(v[bad[0]]["right"]):
+        for m in s.methods():
+            v = None if m.startswith("camkd") else s.weights(c, m)
+            if v is None or math.isnan(v[t]["wrong"]) or math.isnan(v[t]["right"]):
                 continue
-            t, gap = bad[0], v[bad[0]]["wrong"] - v[bad[0]]["right"]
-            how = ("the same" if abs(gap) < 0.0005 else "lower" if gap < 0 else "higher")
-            lines.append(f"- **{short_name(s.params[c])}**: {method_name(m)}'s weight on {t} is {how} where it is "
-                         f"wrong ({v[t]['wrong']:.3f}) than where it is right ({v[t]['right']:.3f})."
-                         if how != "the same" else
-                         f"- **{short_name(s.params[c])}**: {method_name(m)}'s weight on {t} is the same where it is "
-                         f"wrong and where it is right ({v[t]['wrong']:.3f}).")
+            wrong, right = v[t]["wrong"], v[t]["right"]
+            how = (f"the same where it is wrong and where it is right ({wrong:.3f})" if abs(wrong - right) < 0.0005
+                   else f"{'higher' if wrong > right else 'lower'} where it is wrong ({wrong:.3f}) than where it is "
+                        f"right ({right:.3f})")
+            lines.append(f"- **{short_name(s.params[c])}**: {method_name(m)}'s weight on {t} is {how}.")
     return lines
 
 

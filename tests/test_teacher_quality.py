@@ -625,12 +625,12 @@ def test_quality_block_reads_accuracy_differences_and_weights_from_the_records(t
     assert weights["CAMKD, beta=0"] == ["—", "0.015 wrong<br>0.300 right"]
     assert "- **swapped resnet**: CAMKD's weight on teacher_resnet is 0.020 on the 40.0 % of training images it " \
         "gets wrong and 0.300 on those it gets right (the other teachers: 0.40, 0.40 on average; 3 seeds)" in text
-    # the fake scratch and label-smoothing students score alike in both settings, seed by seed
     # every method with teachers against scratch: CAMKD's shipped gains 1.5, 2.25, 1.75 by seed
     assert st.ttest_rel([80.5 + x * 1.5 for x in d.values()], [79 + x for x in d.values()]).pvalue < 0.05
     assert "- **A method with teachers beats the student alone** significantly: CAMKD in shipped (+1.83); vanilla " \
         "in shipped (+1.00); CAMKD in swapped resnet (+2.67); vanilla in swapped resnet (+1.00); 0 of 5 " \
         "method-and-setting pairs fall significantly below it." in text  # beta=0's 2 seeds: +3.0, +2.5, p 0.06
+    # the fake scratch and label-smoothing students score alike in both settings, seed by seed
     assert "they score the same to the last digit in every setting (6 pairs of runs)" in text
     moved = next(tmp_path.glob("teacher_class_swap=*,methods=camkd+vanilla+label_smoothing+scratch*")) / "metrics_scratch.json"
     m = json.loads(moved.read_text())
