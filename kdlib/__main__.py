@@ -1,6 +1,7 @@
 """Command line: ``python -m kdlib run params/X.yaml [--name NAME] [-p key=value ...]``,
 ``python -m kdlib run --resume outputs/NAME``,
-``python -m kdlib sweep params/sweeps/X.yaml [--workers N] [--scheduler ADDRESS] [--resume]``, or
+``python -m kdlib sweep params/sweeps/X.yaml [--workers N] [--scheduler ADDRESS] [--resume]``,
+``python -m kdlib tune params/tune/X.yaml [--workers N] [--scheduler ADDRESS] [--storage URL] [--resume]``, or
 ``python -m kdlib ship-teachers params/X.yaml``."""
 from __future__ import annotations
 
@@ -30,9 +31,20 @@ def main(argv=None) -> int:
     sweep.add_argument("--scheduler", metavar="ADDRESS", help="submit to an existing Dask scheduler, e.g. tcp://host:8786")
     sweep.add_argument("--resume", action="store_true", help="continue the sweep: finished runs are skipped")
     sweep.add_argument("--outputs", default="outputs", help="parent folder of sweep folders")
+    tune = sub.add_parser("tune", help="tune each method on a validation split (Optuna on Dask), then test "
+                                       "the chosen values over seeds into outputs/NAME")
+    tune.add_argument("tune_file", help="tune YAML file, e.g. params/tune/small-student.yaml")
+    tune.add_argument("--workers", type=int, help="workers of the embedded cluster (default: sized to the machine)")
+    tune.add_argument("--scheduler", metavar="ADDRESS", help="submit to an existing Dask scheduler, e.g. tcp://host:8786")
+    tune.add_argument("--storage", metavar="URL", help="Optuna storage every worker can reach, e.g. "
+                      "postgresql://host/db (default: a journal file in outputs/NAME, one machine)")
+    tune.add_argument("--resume", action="store_true", help="continue: finished trials and runs are kept")
+    tune.add_argument("--outputs", default="outputs", help="parent folder of tuning folders")
     args = parser.parse_args(argv)
     if args.command == "sweep":
         return _sweep(args)
+    if args.command == "tune":
+        return _tune(args)
     if args.command == "ship-teachers":
         return _ship(args.params)
     from .runner import RunError, run as run_book
@@ -73,6 +85,21 @@ def _sweep(args) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2 if isinstance(err, ParamsError) else 1
     print(summary(data), file=sys.stderr if data["status"] == "failed" else sys.stdout)
+    return 0 if data["status"] == "finished" else 1
+
+
+def _tune(args) -> int:
+    from .runner import RunError
+    from .tune import run_tune
+    if args.workers is not None and (args.workers < 1 or args.scheduler):
+        print("error: --workers takes a positive number, and sizes the embedded cluster only (not --scheduler)",
+              file=sys.stderr)
+        return 2
+    try:
+        data = run_tune(args.tune_file, args.workers, args.scheduler, args.storage, args.resume, args.outputs)
+    except (ParamsError, RunError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2 if isinstance(err, ParamsError) else 1
     return 0 if data["status"] == "finished" else 1
 
 
