@@ -148,13 +148,13 @@ def teacher_test_probs(bank: LiveTeachers, data: Dataset, cfg: TrainConfig) -> t
 def train_student(method: str, bank: LiveTeachers, data: Dataset, cfg: TrainConfig, *, temperature=4.0,
                   alpha=0.7, beta=100.0, hint_layer=-2, checkpoint=None, identity=None, test_probs=None, log=print,
                   replace_stale=False, camkd_form="kdbook", label_smoothing=0.1,
-                  width=1.0):
+                  width=1.0, on_epoch=None):
     """Train the student with ``method`` (a name in ``kdlib.distillers.METHODS``) against ``bank``.
 
     Returns ``(distiller, history)``; seeded by ``cfg.seed`` (init, batch order, dropout).
     ``checkpoint`` needs the student's ``identity`` (``kdlib.params.student_identity``).
     ``width`` scales the student (``kdlib.models.student_sizes``); CAMKD's regressors
-    size themselves from its feature map.
+    size themselves from its feature map. ``on_epoch``: see ``kdlib.train.fit``.
     """
     seed_everything(cfg.seed)
     student = build_for("student", data, data.train.images.device, width)
@@ -163,5 +163,5 @@ def train_student(method: str, bank: LiveTeachers, data: Dataset, cfg: TrainConf
                                 label_smoothing)
     distiller.to(data.train.images.device)
     history = fit(distiller, data, cfg, checkpoint=checkpoint, identity=identity, teacher_test_probs=test_probs,
-                  desc=f"{method} seed {cfg.seed}", log=log, replace_stale=replace_stale)
+                  desc=f"{method} seed {cfg.seed}", log=log, replace_stale=replace_stale, on_epoch=on_epoch)
     return distiller, history

@@ -248,7 +248,7 @@ def _restore(distiller: Distiller, optimizer, state: dict, checkpoint) -> None:
 
 def fit(distiller: Distiller, data: Dataset, cfg: TrainConfig, *, checkpoint: str | Path | None = None,
         identity: dict | None = None, teacher_test_probs: torch.Tensor | None = None,
-        desc: str = "train", log=print, replace_stale: bool = False) -> list[dict]:
+        desc: str = "train", log=print, replace_stale: bool = False, on_epoch=None) -> list[dict]:
     """Train ``distiller`` for ``cfg.epochs`` and return the per-epoch history.
 
     With ``checkpoint`` (and the ``identity`` of the model being trained, from
@@ -259,6 +259,8 @@ def fit(distiller: Distiller, data: Dataset, cfg: TrainConfig, *, checkpoint: st
     ``cfg.fidelity_freq`` epochs and at the last one. A checkpoint with another
     identity is refused, naming the keys that differ, unless ``replace_stale`` (the
     notebooks' scratch folder ``outputs/interactive``), where it is replaced, and said so.
+    ``on_epoch(record)`` is called after each epoch's record (and checkpoint); an exception it
+    raises ends training there (a tuning trial that its pruner stops, ``kdlib.tune``).
     """
     if checkpoint and identity is None:
         raise ValueError("fit: a checkpoint needs the identity of the model it holds (kdlib.params)")
@@ -296,6 +298,8 @@ def fit(distiller: Distiller, data: Dataset, cfg: TrainConfig, *, checkpoint: st
                          "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
                          "finished": epoch + 1 == cfg.epochs, "history": history, "rng": _rng_state()}, checkpoint)
         bar.epoch(record)
+        if on_epoch is not None:
+            on_epoch(record)
     bar.close()
     return history
 

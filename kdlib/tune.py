@@ -1,0 +1,821 @@
+"""Tuning: every method's hyperparameters searched on a validation split with the same
+budget (Optuna on Dask), then the chosen values tested over seeds as an ordinary sweep.
+
+A tune file (``params/tune/NAME.yaml``) names a ``base`` params file (with ``val_subset``:
+the test set is never read while tuning), ``settings`` (overrides, like a sweep's runs),
+``methods``, ``trials`` (per tuned method and setting, the same for all) and ``space``
+(per method, knob -> ``{low, high, log}`` or a list of choices; any params key the method
+reads). Optional: ``seeds`` (default [0, 1, 2]), ``sampler_seed`` (0), ``pruner``
+(``{startup_trials: 5, warmup_epochs: 2}``) and ``rescore`` (3).
+
+Everything lives in one Optuna storage (a journal file in the tuning folder, or an RDB
+URL every worker reaches): per setting and method a search study (``SETTING/METHOD``:
+TPE with a fixed seed, a median pruner fed the validation accuracy after each epoch) and
+a study of single-seed evaluations (``SETTING/METHOD/seeds``): a method with no space
+(scratch) runs each seed there as its setting's reference, and the trials within noise of
+a study's best are re-scored there on the other seeds. Each trial or evaluation is one
+Dask task on the sweeps' cluster; the client asks Optuna for a trial when a worker is
+free, the worker reports and tells. A killed tuning resumes (``--resume``): a trial left
+running is marked failed and asked again; finished ones are kept and never counted twice.
+
+Then the test: each method at its chosen values on the full training set, for every
+seed, scored once on the test set: a sweep (``kdlib.sweep``) in ``NAME/test/`` with its
+records and 04. Last, ``trials.csv``, ``best.yaml`` and the executed ``05_tune.ipynb``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from . import book
+from .distillers import METHODS
+from .params import SCHEMA, ParamsError, read_mapping, validate
+from .runner import RunError, now
+from .sweep import RESOURCES, _error_line, _locate, _worker, portable, run_name
+
+TUNE_KEYS = ("base", "settings", "methods", "trials", "space", "seeds", "sampler_seed", "pruner", "rescore")
+# keys that no search may move: what the run is, where it runs, and the split it is scored on
+NOT_KNOBS = {"methods": "the tune file's methods list says which methods run",
+             "seeds": "the tune file's seeds say which seeds run",
+             "run_dir": "the tuning names its folders", "threads": "each task gets its worker's threads",
+             "device": "it changes where a run goes, not what it learns",
+             "data_root": "it is a folder", "teacher_dir": "it is a folder",
+             "dataset": "a setting, not a knob", "teachers": "a setting, not a knob",
+             "train_subset": "it sets the data", "test_subset": "it sets the data",
+             "val_subset": "it sets the split that every trial is scored on",
+             "fidelity_freq": "it changes what is measured, not what is learned",
+             "cache_teachers": "it changes speed, not what is learned",
+             "compile": "it changes speed, not what is learned"}
+PRUNER = {"startup_trials": 5, "warmup_epochs": 2}
+TUNE_OUT = ("trials.csv", "best.yaml")
+ANALYSIS = "05_tune.ipynb"
+SEARCH, SEEDS = "search", "seeds"
+
+
+@dataclass
+class Knob:
+    name: str
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    choices: list | None = None
+
+    def suggest(self, trial):
+        if self.choices is not None:
+            return trial.suggest_categorical(self.name, self.choices)
+        if SCHEMA[self.name].kind is int:
+            return trial.suggest_int(self.name, int(self.low), int(self.high), log=self.log)
+        return trial.suggest_float(self.name, float(self.low), float(self.high), log=self.log)
+
+    def describe(self) -> str:
+        if self.choices is not None:
+            return "one of " + ", ".join(map(str, self.choices))
+        return f"{self.low:g} to {self.high:g}" + (", log scale" if self.log else "")
+
+
+@dataclass
+class Setting:
+    name: str        # as a sweep run is named: student_width=0.25 ('base' for none)
+    overrides: dict
+    P: dict          # base + overrides, validated
+
+
+@dataclass
+class TuneSpec:
+    source: str
+    base: str
+    base_raw: dict
+    settings: list[Setting]
+    methods: list[str]
+    trials: int
+    space: dict[str, list[Knob]]
+    seeds: list[int]
+    sampler_seed: int = 0
+    pruner: dict = field(default_factory=lambda: dict(PRUNER))
+    rescore: int = 3
+
+    def tuned(self, method: str) -> bool:
+        return bool(self.space.get(method))
+
+    def as_dict(self) -> dict:
+        """What the tuning folder records in ``tune.yaml`` (and a resume must match)."""
+        return {"tune": portable(Path(self.source)), "base": portable(Path(self.base)),
+                "settings": [s.overrides for s in self.settings], "methods": self.methods, "trials": self.trials,
+                "space": {m: {k.name: (k.choices if k.choices is not None else
+                                       {"low": k.low, "high": k.high, "log": k.log}) for k in knobs}
+                          for m, knobs in self.space.items()},
+                "seeds": self.seeds, "sampler_seed": self.sampler_seed, "pruner": self.pruner,
+                "rescore": self.rescore}
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _knob(src: str, method: str, name: str, spec, base: dict) -> Knob:
+    where = f"{src}: space: {method}: {name}"
+    if name not in SCHEMA:
+        raise ParamsError(f"{where}: not a params key; knobs are params keys, e.g. temperature, alpha, beta")
+    if name in NOT_KNOBS:
+        raise ParamsError(f"{where}: cannot be tuned ({NOT_KNOBS[name]}); remove it")
+    readers = SCHEMA[name].read_by
+    if readers is not None and method not in readers:
+        raise ParamsError(f"{where}: {method} does not use {name} (only {', '.join(readers)} read it); remove it")
+    if isinstance(spec, list):
+        if not spec:
+            raise ParamsError(f"{where}: an empty list of choices; give at least one value, e.g. [0, 10, 100]")
+        knob = Knob(name, choices=spec)
+        values = spec
+    elif isinstance(spec, dict):
+        extra = set(spec) - {"low", "high", "log"}
+        if extra or not {"low", "high"} <= set(spec):
+            raise ParamsError(f"{where}: give {{low: L, high: H}} (and log: true for a log scale) or a list of "
+                              f"choices, not {spec}")
+        low, high, log = spec["low"], spec["high"], spec.get("log", False)
+        if SCHEMA[name].kind not in (int, float):
+            raise ParamsError(f"{where}: {name} is not a number; give a list of choices instead of a range")
+        if not (_number(low) and _number(high)) or not isinstance(log, bool):
+            raise ParamsError(f"{where}: low and high must be numbers and log true or false, not {spec}")
+        if low > high:
+            raise ParamsError(f"{where}: low {low} is above high {high}; swap them")
+        if log and low <= 0:
+            raise ParamsError(f"{where}: a log scale needs low > 0 (it is {low}); raise low or drop log")
+        if SCHEMA[name].kind is int and not (float(low).is_integer() and float(high).is_integer()):
+            raise ParamsError(f"{where}: {name} takes whole numbers; give low and high as integers")
+        knob = Knob(name, low=low, high=high, log=log)
+        values = [low, high]
+    else:
+        raise ParamsError(f"{where}: give {{low: L, high: H, log: true}} or a list of choices, not {spec!r}")
+    for value in values:  # every end of the range, every choice, must be a valid params value
+        try:
+            validate({**base, name: value, "methods": [method]}, where)
+        except ParamsError as err:
+            raise ParamsError(f"{err} (a value of the search space)") from None
+    return knob
+
+
+def load_tune(tune_file: str | Path) -> TuneSpec:
+    """Read and check a tune file; every bad input is one ``ParamsError`` line naming the
+    file, the key and the fix, before anything runs."""
+    src = str(tune_file)
+    raw = read_mapping(tune_file, "tune file", "params/tune/")
+    for key in raw:
+        if key not in TUNE_KEYS:
+            raise ParamsError(f"{src}: unknown key {key!r}; a tune file has {', '.join(TUNE_KEYS)}")
+    for key in ("base", "methods", "trials"):
+        if key not in raw:
+            raise ParamsError(f"{src}: no {key!r} key; see params/tune/ for examples")
+    base = str(_locate(Path(raw["base"])))
+    base_raw = read_mapping(base, "base params file", "params/")
+    base_P = validate(dict(base_raw), base)
+    if not base_P["val_subset"]:
+        raise ParamsError(f"{src}: base {raw['base']} has no val_subset; tuning scores on images held out of the "
+                          "training set, never the test set: set val_subset (e.g. 5000) in the base")
+    methods = raw["methods"]
+    if not isinstance(methods, list) or not methods or len(set(map(str, methods))) != len(methods):
+        raise ParamsError(f"{src}: methods: give a list of distinct method names, e.g. [scratch, vanilla, camkd]")
+    for m in methods:
+        if m not in METHODS:
+            raise ParamsError(f"{src}: methods: {m!r} is not a method; choose from {', '.join(METHODS)}")
+    trials = raw["trials"]
+    if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
+        raise ParamsError(f"{src}: trials: {trials!r} is not allowed; give the trials per method and setting, "
+                          "a whole number >= 1")
+    seeds = raw.get("seeds", [0, 1, 2])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
+                                                          and s >= 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise ParamsError(f"{src}: seeds: {seeds!r} is not allowed; give distinct non-negative integers, e.g. [0, 1, 2]")
+    settings_raw = raw.get("settings") or [{}]
+    if not isinstance(settings_raw, list) or not all(isinstance(s, dict) for s in settings_raw):
+        raise ParamsError(f"{src}: settings: give a list of overrides, e.g. [{{student_width: 0.25}}]")
+    settings, names = [], set()
+    for own in settings_raw:
+        for key in own:
+            if key in ("methods", "seeds", "run_dir", "threads"):
+                raise ParamsError(f"{src}: settings: {key!r} cannot be set in a setting (the tuning sets it)")
+        name = run_name(own)
+        if name in names:
+            raise ParamsError(f"{src}: settings: {own} is listed twice")
+        names.add(name)
+        P = validate({**base_raw, **own, "methods": methods}, f"{src}, setting {name}")
+        if not P["val_subset"]:
+            raise ParamsError(f"{src}: settings: {name} sets val_subset to 0, which would tune on the test set; "
+                              "remove it")
+        settings.append(Setting(name, own, P))
+    space_raw = raw.get("space") or {}
+    if not isinstance(space_raw, dict):
+        raise ParamsError(f"{src}: space: give method -> {{knob: {{low, high, log}} or [choices]}}")
+    space = {}
+    for method, knobs in space_raw.items():
+        if method not in methods:
+            raise ParamsError(f"{src}: space: {method!r} is not in methods ({', '.join(methods)}); add it there "
+                              "or remove its space")
+        if not isinstance(knobs, dict) or not knobs:
+            raise ParamsError(f"{src}: space: {method}: give knob: {{low, high, log}} or [choices], e.g. "
+                              "temperature: {low: 1, high: 8, log: true}")
+        space[method] = [_knob(src, method, k, v, {**base_raw, **settings[0].overrides}) for k, v in knobs.items()]
+    pruner = {**PRUNER, **(raw.get("pruner") or {})}
+    if set(pruner) != set(PRUNER) or not all(isinstance(v, int) and v >= 0 for v in pruner.values()):
+        raise ParamsError(f"{src}: pruner: give {{startup_trials: N, warmup_epochs: N}} with whole numbers >= 0")
+    rescore = raw.get("rescore", 3)
+    if not isinstance(rescore, int) or isinstance(rescore, bool) or rescore < 1:
+        raise ParamsError(f"{src}: rescore: give how many of a study's best trials may be re-scored over the "
+                          "seeds, a whole number >= 1 (1: never re-score)")
+    sampler_seed = raw.get("sampler_seed", 0)
+    if not isinstance(sampler_seed, int) or isinstance(sampler_seed, bool) or sampler_seed < 0:
+        raise ParamsError(f"{src}: sampler_seed: give a non-negative integer")
+    return TuneSpec(src, base, base_raw, settings, methods, trials, space, seeds, sampler_seed, pruner, rescore)
+
+
+# ---- storage -------------------------------------------------------------------------------------
+
+def storage_url(tune_dir: Path, given: str | None) -> str:
+    """The Optuna storage: ``given`` (an RDB URL, or a journal file's path), or the journal file
+    ``tune_dir/study.journal`` (one machine: every worker process opens the same file)."""
+    return given or str(tune_dir / "study.journal")
+
+
+def check_storage(url: str) -> None:
+    """Refuse a storage that cannot be written, in one line, before anything runs."""
+    if "://" in url:
+        try:
+            open_storage(url)
+        except Exception as err:
+            raise RunError(f"--storage {url}: cannot open it ({_error_line(err)}); give a reachable database URL "
+                           "or leave --storage out for a journal file in the tuning folder") from None
+        return
+    path = Path(url)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a"):
+            pass
+    except OSError as err:
+        raise RunError(f"storage {path}: cannot write it ({err.strerror}); choose --outputs or --storage "
+                       "elsewhere") from None
+
+
+def repair_journal(path: Path) -> bool:
+    """Cut a journal file back to its last complete line (a process killed while appending
+    leaves a partial one, which Optuna skips on reading but which would swallow the next
+    line appended). Returns whether anything was cut."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return False
+    data = path.read_bytes()
+    if data.endswith(b"\n"):
+        return False
+    with open(path, "r+b") as f:
+        f.truncate(data.rfind(b"\n") + 1)
+    return True
+
+
+_STORAGES: dict = {}
+
+
+def open_storage(url: str):
+    """One storage object per process and URL: an RDB URL as Optuna takes it, or a
+    ``JournalStorage`` on a file (file locks keep concurrent processes consistent)."""
+    if url not in _STORAGES:
+        import optuna
+        if "://" in url:
+            _STORAGES[url] = optuna.storages.RDBStorage(url)
+        else:
+            from optuna.storages.journal import JournalFileBackend
+            _STORAGES[url] = optuna.storages.JournalStorage(JournalFileBackend(url))
+    return _STORAGES[url]
+
+
+def _pruner(cfg: dict):
+    import optuna
+    return optuna.pruners.MedianPruner(n_startup_trials=cfg["startup_trials"], n_warmup_steps=cfg["warmup_epochs"])
+
+
+def _study(url: str, name: str, sampler=None, pruner: dict | None = None, create: bool = False):
+    import optuna
+    kwargs = {"study_name": name, "storage": open_storage(url), "sampler": sampler,
+              "pruner": _pruner(pruner) if pruner is not None else optuna.pruners.NopPruner()}
+    if create:
+        return optuna.create_study(direction="maximize", load_if_exists=True, **kwargs)
+    return optuna.load_study(**kwargs)
+
+
+def study_name(setting: str, method: str, kind: str = SEARCH) -> str:
+    return f"{setting}/{method}" + ("" if kind == SEARCH else f"/{SEEDS}")
+
+
+# ---- one trial, on a worker ----------------------------------------------------------------------
+
+_PREPARED: dict = {}
+
+
+def _prepared(P: dict, device):
+    """``(student data, teacher bank)`` for ``P``, kept for the next trial of this process that
+    needs the same (data split, teacher checkpoints, hint layer, precision, augmentation): one
+    teacher pass serves every trial of a study on this worker."""
+    from .assemble import teacher_bank, train_teacher
+    from .checkpoint import sha256_file
+    from .params import teacher_identity
+    from .sweep import teacher_key
+    key = json.dumps([teacher_key(P), str(device)] + [P[k] for k in (
+        "dataset", "data_root", "train_subset", "test_subset", "val_subset", "labelled_subset", "hint_layer",
+        "precision", "augment", "cache_teachers", "batch_size")])
+    if key not in _PREPARED:
+        _PREPARED.clear()  # one setting's teachers at a time in memory
+        quiet = lambda *a: None  # noqa: E731
+        data = book.load_data(P, device)
+        tcfg = book.teacher_config(P, device)
+        models = [train_teacher(n, book.teacher_data(P, data, n), tcfg, book.teacher_checkpoint(P, n),
+                                teacher_identity(P, n), log=quiet)[0] for n in P["teachers"]]
+        sdata = book.student_data(P, data)
+        if sdata.eval_split != "validation":  # never score a trial on the test set
+            raise RunError(f"val_subset is {P['val_subset']}: a trial must be scored on a validation split")
+        sha = {n: sha256_file(book.teacher_checkpoint(P, n)) for n in P["teachers"]}
+        cfg0 = book._config(P, P["student_epochs"], 0, device)
+        bank = teacher_bank(models, list(P["teachers"]), sdata, cfg0, P["hint_layer"], cache=P["cache_teachers"],
+                            log=quiet, view_files=book.view_cache_files(P, sha, sdata))
+        _PREPARED[key] = (sdata, bank)
+    return _PREPARED[key]
+
+
+def evaluate(P: dict, method: str, seed: int, on_epoch=None) -> list[dict]:
+    """Train ``method``'s student with ``P`` and ``seed`` on the validation split's training part;
+    return its history, whose ``test_acc`` is accuracy on the held-out validation images."""
+    from .assemble import train_student
+    device = book.device_of(P)
+    data, bank = _prepared(P, device)
+    cfg = book._config(P, P["student_epochs"], seed, device)
+    _, history = train_student(method, bank, data, cfg, temperature=P["temperature"], alpha=P["alpha"],
+                               beta=P["beta"], hint_layer=P["hint_layer"], log=lambda *a: None,
+                               camkd_form=P["camkd_form"], label_smoothing=P["label_smoothing"],
+                               width=P["student_width"], on_epoch=on_epoch)
+    return history
+
+
+def trial_task(url: str, name: str, number: int, P: dict, method: str, seed: int, pruner: dict | None) -> dict:
+    """Run trial ``number`` of study ``name`` and tell Optuna how it ended: complete (its last
+    validation accuracy), pruned (the median pruner stopped it, or its loss became
+    non-finite), or failed (an error, recorded). With ``pruner`` None (an evaluation at fixed
+    values) nothing is pruned. Returns ``{state, value, epochs, seconds, worker, error}``."""
+    import optuna
+    from optuna.trial import TrialState
+    from .train import NonFiniteLossError
+    address, threads = _worker()
+    os.environ["KDBOOK_PROGRESS"] = "off"
+    study = _study(url, name, pruner=pruner)
+    trial = optuna.Trial(study, study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number))
+    t0 = time.perf_counter()
+    epochs, last = [0], [None]
+
+    def report(record):
+        epochs[0], last[0] = record["epoch"], record["test_acc"]
+        trial.report(record["test_acc"], record["epoch"])
+        if pruner is not None and trial.should_prune():
+            raise optuna.TrialPruned()
+
+    state, value, error = TrialState.COMPLETE, None, None
+    try:
+        history = evaluate(dict(P, threads=threads), method, seed, report)
+        value = history[-1]["test_acc"]
+    except optuna.TrialPruned:
+        state = TrialState.PRUNED
+    except NonFiniteLossError as err:
+        state, error = TrialState.PRUNED, _error_line(err)
+    except Exception as err:  # recorded, and the trial asked again
+        state, error = TrialState.FAIL, _error_line(err)
+    seconds = round(time.perf_counter() - t0, 1)
+    for key, v in {"epochs": epochs[0], "seconds": seconds, "worker": address, "error": error}.items():
+        trial.set_user_attr(key, v)
+    if state == TrialState.COMPLETE:
+        study.tell(trial, value)
+    else:
+        study.tell(trial, state=state)
+    return {"state": state.name.lower(), "value": value if state == TrialState.COMPLETE else last[0],
+            "epochs": epochs[0], "seconds": seconds, "worker": address, "error": error}
+
+
+# ---- the client: which trial runs next ---------------------------------------------------------
+
+@dataclass
+class Job:
+    setting: Setting
+    method: str
+    kind: str                 # SEARCH: a new trial of the search study; SEEDS: one seed at fixed values
+    seed: int
+    knobs: dict = field(default_factory=dict)
+    source: int | None = None  # SEEDS: the search trial it re-scores (None: a reference run)
+
+    @property
+    def study(self) -> str:
+        return study_name(self.setting.name, self.method, self.kind)
+
+
+def _done(t) -> bool:
+    from optuna.trial import TrialState
+    return t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+class Tuning:
+    """The client's side: the studies in the storage, the next job to run, and the choice."""
+
+    MAX_SEED_FAILURES = 3
+
+    def __init__(self, spec: TuneSpec, url: str):
+        self.spec, self.url = spec, url
+        self.studies = {}
+        for s in spec.settings:
+            for m in spec.methods:
+                kinds = (SEARCH, SEEDS) if spec.tuned(m) else (SEEDS,)
+                for kind in kinds:
+                    study = _study(url, study_name(s.name, m, kind), create=True,
+                                   sampler=_sampler_for(spec, s, m) if kind == SEARCH else None,
+                                   pruner=spec.pruner if kind == SEARCH else None)
+                    for key, value in {"setting": s.overrides, "method": m, "kind": kind}.items():
+                        study.set_user_attr(key, value)
+                    self.studies[study.study_name] = study
+
+    def trials(self, setting: Setting, method: str, kind: str = SEARCH) -> list:
+        return self.studies[study_name(setting.name, method, kind)].get_trials(deepcopy=False)
+
+    def fail_running(self) -> int:
+        """Mark every trial left running (by a killed tuning) failed, so it is asked again."""
+        from optuna.trial import TrialState
+        n = 0
+        for study in self.studies.values():
+            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+                n += 1
+        return n
+
+    # -- what is left to do
+    def _seed_done(self, setting, method, source, seed, flight) -> bool:
+        if any(j.kind == SEEDS and j.setting is setting and j.method == method and j.source == source
+               and j.seed == seed for j in flight):
+            return True
+        own = [t for t in self.trials(setting, method, SEEDS)
+               if t.user_attrs.get("source") == source and t.user_attrs.get("seed") == seed]
+        if any(_done(t) for t in own):
+            return True
+        failed = [t for t in own if not _done(t) and t.user_attrs.get("error")]
+        if len(failed) >= self.MAX_SEED_FAILURES:
+            raise RunError(f"{study_name(setting.name, method, SEEDS)}: seed {seed} failed {len(failed)} times "
+                           f"({failed[-1].user_attrs['error']}); fix the cause, then --resume")
+        return False
+
+    def search_left(self, setting, method, flight) -> int:
+        trials = self.trials(setting, method)
+        failed = [t for t in trials if t.user_attrs.get("error") and not _done(t)]
+        if len(failed) > max(self.MAX_SEED_FAILURES, self.spec.trials):
+            raise RunError(f"{study_name(setting.name, method)}: {len(failed)} trials failed (the last: "
+                           f"{failed[-1].user_attrs['error']}); fix the cause, then --resume")
+        running = sum(j.kind == SEARCH and j.setting is setting and j.method == method for j in flight)
+        return self.spec.trials - sum(map(_done, trials)) - running
+
+    def references_done(self, setting) -> bool:
+        return all(self._seed_done(setting, m, None, seed, [])
+                   for m in self.spec.methods if not self.spec.tuned(m) for seed in self.spec.seeds)
+
+    def next_job(self, flight: list[Job]) -> Job | None:
+        """References first (their spread over seeds is the noise), then a search trial of the
+        study with the fewest trials done, then the re-scoring of finished studies."""
+        spec = self.spec
+        for s in spec.settings:
+            for m in spec.methods:
+                if not spec.tuned(m):
+                    for seed in spec.seeds:
+                        if not self._seed_done(s, m, None, seed, flight):
+                            return Job(s, m, SEEDS, seed)
+        open_ = [(spec.trials - self.search_left(s, m, flight), i, s, m)
+                 for i, (s, m) in enumerate((s, m) for s in spec.settings for m in spec.methods if spec.tuned(m))]
+        open_ = [o for o in open_ if o[0] < spec.trials]
+        if open_:
+            _, _, s, m = min(open_, key=lambda o: o[:2])
+            return Job(s, m, SEARCH, spec.seeds[0])
+        for s in spec.settings:
+            if not self.references_done(s):
+                continue
+            for m in spec.methods:
+                if not spec.tuned(m) or any(j.kind == SEARCH and j.setting is s and j.method == m for j in flight):
+                    continue
+                candidates = self.candidates(s, m)
+                for t in candidates if len(candidates) > 1 else []:
+                    for seed in spec.seeds[1:]:
+                        if not self._seed_done(s, m, t.number, seed, flight):
+                            return Job(s, m, SEEDS, seed, dict(t.params), t.number)
+        return None
+
+    def start(self, job: Job) -> tuple[int, dict]:
+        """Ask the job's study for a trial; return its number and the params it runs with."""
+        study = self.studies[job.study]
+        trial = study.ask()
+        if job.kind == SEARCH:
+            job.knobs = {k.name: k.suggest(trial) for k in self.spec.space[job.method]}
+        for key, value in {"seed": job.seed, "source": job.source, "knobs": job.knobs}.items():
+            trial.set_user_attr(key, value)
+        P = validate({**self.spec.base_raw, **job.setting.overrides, **job.knobs, "methods": [job.method],
+                      "seeds": [job.seed]}, f"{self.spec.source}, {job.study} trial {trial.number}")
+        return trial.number, P
+
+    def fail(self, job: Job, number: int, error: str) -> None:
+        """A trial whose task died with its worker: failed, so it is asked again."""
+        from optuna.trial import TrialState
+        study = self.studies[job.study]
+        trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
+        if study._storage.get_trial(trial_id).state == TrialState.RUNNING:
+            study._storage.set_trial_user_attr(trial_id, "error", error)
+            study._storage.set_trial_state_values(trial_id, TrialState.FAIL)
+
+    # -- the choice
+    def noise(self, setting) -> float | None:
+        """The spread of one run's validation accuracy over seeds in ``setting``: the pooled
+        standard deviation of the reference methods' seeds (None without a reference)."""
+        variances = []
+        for m in self.spec.methods:
+            if self.spec.tuned(m):
+                continue
+            values = [t.value for t in self.trials(setting, m, SEEDS) if t.value is not None
+                      and t.user_attrs.get("source") is None]
+            if len(values) > 1:
+                mean = sum(values) / len(values)
+                variances.append(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+        return math.sqrt(sum(variances) / len(variances)) if variances else None
+
+    def candidates(self, setting, method) -> list:
+        """The search trials that may be the best: the best complete one, and those whose
+        validation accuracy lies within noise of it (1.96 sqrt(2) sd: the 95% range of the
+        difference of two single-seed runs), at most ``rescore`` of them, best first."""
+        from optuna.trial import TrialState
+        done = sorted((t for t in self.trials(setting, method) if t.state == TrialState.COMPLETE),
+                      key=lambda t: (-t.value, t.number))
+        if not done:
+            return []
+        sd = self.noise(setting)
+        if sd is None:
+            return done[:self.spec.rescore]
+        return [t for t in done if t.value >= done[0].value - 1.96 * math.sqrt(2) * sd][:self.spec.rescore]
+
+    def seed_values(self, setting, method, source) -> dict[int, float]:
+        return {t.user_attrs["seed"]: (t.value if t.value is not None else math.nan)
+                for t in self.trials(setting, method, SEEDS) if _done(t) and t.user_attrs.get("source") == source}
+
+    def choice(self, setting, method) -> dict:
+        """The values a method is tested at, its validation accuracy, and how they were chosen."""
+        from optuna.trial import TrialState
+        spec = self.spec
+        if not spec.tuned(method):
+            values = self.seed_values(setting, method, None)
+            return {"values": {}, "val_acc": _mean(values.values()), "val_seeds": len(values),
+                    "chosen": f"no search: its {len(values)} seeds on the validation split are the reference"}
+        trials = self.trials(setting, method)
+        complete = [t for t in trials if t.state == TrialState.COMPLETE]
+        if not complete:
+            raise RunError(f"{study_name(setting.name, method)}: no trial completed; nothing to choose")
+        counts = {"trials": sum(map(_done, trials)), "complete": len(complete),
+                  "pruned": sum(t.state == TrialState.PRUNED for t in trials)}
+        candidates = self.candidates(setting, method)
+        sd = self.noise(setting)
+        if len(candidates) == 1:
+            best = candidates[0]
+            rest = [t.value for t in complete if t is not best]
+            gap = f"; the next is {best.value - max(rest):.2f} points below" if rest else ""
+            why = (f"the best of {counts['trials']} trials{gap}, beyond noise (1.96 sqrt(2) x {sd:.2f}, "
+                   "the reference's sd over seeds)" if sd is not None else f"the best of {counts['trials']} trials")
+            return {"values": dict(best.params), "val_acc": best.value, "val_seeds": 1, "trial": best.number,
+                    "chosen": why, **counts}
+        scored = []
+        for t in candidates:
+            values = {spec.seeds[0]: t.value, **self.seed_values(setting, method, t.number)}
+            scored.append((_mean(values.values()), -t.number, t, len(values)))
+        mean, _, best, n = max(scored, key=lambda x: (x[0] if not math.isnan(x[0]) else -math.inf, x[1]))
+        noise = f"within noise of the best (1.96 sqrt(2) x {sd:.2f}, the reference's sd over seeds)" \
+            if sd is not None else f"the best {len(candidates)}"
+        return {"values": dict(best.params), "val_acc": mean, "val_seeds": n, "trial": best.number,
+                "val_acc_trial": best.value, "rescored": [t.number for t in candidates],
+                "chosen": f"re-scored over seeds {', '.join(map(str, spec.seeds))}: trials "
+                          f"{', '.join(str(t.number) for t in candidates)}, {noise}; the best mean", **counts}
+
+    # -- records
+    def frame(self):
+        """``trials.csv``: one row per trial and evaluation, validation accuracy only."""
+        import pandas as pd
+        rows = []
+        knobs = list(dict.fromkeys(k.name for ks in self.spec.space.values() for k in ks))
+        for s in self.spec.settings:
+            for m in self.spec.methods:
+                for kind in (SEARCH, SEEDS) if self.spec.tuned(m) else (SEEDS,):
+                    for t in self.trials(s, m, kind):
+                        values = t.params if kind == SEARCH else t.user_attrs.get("knobs", {})
+                        last = t.value if t.value is not None else (
+                            t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None)
+                        rows.append({"setting": s.name, "method": m,
+                                     "kind": kind if kind == SEARCH else
+                                     ("reference" if t.user_attrs.get("source") is None else "rescore"),
+                                     "trial": t.number, "source_trial": t.user_attrs.get("source"),
+                                     "seed": t.user_attrs.get("seed"), "state": t.state.name.lower(),
+                                     **{k: values.get(k) for k in knobs},
+                                     "val_acc": last, "epochs": t.user_attrs.get("epochs"),
+                                     "seconds": t.user_attrs.get("seconds"),
+                                     "started": t.datetime_start.isoformat(timespec="seconds")
+                                     if t.datetime_start else None,
+                                     "ended": t.datetime_complete.isoformat(timespec="seconds")
+                                     if t.datetime_complete else None,
+                                     "error": t.user_attrs.get("error")})
+        return pd.DataFrame(rows)
+
+
+def _sampler_for(spec: TuneSpec, setting: Setting, method: str):
+    """TPE (constant liar: trials running in parallel are not asked twice), seeded per study from
+    ``sampler_seed``, the setting and the method, so every study is reproducible alone."""
+    import optuna
+    import zlib
+    seed = (spec.sampler_seed * 1_000_003 + zlib.crc32(f"{setting.name}/{method}".encode())) % 2**31
+    return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else math.nan
+
+
+# ---- the whole tuning ----------------------------------------------------------------------------
+
+def _words(setting: Setting) -> str:
+    from .quality import short_name
+    return short_name(setting.P)
+
+
+def _line(job: Job, number: int, result: dict) -> str:
+    what = f"trial {number}" if job.kind == SEARCH else \
+        (f"seed {job.seed}" if job.source is None else f"trial {job.source} on seed {job.seed}")
+    knobs = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in job.knobs.items())
+    value = f"val {result['value']:.2f} %" if result.get("value") is not None else "no value"
+    return (f"{_words(job.setting)} · {job.method} {what}{f' ({knobs})' if knobs else ''}: {result['state']}"
+            f" after {result['epochs']} epochs, {value}, {result['seconds']:.0f} s"
+            + (f" ({result['error']})" if result.get("error") else ""))
+
+
+def _drive(client, tuning: Tuning, log) -> None:
+    """Keep every worker busy with the next job until none is left."""
+    from distributed import wait
+    workers = client.scheduler_info()["workers"].values()
+    slots = max(1, sum(int(w.get("resources", {}).get("run", 0)) for w in workers))
+    flight: dict = {}
+    done = 0
+    while True:
+        while len(flight) < slots:
+            job = tuning.next_job([j for j, _ in flight.values()])
+            if job is None:
+                break
+            number, P = tuning.start(job)
+            future = client.submit(trial_task, tuning.url, job.study, number, P, job.method, job.seed,
+                                   tuning.spec.pruner if job.kind == SEARCH else None, resources=RESOURCES,
+                                   pure=False, key=f"trial-{job.study}-{number}-{time.time_ns()}".replace("/", "-"))
+            flight[future] = (job, number)
+        if not flight:
+            return
+        finished, _ = wait(list(flight), return_when="FIRST_COMPLETED")
+        for future in finished:
+            job, number = flight.pop(future)
+            if future.status == "error":
+                error = _error_line(future.exception())
+                tuning.fail(job, number, error)
+                result = {"state": "fail", "value": None, "epochs": 0, "seconds": 0.0, "error": error}
+            else:
+                result = future.result()
+            done += 1
+            log(f"[{done}] {_line(job, number, result)}")
+        tuning.frame().to_csv(tuning.dir / "trials.csv", index=False)
+
+
+def _cluster(workers, scheduler, jobs, dashboard):
+    from .sweep import embedded_cluster
+    return None if scheduler else embedded_cluster(workers, jobs, dashboard)
+
+
+def test_sweep(spec: TuneSpec, choices: dict) -> dict:
+    """The test as a sweep file's content: per setting and method a run at the chosen values on
+    the full training set (``val_subset`` 0), every seed, scored once on the test set."""
+    runs = []
+    for s in spec.settings:
+        for m in spec.methods:
+            runs.append({**s.overrides, "methods": [m], **choices[s.name][m]["values"]})
+    return {"base": portable(Path(spec.base)), "val_subset": 0, "seeds": spec.seeds, "runs": runs}
+
+
+def run_tune(tune_file: str | Path, workers: int | None = None, scheduler: str | None = None,
+             storage: str | None = None, resume: bool = False, outputs: str | Path = "outputs",
+             name: str | None = None, dashboard: str = ":8787", analysis: bool = True, log=print) -> dict:
+    """Tune, choose, test and record (see the module's docstring); return ``tune.json``'s content.
+
+    Raises ``ParamsError`` (a bad tune file) or ``RunError`` (a folder or storage in the way, or a
+    study whose trials keep failing) before anything runs, or when it cannot go on."""
+    from distributed import Client
+    from .runner import execute, notebooks_dir, render_html
+    from .sweep import _PlainDumper, run_sweep
+    tune_file = _locate(Path(tune_file))
+    spec = load_tune(tune_file)
+    tune_dir = Path(outputs) / (name or tune_file.stem)
+    record_path = tune_dir / "tune.json"
+    if record_path.exists() and not resume:
+        raise RunError(f"{tune_dir} already holds a tuning; continue it with: python -m kdlib tune {tune_file} "
+                       f"--resume (finished trials are kept), or delete {tune_dir}")
+    if record_path.exists():
+        before = yaml.safe_load((tune_dir / "tune.yaml").read_text())
+        now_spec = spec.as_dict()
+        changed = [k for k in now_spec if k not in ("trials", "tune") and before.get(k) != now_spec[k]]
+        if changed:
+            raise RunError(f"{tune_file}: {', '.join(changed)} differ from the tuning in {tune_dir}; only trials may "
+                           f"change on --resume: restore them, or tune into a new folder (delete {tune_dir})")
+    url = storage_url(tune_dir, storage)
+    check_storage(url)
+    if "://" not in url and repair_journal(Path(url)):
+        log(f"{portable(Path(url))}: a partial last line (left by a killed process) cut off")
+    tune_dir.mkdir(parents=True, exist_ok=True)
+    (tune_dir / "tune.yaml").write_text(yaml.dump(spec.as_dict(), Dumper=_PlainDumper, sort_keys=False))
+    before = json.loads(record_path.read_text()) if record_path.exists() else {}
+    earlier = before.get("earlier", []) + ([{k: before.get(k) for k in ("started", "ended", "status")}]
+                                           if "started" in before else [])
+    data = {"tune": portable(tune_file), "base": portable(Path(spec.base)),
+            "storage": portable(Path(url)) if "://" not in url else url.split("://")[0] + "://…",
+            "cluster": "given scheduler" if scheduler else "embedded LocalCluster", "status": "running",
+            "started": now(), **({"earlier": earlier} if earlier else {})}
+
+    def write():
+        tmp = record_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        tmp.replace(record_path)
+
+    write()
+    tuning = Tuning(spec, url)
+    tuning.dir = tune_dir
+    stale = tuning.fail_running()
+    if stale:
+        log(f"{stale} trial(s) left running by an earlier start marked failed; they are asked again")
+    jobs = len(spec.settings) * len(spec.methods)
+    cluster = _cluster(workers, scheduler, jobs, dashboard)
+    try:
+        with Client(scheduler or cluster) as client:
+            info = client.scheduler_info()["workers"].values()
+            if scheduler and info and not any(w.get("resources", {}).get("run") for w in info):
+                raise RunError(f"the workers at {scheduler} declare no 'run' resource; start each with "
+                               f"dask worker {scheduler} --nthreads THREADS --resources run=1")
+            log(f"dashboard: {client.dashboard_link}; {len(info)} workers; {len(spec.settings)} setting(s) x "
+                f"{len(spec.methods)} methods, {spec.trials} trials per tuned method")
+            _drive(client, tuning, log)
+            choices = {s.name: {m: tuning.choice(s, m) for m in spec.methods} for s in spec.settings}
+            _write_best(tune_dir / "best.yaml", spec, choices)
+            tuning.frame().to_csv(tune_dir / "trials.csv", index=False)
+            data["studies"] = _study_summary(tuning)
+            write()
+            sweep_file = tune_dir / "test.yaml"
+            sweep_file.write_text("# the test of the chosen values (best.yaml), written by kdlib tune\n"
+                                  + yaml.dump(test_sweep(spec, choices), Dumper=_PlainDumper, sort_keys=False))
+            log(f"test: {sum(len(spec.methods) for _ in spec.settings)} runs x {len(spec.seeds)} seeds on the "
+                "full training set, scored on the test set")
+            result = run_sweep(sweep_file, scheduler=client.scheduler.address, outputs=tune_dir, name="test",
+                               resume=(tune_dir / "test" / "sweep.json").exists(), analysis=analysis, log=log)
+    finally:
+        if cluster is not None:
+            cluster.close()
+    data.update(status=result["status"], test=result["status"], ended=now())
+    write()
+    if analysis and result["status"] == "finished":
+        execute(notebooks_dir(), ANALYSIS, tune_dir, {"tune_dir": portable(tune_dir)}, {"tune_dir"})
+        log(f"analysis: {portable(render_html(tune_dir / ANALYSIS))}")
+    return data
+
+
+def _write_best(path: Path, spec: TuneSpec, choices: dict) -> None:
+    from .sweep import _PlainDumper
+    out = {}
+    for s in spec.settings:
+        out[s.name] = {"setting": s.overrides, "in words": _words(s), "methods": {}}
+        for m in spec.methods:
+            c = choices[s.name][m]
+            out[s.name]["methods"][m] = {"values": {k: (round(v, 6) if isinstance(v, float) else v)
+                                                    for k, v in c["values"].items()},
+                                         "val_acc": round(c["val_acc"], 3), **{k: v for k, v in c.items()
+                                                                               if k not in ("values", "val_acc")}}
+    path.write_text("# each method's chosen values per setting, by validation accuracy (never the test set)\n"
+                    + yaml.dump(out, Dumper=_PlainDumper, sort_keys=False, allow_unicode=True))
+
+
+def _study_summary(tuning: Tuning) -> dict:
+    """Per study: trials complete, pruned and failed; training seconds; wall seconds from its
+    first trial's start to its last one's end."""
+    frame = tuning.frame()
+    out = {}
+    for (setting, method, kind), g in frame.groupby(["setting", "method", "kind"], sort=False):
+        start = g["started"].dropna().min()
+        end = g["ended"].dropna().max()
+        from datetime import datetime
+        wall = (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds() \
+            if isinstance(start, str) and isinstance(end, str) else None
+        out[f"{setting}/{method}/{kind}"] = {**{s: int((g["state"] == s).sum()) for s in ("complete", "pruned", "fail")},
+                                             "train_seconds": round(float(g["seconds"].fillna(0).sum()), 1),
+                                             "wall_seconds": wall}
+    return out
