@@ -103,9 +103,14 @@ def teacher_key(P: dict) -> tuple[str, ...]:
 
 
 def _worker() -> tuple[str, int]:
-    """(address, threads) of the Dask worker running the calling task."""
+    """(address, threads) of the Dask worker running the calling task; ("local", torch's
+    threads) when called outside one (a test, a notebook)."""
     from distributed import get_worker
-    worker = get_worker()
+    try:
+        worker = get_worker()
+    except ValueError:
+        import torch
+        return "local", torch.get_num_threads()
     return worker.address, worker.state.nthreads
 
 

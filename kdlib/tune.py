@@ -6,7 +6,8 @@ the test set is never read while tuning), ``settings`` (overrides, like a sweep'
 ``methods``, ``trials`` (per tuned method and setting, the same for all) and ``space``
 (per method, knob -> ``{low, high, log}`` or a list of choices; any params key the method
 reads). Optional: ``seeds`` (default [0, 1, 2]), ``sampler_seed`` (0), ``pruner``
-(``{startup_trials: 5, warmup_epochs: 2}``) and ``rescore`` (3).
+(``{startup_trials: 5, warmup_epochs: 2}``: no trial is stopped before 5 trials of its study
+have finished, nor before it has run 2 epochs) and ``rescore`` (3).
 
 Everything lives in one Optuna storage (a journal file in the tuning folder, or an RDB
 URL every worker reaches): per setting and method a search study (``SETTING/METHOD``:
@@ -313,33 +314,39 @@ def study_name(setting: str, method: str, kind: str = SEARCH) -> str:
 _PREPARED: dict = {}
 
 
-def _prepared(P: dict, device):
-    """``(student data, teacher bank)`` for ``P``, kept for the next trial of this process that
-    needs the same (data split, teacher checkpoints, hint layer, precision, augmentation): one
-    teacher pass serves every trial of a study on this worker."""
+def _prepared(P: dict, device, teachers: bool = True):
+    """``(student data, teacher bank)`` for ``P`` (the bank None where ``teachers`` is false: a
+    method that never sees one), each kept for the next trial of this process that needs the
+    same: one data load and one teacher pass serve every trial of a setting on this worker."""
     from .assemble import teacher_bank, train_teacher
     from .checkpoint import sha256_file
     from .params import teacher_identity
     from .sweep import teacher_key
-    key = json.dumps([teacher_key(P), str(device)] + [P[k] for k in (
-        "dataset", "data_root", "train_subset", "test_subset", "val_subset", "labelled_subset", "hint_layer",
-        "precision", "augment", "cache_teachers", "batch_size")])
-    if key not in _PREPARED:
-        _PREPARED.clear()  # one setting's teachers at a time in memory
-        quiet = lambda *a: None  # noqa: E731
+    data_key = json.dumps([str(device)] + [P[k] for k in ("dataset", "data_root", "train_subset", "test_subset",
+                                                          "val_subset", "labelled_subset")])
+    if _PREPARED.get("data", (None,))[0] != data_key:
+        _PREPARED.clear()  # one setting's data and teachers at a time in memory
         data = book.load_data(P, device)
-        tcfg = book.teacher_config(P, device)
-        models = [train_teacher(n, book.teacher_data(P, data, n), tcfg, book.teacher_checkpoint(P, n),
-                                teacher_identity(P, n), log=quiet)[0] for n in P["teachers"]]
         sdata = book.student_data(P, data)
         if sdata.eval_split != "validation":  # never score a trial on the test set
             raise RunError(f"val_subset is {P['val_subset']}: a trial must be scored on a validation split")
+        _PREPARED["data"] = (data_key, data, sdata)
+    _, data, sdata = _PREPARED["data"]
+    if not teachers:
+        return sdata, None
+    bank_key = json.dumps([teacher_key(P)] + [P[k] for k in ("hint_layer", "precision", "augment", "cache_teachers",
+                                                             "batch_size")])
+    if _PREPARED.get("bank", (None,))[0] != bank_key:
+        quiet = lambda *a: None  # noqa: E731
+        tcfg = book.teacher_config(P, device)
+        models = [train_teacher(n, book.teacher_data(P, data, n), tcfg, book.teacher_checkpoint(P, n),
+                                teacher_identity(P, n), log=quiet)[0] for n in P["teachers"]]
         sha = {n: sha256_file(book.teacher_checkpoint(P, n)) for n in P["teachers"]}
         cfg0 = book._config(P, P["student_epochs"], 0, device)
         bank = teacher_bank(models, list(P["teachers"]), sdata, cfg0, P["hint_layer"], cache=P["cache_teachers"],
                             log=quiet, view_files=book.view_cache_files(P, sha, sdata))
-        _PREPARED[key] = (sdata, bank)
-    return _PREPARED[key]
+        _PREPARED["bank"] = (bank_key, bank)
+    return sdata, _PREPARED["bank"][1]
 
 
 def evaluate(P: dict, method: str, seed: int, on_epoch=None) -> list[dict]:
@@ -347,7 +354,7 @@ def evaluate(P: dict, method: str, seed: int, on_epoch=None) -> list[dict]:
     return its history, whose ``test_acc`` is accuracy on the held-out validation images."""
     from .assemble import train_student
     device = book.device_of(P)
-    data, bank = _prepared(P, device)
+    data, bank = _prepared(P, device, METHODS[method].learns_from_teachers)
     cfg = book._config(P, P["student_epochs"], seed, device)
     _, history = train_student(method, bank, data, cfg, temperature=P["temperature"], alpha=P["alpha"],
                                beta=P["beta"], hint_layer=P["hint_layer"], log=lambda *a: None,
@@ -713,9 +720,11 @@ def run_tune(tune_file: str | Path, workers: int | None = None, scheduler: str |
 
     Raises ``ParamsError`` (a bad tune file) or ``RunError`` (a folder or storage in the way, or a
     study whose trials keep failing) before anything runs, or when it cannot go on."""
+    import optuna
     from distributed import Client
     from .runner import execute, notebooks_dir, render_html
     from .sweep import _PlainDumper, run_sweep
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial is ours to print
     tune_file = _locate(Path(tune_file))
     spec = load_tune(tune_file)
     tune_dir = Path(outputs) / (name or tune_file.stem)

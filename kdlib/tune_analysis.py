@@ -1,0 +1,320 @@
+"""What a tuning found, read from its folder (``kdlib tune``): the trials, the chosen values,
+which knobs mattered, and the test of each method at its best against scratch and label
+smoothing, paired by seed.
+
+The trials (``trials.csv``) hold validation accuracy only; the test comparison is read from
+the test sweep (``NAME/test``) with ``kdlib.sweep_analysis`` like any sweep, each tuned
+method's run being a variant of its method (``vanilla[alpha=…,temperature=…]``) that is
+named here by its method alone.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+from matplotlib.figure import Figure
+
+from .stats import NAMES, method_rank
+from .sweep_analysis import SweepResults, differences, load as load_sweep, setting_table
+
+AGAINST = ("scratch", "label_smoothing")  # every method is compared with the students that never see a teacher
+
+
+@dataclass
+class TuneResults:
+    dir: Path
+    spec: dict                 # tune.yaml
+    trials: pd.DataFrame       # trials.csv
+    best: dict                 # best.yaml (empty until the search has finished)
+    test: SweepResults | None  # the test sweep's finished runs (None before any)
+
+    def settings(self) -> list[str]:
+        return list(dict.fromkeys(self.trials["setting"]))
+
+    def words(self, setting: str) -> str:
+        return self.best.get(setting, {}).get("in words", setting)
+
+    def methods(self) -> list[str]:
+        return sorted(self.spec["methods"], key=method_rank)
+
+
+def load(tune_dir: str | Path) -> TuneResults:
+    tune_dir = Path(tune_dir)
+    if not (tune_dir / "tune.yaml").is_file() or not (tune_dir / "trials.csv").is_file():
+        raise FileNotFoundError(f"{tune_dir}: no tune.yaml and trials.csv; is it a tuning folder "
+                                "(python -m kdlib tune ...)?")
+    spec = yaml.safe_load((tune_dir / "tune.yaml").read_text())
+    trials = pd.read_csv(tune_dir / "trials.csv")
+    best = yaml.safe_load((tune_dir / "best.yaml").read_text()) if (tune_dir / "best.yaml").is_file() else {}
+    try:
+        test = load_sweep(tune_dir / "test")
+    except FileNotFoundError:
+        test = None
+    return TuneResults(tune_dir, spec, trials, best or {}, test)
+
+
+def base_method(label: str) -> str:
+    """'vanilla[alpha=0.5,temperature=2]' -> 'vanilla'."""
+    return label.split("[")[0]
+
+
+def counts(res: TuneResults) -> pd.DataFrame:
+    """Per setting and tuned method: search trials complete, pruned and failed, evaluations
+    at fixed values (references and re-scoring), training hours and wall hours."""
+    rows = []
+    for (setting, method), g in res.trials.groupby(["setting", "method"], sort=False):
+        search = g[g["kind"] == "search"]
+        start, end = pd.to_datetime(g["started"]).min(), pd.to_datetime(g["ended"]).max()
+        rows.append({"setting": res.words(setting), "method": NAMES.get(method, method),
+                     "complete": int((search["state"] == "complete").sum()),
+                     "pruned": int((search["state"] == "pruned").sum()),
+                     "failed": int((search["state"] == "fail").sum()),
+                     "fixed-value runs": int((g["kind"] != "search").sum()),
+                     "epochs trained": int(g["epochs"].fillna(0).sum()),
+                     "training hours": round(g["seconds"].fillna(0).sum() / 3600, 2),
+                     "wall hours": round((end - start).total_seconds() / 3600, 2) if pd.notna(start) else None})
+    return pd.DataFrame(rows)
+
+
+def chosen(res: TuneResults) -> pd.DataFrame:
+    """One row per setting and method: the chosen values, their validation accuracy (over how
+    many seeds) and how they were chosen (``best.yaml``)."""
+    rows = []
+    for setting, entry in res.best.items():
+        for method, c in entry["methods"].items():
+            values = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                               for k, v in c["values"].items()) or "—"
+            rows.append({"setting": entry["in words"], "method": NAMES.get(method, method), "values": values,
+                         "validation accuracy %": round(c["val_acc"], 2), "seeds": c.get("val_seeds"),
+                         "chosen": c["chosen"]})
+    return pd.DataFrame(rows)
+
+
+def importances(res: TuneResults, setting: str, method: str, storage: str | None = None) -> dict[str, float]:
+    """How much each knob mattered to the validation accuracy of a search study, by Optuna's
+    fANOVA evaluator (seeded) over its complete trials; {} with fewer than two or one knob."""
+    import optuna
+    from .tune import open_storage, study_name
+    complete = res.trials[(res.trials["setting"] == setting) & (res.trials["method"] == method)
+                          & (res.trials["kind"] == "search") & (res.trials["state"] == "complete")]
+    knobs = list(res.spec["space"].get(method, {}))
+    if len(complete) < 2 or not knobs:
+        return {}
+    if len(knobs) == 1:
+        return {knobs[0]: 1.0}
+    url = storage or str(res.dir / "study.journal")
+    study = optuna.load_study(study_name=study_name(setting, method), storage=open_storage(url))
+    return dict(optuna.importance.get_param_importances(
+        study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0)))
+
+
+def _colors(methods) -> dict:
+    from .plots import method_colors
+    return method_colors(methods)
+
+
+def plot_history(res: TuneResults, setting: str) -> Figure:
+    """Each tuned method's search: validation accuracy by trial (a dot when complete, a cross
+    at the epoch it was stopped when pruned) and the best so far; a dashed line at the
+    reference (scratch's mean over seeds)."""
+    g = res.trials[(res.trials["setting"] == setting) & (res.trials["kind"] == "search")]
+    methods = [m for m in res.methods() if m in set(g["method"])]
+    colors = _colors(methods)
+    ref = res.trials[(res.trials["setting"] == setting) & (res.trials["kind"] == "reference")]
+    fig = Figure(figsize=(7.6, 1.9 * math.ceil(len(methods) / 2) + 0.4), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(math.ceil(len(methods) / 2), 2 if len(methods) > 1 else 1,
+                                      sharex=True, sharey=True)).ravel()
+    for ax, m in zip(axes, methods):
+        t = g[g["method"] == m].sort_values("trial")
+        done = t[t["state"] == "complete"]
+        pruned = t[t["state"] == "pruned"]
+        ax.scatter(done["trial"], done["val_acc"], color=colors[m], s=18, label="complete", zorder=3)
+        ax.scatter(pruned["trial"], pruned["val_acc"], color=colors[m], marker="x", s=18, alpha=0.6,
+                   label="pruned (value when stopped)", zorder=3)
+        best = done.set_index("trial")["val_acc"].reindex(t["trial"]).cummax().ffill()
+        ax.step(t["trial"], best, where="post", color="0.3", lw=1, label="best so far")
+        for r, mean in ref.groupby("method")["val_acc"].mean().items():
+            ax.axhline(mean, color=_colors([r])[r], ls="--", lw=0.8, label=f"{NAMES.get(r, r)} (seeds' mean)")
+        ax.set_title(NAMES.get(m, m), fontsize=9)
+        ax.grid(alpha=0.3)
+    for ax in axes[len(methods):]:
+        ax.set_visible(False)
+    axes[0].xaxis.get_major_locator().set_params(integer=True)
+    fig.supxlabel("trial", fontsize=9)
+    fig.supylabel("validation accuracy %", fontsize=9)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside upper center", ncols=4, fontsize=7, frameon=False)
+    return fig
+
+
+def plot_knob(res: TuneResults, setting: str, knob: str) -> Figure | None:
+    """Validation accuracy of every complete search trial against ``knob``, one colour per method
+    that searched it (log axis where the knob was searched on one); None if none did."""
+    g = res.trials[(res.trials["setting"] == setting) & (res.trials["kind"] == "search")
+                   & (res.trials["state"] == "complete")]
+    methods = [m for m in res.methods() if knob in res.spec["space"].get(m, {})]
+    if not methods or knob not in g:
+        return None
+    colors = _colors(methods)
+    fig = Figure(figsize=(5.6, 3.0), layout="constrained")
+    ax = fig.subplots()
+    for m in methods:
+        t = g[g["method"] == m]
+        ax.scatter(t[knob].astype(float), t["val_acc"], color=colors[m], s=20, label=NAMES.get(m, m))
+        pick = res.best.get(setting, {}).get("methods", {}).get(m, {}).get("values", {}).get(knob)
+        if pick is not None:
+            ax.scatter([float(pick)], [res.best[setting]["methods"][m]["val_acc_trial"]
+                                       if "val_acc_trial" in res.best[setting]["methods"][m]
+                                       else res.best[setting]["methods"][m]["val_acc"]],
+                       s=90, facecolors="none", edgecolors=colors[m], lw=1.5)
+    if any(isinstance(s := res.spec["space"][m][knob], dict) and s.get("log") for m in methods):
+        ax.set_xscale("log")
+    ax.set_xlabel(knob)
+    ax.set_ylabel("validation accuracy %")
+    ax.set_title(f"{res.words(setting)}: validation accuracy against {knob} (ringed: chosen)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
+    return fig
+
+
+def test_frame(res: TuneResults) -> pd.DataFrame:
+    """The test: per setting and method, test accuracy (mean, 95% CI over seeds) and its paired
+    difference against scratch and against label smoothing (mean, 95% CI, p, seeds)."""
+    if res.test is None:
+        return pd.DataFrame()
+    test = res.test
+    acc = setting_table(test)
+    acc = acc[acc["metric"] == "accuracy"]
+    diffs = differences(test)
+    names = {tuple(r[k] for k in test.keys): r["run"] for _, r in test.frame.iterrows()}
+    rows = []
+    for _, r in acc.iterrows():
+        key = tuple(r[k] for k in test.keys)
+        setting = _setting_of(res, test, names[key])
+        row = {"setting": res.words(setting), "method": base_method(r["method"]), "seeds": int(r["n"]),
+               "accuracy": r["mean"], "ci_low": r["ci_low"], "ci_high": r["ci_high"]}
+        own = diffs
+        for k, v in zip(test.keys, key):
+            own = own[own[k] == v] if len(own) else own
+        for anchor in AGAINST:
+            hit = _pair(own, r["method"], anchor)
+            for field in ("mean_diff", "ci_low", "ci_high", "p_value", "seeds"):
+                row[f"{field} vs {anchor}"] = hit.get(field, math.nan) if hit else math.nan
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _pair(diffs: pd.DataFrame, label: str, anchor: str) -> dict | None:
+    """``label`` − the run of method ``anchor`` (whatever its variant label), or None."""
+    if diffs.empty or base_method(label) == anchor:
+        return None
+    for _, d in diffs.iterrows():
+        a, b = d["method_a"], d["method_b"]
+        if a == label and base_method(b) == anchor:
+            return dict(d)
+        if b == label and base_method(a) == anchor:
+            return {**dict(d), "mean_diff": -d["mean_diff"], "ci_low": -d["ci_high"], "ci_high": -d["ci_low"]}
+    return None
+
+
+def _setting_of(res: TuneResults, test: SweepResults, run: str) -> str:
+    """The tuning setting (its name in trials.csv) a test run belongs to."""
+    runs = yaml.safe_load((res.dir / "test" / "sweep.yaml").read_text())["runs"]
+    overrides = next(r["overrides"] for r in runs if r["name"] == run)
+    for setting, entry in res.best.items():
+        if all(overrides.get(k) == v for k, v in entry["setting"].items()) and \
+                not any(k in overrides for k in _setting_keys(res) - set(entry["setting"])):
+            return setting
+    return next(iter(res.best))
+
+
+def _setting_keys(res: TuneResults) -> set:
+    return {k for entry in res.best.values() for k in entry["setting"]}
+
+
+def importance_table(res: TuneResults, setting: str) -> pd.DataFrame:
+    """One row per tuned method, one column per knob: its fANOVA importance (``importances``)."""
+    rows = {}
+    for m in res.methods():
+        if res.spec["space"].get(m):
+            rows[NAMES.get(m, m)] = {k: round(v, 3) for k, v in importances(res, setting, m).items()}
+    return pd.DataFrame(rows).T.rename_axis("importance")
+
+
+def _interval(mean, low, high, signed=False, p=None) -> str:
+    f = "+.2f" if signed else ".2f"
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "—"
+    text = f"{mean:{f}}" if math.isnan(low) else f"{mean:{f}} ({low:{f}} to {high:{f}})"
+    return text + (" \\*" if p is not None and not math.isnan(p) and p < 0.05 else "")
+
+
+def values_text(res: TuneResults, setting: str, method: str) -> str:
+    """'T 1.62, alpha 0.35' for a method's chosen values ('—' without a search)."""
+    values = res.best.get(setting, {}).get("methods", {}).get(method, {}).get("values", {})
+    short = {"temperature": "T", "label_smoothing": "eps"}
+    return ", ".join(f"{short.get(k, k)} {v:.3g}" if isinstance(v, float) else f"{short.get(k, k)} {v}"
+                     for k, v in values.items()) or "—"
+
+
+def _setting_name(res: TuneResults, words: str) -> str:
+    return next((s for s, e in res.best.items() if e["in words"] == words), words)
+
+
+def test_markdown(test: pd.DataFrame, res: TuneResults | None = None) -> str:
+    """The test frame as a markdown table: per setting and method its chosen values (with
+    ``res``), test accuracy and the paired differences against scratch and label smoothing."""
+    cols = ["setting", "method"] + (["chosen values"] if res is not None else []) + \
+        ["test accuracy %", "− scratch", "− label smoothing"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for _, r in test.iterrows():
+        cells = [r["setting"], NAMES.get(r["method"], r["method"])]
+        if res is not None:
+            cells.append(values_text(res, _setting_name(res, r["setting"]), r["method"]))
+        cells.append(_interval(r["accuracy"], r["ci_low"], r["ci_high"]))
+        for anchor in AGAINST:
+            cells.append(_interval(r[f"mean_diff vs {anchor}"], r[f"ci_low vs {anchor}"], r[f"ci_high vs {anchor}"],
+                                   signed=True, p=r[f"p_value vs {anchor}"]))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _significant(test: pd.DataFrame, anchor: str, sign: int) -> pd.DataFrame:
+    d, p = test[f"mean_diff vs {anchor}"], test[f"p_value vs {anchor}"]
+    return test[(p < 0.05) & (np.sign(d) == sign)]
+
+
+def reading(res: TuneResults, test: pd.DataFrame) -> list[str]:
+    """The plain reading of the test, generated from its numbers: whether any method with
+    teachers, at its best, beats scratch or label smoothing, and where the teachers' methods
+    chose their temperature."""
+    kd = test[~test["method"].isin(AGAINST)]
+    lines = []
+    for anchor in AGAINST:
+        if test[f"mean_diff vs {anchor}"].isna().all():
+            continue
+        name = NAMES.get(anchor, anchor)
+        wins, losses = _significant(kd, anchor, 1), _significant(kd, anchor, -1)
+        said = "; ".join(f"{NAMES.get(r['method'], r['method'])} in {r['setting']} "
+                         f"({r[f'mean_diff vs {anchor}']:+.2f}, {r[f'ci_low vs {anchor}']:+.2f} to "
+                         f"{r[f'ci_high vs {anchor}']:+.2f})" for _, r in wins.iterrows())
+        lines.append(f"- **A method with teachers, tuned, beats {name}** significantly: "
+                     f"{said or 'none, in any setting'}; {len(losses)} of {len(kd)} method-and-setting pairs "
+                     f"fall significantly below it.")
+    if "label_smoothing" in set(test["method"]) and not test["mean_diff vs scratch"].isna().all():
+        ls = test[test["method"] == "label_smoothing"]
+        lines.append("- **Label smoothing, tuned, against scratch**: " + "; ".join(
+            f"{r['setting']} {_interval(r['mean_diff vs scratch'], r['ci_low vs scratch'], r['ci_high vs scratch'], True, r['p_value vs scratch'])}"
+            for _, r in ls.iterrows()) + ".")
+    for setting in dict.fromkeys(kd["setting"]):
+        s = _setting_name(res, setting)
+        temps = {m: v.get("values", {}).get("temperature") for m, v in res.best.get(s, {}).get("methods", {}).items()}
+        temps = {m: t for m, t in temps.items() if t is not None}
+        if temps:
+            lines.append(f"- **{setting}**: the chosen temperatures are " + ", ".join(
+                f"{NAMES.get(m, m)} {t:.2f}" for m, t in temps.items()) + " (the seed's recipe uses 4).")
+    return lines

@@ -1,0 +1,231 @@
+"""kdlib tune: every bad tune file refused in one line, the pruner stopping a hopeless trial,
+trials never scored on the test set, the choice, and a tiny study end to end through a
+LocalCluster, killed mid-search and resumed, its test runs and 05 under nbval."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from kdlib import book, tune
+from kdlib.__main__ import main
+from kdlib.data import DEBIAN_FASHION_MNIST
+from kdlib.params import ParamsError
+from kdlib.runner import RunError
+from kdlib.tune import (Setting, Tuning, load_tune, open_storage, repair_journal, run_tune, study_name,
+                        trial_task)
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOKE = ROOT / "params" / "tune" / "smoke-tune.yaml"
+needs_data = pytest.mark.skipif(not (DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file(),
+                                reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+VANILLA = {"temperature": {"low": 1, "high": 8, "log": True}, "alpha": {"low": 0.1, "high": 10, "log": True}}
+
+
+def tune_file(tmp_path, **changes) -> Path:
+    raw = {"base": "params/smoke_tune.yaml", "methods": ["scratch", "vanilla"], "trials": 3,
+           "space": {"vanilla": dict(VANILLA)}}
+    raw.update(changes)
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+BAD = [
+    ({"space": {"vanilla": {"temprature": {"low": 1, "high": 8}}}}, "space: vanilla: temprature: not a params key"),
+    ({"space": {"scratch": {"alpha": {"low": 0.1, "high": 1}}}}, "space: scratch: alpha: scratch does not use alpha"),
+    ({"space": {"vanilla": {"temperature": {"low": 8, "high": 1}}}}, "low 8 is above high 1"),
+    ({"space": {"vanilla": {"alpha": {"low": 0, "high": 1, "log": True}}}}, "a log scale needs low > 0"),
+    ({"space": {"vanilla": {"temperature": []}}}, "space: vanilla: temperature: an empty list of choices"),
+    ({"space": {"vanilla": {"temperature": {"low": 0, "high": 4}}}}, "temperature: 0.0 is not allowed"),
+    ({"space": {"vanilla": {"val_subset": [0, 100]}}}, "space: vanilla: val_subset: cannot be tuned"),
+    ({"trials": 0}, "trials: 0 is not allowed"),
+    ({"methods": ["scratch", "vanila"]}, "methods: 'vanila' is not a method"),
+    ({"base": "params/smoke.yaml"}, "has no val_subset"),
+    ({"settings": [{"val_subset": 0}]}, "sets val_subset to 0, which would tune on the test set"),
+    ({"space": {"camkd": {"beta": [0, 10]}}}, "space: 'camkd' is not in methods"),
+    ({"trails": 3}, "unknown key 'trails'"),
+]
+
+
+@pytest.mark.parametrize("changes, words", BAD, ids=[w[:40] for _, w in BAD])
+def test_bad_tune_file_refused_in_one_line_naming_file_and_key(tmp_path, capsys, changes, words):
+    path = tune_file(tmp_path, **changes)
+    with pytest.raises(ParamsError) as err:
+        load_tune(path)
+    message = str(err.value)
+    assert message.startswith(str(path)) and words in message and "\n" not in message
+    assert main(["tune", str(path), "--outputs", str(tmp_path / "out")]) == 2  # the command says it the same way
+    assert capsys.readouterr().err.strip() == f"error: {message}"
+    assert not (tmp_path / "out").exists()  # refused before anything was created
+
+
+def test_storage_that_cannot_be_written_is_refused_before_anything_runs(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(RunError, match=r"storage .*study.journal: cannot write it"):
+        run_tune(tune_file(tmp_path), outputs=blocker)
+
+
+def test_a_partial_last_journal_line_is_cut_so_the_next_one_stays_whole(tmp_path):
+    path = tmp_path / "study.journal"
+    path.write_bytes(b'{"op_code": 0}\n{"op_co')
+    assert repair_journal(path) and path.read_bytes() == b'{"op_code": 0}\n'
+    assert not repair_journal(path)
+
+
+@pytest.fixture(scope="module")
+def poisoned_test_split():
+    """The test split's labels all shifted by one class: a model scored on it gets about 0 %."""
+    from kdlib import data as kdata
+    real = book.load_dataset
+
+    def load(*args, **kwargs):
+        ds = real(*args, **kwargs)
+        ds.test = kdata.Split(ds.test.images, (ds.test.labels + 1) % ds.num_classes)
+        return ds
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(book, "load_dataset", load)
+    yield
+    mp.undo()
+    tune._PREPARED.clear()  # no later test gets the poisoned split from the cache
+
+
+@needs_data
+def test_median_pruner_stops_a_hopeless_trial_and_spares_a_good_one(tmp_path, poisoned_test_split):
+    """Three finished trials at 30 % after every epoch; a trial that learns nothing (lr 1e-7)
+    is stopped as soon as it has run its warm-up epoch, one that learns runs its four epochs.
+    Both are scored on the validation split: the test split's labels are wrong here, so a
+    score read from it would be near 0."""
+    import optuna
+    from optuna.distributions import FloatDistribution
+    eps = {"label_smoothing": FloatDistribution(0.01, 0.5, log=True)}
+    spec = load_tune(tune_file(tmp_path, methods=["label_smoothing"], space={"label_smoothing": {
+        "label_smoothing": {"low": 0.01, "high": 0.5, "log": True}}}, pruner={"startup_trials": 3, "warmup_epochs": 1}))
+    url = str(tmp_path / "study.journal")
+    setting = spec.settings[0]
+    study = Tuning(spec, url).studies[study_name(setting.name, "label_smoothing")]
+    for _ in range(3):
+        study.add_trial(optuna.trial.create_trial(params={"label_smoothing": 0.1}, distributions=eps, value=30.0,
+                                                  intermediate_values={e: 30.0 for e in (1, 2, 3, 4)}))
+    results = {}
+    for name, lr in (("hopeless", 1e-7), ("good", 1e-3)):
+        trial = study.ask(eps)
+        P = dict(setting.P, methods=["label_smoothing"], student_epochs=4, lr=lr,
+                 label_smoothing=trial.params["label_smoothing"], threads=1)
+        results[name] = trial_task(url, study.study_name, trial.number, P, "label_smoothing", 0, spec.pruner)
+    assert results["hopeless"]["state"] == "pruned" and results["hopeless"]["epochs"] == 1
+    assert results["good"]["state"] == "complete" and results["good"]["epochs"] == 4
+    assert results["good"]["value"] > 40  # the held-out training images, not the (poisoned) test split
+    stored = {t.number: t for t in study.get_trials()}
+    assert stored[3].state.name == "PRUNED" and stored[4].value == results["good"]["value"]
+
+
+def test_choice_rescores_only_trials_within_noise_and_picks_the_best_mean(tmp_path):
+    """Made-up trials: the reference's seeds (sd 1) put the noise band at 1.96 sqrt 2 = 2.77
+    points; trials 0 (90.0) and 1 (88.0) are within it, 2 (85.0) is not. Re-scored, trial 1
+    has the better mean over seeds and is chosen."""
+    import optuna
+    from optuna.distributions import FloatDistribution
+    spec = load_tune(tune_file(tmp_path, seeds=[0, 1, 2]))
+    url = str(tmp_path / "study.journal")
+    tuning = Tuning(spec, url)
+    s = spec.settings[0]
+    dist = {"temperature": FloatDistribution(1, 8, log=True), "alpha": FloatDistribution(0.1, 10, log=True)}
+    search = tuning.studies[study_name(s.name, "vanilla")]
+    for value, t in ((90.0, 2.0), (88.0, 3.0), (85.0, 5.0)):
+        search.add_trial(optuna.trial.create_trial(params={"temperature": t, "alpha": 1.0}, distributions=dist,
+                                                   value=value))
+
+    def evaluation(method, value, seed, source=None):
+        tuning.studies[study_name(s.name, method, "seeds")].add_trial(optuna.trial.create_trial(
+            value=value, user_attrs={"seed": seed, "source": source, "knobs": {}}))
+
+    for seed, value in enumerate((86.0, 87.0, 88.0)):
+        evaluation("scratch", value, seed)
+    assert math.isclose(tuning.noise(s), 1.0)
+    assert [t.number for t in tuning.candidates(s, "vanilla")] == [0, 1]
+    job = tuning.next_job([])
+    assert (job.kind, job.source, job.seed) == ("seeds", 0, 1)  # re-scoring starts with the best trial
+    for seed, (v0, v1) in zip((1, 2), ((84.0, 89.0), (85.0, 89.0))):
+        evaluation("vanilla", v0, seed, source=0)
+        evaluation("vanilla", v1, seed, source=1)
+    assert tuning.next_job([]) is None
+    choice = tuning.choice(s, "vanilla")
+    assert choice["trial"] == 1 and choice["values"]["temperature"] == 3.0
+    assert math.isclose(choice["val_acc"], (88.0 + 89.0 + 89.0) / 3) and choice["val_seeds"] == 3
+    assert choice["rescored"] == [0, 1] and choice["complete"] == 3
+
+
+def _search_rows(tune_dir: Path) -> pd.DataFrame:
+    frame = pd.read_csv(tune_dir / "trials.csv")
+    return frame[frame["kind"] == "search"]
+
+
+@pytest.mark.slow
+@needs_data
+def test_tiny_tuning_killed_mid_search_resumes_then_tests_and_reads_in_05(tmp_path):
+    """``kdlib tune params/tune/smoke-tune.yaml`` on a two-worker LocalCluster, SIGKILLed (with
+    its workers) as soon as a search trial has finished, then ``--resume``d: no finished trial
+    is lost or run again, the killed ones are failed and asked again, each tuned method ends
+    with exactly its 3 trials; the test sweep has every method on both seeds; 05 runs under
+    nbval on the result."""
+    project = tmp_path / "project"
+    env = dict(os.environ, KDBOOK_ROOT=str(project), KDBOOK_PROGRESS="off",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    command = [sys.executable, "-m", "kdlib", "tune", str(SMOKE), "--outputs", str(project / "outputs"),
+               "--workers", "2"]
+    tune_dir = project / "outputs" / "smoke-tune"
+    first = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and first.poll() is None:
+        if (tune_dir / "trials.csv").exists() and (_search_rows(tune_dir)["state"] == "complete").any():
+            break
+        time.sleep(0.5)
+    assert first.poll() is None, "the tuning ended before it could be killed"
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    time.sleep(1)  # the workers' processes go with their group
+    import optuna
+    storage = open_storage(str(tune_dir / "study.journal"))
+    before = {(s.study_name, t.number): (t.state.name, t.value) for s in optuna.get_all_studies(storage)
+              for t in s.trials if t.state.name in ("COMPLETE", "PRUNED")}
+    assert before
+
+    second = subprocess.run(command + ["--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(tune_dir / "study.journal")))
+    after = {(s.study_name, t.number): (t.state.name, t.value) for s in optuna.get_all_studies(storage)
+             for t in s.trials}
+    assert all(after[key] == state for key, state in before.items())  # nothing finished was lost or re-run
+    search = _search_rows(tune_dir)
+    assert set(search["method"]) == {"vanilla", "label_smoothing"}
+    for method, rows in search.groupby("method"):
+        assert rows["state"].isin(["complete", "pruned"]).sum() == 3  # the budget, exactly
+    assert (pd.read_csv(tune_dir / "trials.csv")["state"] == "fail").any()  # the killed trial, asked again
+    assert not any("test" in c for c in pd.read_csv(tune_dir / "trials.csv").columns)
+    best = yaml.safe_load((tune_dir / "best.yaml").read_text())
+    assert set(best["base"]["methods"]) == {"scratch", "label_smoothing", "vanilla"}
+    record = json.loads((tune_dir / "test" / "sweep.json").read_text())
+    assert record["status"] == "finished" and len(record["runs"]) == 3
+    vanilla_run = next(n for n in record["runs"] if "methods=vanilla" in n)
+    P = yaml.safe_load((tune_dir / "test" / vanilla_run / "params.yaml").read_text())
+    assert P["val_subset"] == 0 and P["seeds"] == [0, 1]  # the test: every image, every seed
+    assert P["temperature"] == pytest.approx(best["base"]["methods"]["vanilla"]["values"]["temperature"], rel=1e-5)
+    assert (tune_dir / "05_tune.ipynb").is_file() and (tune_dir / "test" / "04_sweep_analysis.ipynb").is_file()
+
+    nbval = subprocess.run([sys.executable, "-m", "pytest", "--nbval-lax", "notebooks/05_tune.ipynb",
+                            "-p", "no:cacheprovider", "-q"], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=600)
+    assert nbval.returncode == 0, nbval.stdout[-3000:]
