@@ -4,12 +4,12 @@ PY := $(VENV)/bin/python
 NAME ?= fashionmnist-$(shell date +%Y%m%d-%H%M%S)
 export KDBOOK_PROGRESS ?= text
 
-.PHONY: install data browser book smoke sweep lab test bench site blocks clean-interactive
+.PHONY: install data browser book smoke sweep lab test test-colab bench site blocks clean-interactive
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,docs]'
+	$(PY) -m pip install -q -e '.[all]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -46,6 +46,11 @@ TEST_WORKERS ?= 2
 test: install data browser
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile tests -p no:cacheprovider --durations=15
 	KDBOOK_ROOT=$$(mktemp -d) $(PY) -m pytest --nbval-lax notebooks/ -p no:cacheprovider --durations=5
+
+# A Colab-like runtime (CI runs it; minutes, 6 GB in a temporary folder): a fresh venv holding what Colab
+# preinstalls takes the core install (pip install .) with no version changed, then runs 01, 02 and 03 in its kernel.
+test-colab: install data
+	KDBOOK_COLAB_TEST=1 $(PY) -m pytest tests/test_install.py -k colab_like -p no:cacheprovider --durations=1
 
 bench: install data
 	$(PY) -m kdlib.bench

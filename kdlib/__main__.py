@@ -10,7 +10,10 @@ import sys
 
 from .checkpoint import CheckpointError
 from .data import DataNotFoundError
+from .extras import MissingExtra, require
 from .params import ParamsError
+
+EXTRA_OF = {"run": "batch", "sweep": "sweep", "tune": "tune"}  # what each command needs beyond the core
 
 
 def main(argv=None) -> int:
@@ -41,6 +44,12 @@ def main(argv=None) -> int:
     tune.add_argument("--resume", action="store_true", help="continue: finished trials and runs are kept")
     tune.add_argument("--outputs", default="outputs", help="parent folder of tuning folders")
     args = parser.parse_args(argv)
+    if args.command in EXTRA_OF:
+        try:
+            require(EXTRA_OF[args.command], f"kdlib {args.command}")
+        except MissingExtra as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
     if args.command == "sweep":
         return _sweep(args)
     if args.command == "tune":

@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from .book import display_path, portable, say
+from .extras import require
 from .params import ParamsError, load_params, parse_override, validate
 from .records import cpu_name
 
@@ -241,7 +242,9 @@ def prepare_run(params_file: str | None, name: str | None, overrides: list[str],
 
 def run(params_file: str | None = None, name: str | None = None, overrides: list[str] | None = None,
         resume: str | None = None, outputs: str | Path = "outputs", log=say) -> Path:
-    """Run the book; return the run folder. Raises ``ParamsError`` or ``RunError``."""
+    """Run the book; return the run folder. Raises ``ParamsError`` or ``RunError``, or
+    ``MissingExtra`` (before anything is created) without the ``batch`` extra."""
+    require("batch", "kdlib run")
     overrides = overrides or []
     nb_dir = notebooks_dir()
     if params_file and not resume:  # every check before anything is created
