@@ -623,22 +623,107 @@ def _t_interval(values):
     return (ci["ci_low"], ci["ci_high"]) if len(values) > 1 else (ci["mean"], ci["mean"])
 
 
-def plot_sweep(frame: pd.DataFrame, keys: list[str], metric: str, ylabel: str) -> Figure:
-    """``metric`` against each swept key (one panel each), one line per method: mean over
-    seeds (and over the other keys' values) with a 95% t interval."""
-    keys = keys or ["run"]
+def plot_sweep(frame: pd.DataFrame, key: str, metric: str, ylabel: str) -> Figure:
+    """``metric`` against the one key a sweep varies, one line per method: mean over seeds
+    with a 95% t interval (a sweep that varies several keys: ``plot_forest``)."""
     colors = method_colors(frame["method"].unique())
-    fig = Figure(figsize=(4.2 * len(keys), 3.6), layout="constrained")
-    for ax, key in zip(np.atleast_1d(fig.subplots(1, len(keys))), keys):
-        numeric = pd.api.types.is_numeric_dtype(frame[key])
-        data = frame if numeric else frame.assign(**{key: frame[key].astype(str)})
-        sns.lineplot(data=data, x=key, y=metric, hue="method", palette=colors, marker="o", ax=ax,
-                     errorbar=_t_interval, err_style="bars")
-        if numeric and (frame[key] > 0).all() and frame[key].max() / frame[key].min() >= 20:
-            ax.set_xscale("log")
-        others = [k for k in keys if k != key]
-        _style(ax, f"{ylabel} vs {key}" + (f" (mean over {', '.join(others)})" if others else ""), ylabel,
-               xlabel=key)
+    fig = Figure(figsize=(6.4, 3.8), layout="constrained")
+    ax = fig.subplots()
+    sns.lineplot(data=frame, x=key, y=metric, hue="method", palette=colors, marker="o", ax=ax,
+                 errorbar=_t_interval, err_style="bars")
+    if (frame[key] > 0).all() and frame[key].max() / frame[key].min() >= 20:
+        ax.set_xscale("log")
+    ax.set_xticks(sorted(frame[key].unique()))
+    ax.set_xticklabels([f"{v:g}" for v in sorted(frame[key].unique())])
+    _style(ax, f"{ylabel} against {key}", ylabel, legend=False, xlabel=key)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)  # beside the data, not on it
+    return fig
+
+
+FOREST_ROW = 0.26  # inches per method row of a forest plot: 8 rows of 5 settings fit a page at 800 px
+
+
+def _forest_order(res) -> list:
+    """The settings of a sweep in reading order: a teacher-quality sweep's as its block puts
+    them (``quality.column_order``), any other in the sweep file's order."""
+    from .quality import KEYS, column_order
+    settings = list(res.settings)
+    if set(KEYS) & set(res.keys):
+        settings.sort(key=lambda s: column_order(res.params[s]))
+    return settings
+
+
+def plot_forest(sweep, against=("scratch", "label_smoothing"), title: str | None = None) -> Figure:
+    """A forest plot of a sweep: one row-block per setting (named in words, ``SweepResults.names``),
+    one row per method, one column per method of ``against`` that ran; each dot is the
+    method's paired difference in accuracy against that method over seeds, its bar the 95%
+    CI (``sweep_analysis.forest_frame``: ``stats.paired_t``), a filled dot p < 0.05, and a
+    line at zero. Every block lists its methods in the same order (``stats.METHOD_ORDER``) and
+    colours (``METHOD_COLORS``; a method's variants share its colour, with another marker).
+
+    ``sweep``: a sweep folder or ``kdlib.sweep_analysis.load``'s results. Each line carries a
+    ``gid`` — ``"ci|<setting name>|<method>|<reference>"`` for a bar, ``"mean|..."`` for its
+    dot, ``"zero"`` for the zero line — so that a test can read back what was drawn."""
+    from .quality import method_name
+    from .stats import NAMES, method_rank
+    from .sweep_analysis import SweepResults, forest_frame, load
+
+    res = sweep if isinstance(sweep, SweepResults) else load(sweep)
+    frame = forest_frame(res, against)
+    refs = [r for r in against if r in set(frame["reference"])]
+    if not refs:
+        raise ValueError(f"none of {', '.join(against)} ran in this sweep: nothing to draw differences against")
+    methods = sorted(set(frame["method"]) - {refs[0]}, key=method_rank)
+    colors = method_colors(dict.fromkeys(m.split("[")[0] for m in methods))
+    markers = {}
+    for m in methods:  # a method's variants: its colour, the next marker
+        markers[m] = "oDs^vP"[sum(o.split("[")[0] == m.split("[")[0] for o in markers) % 6]
+    span = {r: (min(0.0, frame.loc[frame["reference"] == r, ["mean_diff", "ci_low"]].min().min()),
+                max(0.0, frame.loc[frame["reference"] == r, ["mean_diff", "ci_high"]].max().max())) for r in refs}
+    blocks = [(s, [m for m in methods if m in res.settings[s]["metrics"]]) for s in _forest_order(res)]
+    blocks = [(s, rows) for s, rows in blocks if rows]
+    # one grid: a thin row for each setting's name across the columns, then its panels; the
+    # panels of a column share their left edge and x range, whatever their methods' names
+    heights = [h for _, rows in blocks for h in (0.9, len(rows) + 0.4)]
+    fig = Figure(figsize=(8.0, FOREST_ROW * sum(heights) + 1.2), layout="constrained")
+    grid = fig.add_gridspec(len(heights), len(refs), height_ratios=heights)
+    for b, (setting, rows) in enumerate(blocks):
+        name = res.names.get(setting, "all runs")
+        head = fig.add_subplot(grid[2 * b, :])
+        head.axis("off")
+        head.text(0.0, 0.0, name, transform=head.transAxes, ha="left", va="bottom", fontsize=10,
+                  fontweight="bold").set_in_layout(False)
+        for c, ref in enumerate(refs):
+            ax = fig.add_subplot(grid[2 * b + 1, c])
+            own = frame[(frame["setting"] == setting) & (frame["reference"] == ref)].set_index("method")
+            ax.axvline(0.0, color="black", lw=0.8, gid="zero")
+            for y, m in enumerate(rows):
+                color = colors[m.split("[")[0]]
+                if m == ref:
+                    ax.text(0.0, y, "the reference ", va="center", ha="right", fontsize=7.5, color="gray")
+                    continue
+                if m not in own.index:
+                    continue
+                r = own.loc[m]
+                if not np.isnan(r["ci_low"]):
+                    ax.plot([r["ci_low"], r["ci_high"]], [y, y], color=color, lw=2.2, solid_capstyle="butt",
+                            gid=f"ci|{name}|{m}|{ref}")
+                filled = r["seeds"] >= 2 and r["p_value"] < 0.05
+                ax.plot([r["mean_diff"]], [y], marker=markers[m], ms=6, color=color, mec=color,
+                        mfc=color if filled else "white", mew=1.5, linestyle="none", gid=f"mean|{name}|{m}|{ref}")
+            low, high = span[ref]
+            pad = 0.08 * (high - low or 1.0)
+            ax.set_xlim(low - pad, high + pad)
+            ax.set_ylim(len(rows) - 0.5, -0.5)
+            ax.set_yticks(range(len(rows)), [method_name(m) for m in rows] if c == 0 else [])
+            ax.tick_params(labelsize=8)
+            ax.grid(axis="x", alpha=0.3)
+            if b == 0:
+                ax.set_title(f"method − {NAMES.get(ref, ref)}", fontsize=9)
+            if b == len(blocks) - 1:
+                ax.set_xlabel(f"{res.eval_split} accuracy, points", fontsize=9)
+    fig.suptitle(title or "Paired difference in accuracy over seeds, 95% CI (filled: paired t p < 0.05)",
+                 fontsize=10)
     return fig
 
 

@@ -40,6 +40,8 @@ class SweepResults:
     skipped: list[str] = field(default_factory=list)  # runs without a finished record
     eval_split: str = "test"
     variant_keys: dict = field(default_factory=dict)  # key -> the value that is no variant (``variant_keys``)
+    names: dict = field(default_factory=dict)     # setting tuple -> its name in words (``setting_words``)
+    params: dict = field(default_factory=dict)    # setting tuple -> the params of its first run
 
 
 def _value(v):
@@ -82,14 +84,13 @@ def load(sweep_dir: str | Path) -> SweepResults:
             skipped.append(run["name"])
     if not params:
         raise FileNotFoundError(f"{sweep_dir}: no finished run yet (sweep.json says how far it got)")
-    named = list(dict.fromkeys(k for run in order for k in run["overrides"]))
-    variants = variant_keys(params)
-    keys = [k for k in named + [k for k in next(iter(params.values())) if k not in named]
-            if k not in NOT_SETTING and k not in variants and len({json.dumps(p.get(k)) for p in params.values()}) > 1]
-    rows, settings, splits = [], {}, set()
+    keys, variants = varying(order, params)
+    rows, settings, splits, names, first = [], {}, set(), {}, {}
     for name, P in params.items():
         setting = tuple(_value(P.get(k)) for k in keys)
         merged = settings.setdefault(setting, {"metrics": {}, "predictions": {}})
+        names.setdefault(setting, setting_words(name, P, keys, variants))
+        first.setdefault(setting, P)
         label = {m: method_label(m, P, variants) for m in P["methods"]}
         with np.load(sweep_dir / name / "predictions.npz") as npz:  # keys "<method>/seed<k>", "teacher/<name>"
             merged["predictions"].update({label.get(k.split("/")[0], k.split("/")[0]) + k[len(k.split("/")[0]):]: v
@@ -104,7 +105,89 @@ def load(sweep_dir: str | Path) -> SweepResults:
                              "centroid_fidelity": (r.get("fidelity") or {}).get("centroid_fidelity")})
     for merged in settings.values():  # methods in the canonical order, whatever order the runs listed them
         merged["metrics"] = {m: merged["metrics"][m] for m in sorted(merged["metrics"], key=method_rank)}
-    return SweepResults(keys, pd.DataFrame(rows), settings, skipped, "/".join(sorted(splits)), variants)
+    return SweepResults(keys, pd.DataFrame(rows), settings, skipped, "/".join(sorted(splits)), variants, names, first)
+
+
+def varying(order: list[dict], params: dict[str, dict]) -> tuple[list[str], dict]:
+    """(the keys that vary across the runs ``params`` — run name -> params — in the sweep
+    file's order, ``variant_keys``): what makes a setting, and what makes a method's variant."""
+    named = list(dict.fromkeys(k for run in order for k in run["overrides"]))
+    variants = variant_keys(params)
+    keys = [k for k in named + [k for k in next(iter(params.values())) if k not in named]
+            if k not in NOT_SETTING and k not in variants and len({json.dumps(p.get(k)) for p in params.values()}) > 1]
+    return keys, variants
+
+
+def setting_words(run: str, P: dict, keys=(), variants=()) -> str:
+    """A run's setting in words: in a sweep that varies the teachers' quality or the
+    student's width (``quality.KEYS`` among ``keys``), as ``quality.short_name`` puts it
+    ('swapped resnet', 'small student + swapped resnet'); every other key its run name
+    sets (``setting_label``) as 'key value' ('labelled subset 1000'); 'base' for a run
+    that sets nothing but its seeds, methods and method variants."""
+    from .quality import KEYS, short_name
+    label = setting_label(run, variants)
+    parts = [p.partition("=") for p in label.split(",")] if label != "base" else []
+    words = [short_name(P)] if set(KEYS) & set(keys) else []
+    words += [f"{k.replace('_', ' ')} {v}" for k, _, v in parts if k not in KEYS]
+    return ", ".join(words) or "base"
+
+
+def method_words(method: str) -> str:
+    """A method (or its variant, ``method_label``) in words, with no '=': 'CAMKD (beta 0)',
+    'CA-MKD official (alpha 1, beta 50)', 'label smoothing'."""
+    base, _, rest = method.partition("[")
+    parts = [v.replace("=", " ") for v in rest.rstrip("]").split(",") if v]
+    name = NAMES.get(base, base)
+    if base == "camkd" and "camkd_form official" in parts:
+        name, parts = "CA-MKD official", [v for v in parts if v != "camkd_form official"]
+    return name + (f" ({', '.join(parts)})" if parts else "")
+
+
+def run_titles(sweep_dir: str | Path) -> dict[str, tuple[str, str]]:
+    """``{run folder: (its setting in words, its methods and seeds in words)}`` for every
+    run of the sweep that has its params, from ``sweep.yaml`` and each ``params.yaml``
+    alone (no results read): ('swapped resnet', 'vanilla, scratch · seed 0')."""
+    sweep_dir = Path(sweep_dir)
+    order = yaml.safe_load((sweep_dir / "sweep.yaml").read_text())["runs"]
+    params = {r["name"]: yaml.safe_load((sweep_dir / r["name"] / "params.yaml").read_text())
+              for r in order if (sweep_dir / r["name"] / "params.yaml").is_file()}
+    if not params:
+        return {}
+    keys, variants = varying(order, params)
+    titles = {}
+    for name, P in params.items():
+        methods = ", ".join(method_words(method_label(m, P, variants)) for m in P["methods"])
+        seeds = P.get("seeds") or []
+        seeds = f"seed{'s' if len(seeds) != 1 else ''} {', '.join(map(str, seeds))}"
+        titles[name] = (setting_words(name, P, keys, variants), f"{methods} · {seeds}")
+    return titles
+
+
+def forest_frame(res: SweepResults, against=("scratch", "label_smoothing")) -> pd.DataFrame:
+    """Each method's paired difference against each method of ``against`` that ran, setting
+    by setting, as ``stats.comparison_frame`` (so ``stats.paired_t``) computes it: one row
+    per (setting, reference, method), with the setting's name in words, the seeds both
+    ran, mean_diff, ci_low, ci_high (95% CI over seeds; NaN for one seed) and p_value.
+    A pair listed the other way round (reference − method) is turned round."""
+    rows = []
+    for setting, merged in res.settings.items():
+        comp = comparison_frame(merged["metrics"], merged["predictions"])
+        for ref in against:
+            if ref not in merged["metrics"]:
+                continue
+            for method in merged["metrics"]:
+                hit = comp[(comp["method_a"] == method) & (comp["method_b"] == ref)]
+                flip = comp[(comp["method_a"] == ref) & (comp["method_b"] == method)]
+                if method == ref or not (len(hit) or len(flip)):
+                    continue
+                r = hit.iloc[0] if len(hit) else flip.iloc[0]
+                sign = 1 if len(hit) else -1
+                low, high = (r["ci_low"], r["ci_high"]) if sign == 1 else (-r["ci_high"], -r["ci_low"])
+                rows.append({"setting": setting, "name": res.names.get(setting, "all runs"), "reference": ref,
+                             "method": method, "seeds": int(r["seeds"]), "mean_diff": sign * r["mean_diff"],
+                             "ci_low": low, "ci_high": high, "p_value": r["p_value"]})
+    return pd.DataFrame(rows, columns=["setting", "name", "reference", "method", "seeds", "mean_diff", "ci_low",
+                                       "ci_high", "p_value"])
 
 
 def setting_table(res: SweepResults) -> pd.DataFrame:

@@ -77,3 +77,110 @@ def smoke_book(tmp_path_factory):
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:]
     return project / "outputs" / "smoke", project, proc.stdout
+
+
+# ---------------------------------------------------------------- small made-up records
+def tiny_notebook(path: Path, title: str, images: list[bytes]) -> Path:
+    """An executed notebook as papermill leaves one, made up: a heading with some maths, and
+    one code cell showing each of ``images`` (PNG bytes) as its output."""
+    import base64
+
+    import nbformat
+    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                           "language": "python"}})
+    nb.cells = [nbformat.v4.new_markdown_cell(f"# {title}\n\nThe paired difference $d_s = a_s - b_s$ over seeds.")]
+    for k, png in enumerate(images):
+        cell = nbformat.v4.new_code_cell("display(figure)", execution_count=k + 1)
+        cell.outputs = [nbformat.v4.new_output("display_data", data={
+            "image/png": base64.b64encode(png).decode(), "text/plain": "<Figure>"})]
+        nb.cells.append(cell)
+    nbformat.write(nb, path)
+    return path
+
+
+def png(seed: int) -> bytes:
+    """A small PNG whose bytes depend on ``seed``."""
+    from matplotlib.figure import Figure
+    import io
+    fig = Figure(figsize=(2, 1.5))
+    fig.subplots().plot([0, 1, 2], [seed, seed + 1, seed % 3])
+    out = io.BytesIO()
+    fig.savefig(out, format="png", dpi=40)
+    return out.getvalue()
+
+
+def write_run(run: Path, overrides: dict, acc: dict, notebooks: bool = False) -> Path:
+    """A finished run's record as ``kdlib.book`` writes it, made up: ``acc`` = {method: {seed:
+    accuracy}}; each method's predictions right on the first round(accuracy) of 100 labels;
+    results.csv and comparison.csv from ``kdlib.stats``; with ``notebooks``, its three small executed
+    notebooks (the second shows the run's figure, also written beside them)."""
+    import json
+
+    import numpy as np
+    import yaml
+
+    from kdlib.stats import comparison_frame, results_frame
+    P = validate(dict(overrides))
+    run.mkdir(parents=True)
+    (run / "params.yaml").write_text(yaml.safe_dump(P))
+    (run / "manifest.json").write_text(json.dumps({
+        "status": "finished", "params_file": "params/fashionmnist.yaml", "overrides": [],
+        "git": {"commit": "0123456789abcdef", "dirty": False},
+        "device": {"device": "cpu", "processor": "a test CPU", "threads": 2},
+        "created": "2025-01-01T10:00:00+00:00", "ended": "2025-01-01T10:05:00+00:00", "seconds": 300.0}))
+    teachers = {"teachers": [{"name": t, "test_acc": 90.0 + i - 30.0 * (t in (P["teacher_class_swap"] or {})),
+                              "params": 1000 * (i + 1)} for i, t in enumerate(P["teachers"])]}
+    (run / "teachers.json").write_text(json.dumps(teachers))
+    labels = np.arange(100) % 10
+    metrics, preds = {}, {"labels": labels}
+    for method, by_seed in acc.items():
+        metrics[method] = {"method": method, "eval_split": "test", "student_params": 1234, "teachers": P["teachers"],
+                           "runs": [{"seed": s, "test_acc": a, "history": [],
+                                     "fidelity": {"centroid_fidelity": 0.1, "mean_individual_fidelity": 0.2,
+                                                  "centroid_agreement": 90.0}} for s, a in by_seed.items()]}
+        (run / f"metrics_{method}.json").write_text(json.dumps(metrics[method]))
+        for s, a in by_seed.items():
+            preds[f"{method}/seed{s}"] = np.where(np.arange(100) < round(a), labels, (labels + 1) % 10)
+    np.savez(run / "predictions.npz", **preds)
+    results_frame(teachers, metrics).to_csv(run / "results.csv", index=False)
+    comparison_frame(metrics, preds).to_csv(run / "comparison.csv", index=False)
+    if notebooks:
+        figure = png(len(run.name))
+        (run / "comparison_camkd_vs_vanilla.png").write_bytes(figure)
+        tiny_notebook(run / "01_train_teachers.ipynb", "01 · Teachers", [png(1)])
+        tiny_notebook(run / "02_distill_students.ipynb", "02 · Students", [figure, png(2)])
+        tiny_notebook(run / "03_fidelity_analysis.ipynb", "03 · Fidelity", [png(3)])
+    return run
+
+
+def write_sweep(folder: Path, runs: list[tuple[dict, dict]], notebooks: bool = False,
+                sweep_file: str = "params/sweeps/made-up.yaml") -> Path:
+    """A finished sweep folder, made up: ``runs`` = [(overrides, acc)] (``write_run``), each
+    run named as ``kdlib.sweep`` names it; ``sweep.yaml``, ``sweep.json``; with ``notebooks``,
+    its runs' notebooks and what 04 writes (summary and difference CSVs, the forest plot, a
+    small 04 notebook showing it)."""
+    import json
+
+    import yaml
+
+    from kdlib.sweep import run_name
+    order = []
+    for overrides, acc in runs:
+        name = run_name(overrides)
+        write_run(folder / name, overrides, acc, notebooks)
+        order.append({"name": name, "overrides": overrides})
+    (folder / "sweep.yaml").write_text(yaml.safe_dump({"sweep": sweep_file, "base": "params/fashionmnist.yaml",
+                                                       "runs": order}, sort_keys=False))
+    (folder / "sweep.json").write_text(json.dumps({
+        "sweep": sweep_file, "base": "params/fashionmnist.yaml", "status": "finished",
+        "cluster": "embedded LocalCluster, 2 workers", "started": "2025-01-01T10:00:00+00:00",
+        "runs": {r["name"]: {"status": "finished", "seconds": 120.0} for r in order}}))
+    if notebooks:
+        from kdlib import plots, sweep_analysis
+        res = sweep_analysis.load(folder)
+        sweep_analysis.setting_table(res).to_csv(folder / "sweep_summary.csv", index=False)
+        sweep_analysis.differences(res).to_csv(folder / "sweep_differences.csv", index=False)
+        plots.save(plots.plot_forest(res), folder / "sweep_forest.png")
+        tiny_notebook(folder / "04_sweep_analysis.ipynb", "04 · Sweep analysis",
+                      [(folder / "sweep_forest.png").read_bytes()])
+    return folder

@@ -246,3 +246,107 @@ def test_plot_metric_lines():
     fig = plots.plot_metric(hf, "individual_fidelity", methods=["camkd", "vanilla"])
     assert len(fig.axes[0].get_lines()) == 2 * len(TEACHERS)
     assert len(plots.plot_metric(hf, "test_acc").axes[0].get_lines()) == len(METHODS)
+
+
+# ---------------------------------------------------------------- the forest plot of a sweep
+SWAP = {"teacher_resnet": [[0, 6], [2, 4]]}
+SCRATCH = {0: 80.0, 1: 82.0, 2: 81.0}
+SHIFTS = {"camkd": {0: -1.0, 1: -2.0, 2: -0.5}, "vanilla": {0: 0.2, 1: -0.1, 2: 0.4},
+          "label_smoothing": {0: 0.5, 1: 0.3, 2: 0.7}, "camkd[beta=0]": {0: 0.9, 1: 1.5, 2: 1.2}}
+
+
+def forest_sweep(folder, scratch=SCRATCH):
+    """A sweep over teacher quality with known accuracies: in each of two settings (the shipped
+    teachers, a swapped resnet) four methods with every seed, and CAMKD with beta 0 in runs of
+    its own; each method = scratch + SHIFTS (one point lower with the swapped resnet)."""
+    from conftest import write_sweep
+    runs, acc = [], {}
+    for swap, drop in (({}, 0.0), (SWAP, 1.0)):
+        by = {m: {s: SCRATCH[s] + d - drop * (m != "label_smoothing") for s, d in SHIFTS[m].items()}
+              for m in ("camkd", "vanilla", "label_smoothing")}
+        by["scratch"] = dict(scratch)
+        runs.append(({"teacher_class_swap": swap, "methods": list(by), "seeds": [0, 1, 2]}, by))
+        variant = {s: SCRATCH[s] + d - drop for s, d in SHIFTS["camkd[beta=0]"].items()}
+        runs.append(({"teacher_class_swap": swap, "methods": ["camkd"], "beta": 0.0, "seeds": [0, 1, 2]},
+                     {"camkd": variant}))
+        acc["swapped resnet" if swap else "shipped"] = {**by, "camkd[beta=0]": variant}
+    write_sweep(folder, runs)
+    return acc
+
+
+def drawn_intervals(fig) -> dict:
+    """{(setting, method, reference): (ci_low, ci_high)} as the figure draws them."""
+    out = {}
+    for ax in fig.axes:
+        for line in ax.lines:
+            if (line.get_gid() or "").startswith("ci|"):
+                _, setting, method, ref = line.get_gid().split("|")
+                x = line.get_xdata()
+                out[(setting, method, ref)] = (min(x), max(x))
+    return out
+
+
+def expected_intervals(acc) -> dict:
+    from kdlib.stats import paired_t
+    out = {}
+    for setting, by in acc.items():
+        for ref in ("scratch", "label_smoothing"):
+            for method in by:
+                if method not in (ref, "scratch"):
+                    t = paired_t([by[method][s] for s in (0, 1, 2)], [by[ref][s] for s in (0, 1, 2)])
+                    out[(setting, method, ref)] = (t["ci_low"], t["ci_high"])
+    return out
+
+
+def assert_same_intervals(drawn, expected):
+    assert set(drawn) == set(expected), "one bar per method, reference and setting"
+    for key, ends in expected.items():
+        assert drawn[key] == pytest.approx(ends, abs=1e-9), key
+
+
+def test_forest_plot_draws_the_paired_intervals_of_kdlib_stats(tmp_path):
+    acc = forest_sweep(tmp_path)
+    fig = plots.plot_forest(tmp_path)
+    assert_same_intervals(drawn_intervals(fig), expected_intervals(acc))
+    panels = [ax for ax in fig.axes if ax.get_lines()]
+    assert len(panels) == 4 and all(ax.get_legend() is None for ax in fig.axes)
+    assert all(any(line.get_gid() == "zero" and list(line.get_xdata()) == [0, 0] for line in ax.lines)
+               for ax in panels)
+    heads = [t.get_text() for ax in fig.axes for t in ax.texts if t.get_fontweight() == "bold"]
+    assert heads == ["shipped", "swapped resnet"]  # the settings in words, shipped first
+    order = ["CAMKD", "CAMKD, beta=0", "vanilla", "label smoothing"]
+    assert all([t.get_text() for t in ax.get_yticklabels()] == order for ax in panels[::2])  # one order everywhere
+    colors = {}
+    for ax in panels:
+        for line in ax.lines:
+            if (line.get_gid() or "").startswith("mean|"):
+                colors.setdefault(line.get_gid().split("|")[2], set()).add(line.get_color())
+    assert all(len(c) == 1 for c in colors.values()) and colors["camkd"] == colors["camkd[beta=0]"]
+    assert fig.get_figwidth() * 110 <= 900  # the site's content width, at plots.save's dpi
+
+
+def test_forest_plot_check_fails_when_the_seeds_are_paired_wrongly(tmp_path):
+    """The same means, scratch's seeds shuffled: each mean difference is unchanged, its
+    interval is not, and the check above notices."""
+    acc = forest_sweep(tmp_path / "right")
+    forest_sweep(tmp_path / "shuffled", scratch={0: 82.0, 1: 81.0, 2: 80.0})
+    with pytest.raises(AssertionError):
+        assert_same_intervals(drawn_intervals(plots.plot_forest(tmp_path / "shuffled")), expected_intervals(acc))
+
+
+def test_forest_plot_needs_a_reference(tmp_path):
+    from conftest import write_sweep
+    write_sweep(tmp_path, [({"methods": ["camkd", "vanilla"], "beta": b, "seeds": [0]},
+                            {"camkd": {0: 80.0 + b}, "vanilla": {0: 81.0}}) for b in (1.0, 2.0)])
+    with pytest.raises(ValueError, match="scratch, label_smoothing"):
+        plots.plot_forest(tmp_path)
+
+
+def test_sweep_runs_are_named_in_words(tmp_path):
+    from kdlib.sweep_analysis import run_titles
+    forest_sweep(tmp_path)
+    titles = {" · ".join(t) for t in run_titles(tmp_path).values()}
+    assert titles == {"shipped · CAMKD, vanilla, label smoothing, scratch · seeds 0, 1, 2",
+                      "shipped · CAMKD (beta 0) · seeds 0, 1, 2",
+                      "swapped resnet · CAMKD, vanilla, label smoothing, scratch · seeds 0, 1, 2",
+                      "swapped resnet · CAMKD (beta 0) · seeds 0, 1, 2"}
