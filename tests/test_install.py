@@ -169,8 +169,7 @@ def installed(python: Path) -> dict[str, str]:
 
 
 def pip(python: Path, *args, cwd=None) -> None:
-    subprocess.run([python, "-m", "pip", "install", "-q", *args], cwd=cwd, check=True,
-                   stderr=subprocess.PIPE, text=True)
+    subprocess.run([python, "-m", "pip", "install", "-q", *args], cwd=cwd, check=True)
 
 
 def copy_tree(dest: Path) -> None:
@@ -217,9 +216,8 @@ def test_colab_like_runtime(tmp_path, monkeypatch):
         assert {p: after.get(p) for p in before} == before, "the core install changed a preinstalled package"
         assert set(after) - set(before) == ADDED, f"the core install added {sorted(set(after) - set(before))}"
 
-        modules = sorted({m for nb in NOTEBOOKS for m in re.findall(
-            r"^from kdlib import (.+)$", "\n".join(c.source for c in nbformat.read(
-                ROOT / "notebooks" / nb, as_version=4).cells), re.M) for m in m.split(", ")})
+        trees = sources()
+        modules = sorted({m for name in NOTEBOOKS for m in third_party(trees[name])[2]})
         subprocess.run([python, "-c", "import kdlib, " + ", ".join(f"kdlib.{m}" for m in modules)],
                        cwd=tmp_path, check=True)
         for argv, line in [(["run", "params/smoke.yaml"], "kdlib run needs papermill, nbconvert, nbformat"),
