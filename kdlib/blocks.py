@@ -2,7 +2,8 @@
 
 ``python -m kdlib.blocks`` (``make blocks``) regenerates them all: the README's answers
 table, and the tables of ``docs/results.md``, each between its ``NAME:start`` and
-``NAME:end`` marker lines, and the teacher-quality sweep's block (``kdlib.quality``) in both.
+``NAME:end`` marker lines, the teacher-quality sweep's block (``kdlib.quality``) in both, and the
+tuned comparison's block, each method at its best (``kdlib.tune_analysis.block``).
 The answers table has one row per question (a run, or a
 setting of a sweep): the best student, CAMKD − vanilla and KD (vanilla) − scratch over
 paired seeds with 95% intervals, and a link to the record. The Speed table is written by
@@ -180,9 +181,14 @@ def blocks(root: Path = ROOT) -> list[tuple[str, str, Callable[[], str]]]:
     out = root / "outputs"
     rows = answers(root)
     readme_link = lambda f: f.relative_to(root).as_posix() + "/"  # noqa: E731 (the folder on the repository)
+    from .tune_analysis import STUDIES, block as best_block
+    studies = [root / s for s in STUDIES]
+    best = [("README.md", "best", lambda: best_block(studies, lambda f: f.relative_to(root).as_posix() + "/")),
+            ("docs/index.md", "best", lambda: best_block(studies)), ("docs/results.md", "best", lambda: best_block(studies))]
     quality = [(file, "teachers", lambda: quality_markdown(root / QUALITY)) for file in ("README.md", "docs/index.md", "docs/results.md")
                if (root / QUALITY / "sweep.yaml").is_file()]
     return [
+        *best,
         *quality,
         ("README.md", "answers", lambda: answers_markdown(rows, readme_link, root)),
         ("docs/index.md", "answers", lambda: answers_markdown(rows, lambda f: record_page(f, root), root)),
