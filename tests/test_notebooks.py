@@ -7,9 +7,9 @@ import pytest
 NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
 
 
-def test_the_four_notebooks_exist():
+def test_the_five_notebooks_exist():
     assert [p.name for p in NOTEBOOKS] == ["01_train_teachers.ipynb", "02_distill_students.ipynb",
-                                           "03_fidelity_analysis.ipynb", "04_sweep_analysis.ipynb"]
+                                           "03_fidelity_analysis.ipynb", "04_sweep_analysis.ipynb", "05_tune.ipynb"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
