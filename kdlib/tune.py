@@ -431,8 +431,8 @@ class Tuning:
 
     MAX_SEED_FAILURES = 3
 
-    def __init__(self, spec: TuneSpec, url: str):
-        self.spec, self.url = spec, url
+    def __init__(self, spec: TuneSpec, url: str, folder: Path | None = None):
+        self.spec, self.url, self.dir = spec, url, folder
         self.studies = {}
         for s in spec.settings:
             for m in spec.methods:
@@ -695,7 +695,8 @@ def _drive(client, tuning: Tuning, log) -> None:
                 result = future.result()
             done += 1
             log(f"[{done}] {_line(job, number, result)}")
-        tuning.frame().to_csv(tuning.dir / "trials.csv", index=False)
+        if tuning.dir is not None:
+            tuning.frame().to_csv(tuning.dir / "trials.csv", index=False)
 
 
 def _cluster(workers, scheduler, jobs, dashboard):
@@ -759,8 +760,7 @@ def run_tune(tune_file: str | Path, workers: int | None = None, scheduler: str |
         tmp.replace(record_path)
 
     write()
-    tuning = Tuning(spec, url)
-    tuning.dir = tune_dir
+    tuning = Tuning(spec, url, tune_dir)
     stale = tuning.fail_running()
     if stale:
         log(f"{stale} trial(s) left running by an earlier start marked failed; they are asked again")
@@ -816,12 +816,12 @@ def _write_best(path: Path, spec: TuneSpec, choices: dict) -> None:
 def _study_summary(tuning: Tuning) -> dict:
     """Per study: trials complete, pruned and failed; training seconds; wall seconds from its
     first trial's start to its last one's end."""
+    from datetime import datetime
     frame = tuning.frame()
     out = {}
     for (setting, method, kind), g in frame.groupby(["setting", "method", "kind"], sort=False):
         start = g["started"].dropna().min()
         end = g["ended"].dropna().max()
-        from datetime import datetime
         wall = (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds() \
             if isinstance(start, str) and isinstance(end, str) else None
         out[f"{setting}/{method}/{kind}"] = {**{s: int((g["state"] == s).sum()) for s in ("complete", "pruned", "fail")},
