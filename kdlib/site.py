@@ -3,26 +3,35 @@ committed run or sweep with its executed notebooks rendered from their stored ou
 (never executed), built offline with MkDocs (Material theme, mkdocs-jupyter) into ``site/``.
 
 ``python -m kdlib.site`` (``make site``) builds it all; ``--only fashionmnist`` builds the
-pages and the records named (what the tests build). The pages are staged in
-``build/site-src/`` (``docs/`` copied, generated pages added), MathJax is bundled from the
-``jupyter-server-mathjax`` package, and the notebooks' own CDN script tags are removed, so
-the site works opened from disk and served, and asks no outside host for anything.
+pages and the records named; ``--check`` then checks every internal link and image on disk.
+The pages are staged in ``build/site-src/`` (``docs/`` copied, generated pages added), MathJax
+is bundled from the ``jupyter-server-mathjax`` package, and the notebooks' own CDN script tags
+are removed, so the site works opened from disk and served, and asks no outside host for
+anything. A sweep's runs are named in words and grouped by setting (``sweep_analysis.run_titles``).
+A notebook's images and stylesheets are written once as files its pages link (``Files``), not
+base64 in every page.
 """
 from __future__ import annotations
 
 import argparse
+import base64
+import hashlib
 import json
+import os
 import re
 import shutil
 import subprocess
 import time
+from html.parser import HTMLParser
 from pathlib import Path
+from urllib.parse import quote, unquote, urlsplit
 
 import pandas as pd
 import yaml
 
 from .blocks import NBSP, answers_markdown, record_page, run_answer, sweep_answers
 from .records import update_readme
+from .sweep_analysis import run_titles
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGE = Path("build/site-src")
@@ -156,14 +165,26 @@ def _notebooks(run: Path) -> list[Path]:
     return sorted(run.glob("*.ipynb"))
 
 
-def run_markdown(run: Path, root: Path, sweep: Path | None = None) -> str:
-    title = f"`{run.name}`" if sweep is None else f"`{sweep.name}` / `{run.name}`"
+def run_title(run: Path, sweep: Path | None = None, titles: dict | None = None) -> str:
+    """A run in words: a sweep's run as its setting, methods and seeds ('swapped resnet ·
+    vanilla, scratch · seed 0', ``sweep_analysis.run_titles``); any other run by its folder."""
+    if sweep is None:
+        return run.name
+    setting, rest = (titles if titles is not None else run_titles(sweep)).get(run.name, (run.name, ""))
+    return f"{setting} · {rest}" if rest else setting
+
+
+def run_markdown(run: Path, root: Path, sweep: Path | None = None, titles: dict | None = None) -> str:
+    folder = run.relative_to(root).as_posix() if run.is_relative_to(root) else run.name
     base = None
     if sweep is not None:
         base = root / yaml.safe_load((sweep / "sweep.yaml").read_text())["base"]
-    parts = [f"# {title}", ""]
+    title = run_title(run, sweep, titles)
+    parts = [f"---\ntitle: {json.dumps(title, ensure_ascii=False)}\n---", "", f"# {title}", ""]
     if sweep is not None:
-        parts += [f"One run of the sweep [`{sweep.name}`](../index.md).", ""]
+        parts += [f"One run of the sweep [`{sweep.name}`](../index.md); its folder: `{folder}/`.", ""]
+    else:
+        parts += [f"Its folder: `{folder}/`.", ""]
     parts += ["## Verdict", "", verdict_markdown(run), "", "## What it asked", "",
               asked_markdown(run, root, base), ""]
     if (run / "params.yaml").is_file():
@@ -183,30 +204,66 @@ def run_markdown(run: Path, root: Path, sweep: Path | None = None) -> str:
     return "\n".join(parts)
 
 
-def sweep_markdown(sweep: Path, root: Path) -> str:
-    record = json.loads((sweep / "sweep.json").read_text())
-    runs = sweep_runs(sweep)
+def sweep_verdict(sweep: Path) -> list[str]:
+    """A sweep's answer as markdown lines: its answers table and verdicts
+    (``blocks.sweep_answers``), else its setting table with stars (``sweep_analysis.run_markdown``).
+    (A sweep over teacher quality has its generated reading instead: ``quality.parts``.)"""
+    from .sweep_analysis import run_markdown as setting_markdown
     rows = sweep_answers(sweep) if (sweep / "sweep_summary.csv").is_file() else []
-    parts = [f"# `{sweep.name}` (sweep)", "",
-             f"Sweep file `{record.get('sweep')}` on base `{record.get('base')}`; {len(runs)} runs, status "
-             f"{record.get('status')}, {record.get('cluster', '')}.", ""]
+    if rows:
+        return [answers_markdown(rows, lambda f: f.name + "/index.md", sweep.parent.parent), "",
+                *[f"- {r['question']}: {verdict}" for r in rows for verdict in r["verdicts"]]]
+    return [setting_markdown(sweep)]
+
+
+def by_setting(sweep: Path, titles: dict) -> dict[str, list[Path]]:
+    """The sweep's runs (``sweep_runs``) grouped by their setting in words, the settings in the
+    order of the sweep's forest plot and tables: the shipped teachers first, then a degraded
+    teacher, then the small student (``quality.column_order``), else the sweep file's order."""
+    from .quality import column_order
+    groups: dict[str, list[Path]] = {}
+    for run in sweep_runs(sweep):
+        groups.setdefault(titles.get(run.name, (run.name, ""))[0], []).append(run)
+    first = {name: yaml.safe_load((runs[0] / "params.yaml").read_text()) if (runs[0] / "params.yaml").is_file()
+             else {} for name, runs in groups.items()}
+    return dict(sorted(groups.items(), key=lambda item: column_order(first[item[0]])))
+
+
+def sweep_markdown(sweep: Path, root: Path) -> str:
+    from .quality import KEYS, parts as quality_parts
+    from .sweep_analysis import load
+    record = json.loads((sweep / "sweep.json").read_text())
+    runs, titles = sweep_runs(sweep), run_titles(sweep)
+    parts = [f"# {sweep.name} (sweep)", "",
+             f"Its folder: `{sweep.relative_to(root).as_posix()}/`. Sweep file `{record.get('sweep')}` on base "
+             f"`{record.get('base')}`; {len(runs)} runs, status {record.get('status')}, "
+             f"{record.get('cluster', '')}.", ""]
     if record.get("sweep") and (root / record["sweep"]).is_file():
         parts += _folded(f"What it asked ({record['sweep']})", root / record["sweep"])
-    parts += ["## Verdict", ""]
-    if rows:
-        parts += [answers_markdown(rows, lambda f: f.name + "/index.md", root), ""]
-        parts += [f"- {r['question']}: {verdict}" for r in rows for verdict in r["verdicts"]] + [""]
+    finished = any((run / "predictions.npz").is_file() for run in runs)
+    quality = quality_parts(sweep) if finished and set(KEYS) & set(load(sweep).keys) else None
+    verdict = quality["reading"] if quality else sweep_verdict(sweep) if finished else ["No run has finished yet."]
+    parts += ["## Verdict", "", *verdict, ""]
+    if (sweep / "sweep_forest.png").is_file():
+        parts += ["Each method's paired difference in accuracy against the student trained alone (and against "
+                  "label smoothing where it ran), per setting, with its 95% CI over seeds; a filled dot where "
+                  "paired t p < 0.05:", "", "![the sweep's forest plot](sweep_forest.png)", ""]
+    if quality:
+        parts += ["## The tables", "", *quality["status"], "", *quality["legend"], "", *quality["tables"], "",
+                  *quality["notes"], ""]
     parts += ["## The sweep's notebook", ""] + [f"- [{nb.stem}]({nb.name})" for nb in _notebooks(sweep)] + [""]
     figures = [f for f in ("sweep_accuracy.png", "sweep_fidelity.png") if (sweep / f).is_file()]
     parts += [f"![{f}]({f})" for f in figures] + [""]
     table = []
-    for run in runs:
-        info = record.get("runs", {}).get(run.name, {})
-        seconds = info.get("seconds")
-        table.append([f"[`{run.name}`]({run.name}/index.md)", info.get("status", "—"),
-                      f"{seconds / 60:.0f}{NBSP}min" if seconds else "—"])
-    parts += ["## The runs", "", _table(["run", "status", "time"], table), "",
-              f"Files: {_files(sweep)}.", ""]
+    for setting, members in by_setting(sweep, titles).items():
+        for run in members:
+            info = record.get("runs", {}).get(run.name, {})
+            seconds = info.get("seconds")
+            words = titles.get(run.name, (run.name, run.name))[1] or run.name
+            table.append([setting if run == members[0] else "", f"[{words}]({run.name}/index.md)",
+                          info.get("status", "—"), f"{seconds / 60:.0f}{NBSP}min" if seconds else "—"])
+    parts += ["## The runs", "", "Grouped by setting; each run's page gives its folder.", "",
+              _table(["setting", "run", "status", "time"], table), "", f"Files: {_files(sweep)}.", ""]
     return "\n".join(parts)
 
 
@@ -257,11 +314,16 @@ def stage(root: Path, stage_dir: Path, only: list[str] | None = None) -> list:
         if (folder / "sweep.json").is_file():
             (stage_dir / rel / "index.md").write_text(sweep_markdown(folder, root))
             children = [{f"{folder.name} (sweep)": f"{rel}/index.md"}, *_nb_nav(folder, rel)]
-            for run in sweep_runs(folder):
-                run_rel = f"{rel}/{run.name}"
-                _copy_record(run, stage_dir / run_rel)
-                (stage_dir / run_rel / "index.md").write_text(run_markdown(run, root, sweep=folder))
-                children.append({run.name: [{run.name: f"{run_rel}/index.md"}, *_nb_nav(run, run_rel)]})
+            titles = run_titles(folder)
+            for setting, members in by_setting(folder, titles).items():
+                group = []
+                for run in members:
+                    run_rel = f"{rel}/{run.name}"
+                    _copy_record(run, stage_dir / run_rel)
+                    (stage_dir / run_rel / "index.md").write_text(run_markdown(run, root, folder, titles))
+                    words = titles.get(run.name, ("", run.name))[1] or run.name
+                    group.append({words: [{words: f"{run_rel}/index.md"}, *_nb_nav(run, run_rel)]})
+                children.append({setting: group})
             nav.append({folder.name: children})
         else:
             (stage_dir / rel / "index.md").write_text(run_markdown(folder, root))
@@ -277,17 +339,112 @@ CDN_SCRIPT = re.compile(r'<script[^>]*src="https?://[^"]*"[^>]*>\s*</script>\s*'
 MATHJAX_CONFIG = re.compile(r'<!-- MathJax configuration -->\s*<script type="text/x-mathjax-config">.*?</script>\s*', re.S)
 
 
-def strip_outside_hosts(site: Path) -> int:
-    """Remove script tags that load from another host (the notebooks' MathJax, whose
-    configuration goes too: the site bundles its own). Returns how many pages changed."""
-    changed = 0
+DATA_IMAGE = re.compile(r'src="data:image/(png|jpeg|gif);base64,([^"]+)"')
+STYLE = re.compile(r"<style[^>]*>(.*?)</style>", re.S)
+BIG_STYLE = 2000  # characters: a notebook page's stylesheets (some 600 kB, the same on every page)
+ROOT_LINK = re.compile(r'((?:href|src)=")/(?!/)')
+
+
+def strip_outside_hosts(text: str) -> str:
+    """A page without the script tags that load from another host (the notebooks' MathJax,
+    whose configuration goes too: the site bundles its own)."""
+    return MATHJAX_CONFIG.sub("", CDN_SCRIPT.sub("", text))
+
+
+class Files:
+    """Content written once into the site and linked from every page that holds it: a
+    notebook's images (base64 in the page as nbconvert writes it) and its stylesheets.
+    An image the site already holds as a file (a record's figure, copied beside its
+    page) is linked where it is; any other goes into ``assets/nb/``, named by its hash."""
+
+    def __init__(self, site: Path):
+        self.site, self.known = site, {}
+        for png in sorted(site.rglob("*.png")):
+            self.known.setdefault(hashlib.sha256(png.read_bytes()).hexdigest(), []).append(png)
+
+    def link(self, page: Path, data: bytes, suffix: str) -> str:
+        digest = hashlib.sha256(data).hexdigest()
+        if digest not in self.known:
+            target = self.site / "assets" / "nb" / f"{digest[:20]}{suffix}"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+            self.known[digest] = [target]
+        here = [t for t in self.known[digest] if t.parent == page.parent]  # the record's own copy first
+        return quote(os.path.relpath((here or self.known[digest])[0], page.parent).replace(os.sep, "/"))
+
+    def lighten(self, page: Path, text: str) -> str:
+        def image(m):
+            return f'src="{self.link(page, base64.b64decode(m.group(2)), "." + m.group(1).replace("jpeg", "jpg"))}"'
+
+        def style(m):
+            if len(m.group(1)) < BIG_STYLE:
+                return m.group(0)
+            return f'<link rel="stylesheet" href="{self.link(page, m.group(1).encode(), ".css")}">'
+
+        return STYLE.sub(style, DATA_IMAGE.sub(image, text))
+
+
+def local_404(text: str) -> str:
+    """The 404 page with links relative to the site's root, where it lies (opened from disk
+    they resolve), and, when served, a ``<base href="/">`` first, so that they resolve
+    from whichever missing address the server answers with it (the site at a host's root)."""
+    base = "<script>if (location.protocol !== 'file:') document.write('<base href=\"/\">')</script>"
+    return ROOT_LINK.sub(r"\1", text).replace("<head>", "<head>\n" + base, 1)
+
+
+def finish(site: Path) -> dict:
+    """Every page of the built site, once over: no script from another host, each notebook
+    image and stylesheet a file of its own, the 404 page's links local. Returns counts."""
+    files, changed = Files(site), 0
     for page in site.rglob("*.html"):
         text = page.read_text()
-        new = MATHJAX_CONFIG.sub("", CDN_SCRIPT.sub("", text))
+        new = files.lighten(page, strip_outside_hosts(text))
+        if page.parent == site and page.name == "404.html":
+            new = local_404(new)
         if new != text:
             page.write_text(new)
             changed += 1
-    return changed
+    return {"pages changed": changed, "files": len(files.known)}
+
+
+class _Refs(HTMLParser):
+    """The href and src of a page's links, images, stylesheets and scripts."""
+
+    def __init__(self):
+        super().__init__()
+        self.refs = []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        for key in ("href", "src"):
+            if attrs.get(key) and tag in ("a", "img", "link", "script"):
+                self.refs.append(attrs[key])
+
+
+def check_links(site: Path) -> dict[str, list[tuple[str, str]]]:
+    """Every page's internal links and images, checked on disk: ``broken`` (page, link) where
+    the file, or the anchor in the page linked, is missing; ``loaded_from_outside`` (page,
+    address) where a page would load a script, stylesheet, font or image from another host
+    (a link a reader may follow to another host is fine). The 404 page is checked too."""
+    broken, outside, anchors = [], [], {}
+    for page in sorted(site.rglob("*.html")):
+        parser = _Refs()
+        parser.feed(page.read_text())
+        for ref in parser.refs:
+            parts = urlsplit(ref)
+            if parts.scheme in ("http", "https") or ref.startswith("//"):
+                if parts.path.endswith((".js", ".css", ".woff", ".woff2", ".png", ".svg")):
+                    outside.append((str(page.relative_to(site)), ref))
+                continue
+            if parts.scheme or parts.netloc or not parts.path:
+                continue
+            target = page.parent / unquote(parts.path)
+            if target.suffix == ".html" and parts.fragment and target.is_file() and target not in anchors:
+                anchors[target] = target.read_text()
+            if not target.exists() or (parts.fragment and target.suffix == ".html"
+                                       and f'id="{parts.fragment}"' not in anchors[target]):
+                broken.append((str(page.relative_to(site)), ref))
+    return {"broken": broken, "loaded_from_outside": outside}
 
 
 def build(root: Path = ROOT, out: Path | None = None, only: list[str] | None = None,
@@ -310,7 +467,7 @@ def build(root: Path = ROOT, out: Path | None = None, only: list[str] | None = N
     config_file.write_text(yaml.safe_dump({**config, "docs_dir": str(stage_dir.resolve()),
                                            "site_dir": str(out.resolve())}, sort_keys=False, allow_unicode=True))
     mkdocs_build(load_config(str(config_file)))
-    strip_outside_hosts(out)
+    finish(out)
     return out
 
 
@@ -318,11 +475,24 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m kdlib.site", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=None, help="the site's folder (default: site/)")
     parser.add_argument("--only", nargs="+", metavar="RECORD", help="build only these records (folder names in outputs/)")
+    parser.add_argument("--check", action="store_true",
+                        help="then check every internal link and image on disk; exit 1 naming the broken ones")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     out = build(ROOT, Path(args.out) if args.out else None, args.only)
     pages = sum(1 for _ in out.rglob("*.html"))
-    print(f"site: {pages} pages in {out} ({time.perf_counter() - start:.0f} s); open {out / 'index.html'}")
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    print(f"site: {pages} pages, {size / 1e6:.0f} MB in {out} ({time.perf_counter() - start:.0f} s); "
+          f"open {out / 'index.html'}")
+    if args.check:
+        found = check_links(out)
+        for page, ref in found["broken"][:20]:
+            print(f"broken: {page} -> {ref}")
+        for page, ref in found["loaded_from_outside"][:20]:
+            print(f"loads from another host: {page} -> {ref}")
+        if found["broken"] or found["loaded_from_outside"]:
+            raise SystemExit(1)
+        print("every internal link and image resolves; nothing loads from another host")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,57 @@
+"""The committed site, built whole (make site): every internal link and image of every page
+resolves on disk and nothing loads from another host (``kdlib.site.check_links``, what
+``python -m kdlib.site --check`` runs); one page per committed record; the committed sweeps'
+pages in Chromium at 1200 px: a verdict with text, the forest plot, tables inside the page.
+The site's code is tested on a small site in test_site.py; this module checks today's records."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+pytest.importorskip("mkdocs", reason="the site's tools are missing: pip install -e '.[docs]'")
+from kdlib import site as site_module  # noqa: E402 (after the skip)
+from test_site import CHROMIUM, check_page, sync_playwright  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("site")
+    return site_module.build(ROOT, tmp / "site", stage_dir=tmp / "src")
+
+
+def test_every_internal_link_and_image_of_the_committed_site_resolves(site):
+    found = site_module.check_links(site)
+    assert not found["broken"], found["broken"][:10]
+    assert not found["loaded_from_outside"], found["loaded_from_outside"][:10]
+    names = {p.relative_to(site).as_posix() for p in site.rglob("*.html")}
+    for folder in site_module.records(ROOT):
+        assert f"records/{folder.name}/index.html" in names
+    assert "records/fashionmnist/03_fidelity_analysis.html" in names
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).is_file(), reason=f"no Chromium at {CHROMIUM}: apt-get install chromium")
+@pytest.mark.skipif(sync_playwright is None, reason="Playwright missing: pip install -e '.[test]'")
+def test_committed_sweep_pages_in_chromium(site):
+    sweeps = [f for f in site_module.records(ROOT) if (f / "sweep.json").is_file()]
+    assert sweeps
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        for sweep in sweeps:
+            name = f"records/{sweep.name}/index.html"
+            page.goto((site / name).as_uri())
+            verdict = page.evaluate("""() => {
+                const h = [...document.querySelectorAll('h2')].find(e => e.textContent.startsWith('Verdict'));
+                let text = '', e = h.nextElementSibling;
+                for (; e && e.tagName !== 'H2'; e = e.nextElementSibling) text += e.innerText + ' ';
+                return text;
+            }""")
+            assert len(verdict.strip()) > 100, (name, "an empty verdict")
+            assert page.locator("img[src='sweep_forest.png']").count() == 1, name
+            check_page(page, name)
+        browser.close()
