@@ -673,7 +673,7 @@ def plot_forest(sweep, against=("scratch", "label_smoothing"), title: str | None
     refs = [r for r in against if r in set(frame["reference"])]
     if not refs:
         raise ValueError(f"none of {', '.join(against)} ran in this sweep: nothing to draw differences against")
-    methods = sorted(set(frame["method"]) - {refs[0]}, key=method_rank)
+    methods = sorted({m for m in frame["method"] if m.split("[")[0] != refs[0]}, key=method_rank)
     colors = method_colors(dict.fromkeys(m.split("[")[0] for m in methods))
     markers = {}
     for m in methods:  # a method's variants: its colour, the next marker
@@ -699,7 +699,7 @@ def plot_forest(sweep, against=("scratch", "label_smoothing"), title: str | None
             ax.axvline(0.0, color="black", lw=0.8, gid="zero")
             for y, m in enumerate(rows):
                 color = colors[m.split("[")[0]]
-                if m == ref:
+                if m.split("[")[0] == ref:
                     ax.text(0.0, y, "the reference ", va="center", ha="right", fontsize=7.5, color="gray")
                     continue
                 if m not in own.index:

@@ -168,17 +168,19 @@ def forest_frame(res: SweepResults, against=("scratch", "label_smoothing")) -> p
     by setting, as ``stats.comparison_frame`` (so ``stats.paired_t``) computes it: one row
     per (setting, reference, method), with the setting's name in words, the seeds both
     ran, mean_diff, ci_low, ci_high (95% CI over seeds; NaN for one seed) and p_value.
-    A pair listed the other way round (reference − method) is turned round."""
+    A reference that ran as a variant (``label_smoothing[label_smoothing=0.2]``, a tuned
+    run) stands for its method; a pair listed the other way round is turned round."""
     rows = []
     for setting, merged in res.settings.items():
         comp = comparison_frame(merged["metrics"], merged["predictions"])
         for ref in against:
-            if ref not in merged["metrics"]:
+            label = next((m for m in merged["metrics"] if m.split("[")[0] == ref), None)
+            if label is None:
                 continue
             for method in merged["metrics"]:
-                hit = comp[(comp["method_a"] == method) & (comp["method_b"] == ref)]
-                flip = comp[(comp["method_a"] == ref) & (comp["method_b"] == method)]
-                if method == ref or not (len(hit) or len(flip)):
+                hit = comp[(comp["method_a"] == method) & (comp["method_b"] == label)]
+                flip = comp[(comp["method_a"] == label) & (comp["method_b"] == method)]
+                if method == label or not (len(hit) or len(flip)):
                     continue
                 r = hit.iloc[0] if len(hit) else flip.iloc[0]
                 sign = 1 if len(hit) else -1

@@ -350,3 +350,18 @@ def test_sweep_runs_are_named_in_words(tmp_path):
                       "shipped · CAMKD (beta 0) · seeds 0, 1, 2",
                       "swapped resnet · CAMKD, vanilla, label smoothing, scratch · seeds 0, 1, 2",
                       "swapped resnet · CAMKD (beta 0) · seeds 0, 1, 2"}
+
+
+def test_forest_plot_takes_a_tuned_reference_for_its_method(tmp_path):
+    """In a tuned comparison each method runs at its own values: label smoothing at a tuned
+    epsilon is a variant (``label_smoothing[label_smoothing=0.2]``) and still the reference."""
+    from conftest import write_sweep
+    from kdlib.stats import paired_t
+    camkd, ls = {0: 81.0, 1: 83.5, 2: 82.0}, {0: 80.0, 1: 82.0, 2: 81.5}
+    write_sweep(tmp_path, [({"methods": ["camkd", "scratch"], "seeds": [0, 1, 2]}, {"camkd": camkd, "scratch": SCRATCH}),
+                           ({"methods": ["label_smoothing"], "label_smoothing": 0.2, "seeds": [0, 1, 2]},
+                            {"label_smoothing": ls})])
+    drawn = drawn_intervals(plots.plot_forest(tmp_path))
+    t = paired_t(list(camkd.values()), list(ls.values()))
+    assert drawn[("base", "camkd", "label_smoothing")] == pytest.approx((t["ci_low"], t["ci_high"]))
+    assert ("base", "label_smoothing[label_smoothing=0.2]", "scratch") in drawn
