@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 NAME ?= fashionmnist-$(shell date +%Y%m%d-%H%M%S)
 export KDBOOK_PROGRESS ?= text
 
-.PHONY: install data browser book smoke sweep lab test test-colab bench site blocks clean-interactive
+.PHONY: install data browser book smoke sweep tune studies lab test test-colab bench site blocks clean-interactive
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -34,6 +34,18 @@ smoke: install data
 sweep: install data
 	@test -n "$(SWEEP)" || { echo "give the sweep file: make sweep SWEEP=params/sweeps/NAME.yaml"; exit 2; }
 	$(PY) -m kdlib sweep $(SWEEP) $(if $(WORKERS),--workers $(WORKERS)) $(if $(SCHEDULER),--scheduler $(SCHEDULER)) $(if $(RESUME),--resume)
+
+# make tune TUNE=params/tune/NAME.yaml [WORKERS=N] [SCHEDULER=tcp://host:8786] [STORAGE=URL]; goes on where a
+# tuning in outputs/NAME stopped, if there is one
+tune: install data
+	@test -n "$(TUNE)" || { echo "give the tune file: make tune TUNE=params/tune/NAME.yaml"; exit 2; }
+	$(PY) -m kdlib tune $(TUNE) $(if $(WORKERS),--workers $(WORKERS)) $(if $(SCHEDULER),--scheduler $(SCHEDULER)) \
+		$(if $(STORAGE),--storage $(STORAGE)) $(if $(wildcard outputs/$(basename $(notdir $(TUNE)))/tune.json),--resume)
+
+# the book's three tuning studies, one after the other, each resumed where it stopped (many hours on a 2-core CPU)
+STUDIES := small-student small-student-swapped seed-student
+studies: install data
+	@for s in $(STUDIES); do $(MAKE) --no-print-directory tune TUNE=params/tune/$$s.yaml || exit 1; done
 
 lab: install
 	KDBOOK_PROGRESS=auto $(VENV)/bin/jupyter lab notebooks/
