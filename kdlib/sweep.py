@@ -313,6 +313,8 @@ def run_sweep(sweep_file: str | Path, workers: int | None = None, scheduler: str
     Raises ``ParamsError`` (a bad sweep) or ``RunError`` (a sweep folder in the way) before
     anything is created; a failing run is recorded in ``sweep.json`` and the others go on.
     ``analysis`` executes 04_sweep_analysis into the sweep folder at the end."""
+    from .extras import require
+    require("sweep", "a sweep")  # before anything is created: one line naming the extra, not an ImportError
     sweep_file = _locate(Path(sweep_file))
     base, runs = expand(sweep_file)
     sweep_dir = Path(outputs) / (name or sweep_file.stem)

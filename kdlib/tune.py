@@ -721,6 +721,8 @@ def run_tune(tune_file: str | Path, workers: int | None = None, scheduler: str |
 
     Raises ``ParamsError`` (a bad tune file) or ``RunError`` (a folder or storage in the way, or a
     study whose trials keep failing) before anything runs, or when it cannot go on."""
+    from .extras import require
+    require("tune", "tuning")  # before anything is created: one line naming the extra, not an ImportError
     import optuna
     from distributed import Client
     from .runner import execute, notebooks_dir, render_html

@@ -97,6 +97,8 @@ def chosen(res: TuneResults) -> pd.DataFrame:
 def importances(res: TuneResults, setting: str, method: str, storage: str | None = None) -> dict[str, float]:
     """How much each knob mattered to the validation accuracy of a search study, by Optuna's
     fANOVA evaluator (seeded) over its complete trials; {} with fewer than two or one knob."""
+    from .extras import require
+    require("tune", "reading a tuning's importances")
     import optuna
     from .tune import open_storage, study_name
     complete = res.trials[(res.trials["setting"] == setting) & (res.trials["method"] == method)
