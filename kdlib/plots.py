@@ -645,8 +645,8 @@ FOREST_ROW = 0.26  # inches per method row of a forest plot: 8 rows of 5 setting
 
 def _forest_order(res) -> list:
     """The settings of a sweep in reading order: a teacher-quality sweep's as its block puts
-    them (``quality.column_order``), any other in the sweep file's order."""
-    from .quality import KEYS, column_order
+    them (``sweep_analysis.column_order``), any other in the sweep file's order."""
+    from .sweep_analysis import KEYS, column_order
     settings = list(res.settings)
     if set(KEYS) & set(res.keys):
         settings.sort(key=lambda s: column_order(res.params[s]))

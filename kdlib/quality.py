@@ -27,11 +27,11 @@ import pandas as pd
 import yaml
 
 from .stats import NAMES, method_rank
-from .sweep_analysis import NBSP, SweepResults, differences, load, setting_table
+from .sweep_analysis import (KEYS, NBSP, SweepResults, column_order, degraded, differences,  # noqa: F401
+                             load, setting_table, short_name)  # (KEYS, column_order: quality's names too)
 
 TEACHERLESS = ("scratch", "label_smoothing")  # students that never see a teacher
 BR = "<br>"  # a line break inside a markdown table cell (GitHub and the site both render it)
-KEYS = ("teacher_label_noise", "teacher_class_swap", "student_width")  # what a teacher-quality sweep varies
 
 
 def method_name(method: str) -> str:
@@ -56,26 +56,6 @@ def describe(P: dict) -> str:
     if float(P.get("student_width", 1.0)) != 1.0:
         words.append(f"student width {P['student_width']:g}")
     return "; ".join(words) or "the shipped teachers, the seed's student"
-
-
-def short_name(P: dict) -> str:
-    """A column header: 'shipped', 'noisy resnet', 'swapped resnet', 'small student + swapped resnet'."""
-    words = [f"noisy {t.removeprefix('teacher_')}" for t in (P.get("teacher_label_noise") or {})]
-    words += [f"swapped {t.removeprefix('teacher_')}" for t in (P.get("teacher_class_swap") or {})]
-    if float(P.get("student_width", 1.0)) != 1.0:
-        words.insert(0, "small student")
-    return " + ".join(words) or "shipped"
-
-
-def degraded(P: dict) -> list[str]:
-    """The teachers a setting degrades (label noise or swapped classes)."""
-    return list(dict.fromkeys([*(P.get("teacher_label_noise") or {}), *(P.get("teacher_class_swap") or {})]))
-
-
-def column_order(P: dict) -> tuple:
-    """Where a setting goes: the shipped teachers first, then one degraded teacher, then the
-    small student (not the sweep file's order, which puts the cheapest informative runs first)."""
-    return float(P.get("student_width", 1.0)) != 1.0, len(degraded(P)), short_name(P)
 
 
 def _cell(mean: float, low: float, high: float, n: int, full: int, signed: bool = False, star: bool = False) -> str:

@@ -219,8 +219,8 @@ def sweep_verdict(sweep: Path) -> list[str]:
 def by_setting(sweep: Path, titles: dict) -> dict[str, list[Path]]:
     """The sweep's runs (``sweep_runs``) grouped by their setting in words, the settings in the
     order of the sweep's forest plot and tables: the shipped teachers first, then a degraded
-    teacher, then the small student (``quality.column_order``), else the sweep file's order."""
-    from .quality import column_order
+    teacher, then the small student (``sweep_analysis.column_order``), else the sweep file's order."""
+    from .sweep_analysis import column_order
     groups: dict[str, list[Path]] = {}
     for run in sweep_runs(sweep):
         groups.setdefault(titles.get(run.name, (run.name, ""))[0], []).append(run)
@@ -230,8 +230,8 @@ def by_setting(sweep: Path, titles: dict) -> dict[str, list[Path]]:
 
 
 def sweep_markdown(sweep: Path, root: Path) -> str:
-    from .quality import KEYS, parts as quality_parts
-    from .sweep_analysis import load
+    from .quality import parts as quality_parts
+    from .sweep_analysis import KEYS, load
     record = json.loads((sweep / "sweep.json").read_text())
     runs, titles = sweep_runs(sweep), run_titles(sweep)
     parts = [f"# {sweep.name} (sweep)", "",

@@ -30,6 +30,7 @@ from .stats import NAMES, anchored_pairs, comparison_frame, mean_ci, method_rank
 NOT_SETTING = {"run_dir", "threads", "seeds", "methods"}
 METRICS = {"accuracy": "accuracy %", "centroid_fidelity": "KL(C‖S)"}
 NBSP = "\u00a0"  # a number and its interval stay on one line in a table cell
+KEYS = ("teacher_label_noise", "teacher_class_swap", "student_width")  # what a teacher-quality sweep varies
 
 
 @dataclass
@@ -118,13 +119,33 @@ def varying(order: list[dict], params: dict[str, dict]) -> tuple[list[str], dict
     return keys, variants
 
 
+def short_name(P: dict) -> str:
+    """A setting of a sweep over teacher quality in a few words (the quality block's column headers):
+    'shipped', 'noisy resnet', 'swapped resnet', 'small student + swapped resnet'."""
+    words = [f"noisy {t.removeprefix('teacher_')}" for t in (P.get("teacher_label_noise") or {})]
+    words += [f"swapped {t.removeprefix('teacher_')}" for t in (P.get("teacher_class_swap") or {})]
+    if float(P.get("student_width", 1.0)) != 1.0:
+        words.insert(0, "small student")
+    return " + ".join(words) or "shipped"
+
+
+def degraded(P: dict) -> list[str]:
+    """The teachers a setting degrades (label noise or swapped classes)."""
+    return list(dict.fromkeys([*(P.get("teacher_label_noise") or {}), *(P.get("teacher_class_swap") or {})]))
+
+
+def column_order(P: dict) -> tuple:
+    """Where a setting goes: the shipped teachers first, then one degraded teacher, then the
+    small student (not the sweep file's order, which puts the cheapest informative runs first)."""
+    return float(P.get("student_width", 1.0)) != 1.0, len(degraded(P)), short_name(P)
+
+
 def setting_words(run: str, P: dict, keys=(), variants=()) -> str:
     """A run's setting in words: in a sweep that varies the teachers' quality or the
-    student's width (``quality.KEYS`` among ``keys``), as ``quality.short_name`` puts it
+    student's width (``KEYS`` among ``keys``), as ``short_name`` puts it
     ('swapped resnet', 'small student + swapped resnet'); every other key its run name
     sets (``setting_label``) as 'key value' ('labelled subset 1000'); 'base' for a run
     that sets nothing but its seeds, methods and method variants."""
-    from .quality import KEYS, short_name
     label = setting_label(run, variants)
     parts = [p.partition("=") for p in label.split(",")] if label != "base" else []
     words = [short_name(P)] if set(KEYS) & set(keys) else []
