@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 NAME ?= fashionmnist-$(shell date +%Y%m%d-%H%M%S)
 export KDBOOK_PROGRESS ?= text
 
-.PHONY: install data browser book smoke sweep tune studies lab test test-colab bench site blocks clean-interactive
+.PHONY: install data browser book smoke sweep tune studies lab test check-site test-colab bench site blocks clean-interactive
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -57,13 +57,19 @@ lab: install
 # outputs/interactive under a throw-away folder, not the repository
 TEST_WORKERS ?= 2
 test: install data browser
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile tests -p no:cacheprovider --durations=15
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile tests -p no:cacheprovider --durations=15 \
+		--ignore=tests/test_site_links.py
 	KDBOOK_ROOT=$$(mktemp -d) $(PY) -m pytest --nbval-lax notebooks/0[1-4]_*.ipynb -p no:cacheprovider --durations=5
 
 # A Colab-like runtime (CI runs it; minutes, 6 GB in a temporary folder): a fresh venv holding what Colab
 # preinstalls takes the core install (pip install .) with no version changed, then runs 01, 02 and 03 in its kernel.
 test-colab: install data
 	KDBOOK_COLAB_TEST=1 $(PY) -m pytest tests/test_install.py -k colab_like -p no:cacheprovider --durations=1
+
+# the whole committed site built and every internal link and image checked (minutes: make test's site
+# tests build a small site from records made for them); CI runs it after make test
+check-site: install
+	$(PY) -m pytest tests/test_site_links.py -p no:cacheprovider --durations=3
 
 bench: install data
 	$(PY) -m kdlib.bench
