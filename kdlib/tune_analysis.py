@@ -96,7 +96,8 @@ def chosen(res: TuneResults) -> pd.DataFrame:
 
 def importances(res: TuneResults, setting: str, method: str, storage: str | None = None) -> dict[str, float]:
     """How much each knob mattered to the validation accuracy of a search study, by Optuna's
-    fANOVA evaluator (seeded) over its complete trials; {} with fewer than two or one knob."""
+    fANOVA evaluator (seeded) over its complete trials; {} with fewer than two, or when they all
+    scored the same; the one knob gets 1 where there is one."""
     from .extras import require
     require("tune", "reading a tuning's importances")
     import optuna
@@ -108,6 +109,8 @@ def importances(res: TuneResults, setting: str, method: str, storage: str | None
         return {}
     if len(knobs) == 1:
         return {knobs[0]: 1.0}
+    if complete["val_acc"].nunique() < 2:
+        return {}  # every trial scored the same: nothing to attribute (fANOVA finds no variance)
     url = storage or str(res.dir / "study.journal")
     study = optuna.load_study(study_name=study_name(setting, method), storage=open_storage(url))
     return dict(optuna.importance.get_param_importances(

@@ -232,3 +232,24 @@ def test_tiny_tuning_killed_mid_search_resumes_then_tests_and_reads_in_05(tmp_pa
                             "-p", "no:cacheprovider", "-q"], cwd=ROOT, env=env, capture_output=True, text=True,
                            timeout=600)
     assert nbval.returncode == 0, nbval.stdout[-3000:]
+
+
+def test_importances_of_trials_that_all_scored_the_same_are_empty_not_an_error(tmp_path):
+    """fANOVA has no variance to attribute when every complete trial scored the same (it raises
+    'zero total variance'); the reading then shows no importance instead of failing."""
+    import optuna
+    from optuna.distributions import FloatDistribution
+    from kdlib.tune_analysis import TuneResults, importances
+    url = str(tmp_path / "study.journal")
+    study = optuna.create_study(study_name="base/vanilla", storage=tune.open_storage(url), direction="maximize")
+    dist = {"temperature": FloatDistribution(1, 8), "alpha": FloatDistribution(0.1, 10)}
+    for t, a in ((2.0, 1.0), (5.0, 3.0), (7.0, 0.5)):
+        study.add_trial(optuna.trial.create_trial(params={"temperature": t, "alpha": a}, distributions=dist, value=50.0))
+    frame = pd.DataFrame({"setting": "base", "method": "vanilla", "kind": "search", "state": "complete",
+                          "val_acc": [50.0, 50.0, 50.0]})
+    res = TuneResults(tmp_path, {"space": {"vanilla": {"temperature": {}, "alpha": {}}}}, frame, {}, None)
+    assert importances(res, "base", "vanilla") == {}
+    frame.loc[0, "val_acc"] = 60.0  # once they differ, fANOVA attributes it
+    study.add_trial(optuna.trial.create_trial(params={"temperature": 3.0, "alpha": 1.0}, distributions=dist, value=60.0))
+    found = importances(res, "base", "vanilla")
+    assert set(found) == {"temperature", "alpha"} and math.isclose(sum(found.values()), 1.0)
