@@ -478,6 +478,11 @@ def main(argv=None) -> None:
     parser.add_argument("--check", action="store_true",
                         help="then check every internal link and image on disk; exit 1 naming the broken ones")
     args = parser.parse_args(argv)
+    from .extras import MissingExtra, require
+    try:
+        require("docs", "make site")
+    except MissingExtra as err:
+        raise SystemExit(f"error: {err}") from None
     start = time.perf_counter()
     out = build(ROOT, Path(args.out) if args.out else None, args.only)
     pages = sum(1 for _ in out.rglob("*.html"))

@@ -153,6 +153,20 @@ def test_runner_checks_its_extra(monkeypatch, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_site_and_a_sweep_or_tuning_from_a_notebook_check_their_extras(monkeypatch, tmp_path):
+    """make site without MkDocs, and a sweep or tuning started from notebook 04 or 05 (not through
+    the command line) without Dask or Optuna: one line naming the extra, nothing created."""
+    from kdlib import site, sweep, tune
+    monkeypatch.setattr(extras, "find_spec", absent("mkdocs", "distributed", "optuna"))
+    with pytest.raises(SystemExit, match=r"^error: make site needs MkDocs: pip install 'kdbook\[docs\]'$"):
+        site.main(["--out", str(tmp_path / "site")])
+    with pytest.raises(extras.MissingExtra, match=r"^a sweep needs Dask: pip install 'kdbook\[sweep\]'$"):
+        sweep.run_sweep(ROOT / "params/sweeps/smoke-beta.yaml", outputs=tmp_path)
+    with pytest.raises(extras.MissingExtra, match=r"^tuning needs Optuna, Dask: pip install 'kdbook\[tune\]'$"):
+        tune.run_tune(ROOT / "params/tune/smoke-tune.yaml", outputs=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
 # ---------------------------------------------------------------- the Colab-like runtime (slow)
 # What a Colab runtime holds before the set-up cell runs, at the versions pip resolves here;
 # the core install may add only these: kdbook and the two core packages that none of them pulls in.
