@@ -13,6 +13,7 @@ torch threads as it has Dask threads.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -345,22 +346,31 @@ def run_sweep(sweep_file: str | Path, workers: int | None = None, scheduler: str
     return record.data
 
 
-def _run_on_cluster(base, runs, sweep_dir, record, workers, scheduler, dashboard, log) -> None:
+@contextlib.contextmanager
+def connected(workers: int | None, scheduler: str | None, jobs: int, dashboard: str = ":8787"):
+    """A Dask client: on the scheduler at ``scheduler``, whose workers must declare the 'run'
+    resource, or on an embedded cluster sized for ``jobs`` (``embedded_cluster``), closed after."""
     from distributed import Client
-    cluster = None if scheduler else embedded_cluster(workers, len(runs), dashboard)
+    cluster = None if scheduler else embedded_cluster(workers, jobs, dashboard)
     try:
         with Client(scheduler or cluster) as client:
             info = client.scheduler_info()["workers"].values()
             if scheduler and info and not any(w.get("resources", {}).get("run") for w in info):
                 raise RunError(f"the workers at {scheduler} declare no 'run' resource; start each with "
                                f"dask worker {scheduler} --nthreads THREADS --resources run=1")
-            log(f"dashboard: {client.dashboard_link}; {len(info)} workers x "
-                f"{', '.join(sorted({str(w['nthreads']) for w in info})) or '?'} threads; {len(runs)} runs")
-            record.data["cluster"] += f", {len(info)} workers"
-            _watch(client, _submit(client, base, runs, sweep_dir), record, sweep_dir, log)
+            yield client
     finally:
         if cluster is not None:
             cluster.close()
+
+
+def _run_on_cluster(base, runs, sweep_dir, record, workers, scheduler, dashboard, log) -> None:
+    with connected(workers, scheduler, len(runs), dashboard) as client:
+        info = client.scheduler_info()["workers"].values()
+        log(f"dashboard: {client.dashboard_link}; {len(info)} workers x "
+            f"{', '.join(sorted({str(w['nthreads']) for w in info})) or '?'} threads; {len(runs)} runs")
+        record.data["cluster"] += f", {len(info)} workers"
+        _watch(client, _submit(client, base, runs, sweep_dir), record, sweep_dir, log)
 
 
 def summary(data: dict) -> str:

@@ -699,11 +699,6 @@ def _drive(client, tuning: Tuning, log) -> None:
             tuning.frame().to_csv(tuning.dir / "trials.csv", index=False)
 
 
-def _cluster(workers, scheduler, jobs, dashboard):
-    from .sweep import embedded_cluster
-    return None if scheduler else embedded_cluster(workers, jobs, dashboard)
-
-
 def test_sweep(spec: TuneSpec, choices: dict) -> dict:
     """The test as a sweep file's content: per setting and method a run at the chosen values on
     the full training set (``val_subset`` 0), every seed, scored once on the test set."""
@@ -724,9 +719,8 @@ def run_tune(tune_file: str | Path, workers: int | None = None, scheduler: str |
     from .extras import require
     require("tune", "tuning")  # before anything is created: one line naming the extra, not an ImportError
     import optuna
-    from distributed import Client
     from .runner import execute, notebooks_dir, render_html
-    from .sweep import _PlainDumper, run_sweep
+    from .sweep import _PlainDumper, connected, run_sweep
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial is ours to print
     tune_file = _locate(Path(tune_file))
     spec = load_tune(tune_file)
@@ -766,32 +760,23 @@ def run_tune(tune_file: str | Path, workers: int | None = None, scheduler: str |
     stale = tuning.fail_running()
     if stale:
         log(f"{stale} trial(s) left running by an earlier start marked failed; they are asked again")
-    jobs = len(spec.settings) * len(spec.methods)
-    cluster = _cluster(workers, scheduler, jobs, dashboard)
-    try:
-        with Client(scheduler or cluster) as client:
-            info = client.scheduler_info()["workers"].values()
-            if scheduler and info and not any(w.get("resources", {}).get("run") for w in info):
-                raise RunError(f"the workers at {scheduler} declare no 'run' resource; start each with "
-                               f"dask worker {scheduler} --nthreads THREADS --resources run=1")
-            log(f"dashboard: {client.dashboard_link}; {len(info)} workers; {len(spec.settings)} setting(s) x "
-                f"{len(spec.methods)} methods, {spec.trials} trials per tuned method")
-            _drive(client, tuning, log)
-            choices = {s.name: {m: tuning.choice(s, m) for m in spec.methods} for s in spec.settings}
-            _write_best(tune_dir / "best.yaml", spec, choices)
-            tuning.frame().to_csv(tune_dir / "trials.csv", index=False)
-            data["studies"] = _study_summary(tuning)
-            write()
-            sweep_file = tune_dir / "test.yaml"
-            sweep_file.write_text("# the test of the chosen values (best.yaml), written by kdlib tune\n"
-                                  + yaml.dump(test_sweep(spec, choices), Dumper=_PlainDumper, sort_keys=False))
-            log(f"test: {sum(len(spec.methods) for _ in spec.settings)} runs x {len(spec.seeds)} seeds on the "
-                "full training set, scored on the test set")
-            result = run_sweep(sweep_file, scheduler=client.scheduler.address, outputs=tune_dir, name="test",
-                               resume=(tune_dir / "test" / "sweep.json").exists(), analysis=analysis, log=log)
-    finally:
-        if cluster is not None:
-            cluster.close()
+    with connected(workers, scheduler, len(spec.settings) * len(spec.methods), dashboard) as client:
+        info = client.scheduler_info()["workers"].values()
+        log(f"dashboard: {client.dashboard_link}; {len(info)} workers; {len(spec.settings)} setting(s) x "
+            f"{len(spec.methods)} methods, {spec.trials} trials per tuned method")
+        _drive(client, tuning, log)
+        choices = {s.name: {m: tuning.choice(s, m) for m in spec.methods} for s in spec.settings}
+        _write_best(tune_dir / "best.yaml", spec, choices)
+        tuning.frame().to_csv(tune_dir / "trials.csv", index=False)
+        data["studies"] = _study_summary(tuning)
+        write()
+        sweep_file = tune_dir / "test.yaml"
+        sweep_file.write_text("# the test of the chosen values (best.yaml), written by kdlib tune\n"
+                              + yaml.dump(test_sweep(spec, choices), Dumper=_PlainDumper, sort_keys=False))
+        log(f"test: {sum(len(spec.methods) for _ in spec.settings)} runs x {len(spec.seeds)} seeds on the "
+            "full training set, scored on the test set")
+        result = run_sweep(sweep_file, scheduler=client.scheduler.address, outputs=tune_dir, name="test",
+                           resume=(tune_dir / "test" / "sweep.json").exists(), analysis=analysis, log=log)
     data.update(status=result["status"], test=result["status"], ended=now())
     write()
     if analysis and result["status"] == "finished":
