@@ -168,6 +168,18 @@ def open_notebook(page, url: str, token: str, path: str, attempts: int = 3) -> N
                          + " ".join(page.locator(".jp-Dialog").first.inner_text().split())[:200])
 
 
+def lab_state(page) -> str:
+    """What Lab shows when a wait runs out: each code cell's prompt, the kernel's status and
+    the end of the last output, so a failure in CI says where the notebook stood."""
+    prompts = page.eval_on_selector_all(".jp-CodeCell .jp-InputArea-prompt", "ps => ps.map(p => p.textContent.trim())")
+    status = page.locator("text=/Kernel status: \\w+/").first
+    outputs = page.locator(".jp-OutputArea-output")
+    last = outputs.last.inner_text()[-400:] if outputs.count() else ""
+    return (f"prompts {prompts}; {(status.inner_text() if status.count() else '') or 'no kernel status shown'}; "
+            f"last output: {' '.join(last.split())!r}")
+
+
+@pytest.mark.serial
 def test_explorer_renders_and_redraws_in_jupyterlab(lab, page):
     """Run all of notebook 03 in JupyterLab: the explorer shows a plot (an image, not the
     text ``<Figure size``), and picking another metric redraws it."""
@@ -184,7 +196,9 @@ def test_explorer_renders_and_redraws_in_jupyterlab(lab, page):
         except PlaywrightTimeout:
             page.keyboard.press("Escape")
     try:
-        page.wait_for_function(ALL_RAN, timeout=900_000)  # the notebook trains its quick teachers and students first
+        page.wait_for_function(ALL_RAN, timeout=600_000)  # the notebook trains its quick teachers and students first
+    except PlaywrightTimeout:
+        raise AssertionError(f"notebook 03 did not finish in JupyterLab within 10 min: {lab_state(page)}") from None
     finally:
         page.screenshot(path=str(home / "lab.png"))  # for a failure's post-mortem
     text = page.inner_text(".jp-Notebook")
