@@ -184,7 +184,8 @@ def blocks(root: Path = ROOT) -> list[tuple[str, str, Callable[[], str]]]:
     from .tune_analysis import STUDIES, block as best_block
     studies = [root / s for s in STUDIES]
     best = [("README.md", "best", lambda: best_block(studies, lambda f: f.relative_to(root).as_posix() + "/")),
-            ("docs/index.md", "best", lambda: best_block(studies)), ("docs/results.md", "best", lambda: best_block(studies))]
+            ("docs/index.md", "best", lambda: best_block(studies, lambda f: record_page(f, root))),
+            ("docs/results.md", "best", lambda: best_block(studies, lambda f: record_page(f, root)))]
     quality = [(file, "teachers", lambda: quality_markdown(root / QUALITY)) for file in ("README.md", "docs/index.md", "docs/results.md")
                if (root / QUALITY / "sweep.yaml").is_file()]
     return [

@@ -50,12 +50,13 @@ def tracked(root: Path) -> set[Path] | None:
 
 
 def records(root: Path, only: list[str] | None = None) -> list[Path]:
-    """The committed run and sweep folders directly under ``outputs/`` (a sweep's runs are
-    its children), in name order; ``only`` keeps the names given."""
+    """The committed run, sweep and tuning folders directly under ``outputs/`` (a sweep's runs
+    are its children, a tuning's test sweep is its child ``test/``), in name order; ``only``
+    keeps the names given."""
     files = tracked(root)
     found = []
     for folder in sorted(p for p in (root / "outputs").iterdir() if p.is_dir()):
-        marker = next((folder / m for m in ("sweep.json", "manifest.json") if (folder / m).is_file()), None)
+        marker = next((folder / m for m in ("sweep.json", "manifest.json", "tune.json") if (folder / m).is_file()), None)
         if marker and (files is None or marker in files) and (not only or folder.name in only):
             found.append(folder)
     return found
@@ -182,7 +183,8 @@ def run_markdown(run: Path, root: Path, sweep: Path | None = None, titles: dict 
     title = run_title(run, sweep, titles)
     parts = [f"---\ntitle: {json.dumps(title, ensure_ascii=False)}\n---", "", f"# {title}", ""]
     if sweep is not None:
-        parts += [f"One run of the sweep [`{sweep.name}`](../index.md); its folder: `{folder}/`.", ""]
+        name = sweep.relative_to(root / "outputs").as_posix() if sweep.is_relative_to(root / "outputs") else sweep.name
+        parts += [f"One run of the sweep [`{name}`](../index.md); its folder: `{folder}/`.", ""]
     else:
         parts += [f"Its folder: `{folder}/`.", ""]
     parts += ["## Verdict", "", verdict_markdown(run), "", "## What it asked", "",
@@ -234,7 +236,8 @@ def sweep_markdown(sweep: Path, root: Path) -> str:
     from .sweep_analysis import KEYS, load
     record = json.loads((sweep / "sweep.json").read_text())
     runs, titles = sweep_runs(sweep), run_titles(sweep)
-    parts = [f"# {sweep.name} (sweep)", "",
+    name = sweep.relative_to(root / "outputs").as_posix() if sweep.is_relative_to(root / "outputs") else sweep.name
+    parts = [f"# {name} (sweep)", "",
              f"Its folder: `{sweep.relative_to(root).as_posix()}/`. Sweep file `{record.get('sweep')}` on base "
              f"`{record.get('base')}`; {len(runs)} runs, status {record.get('status')}, "
              f"{record.get('cluster', '')}.", ""]
@@ -267,6 +270,45 @@ def sweep_markdown(sweep: Path, root: Path) -> str:
     return "\n".join(parts)
 
 
+TUNE_FIGURES = ("tune_history", "tune_temperature", "tune_alpha")
+
+
+def tune_markdown(folder: Path, root: Path) -> str:
+    """A tuning's page (``kdlib tune``): its answer first (each method at its best, from the test
+    sweep, with the reading), the forest plot, the chosen values, the search's counts and
+    figures (as 05 drew them), then its notebook and a link to the test runs."""
+    from . import tune_analysis as ta
+    record = json.loads((folder / "tune.json").read_text())
+    res = ta.load(folder)
+    parts = [f"# {folder.name} (tuning)", "",
+             f"Its folder: `{folder.relative_to(root).as_posix()}/`. Tune file `{record.get('tune')}` on base "
+             f"`{record.get('base')}`; status {record.get('status')}, {record.get('cluster', '')}; every method "
+             f"searched with {res.spec['trials']} trials on the validation split, then tested over seeds "
+             f"{', '.join(map(str, res.spec['seeds']))}.", ""]
+    if (folder / "tune.yaml").is_file():
+        parts += _folded("What it asked (tune.yaml)", folder / "tune.yaml")
+    parts += ["## Verdict", "", ta.block([folder]), ""]
+    if (folder / "tune_forest.png").is_file():
+        parts += ["Each method at its chosen values: its paired difference in test accuracy against the student "
+                  "trained alone and against label smoothing, with its 95% CI over seeds:", "",
+                  "![the tuned comparison's forest plot](tune_forest.png)", ""]
+    chosen = ta.chosen(res)
+    if not chosen.empty:
+        parts += ["## The chosen values", "", _table(list(chosen.columns), chosen.values.tolist()), ""]
+    counts = ta.counts(res)
+    if not counts.empty:
+        parts += ["## The search", "", "Trials per study (pruned: stopped by the median pruner; failed: asked again); "
+                  "validation accuracy by trial, and against each knob, as notebook 05 drew them.", "",
+                  _table(list(counts.columns), counts.values.tolist()), ""]
+        parts += [f"![{f.stem}]({f.name})" for prefix in TUNE_FIGURES for f in sorted(folder.glob(f"{prefix}*.png"))]
+        parts.append("")
+    parts += ["## Its notebook and the test runs", ""] + [f"- [{nb.stem}]({nb.name})" for nb in _notebooks(folder)]
+    if (folder / "test" / "sweep.json").is_file():
+        parts.append("- [the test sweep](test/index.md): every run at the chosen values, with its executed notebooks")
+    parts += ["", f"Files: {_files(folder)}.", ""]
+    return "\n".join(parts)
+
+
 def index_markdown(found: list[Path], root: Path) -> str:
     rows = []
     for folder in found:
@@ -274,13 +316,17 @@ def index_markdown(found: list[Path], root: Path) -> str:
             s = json.loads((folder / "sweep.json").read_text())
             rows.append([f"[`{folder.name}`]({folder.name}/index.md)", "sweep", s.get("status", "—"),
                          _when(s.get("started")), f"{len(sweep_runs(folder))} runs"])
+        elif (folder / "tune.json").is_file():
+            t = json.loads((folder / "tune.json").read_text())
+            rows.append([f"[`{folder.name}`]({folder.name}/index.md)", "tuning", t.get("status", "—"),
+                         _when(t.get("started")), "each method at its best"])
         else:
             m = json.loads((folder / "manifest.json").read_text())
             best = run_answer(folder)["best student %"] if (folder / "results.csv").is_file() else "—"
             rows.append([f"[`{folder.name}`]({folder.name}/index.md)", "run", m.get("status", "—"),
                          _when(m.get("created")), f"best: {best}"])
     return "\n".join(["# Records", "",
-                      "One page per committed run or sweep in `outputs/`, generated from its folder when the site "
+                      "One page per committed run, sweep or tuning in `outputs/`, generated from its folder when the site "
                       "is built: what it asked, its verdict, its manifest, and its executed notebooks rendered "
                       "from their stored outputs.", "",
                       _table(["record", "kind", "status", "started", "answer"], rows), ""])
@@ -312,18 +358,14 @@ def stage(root: Path, stage_dir: Path, only: list[str] | None = None) -> list:
         rel = record_page(folder, root).rsplit("/", 1)[0]
         _copy_record(folder, stage_dir / rel)
         if (folder / "sweep.json").is_file():
-            (stage_dir / rel / "index.md").write_text(sweep_markdown(folder, root))
-            children = [{f"{folder.name} (sweep)": f"{rel}/index.md"}, *_nb_nav(folder, rel)]
-            titles = run_titles(folder)
-            for setting, members in by_setting(folder, titles).items():
-                group = []
-                for run in members:
-                    run_rel = f"{rel}/{run.name}"
-                    _copy_record(run, stage_dir / run_rel)
-                    (stage_dir / run_rel / "index.md").write_text(run_markdown(run, root, folder, titles))
-                    words = titles.get(run.name, ("", run.name))[1] or run.name
-                    group.append({words: [{words: f"{run_rel}/index.md"}, *_nb_nav(run, run_rel)]})
-                children.append({setting: group})
+            nav.append({folder.name: _stage_sweep(folder, rel, stage_dir, root, f"{folder.name} (sweep)")})
+        elif (folder / "tune.json").is_file():
+            (stage_dir / rel / "index.md").write_text(tune_markdown(folder, root))
+            children = [{f"{folder.name} (tuning)": f"{rel}/index.md"}, *_nb_nav(folder, rel)]
+            if (folder / "test" / "sweep.json").is_file():
+                _copy_record(folder / "test", stage_dir / rel / "test")
+                children.append({"the test runs": _stage_sweep(folder / "test", f"{rel}/test", stage_dir, root,
+                                                               "the test sweep")})
             nav.append({folder.name: children})
         else:
             (stage_dir / rel / "index.md").write_text(run_markdown(folder, root))
@@ -332,6 +374,24 @@ def stage(root: Path, stage_dir: Path, only: list[str] | None = None) -> list:
     shutil.copytree(mathjax, stage_dir / "assets" / "mathjax",
                     ignore=shutil.ignore_patterns("localization"))
     return nav
+
+
+def _stage_sweep(folder: Path, rel: str, stage_dir: Path, root: Path, title: str) -> list:
+    """A sweep's page and its runs' pages staged under ``rel``; returns its part of the nav:
+    the sweep's page and notebook, then its runs grouped by setting, named in words."""
+    (stage_dir / rel / "index.md").write_text(sweep_markdown(folder, root))
+    children = [{title: f"{rel}/index.md"}, *_nb_nav(folder, rel)]
+    titles = run_titles(folder)
+    for setting, members in by_setting(folder, titles).items():
+        group = []
+        for run in members:
+            run_rel = f"{rel}/{run.name}"
+            _copy_record(run, stage_dir / run_rel)
+            (stage_dir / run_rel / "index.md").write_text(run_markdown(run, root, folder, titles))
+            words = titles.get(run.name, ("", run.name))[1] or run.name
+            group.append({words: [{words: f"{run_rel}/index.md"}, *_nb_nav(run, run_rel)]})
+        children.append({setting: group})
+    return children
 
 
 # nbconvert's MathJax loader (a CDN URL) and its inline config, in every rendered notebook

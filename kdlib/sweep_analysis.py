@@ -144,12 +144,15 @@ def setting_words(run: str, P: dict, keys=(), variants=()) -> str:
     """A run's setting in words: in a sweep that varies the teachers' quality or the
     student's width (``KEYS`` among ``keys``), as ``short_name`` puts it
     ('swapped resnet', 'small student + swapped resnet'); every other key its run name
-    sets (``setting_label``) as 'key value' ('labelled subset 1000'); 'base' for a run
-    that sets nothing but its seeds, methods and method variants."""
+    sets (``setting_label``) as 'key value' ('labelled subset 1000'); for a run that sets
+    nothing else, its teachers' quality and student width when every run of the sweep shares
+    them ('small student', a tuning's test), else 'base'."""
     label = setting_label(run, variants)
     parts = [p.partition("=") for p in label.split(",")] if label != "base" else []
     words = [short_name(P)] if set(KEYS) & set(keys) else []
     words += [f"{k.replace('_', ' ')} {v}" for k, _, v in parts if k not in KEYS]
+    if not words and short_name(P) != "shipped":  # every run shares it (a tuning's test): say which it is
+        words = [short_name(P)]
     return ", ".join(words) or "base"
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,42 @@ def restore_global_state():
     os.environ.update(env)
 
 ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = os.environ.get("KDBOOK_CHROMIUM", "/usr/bin/chromium")  # Debian's chromium (apt-get install chromium)
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+
+
+def chromium_missing() -> str | None:
+    """Why no browser test can run here (naming the fix), or None."""
+    if not Path(CHROMIUM).is_file():
+        return f"no Chromium at {CHROMIUM}: apt-get install chromium (or set KDBOOK_CHROMIUM)"
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "Playwright missing: pip install -e '.[test]'"
+    return None
+
+
+@contextmanager
+def chromium():
+    """Debian's chromium driven by Playwright, for the tests of what a reader sees; a skip
+    naming the fix where it or Playwright is missing."""
+    why = chromium_missing()
+    if why:
+        pytest.skip(why)
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with chromium() as b:
+        yield b
 SMOKE_SIZE = ["-p", "train_subset=1000", "-p", "test_subset=500"]
 
 
@@ -183,4 +220,53 @@ def write_sweep(folder: Path, runs: list[tuple[dict, dict]], notebooks: bool = F
         plots.save(plots.plot_forest(res), folder / "sweep_forest.png")
         tiny_notebook(folder / "04_sweep_analysis.ipynb", "04 · Sweep analysis",
                       [(folder / "sweep_forest.png").read_bytes()])
+    return folder
+
+
+def write_tuning(folder: Path, acc: dict, values: dict, setting: dict | None = None) -> Path:
+    """A finished tuning folder as ``kdlib tune`` leaves one, made up: ``acc`` = {method: {seed:
+    test accuracy}} of its test sweep (``write_sweep``, one run per method at its chosen
+    ``values`` = {method: {knob: value}}), ``tune.yaml``, ``tune.json``, ``best.yaml``, a
+    ``trials.csv`` of three search trials per tuned method and the reference's seeds, the
+    forest plot, and a small executed 05."""
+    import json
+
+    import pandas as pd
+    import yaml
+
+    from kdlib import plots, sweep_analysis
+    setting = setting if setting is not None else {"student_width": 0.25}
+    name = ",".join(f"{k}={v}" for k, v in setting.items()) or "base"
+    seeds = sorted({s for by_seed in acc.values() for s in by_seed})
+    knobs = {"vanilla": ["temperature", "alpha"], "camkd": ["temperature", "alpha", "beta"],
+             "ebkd": ["temperature", "alpha"], "label_smoothing": ["label_smoothing"]}
+    space = {m: {k: {"low": 0.1, "high": 10.0, "log": True} for k in knobs[m]} for m in acc if m in knobs}
+    write_sweep(folder / "test", [({**setting, "methods": [m], **values.get(m, {}), "seeds": seeds}, {m: by_seed})
+                                  for m, by_seed in acc.items()], notebooks=True,
+                sweep_file=f"outputs/{folder.name}/test.yaml")
+    folder.joinpath("tune.yaml").write_text(yaml.safe_dump({
+        "tune": f"params/tune/{folder.name}.yaml", "base": "params/fashionmnist_tune.yaml", "settings": [setting],
+        "methods": list(acc), "trials": 3, "space": space, "seeds": seeds, "sampler_seed": 0,
+        "pruner": {"startup_trials": 5, "warmup_epochs": 2}, "rescore": 3}, sort_keys=False))
+    folder.joinpath("tune.json").write_text(json.dumps({
+        "tune": f"params/tune/{folder.name}.yaml", "base": "params/fashionmnist_tune.yaml",
+        "storage": f"outputs/{folder.name}/study.journal", "cluster": "embedded LocalCluster",
+        "status": "finished", "test": "finished", "started": "2025-01-01T10:00:00+00:00",
+        "ended": "2025-01-01T20:00:00+00:00"}))
+    folder.joinpath("best.yaml").write_text(yaml.safe_dump({name: {"setting": setting, "in words": "small student",
+        "methods": {m: {"values": values.get(m, {}), "val_acc": 85.0, "chosen": "best trial" if m in space else
+                        "no search: its seeds", "val_seeds": 1 if m in space else len(seeds)} for m in acc}}},
+        sort_keys=False))
+    rows = []
+    for m in acc:
+        for t in range(3 if m in space else len(seeds)):
+            rows.append({"setting": name, "method": m, "kind": "search" if m in space else "reference", "trial": t,
+                         "seed": None if m in space else seeds[t], "state": "pruned" if t == 2 and m in space
+                         else "complete", **{k: 1.0 + t for k in knobs.get(m, [])}, "val_acc": 84.0 + t,
+                         "epochs": 15, "seconds": 600.0, "started": f"2025-01-01T1{t}:00:00",
+                         "ended": f"2025-01-01T1{t}:10:00"})
+    pd.DataFrame(rows).to_csv(folder / "trials.csv", index=False)
+    plots.save(plots.plot_forest(sweep_analysis.load(folder / "test"), title="each method at its best"),
+               folder / "tune_forest.png")
+    tiny_notebook(folder / "05_tune.ipynb", "05 · Each method at its best", [(folder / "tune_forest.png").read_bytes()])
     return folder

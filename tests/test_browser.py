@@ -15,30 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, chromium_missing
 
 try:
-    from playwright.sync_api import TimeoutError as PlaywrightTimeout, sync_playwright
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
 except ImportError:
-    sync_playwright = None
+    PlaywrightTimeout = TimeoutError
 
-CHROMIUM = os.environ.get("KDBOOK_CHROMIUM", "/usr/bin/chromium")
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run"]
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not Path(CHROMIUM).is_file(),
-                       reason=f"no Chromium at {CHROMIUM}: apt-get install chromium (or set KDBOOK_CHROMIUM)"),
-    pytest.mark.skipif(sync_playwright is None, reason="Playwright missing: pip install -e '.[test]'"),
-]
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield chromium
-        chromium.close()
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(bool(chromium_missing()), reason=str(chromium_missing()))]
 
 
 @pytest.fixture

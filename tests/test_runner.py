@@ -12,7 +12,8 @@ import yaml
 
 from conftest import ROOT, SMOKE_SIZE
 # the browser fixtures: here, so the smoke book's HTML is read on the worker (pytest-xdist) that made it
-from test_browser import CHROMIUM, browser, page, sync_playwright  # noqa: F401
+from conftest import chromium_missing
+from test_browser import page  # noqa: F401 (a fixture)
 from kdlib.__main__ import main
 from kdlib.runner import NOTEBOOKS
 
@@ -286,8 +287,7 @@ def test_each_notebook_shows_what_happened_first(smoke_book):
 
 # ---------------------------------------------------------------- the executed book's HTML
 @pytest.mark.slow
-@pytest.mark.skipif(not Path(CHROMIUM).is_file(), reason=f"no Chromium at {CHROMIUM}: apt-get install chromium")
-@pytest.mark.skipif(sync_playwright is None, reason="Playwright missing: pip install -e '.[test]'")
+@pytest.mark.skipif(bool(chromium_missing()), reason=str(chromium_missing()))
 @pytest.mark.parametrize("notebook", NOTEBOOKS)
 def test_html_reads_in_chromium(smoke_book, page, notebook):  # noqa: F811 (page: the fixture)
     """Every figure loads, no error or warning output is shown, 03 gives the verdict,

@@ -19,19 +19,11 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 
-from conftest import ROOT, write_run, write_sweep
-
-try:
-    from playwright.sync_api import sync_playwright
-except ImportError:
-    sync_playwright = None
+from conftest import ROOT, write_run, write_sweep, write_tuning
 
 pytest.importorskip("mkdocs", reason="the site's tools are missing: pip install -e '.[docs]'")
 from kdlib import site as site_module  # noqa: E402 (after the skip)
 
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run"]
 MATH = "document.querySelectorAll('.MathJax, .MathJax_Display').length"
 TYPESET = "() => new Promise(done => MathJax.Hub.Queue(() => done(true)))"
 SWAP = {"teacher_resnet": [[0, 6], [2, 4]]}
@@ -44,10 +36,11 @@ def _acc(**shift) -> dict:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
-    """A project root of its own: docs/ and mkdocs.yml as committed, and in outputs/ two small
-    records: the run ``fashionmnist`` and the sweep ``teacher-quality`` (two settings, a
-    method's variant in runs of its own, one run per seed for one setting), named as the
-    committed ones are, so that the pages' links to them resolve."""
+    """A project root of its own: docs/ and mkdocs.yml as committed, and in outputs/ three small
+    records: the run ``fashionmnist``, the sweep ``teacher-quality`` (two settings, a
+    method's variant in runs of its own, one run per seed for one setting) and the tuning
+    ``small-student`` (its test sweep inside), named as the committed ones are, so that the
+    pages' links to them resolve."""
     root = tmp_path_factory.mktemp("small-project")
     shutil.copytree(ROOT / "docs", root / "docs")
     shutil.copy(ROOT / "mkdocs.yml", root / "mkdocs.yml")
@@ -61,6 +54,8 @@ def project(tmp_path_factory) -> Path:
               {m: {s: a[s]} for m, a in _acc(camkd=-2.0, vanilla=-1.5, label_smoothing=0.3, scratch=0.0).items()})
              for s in SEEDS]
     write_sweep(out / "teacher-quality", runs, notebooks=True, sweep_file="params/sweeps/teacher-quality.yaml")
+    write_tuning(out / "small-student", _acc(vanilla=0.6, label_smoothing=0.3, scratch=0.0),
+                 {"vanilla": {"temperature": 1.5, "alpha": 0.8}, "label_smoothing": {"label_smoothing": 0.2}})
     return root
 
 
@@ -147,18 +142,6 @@ def _serve(folder: Path):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Handler, directory=str(folder)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not Path(CHROMIUM).is_file():
-        pytest.skip(f"no Chromium at {CHROMIUM}: apt-get install chromium")
-    if sync_playwright is None:
-        pytest.skip("Playwright missing: pip install -e '.[test]'")
-    with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield chromium
-        chromium.close()
 
 
 @pytest.fixture
@@ -282,6 +265,28 @@ def test_sweep_page_answers_in_words(site, page):
     assert {"shipped", "swapped resnet", "CAMKD, vanilla, label smoothing, scratch · seed 1"} <= set(nav), nav
     assert not [n for n in nav if "=" in n], "a run named by its folder in the navigation"
     assert "=" not in page.title() and page.title().startswith(title.strip("¶ \n"))
+
+
+def test_tuning_page_answers_then_links_its_test_runs(site, page):
+    """A tuning's page: under Verdict, each method at its chosen values with its paired
+    differences and the reading; the forest plot; the chosen values; its 05; the test sweep's
+    page and its runs' pages, named in words in the navigation."""
+    page.goto((site / "records" / "small-student" / "index.html").as_uri())
+    text = page.inner_text(".md-content")
+    verdict = text.split("Verdict", 1)[1].split("The chosen values", 1)[0]
+    assert "small student" in verdict and "at T 1.5, alpha 0.8" in verdict and "vs scratch" in verdict
+    assert "A method with teachers, tuned, beats scratch" in verdict
+    forest = page.locator("img[src='tune_forest.png']")
+    assert forest.count() == 1 and forest.evaluate("i => i.complete && i.naturalWidth > 0")
+    check_page(page, "records/small-student/index.html")
+    page.locator("a", has_text="the test sweep").first.click()
+    assert page.url.endswith("records/small-student/test/index.html")
+    assert "small-student/test (sweep)" in page.inner_text("h1")
+    nav = page.evaluate("() => [...document.querySelectorAll('.md-nav--primary .md-ellipsis')]"
+                        ".map(e => e.textContent.trim())")
+    assert {"small-student", "05 tune", "the test runs", "small student"} <= set(nav), nav
+    assert not [n for n in nav if "=" in n], "a run named by its folder in the navigation"
+    assert (site / "records" / "small-student" / "05_tune.html").is_file()
 
 
 def test_record_page_shows_its_verdict(site):

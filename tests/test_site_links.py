@@ -13,7 +13,8 @@ from conftest import ROOT
 
 pytest.importorskip("mkdocs", reason="the site's tools are missing: pip install -e '.[docs]'")
 from kdlib import site as site_module  # noqa: E402 (after the skip)
-from test_site import CHROMIUM, check_page, sync_playwright  # noqa: E402
+from conftest import chromium  # noqa: E402
+from test_site import check_page  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -34,14 +35,18 @@ def test_every_internal_link_and_image_of_the_committed_site_resolves(site):
     assert "records/fashionmnist/03_fidelity_analysis.html" in names
 
 
-@pytest.mark.skipif(not Path(CHROMIUM).is_file(), reason=f"no Chromium at {CHROMIUM}: apt-get install chromium")
-@pytest.mark.skipif(sync_playwright is None, reason="Playwright missing: pip install -e '.[test]'")
-def test_committed_sweep_pages_in_chromium(site):
+def test_committed_sweep_and_tuning_pages_in_chromium(site):
     sweeps = [f for f in site_module.records(ROOT) if (f / "sweep.json").is_file()]
+    tunings = [f for f in site_module.records(ROOT) if (f / "tune.json").is_file()]
     assert sweeps
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+    with chromium() as browser:
         page = browser.new_page(viewport={"width": 1200, "height": 900})
+        for tuning in tunings:  # its answer, or how far the tuning has got
+            name = f"records/{tuning.name}/index.html"
+            page.goto((site / name).as_uri())
+            assert "each method at its best" in page.inner_text(".md-content").lower() or \
+                "the tuned comparison is running" in page.inner_text(".md-content").lower(), name
+            check_page(page, name)
         for sweep in sweeps:
             name = f"records/{sweep.name}/index.html"
             page.goto((site / name).as_uri())
@@ -54,4 +59,3 @@ def test_committed_sweep_pages_in_chromium(site):
             assert len(verdict.strip()) > 100, (name, "an empty verdict")
             assert page.locator("img[src='sweep_forest.png']").count() == 1, name
             check_page(page, name)
-        browser.close()
