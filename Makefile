@@ -58,7 +58,7 @@ lab: install
 TEST_WORKERS ?= 2
 test: install data browser
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile tests -p no:cacheprovider --durations=15 \
-		--no-loadscope-reorder --ignore=tests/test_site_links.py -m "not serial"
+		--ignore=tests/test_site_links.py -m "not serial"
 	$(PY) -m pytest tests -p no:cacheprovider --durations=3 --ignore=tests/test_site_links.py -m serial
 	KDBOOK_ROOT=$$(mktemp -d) $(PY) -m pytest --nbval-lax notebooks/0[1-4]_*.ipynb -p no:cacheprovider --durations=5
 

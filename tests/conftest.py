@@ -270,15 +270,3 @@ def write_tuning(folder: Path, acc: dict, values: dict, setting: dict | None = N
                folder / "tune_forest.png")
     tiny_notebook(folder / "05_tune.ipynb", "05 · Each method at its best", [(folder / "tune_forest.png").read_bytes()])
     return folder
-
-
-# make test's parallel phase hands out whole test files in collection order (--dist loadfile
-# --no-loadscope-reorder): these, the longest on a fresh clone (make test's --durations), go first
-# so that the two workers end close together; the others follow in name order.
-LONGEST_FIRST = ("test_runner.py", "test_sweep.py", "test_tune.py", "test_bench.py", "test_cache.py",
-                 "test_site.py", "test_train.py", "test_transfer.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FIRST)))  # stable: a file's own order kept
