@@ -166,6 +166,11 @@ def _notebooks(run: Path) -> list[Path]:
     return sorted(run.glob("*.ipynb"))
 
 
+def _sweep_name(sweep: Path, root: Path) -> str:
+    """A sweep by its folder under ``outputs/``: 'teacher-quality', or 'small-student/test' for a tuning's test."""
+    return sweep.relative_to(root / "outputs").as_posix() if sweep.is_relative_to(root / "outputs") else sweep.name
+
+
 def run_title(run: Path, sweep: Path | None = None, titles: dict | None = None) -> str:
     """A run in words: a sweep's run as its setting, methods and seeds ('swapped resnet ·
     vanilla, scratch · seed 0', ``sweep_analysis.run_titles``); any other run by its folder."""
@@ -183,8 +188,7 @@ def run_markdown(run: Path, root: Path, sweep: Path | None = None, titles: dict 
     title = run_title(run, sweep, titles)
     parts = [f"---\ntitle: {json.dumps(title, ensure_ascii=False)}\n---", "", f"# {title}", ""]
     if sweep is not None:
-        name = sweep.relative_to(root / "outputs").as_posix() if sweep.is_relative_to(root / "outputs") else sweep.name
-        parts += [f"One run of the sweep [`{name}`](../index.md); its folder: `{folder}/`.", ""]
+        parts += [f"One run of the sweep [`{_sweep_name(sweep, root)}`](../index.md); its folder: `{folder}/`.", ""]
     else:
         parts += [f"Its folder: `{folder}/`.", ""]
     parts += ["## Verdict", "", verdict_markdown(run), "", "## What it asked", "",
@@ -236,8 +240,7 @@ def sweep_markdown(sweep: Path, root: Path) -> str:
     from .sweep_analysis import KEYS, load
     record = json.loads((sweep / "sweep.json").read_text())
     runs, titles = sweep_runs(sweep), run_titles(sweep)
-    name = sweep.relative_to(root / "outputs").as_posix() if sweep.is_relative_to(root / "outputs") else sweep.name
-    parts = [f"# {name} (sweep)", "",
+    parts = [f"# {_sweep_name(sweep, root)} (sweep)", "",
              f"Its folder: `{sweep.relative_to(root).as_posix()}/`. Sweep file `{record.get('sweep')}` on base "
              f"`{record.get('base')}`; {len(runs)} runs, status {record.get('status')}, "
              f"{record.get('cluster', '')}.", ""]
