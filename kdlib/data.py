@@ -1,7 +1,9 @@
 """Datasets held in memory as uint8 tensors and served in batches by index.
 
-torchvision's dataset classes do the reading (and, for a user with internet, the
-standard download into ``data_root``); after that nothing runs per sample: a split
+The MNIST family's IDX files are read directly from torchvision's layout
+(``data_root/<Name>/raw``); torchvision's dataset classes do the rest (CIFAR-10, and for a
+user with internet the standard download into ``data_root``), imported only then, since
+importing torchvision costs seconds in every kernel and worker. After that nothing runs per sample: a split
 is one ``[N, C, H, W]`` uint8 tensor, a batch is an index slice, and normalisation
 (and optional augmentation) is done on the whole batch, as in airbench.
 """
@@ -14,8 +16,8 @@ import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
-import torchvision
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -109,7 +111,43 @@ def _as_split(ds) -> Split:
     return Split(images.contiguous(), torch.as_tensor(ds.targets, dtype=torch.long))
 
 
+IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+             "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
+def _read_idx(path: Path) -> torch.Tensor:
+    """An uncompressed IDX file of unsigned bytes (the MNIST family's format): a big-endian
+    magic number 0x0000_08_NDIM, NDIM big-endian uint32 sizes, then the bytes."""
+    raw = path.read_bytes()
+    if len(raw) < 4 or raw[0:3] != b"\x00\x00\x08":
+        raise DataNotFoundError(f"{path}: not an IDX file of unsigned bytes; fix: delete it, and it is "
+                                "staged or downloaded again")
+    ndim = raw[3]
+    dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    payload = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if payload.size != int(np.prod(dims)):
+        raise DataNotFoundError(f"{path}: {payload.size} bytes of data for shape {dims}, the file is cut short; "
+                                "fix: delete it, and it is staged or downloaded again")
+    return torch.from_numpy(payload.reshape(dims).copy())
+
+
+def _read_idx_layout(name: str, root: Path) -> tuple[Split, Split] | None:
+    """The MNIST family's splits from ``root/<Name>/raw``, as torchvision lays them out, or
+    None when a file is missing (torchvision then downloads or names what is missing)."""
+    raw = root / DATASETS[name][0] / "raw"
+    files = [raw / f for pair in IDX_FILES.values() for f in pair]
+    if name not in ("MNIST", "FashionMNIST") or not all(f.is_file() for f in files):
+        return None
+    splits = []
+    for images_file, labels_file in IDX_FILES.values():
+        images, labels = _read_idx(raw / images_file), _read_idx(raw / labels_file)
+        splits.append(Split(images.unsqueeze(1).contiguous(), labels.long()))
+    return splits[0], splits[1]
+
+
 def _read_torchvision(name: str, root: Path, download: bool) -> tuple[Split, Split]:
+    import torchvision  # here, not at the top: only CIFAR-10 and a download need it
+
     cls = getattr(torchvision.datasets, DATASETS[name][0])
     try:
         train = cls(str(root), train=True, download=download)
@@ -147,7 +185,8 @@ def balanced_subset(labels: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor
 
 def load_dataset(name: str = "FashionMNIST", data_root: str | Path = "data", *,
                  train_subset: int = 0, test_subset: int = 0, download: bool = True) -> Dataset:
-    """Load a dataset into memory through torchvision.
+    """Load a dataset into memory: the MNIST family read from torchvision's layout, the
+    rest (and any download) through torchvision.
 
     Fashion-MNIST is first taken from ``/usr/share/datasets/fashion-mnist`` (Debian
     package ``dataset-fashion-mnist``) or ``data_root``; only then downloaded.
@@ -158,7 +197,7 @@ def load_dataset(name: str = "FashionMNIST", data_root: str | Path = "data", *,
     root = Path(data_root).expanduser()
     if name == "FashionMNIST":
         _stage_debian_fashion_mnist(root)
-    train, test = _read_torchvision(name, root, download)
+    train, test = _read_idx_layout(name, root) or _read_torchvision(name, root, download)
     train_idx = balanced_subset(train.labels, train_subset)
     test_idx = balanced_subset(test.labels, test_subset)
     _, _, _, mean, std = DATASETS[name]

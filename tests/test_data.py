@@ -5,6 +5,8 @@ from __future__ import annotations
 import gzip
 import pickle
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -149,6 +151,36 @@ def test_mnist_loader_on_generated_idx(tmp_path):
     torch.testing.assert_close(d.mean, torch.tensor(DATASETS["MNIST"][3]))
     sub = load_dataset("MNIST", tmp_path, train_subset=10, download=False)
     assert torch.bincount(sub.train.labels).tolist() == [1] * 10
+    # the direct IDX read gives what torchvision's own MNIST class reads from the same files
+    for train in (True, False):
+        theirs = torchvision.datasets.MNIST(str(tmp_path), train=train, download=False)
+        ours = d.train if train else d.test
+        torch.testing.assert_close(ours.images[:, 0], theirs.data, rtol=0, atol=0)
+        torch.testing.assert_close(ours.labels, theirs.targets, rtol=0, atol=0)
+
+
+def test_cut_short_idx_file_refused_naming_it_and_the_fix(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for split, n in (("train", 30), ("t10k", 20)):
+        write_idx(raw / f"{split}-images-idx3-ubyte", np.zeros((n, 28, 28)))
+        write_idx(raw / f"{split}-labels-idx1-ubyte", np.zeros(n))
+    cut = raw / "t10k-images-idx3-ubyte"
+    cut.write_bytes(cut.read_bytes()[:-100])
+    with pytest.raises(DataNotFoundError) as err:
+        load_dataset("MNIST", tmp_path, download=False)
+    assert str(cut) in str(err.value) and "cut short" in str(err.value) and "fix: delete it" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_fashion_mnist_loads_without_importing_torchvision(fmnist_root):
+    """Importing torchvision costs seconds in every kernel and worker; the MNIST family is read
+    without it (CIFAR-10 and downloads still go through torchvision)."""
+    code = ("import sys, kdlib.data as d; x = d.load_dataset('FashionMNIST', sys.argv[1], train_subset=100, "
+            "download=False); assert len(x.train) == 100; print('torchvision' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(fmnist_root)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "False"
 
 
 # --------------------------------------------------------------------------- CIFAR-10 (generated)
