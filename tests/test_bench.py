@@ -44,13 +44,13 @@ def tiny_data(data_root):
 
 @pytest.fixture(scope="module")
 def result(tiny_data, data_root):
-    return bench.run_benchmark(samples=256, teachers=2, repeats=1, test_samples=100, warmup=1,
-                               data_root=data_root, device="cpu", download=False, step_rounds=3)
+    return bench.run_benchmark(samples=128, teachers=2, repeats=1, test_samples=100, warmup=1,
+                               data_root=data_root, device="cpu", download=False, step_rounds=2)
 
 
 def test_result_structure(result):
     assert set(result) == KEYS
-    assert result["samples"] == 256 and result["teachers"] == 2
+    assert result["samples"] == 128 and result["teachers"] == 2
     assert result["device"] == "cpu" and result["precision"] == "fp32"
     assert isinstance(result["threads"], int) and result["threads"] >= 1
     assert list(result["seconds"]) == bench.METHODS
@@ -62,8 +62,8 @@ def test_result_structure(result):
                for k, (a, b) in bench.RATIOS.items())
     assert result["cache_build_s"] > 0
     assert isinstance(result["cache_bytes"], int) and result["cache_bytes"] > 0
-    # the view cache holds 2 teachers' float32 logits on 25 views of each of the 256 images
-    assert result["view_cache_bytes"] == 2 * 25 * 256 * 10 * 4 and result["view_cache_build_s"] > 0
+    # the view cache holds 2 teachers' float32 logits on 25 views of each of the 128 images
+    assert result["view_cache_bytes"] == 2 * 25 * 128 * 10 * 4 and result["view_cache_build_s"] > 0
     json.dumps(result)  # serialisable as is
 
 
@@ -108,9 +108,9 @@ def test_table_and_markdown(result):
         assert method in table and f"| `{method}` |" in md
     assert "random init" in table and "random init" in md
     assert "machine:" in table and "Machine:" in md
-    assert result["step_rounds"] == 3 and set(result["step_ms"]) == set(bench.FLOP_METHODS)
+    assert result["step_rounds"] == 2 and set(result["step_ms"]) == set(bench.FLOP_METHODS)
     assert set(result["step_ratios"]) == {f"{m}/scratch" for m in bench.FLOP_METHODS[1:]}
-    assert "single steps taken in turn (3 rounds" in table and "single steps taken in turn" in md
+    assert "single steps taken in turn (2 rounds" in table and "single steps taken in turn" in md
     assert md.splitlines()[1] == "|---|---|---:|---:|"
 
 
@@ -150,7 +150,7 @@ def test_cli_json_with_named_methods(tiny_data, data_root):
     """``--methods`` times only the rows named, plus scratch (every ratio's reference);
     without a crop row no view cache is built; stdout holds exactly one JSON object."""
     env = dict(os.environ, KDBOOK_PROGRESS="off")
-    proc = subprocess.run([sys.executable, "-m", "kdlib.bench", "--samples", "256", "--teachers", "2",
+    proc = subprocess.run([sys.executable, "-m", "kdlib.bench", "--samples", "128", "--teachers", "2",
                            "--methods", "camkd", "vanilla", "--step-rounds", "2",
                            "--repeats", "1", "--warmup", "1", "--device", "cpu", "--data-root", str(data_root),
                            "--json"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -168,12 +168,20 @@ def test_cli_json_with_named_methods(tiny_data, data_root):
     assert "--methods scratch vanilla camkd" in md and "| `camkd_crop` |" not in md
     assert "--readme docs/speed.md`" in md  # the file the block is written into, and its block when not the full table
     assert "--readme docs/speed.md --block speed-baselines`" in bench.speed_markdown([out], block="speed-baselines")
-    for args, says in ((["--teachers", "2", "--book"], "--book needs --teachers 3"),
-                       (["--methods", "camkd", "--book"], "--book needs the book's methods timed: add vanilla"),
-                       (["--methods", "nonesuch"], "unknown bench method 'nonesuch'")):
-        proc = subprocess.run([sys.executable, "-m", "kdlib.bench", *args],
-                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
-        assert proc.returncode == 2 and says in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--teachers", "2", "--book"], "--book needs --teachers 3"),
+    (["--methods", "camkd", "--book"], "--book needs the book's methods timed: add vanilla"),
+    (["--methods", "nonesuch"], "unknown bench method 'nonesuch'")])
+def test_cli_refuses_bad_combinations_before_timing_anything(args, says, capsys, monkeypatch):
+    """The command line's own checks (exit status 2, the reason on stderr), run in-process:
+    the JSON test above runs ``python -m kdlib.bench`` as a process."""
+    timed = []
+    monkeypatch.setattr(bench, "run_benchmark", lambda *a, **k: timed.append(1))
+    with pytest.raises(SystemExit) as stop:
+        bench.main(args)
+    assert stop.value.code == 2 and says in capsys.readouterr().err and not timed
 
 
 def test_speed_markdown_has_a_column_pair_per_teacher_count(result):
@@ -185,9 +193,9 @@ def test_speed_markdown_has_a_column_pair_per_teacher_count(result):
     ratio = result["seconds"]["camkd"] / result["seconds"]["scratch"]
     assert cells[2:] == [f"{result['seconds']['camkd']:.2f}", f"{ratio:.2f}",
                          f"{2 * result['seconds']['camkd']:.2f}", f"{ratio:.2f}"]
-    assert ("--teachers 2 5 --samples 256 --repeats 3 --step-rounds 3 --readme" in md
+    assert ("--teachers 2 5 --samples 128 --repeats 3 --step-rounds 2 --readme" in md
             and "Load average when it started: 0.50" in md)
-    assert "M=2: single steps taken in turn (3 rounds" in md
+    assert "M=2: single steps taken in turn (2 rounds" in md
     assert "| `student` |" in md and "% of peak" in md and "M=5: MFLOP per training step" in md
     assert "--book" not in md and "estimate of `make book`" not in md
     book = {"total_s": 600.0, "total_reusing_s": 300.0, "teachers_found": ["teacher_cnn1"]}
@@ -221,7 +229,7 @@ def test_method_flops_match_a_hand_count(result):
     assert mf["camkd"] - mf["scratch"] == pytest.approx((regressor + heads) / 1e6, abs=0.1)
     assert mf["camkd_official"] > mf["scratch"]
     assert result["matmul_gflop_per_s"] > 0
-    steps = 2   # 256 samples, batch 128
+    steps = 1   # 128 samples, batch 128
     # from the FLOPs as rounded to 0.1 MFLOP: the third decimal of a bound may differ
     assert result["ratio_bounds"] == pytest.approx(bench.ratio_bounds(
         {m: v * 1e6 for m, v in mf.items()}, result["seconds"], steps, result["matmul_gflop_per_s"]), abs=2e-3)

@@ -113,8 +113,8 @@ def save_then_stall(obj, path):  # epoch 3 trained, its checkpoint never written
     save(obj, path)
 
 train.atomic_save = save_then_stall
-data = load_dataset("FashionMNIST", data_root, train_subset=1000, test_subset=300, download=False)
-cfg = TrainConfig(epochs=6, seed=3)
+data = load_dataset("FashionMNIST", data_root, train_subset=500, test_subset=200, download=False)
+cfg = TrainConfig(epochs=4, seed=3)
 bank = teacher_bank([], [], data, cfg, cache=False, log=lambda *a: None)
 _, history = train_student("scratch", bank, data, cfg, checkpoint=ckpt, identity={"kind": "test"}, log=print)
 print("FINAL", history[-1]["test_acc"], history[-1]["train_loss"], len(history))
@@ -144,10 +144,10 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path):
     state = torch.load(ckpt, weights_only=True)
     assert not state["finished"] and state["epoch"] == 2
     resumed = subprocess.run(run(ckpt, "never"), capture_output=True, text=True, env=env, check=True).stdout
-    assert "resuming from epoch 2 of 6" in resumed
+    assert "resuming from epoch 2 of 4" in resumed
     final = lambda out: [line for line in out.splitlines() if line.startswith("FINAL")][0]
     assert final(resumed) == final(straight)
-    assert final(resumed).endswith(" 6")
+    assert final(resumed).endswith(" 4")
 
 
 def test_report_generates_the_readme_table(smoke_run, tmp_path):
