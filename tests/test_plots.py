@@ -193,6 +193,21 @@ def test_save_writes_small_png(tmp_path):
     assert 1000 < len(data) < 400_000
 
 
+def test_save_keeps_a_laid_out_figure_at_its_size_and_crops_any_other(tmp_path):
+    """Constrained layout already fits the page, so no tight box is measured: the PNG is the
+    page's own size. A figure without a layout engine gets a tight box: cropped."""
+    from PIL import Image
+    from matplotlib.figure import Figure
+    for layout in ("constrained", None):
+        fig = Figure(figsize=(4, 3), layout=layout)
+        fig.subplots().plot([0, 1], [0, 1])
+        size = Image.open(plots.save(fig, tmp_path / f"{layout}.png", dpi=50)).size
+        if layout:
+            assert size == (200, 150)
+        else:
+            assert size[0] < 200 and size[1] < 150, size
+
+
 # ---------------------------------------------------------------- explorer
 def test_plots_does_not_import_ipywidgets_at_module_level():
     tree = ast.parse(inspect.getsource(plots))
