@@ -349,7 +349,9 @@ def block(folders, link=None) -> str:
         if finished:
             done.append((folder, res, test))
         else:
-            stage = ("testing the chosen values" if res.best else "searching")
+            rescoring = not res.trials.empty and (res.trials["kind"] == "rescore").any()
+            stage = ("testing the chosen values" if res.best else
+                     "re-scoring its best trials over seeds" if rescoring else "searching")
             waiting.append(f"{_named(folder, link)} ({stage})")
     lines = []
     if done:

@@ -251,3 +251,26 @@ def test_importances_of_trials_that_all_scored_the_same_are_empty_not_an_error(t
     study.add_trial(optuna.trial.create_trial(params={"temperature": 3.0, "alpha": 1.0}, distributions=dist, value=60.0))
     found = importances(res, "base", "vanilla")
     assert set(found) == {"temperature", "alpha"} and math.isclose(sum(found.values()), 1.0)
+
+
+def test_unfinished_studies_are_named_with_how_far_they_got(tmp_path):
+    """The README's block 'each method at its best' while no study has finished its test: each
+    study named with its stage, from its records (searching, re-scoring, testing, not started)."""
+    from kdlib import tune_analysis
+    spec = {"base": "params/fashionmnist_tune.yaml", "settings": [{"student_width": 0.25}],
+            "methods": ["scratch", "vanilla"], "trials": 3, "seeds": [0, 1, 2]}
+    row = {"setting": "student_width=0.25", "method": "vanilla", "kind": "search", "trial": 0, "seed": 0,
+           "state": "complete", "temperature": 1.0, "alpha": 0.5, "val_acc": 88.0, "epochs": 15}
+    stages = {"a-search": [row], "b-rescore": [row, dict(row, kind="rescore", seed=1)],
+              "c-test": [row, dict(row, kind="rescore", seed=1)]}
+    for name, rows in stages.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "tune.yaml").write_text(yaml.safe_dump(spec))
+        pd.DataFrame(rows).to_csv(folder / "trials.csv", index=False)
+    (tmp_path / "c-test" / "best.yaml").write_text(yaml.safe_dump({"student_width=0.25": {"methods": {}}}))
+    text = tune_analysis.block([tmp_path / n for n in (*stages, "d-none")])
+    assert "no study has finished its test yet" in text
+    for words in ("`a-search` (searching)", "`b-rescore` (re-scoring its best trials over seeds)",
+                  "`c-test` (testing the chosen values)", "`d-none` (not started)"):
+        assert words in text, text
