@@ -51,14 +51,16 @@ lab: install
 	KDBOOK_PROGRESS=auto $(VENV)/bin/jupyter lab notebooks/
 
 # pytest on TEST_WORKERS processes (pytest-xdist, --dist loadfile: a test file runs whole on one worker,
-# so its module fixtures are built once), then the tests marked serial alone (notebook 03 live in JupyterLab).
-# The notebooks run under nbval inside the first phase, each with a throw-away project root: 01-04 in
-# tests/test_nbval_book.py and tests/test_nbval_sweep.py, 05 in tests/test_tune.py on the tiny tuning it makes.
+# so its module fixtures are built once), then the tests marked serial alone (notebook 03 live in JupyterLab), then the
+# notebooks 01-04 under nbval in order (03 reads what 01 and 02 wrote; 05 runs under nbval in
+# tests/test_tune.py, on the tiny tuning that test makes), writing their checkpoints and
+# outputs/interactive under a throw-away folder, not the repository
 TEST_WORKERS ?= 2
 test: install data browser
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile tests -p no:cacheprovider --durations=15 \
 		--ignore=tests/test_site_links.py -m "not serial"
 	$(PY) -m pytest tests -p no:cacheprovider --durations=3 --ignore=tests/test_site_links.py -m serial
+	KDBOOK_ROOT=$$(mktemp -d) $(PY) -m pytest --nbval-lax notebooks/0[1-4]_*.ipynb -p no:cacheprovider --durations=5
 
 # A Colab-like runtime (CI runs it; minutes, 6 GB in a temporary folder): a fresh venv holding what Colab
 # preinstalls takes the core install (pip install .) with no version changed, then runs 01, 02 and 03 in its kernel.

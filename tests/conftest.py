@@ -270,14 +270,3 @@ def write_tuning(folder: Path, acc: dict, values: dict, setting: dict | None = N
                folder / "tune_forest.png")
     tiny_notebook(folder / "05_tune.ipynb", "05 · Each method at its best", [(folder / "tune_forest.png").read_bytes()])
     return folder
-
-
-def run_nbval(notebooks: list[str], project: Path) -> str:
-    """``pytest --nbval-lax`` on ``notebooks`` (in order, one kernel each) with
-    ``KDBOOK_ROOT=project``; its report, or a failure showing where it stopped."""
-    env = dict(os.environ, KDBOOK_ROOT=str(project), KDBOOK_PROGRESS="off",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, "-m", "pytest", "--nbval-lax", *notebooks, "-p", "no:cacheprovider",
-                           "-q", "--durations=3"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
-    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-2000:]
-    return proc.stdout

@@ -16,7 +16,6 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import run_nbval
 from kdlib import book, tune
 from kdlib.__main__ import main
 from kdlib.data import DEBIAN_FASHION_MNIST
@@ -229,7 +228,10 @@ def test_tiny_tuning_killed_mid_search_resumes_then_tests_and_reads_in_05(tmp_pa
     assert P["temperature"] == pytest.approx(best["base"]["methods"]["vanilla"]["values"]["temperature"], rel=1e-5)
     assert (tune_dir / "05_tune.ipynb").is_file() and (tune_dir / "test" / "04_sweep_analysis.ipynb").is_file()
 
-    run_nbval(["notebooks/05_tune.ipynb"], project)  # 05 as a reader opens it, on this tuning
+    nbval = subprocess.run([sys.executable, "-m", "pytest", "--nbval-lax", "notebooks/05_tune.ipynb",
+                            "-p", "no:cacheprovider", "-q"], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=600)
+    assert nbval.returncode == 0, nbval.stdout[-3000:]
 
 
 def test_importances_of_trials_that_all_scored_the_same_are_empty_not_an_error(tmp_path):
