@@ -3,7 +3,7 @@
 The MNIST family's IDX files are read directly from torchvision's layout
 (``data_root/<Name>/raw``); torchvision's dataset classes do the rest (CIFAR-10, and for a
 user with internet the standard download into ``data_root``), imported only then, since
-importing torchvision costs seconds in every kernel and worker. After that nothing runs per sample: a split
+importing torchvision costs every kernel and worker up to seconds. After that nothing runs per sample: a split
 is one ``[N, C, H, W]`` uint8 tensor, a batch is an index slice, and normalisation
 (and optional augmentation) is done on the whole batch, as in airbench.
 """
@@ -84,11 +84,14 @@ class Dataset:
                        None if self.labelled is None else self.labelled.to(device))
 
 
+IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+             "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
 def _stage_debian_fashion_mnist(root: Path) -> bool:
     """Unpack the Debian package's IDX .gz files where torchvision looks for them."""
     raw = root / "FashionMNIST" / "raw"
-    names = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-             "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+    names = [name for pair in IDX_FILES.values() for name in pair]
     if all((raw / n).is_file() for n in names):
         return True
     if not all((DEBIAN_FASHION_MNIST / f"{n}.gz").is_file() for n in names):
@@ -109,10 +112,6 @@ def _as_split(ds) -> Split:
     else:                           # CIFAR: [N,H,W,C] numpy
         images = images.permute(0, 3, 1, 2)
     return Split(images.contiguous(), torch.as_tensor(ds.targets, dtype=torch.long))
-
-
-IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-             "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 
 
 def _read_idx(path: Path) -> torch.Tensor:
