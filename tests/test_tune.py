@@ -271,8 +271,10 @@ def test_unfinished_studies_are_named_with_how_far_they_got(tmp_path):
         (folder / "tune.yaml").write_text(yaml.safe_dump(spec))
         pd.DataFrame(rows).to_csv(folder / "trials.csv", index=False)
     (tmp_path / "c-test" / "best.yaml").write_text(yaml.safe_dump({"student_width=0.25": {"methods": {}}}))
-    text = tune_analysis.block([tmp_path / n for n in (*stages, "d-none")])
+    (tmp_path / "e-started").mkdir()  # started, no trial finished: tune.yaml, no trials.csv yet
+    (tmp_path / "e-started" / "tune.yaml").write_text(yaml.safe_dump(spec))
+    text = tune_analysis.block([tmp_path / n for n in (*stages, "d-none", "e-started")])
     assert "no study has finished its test yet" in text
     for words in ("`a-search` (searching)", "`b-rescore` (re-scoring its best trials over seeds)",
-                  "`c-test` (testing the chosen values)", "`d-none` (not started)"):
+                  "`c-test` (testing the chosen values)", "`d-none` (not started)", "`e-started` (searching)"):
         assert words in text, text
