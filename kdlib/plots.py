@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import seaborn as sns
+from matplotlib import colormaps
 from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
@@ -96,10 +96,18 @@ def _per_teacher_long(final: pd.DataFrame, key: str) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------- helpers
+def palette(name: str, n: int | None = None) -> list[str]:
+    """The first ``n`` colours (all, if None) of matplotlib's qualitative colormap ``name``,
+    cycled past its end: seaborn's ``color_palette(name, n)``, without importing seaborn
+    (and scipy.stats with it) in every kernel that only draws lines."""
+    colors = [to_hex(c) for c in colormaps[name].colors]
+    return [colors[i % len(colors)] for i in range(len(colors) if n is None else n)]
+
+
 def method_colors(methods) -> dict:
     """Fixed colours for the known methods (``METHOD_COLORS``), the rest of tab10 for any other."""
     taken = {to_hex(c) for c in METHOD_COLORS.values()}
-    spare = iter(c for c in sns.color_palette("tab10").as_hex() if c not in taken)
+    spare = iter(c for c in palette("tab10") if c not in taken)
     return {m: METHOD_COLORS.get(m) or next(spare) for m in methods}
 
 
@@ -213,7 +221,7 @@ def teachers_table(teachers_json: dict) -> pd.DataFrame:
 def plot_teachers(teachers_json: dict) -> Figure:
     """Each teacher's test accuracy and loss per epoch, and a bar of its final test accuracy."""
     recs = teachers_json["teachers"]
-    colors = dict(zip([t["name"] for t in recs], sns.color_palette("Dark2", len(recs))))
+    colors = dict(zip([t["name"] for t in recs], palette("Dark2", len(recs))))
     fig = Figure(figsize=(15, 4.2), layout="constrained")
     ax_acc, ax_loss, ax_bar = fig.subplots(1, 3)
     for t in recs:
@@ -284,7 +292,7 @@ def plot_training(metrics: dict) -> Figure:
     """The seed kit's 9 panels for one method (3x3), mean over seeds with a min-max band."""
     method, names = metrics["method"], metrics["teachers"]
     hf = history_frame({method: metrics})
-    tcol = dict(zip(names, sns.color_palette("Dark2", len(names))))
+    tcol = dict(zip(names, palette("Dark2", len(names))))
     fig = Figure(figsize=(16, 12.5), layout="constrained")
     ax = fig.subplots(3, 3).ravel()
     _lines(ax[0], hf, [("train_loss", method, None, "train (total objective)", "tab:blue", "-"),
@@ -294,7 +302,7 @@ def plot_training(metrics: dict) -> Figure:
                        ("test_acc", method, None, "test", "tab:red", "-")], "Accuracy", "accuracy (%)")
     terms = sorted(hf.loc[hf["metric"].str.startswith("loss_"), "metric"].unique(),
                    key=lambda k: (TERM_ORDER.index(k) if k in TERM_ORDER else len(TERM_ORDER), k))
-    _lines(ax[2], hf, [(k, method, None, k[5:], c, "-") for k, c in zip(terms, sns.color_palette("Set1", 9))],
+    _lines(ax[2], hf, [(k, method, None, k[5:], c, "-") for k, c in zip(terms, palette("Set1", 9))],
            "Loss terms (as weighted in the objective)", "loss")
     _log_if_wide(ax[2])
     _lines(ax[3], hf, [("individual_fidelity", method, n, n, tcol[n], "-") for n in names],
@@ -369,6 +377,7 @@ def _compare_agreement(ax, final, methods, colors) -> None:
     long = _per_teacher_long(final, "top1_agreement")
     cent = final[["method", "seed", "centroid_agreement"]].rename(columns={"centroid_agreement": "value"})
     long = pd.concat([long, cent.assign(teacher="centroid")], ignore_index=True)
+    import seaborn as sns  # here, not at the top: a kernel drawing only lines need not load it
     sns.barplot(data=long, x="teacher", y="value", hue="method", hue_order=methods, palette=colors,
                 errorbar="sd", capsize=0.1, ax=ax, legend=False)
     g = long.groupby(["teacher", "method"])["value"].agg(["mean", "std"]).fillna(0.0)
@@ -381,6 +390,7 @@ def _compare_diversity(ax, final_fid: dict, methods, colors, names) -> None:
     """Filler for fewer than 3 teachers: KL(T_i || C) per teacher and method."""
     rows = [(m, n, v) for m in methods for n, v in zip(names, final_fid.get(m, {}).get("teacher_diversity", []))]
     df = pd.DataFrame(rows, columns=["method", "teacher", "value"])
+    import seaborn as sns  # here, not at the top: a kernel drawing only lines need not load it
     sns.barplot(data=df, x="teacher", y="value", hue="method", hue_order=methods, palette=colors, ax=ax,
                 legend=False)
     _style(ax, "Teacher diversity KL(T_i || C)", "KL", legend=False, xlabel="")
@@ -547,6 +557,7 @@ def plot_diversity(pairwise, names, teacher_diversity=None) -> Figure:
     fig = Figure(figsize=(6 + 0.6 * len(names) + (5 if teacher_diversity is not None else 0), 4.5 + 0.4 * len(names)),
                  layout="constrained")
     axes = fig.subplots(1, 2 if teacher_diversity is not None else 1, squeeze=False).ravel()
+    import seaborn as sns  # here, not at the top: a kernel drawing only lines need not load it
     sns.heatmap(pd.DataFrame(mat, index=names, columns=names), annot=True, fmt=".3f", cmap="mako_r", square=True,
                 ax=axes[0], cbar_kws={"label": "KL"})
     axes[0].set_title("Pairwise diversity KL(T_i || T_j)", fontsize=10)
@@ -555,7 +566,7 @@ def plot_diversity(pairwise, names, teacher_diversity=None) -> Figure:
     axes[0].tick_params(axis="x", labelrotation=20)
     axes[0].tick_params(axis="y", labelrotation=0)
     if teacher_diversity is not None:
-        bars = axes[1].bar(names, teacher_diversity, color=sns.color_palette("Dark2", len(names)))
+        bars = axes[1].bar(names, teacher_diversity, color=palette("Dark2", len(names)))
         axes[1].bar_label(bars, fmt="%.3f", fontsize=8)
         _style(axes[1], "Teacher diversity KL(T_i || C)", "KL", legend=False, xlabel="")
         axes[1].tick_params(axis="x", labelrotation=20)
@@ -629,6 +640,7 @@ def plot_sweep(frame: pd.DataFrame, key: str, metric: str, ylabel: str) -> Figur
     colors = method_colors(frame["method"].unique())
     fig = Figure(figsize=(6.4, 3.8), layout="constrained")
     ax = fig.subplots()
+    import seaborn as sns  # here, not at the top: a kernel drawing only lines need not load it
     sns.lineplot(data=frame, x=key, y=metric, hue="method", palette=colors, marker="o", ax=ax,
                  errorbar=_t_interval, err_style="bars")
     if (frame[key] > 0).all() and frame[key].max() / frame[key].min() >= 20:
