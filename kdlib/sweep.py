@@ -306,6 +306,16 @@ def analyse(sweep_dir: Path, log=print) -> Path:
     return sweep_dir / ANALYSIS
 
 
+def ensure(sweep_dir: str | Path, sweep_file: str | Path) -> Path:
+    """The sweep folder ``sweep_dir`` (relative: under the project root), running ``sweep_file``
+    into it first when it holds no sweep yet (no 04 inside: the caller is the analysis).
+    What notebook 04 does when opened on a sweep that has not run."""
+    folder = book.resolve(str(sweep_dir))
+    if not (folder / "sweep.json").exists():
+        run_sweep(sweep_file, outputs=folder.parent, name=folder.name, analysis=False)
+    return folder
+
+
 def run_sweep(sweep_file: str | Path, workers: int | None = None, scheduler: str | None = None,
               resume: bool = False, outputs: str | Path = "outputs", name: str | None = None,
               dashboard: str = ":8787", analysis: bool = True, log=print) -> dict:

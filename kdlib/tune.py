@@ -709,6 +709,16 @@ def test_sweep(spec: TuneSpec, choices: dict) -> dict:
     return {"base": portable(Path(spec.base)), "val_subset": 0, "seeds": spec.seeds, "runs": runs}
 
 
+def ensure(tune_dir: str | Path, tune_file: str | Path) -> Path:
+    """The tuning folder ``tune_dir`` (relative: under the project root), running ``tune_file``
+    into it first when it holds no tuning yet (no 05 inside: the caller is the reading).
+    What notebook 05 does when opened on a tuning that has not run."""
+    folder = book.resolve(str(tune_dir))
+    if not (folder / "tune.json").exists():
+        run_tune(tune_file, outputs=folder.parent, name=folder.name, analysis=False)
+    return folder
+
+
 def run_tune(tune_file: str | Path, workers: int | None = None, scheduler: str | None = None,
              storage: str | None = None, resume: bool = False, outputs: str | Path = "outputs",
              name: str | None = None, dashboard: str = ":8787", analysis: bool = True, log=print) -> dict:

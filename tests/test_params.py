@@ -119,3 +119,19 @@ def test_fashionmnist_params_are_the_seed_defaults():
     assert (P["teacher_epochs"], P["student_epochs"], P["batch_size"], P["lr"]) == (20, 15, 128, 1e-3)
     assert (P["temperature"], P["alpha"], P["beta"], P["hint_layer"]) == (4.0, 0.7, 100.0, -2)
     assert len(P["seeds"]) >= 3 and set(P["methods"]) == {"camkd", "vanilla", "scratch"}
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "params" / "sweeps").glob("*.yaml")) +
+                         sorted((ROOT / "params" / "tune").glob("*.yaml")), ids=lambda p: p.parent.name + "/" + p.name)
+def test_every_sweep_and_tune_file_expands_to_valid_runs(path):
+    """Each committed sweep file expands to named runs whose params validate, each tune file
+    to its settings and search spaces: a typo in one is found here, not hours into a run."""
+    if path.parent.name == "sweeps":
+        from kdlib.sweep import expand
+        base, runs = expand(path)
+        assert runs and len({r.name for r in runs}) == len(runs)
+        assert (ROOT / base).is_file() or Path(base).is_file()
+    else:
+        from kdlib.tune import load_tune
+        spec = load_tune(path)
+        assert spec.settings and spec.trials >= 1

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from scipy import stats as st
 
-from kdlib import book, report, sweep, sweep_analysis
+from kdlib import book, report, sweep, sweep_analysis, tune
 from kdlib.__main__ import main
 from kdlib.data import DEBIAN_FASHION_MNIST
 from kdlib.params import validate
@@ -158,6 +158,22 @@ def test_bad_sweep_refused_before_any_folder_exists(tmp_path, capsys, keys, word
     assert not outputs.exists()
 
 
+@pytest.mark.parametrize("module, record, runner", [(sweep, "sweep.json", "run_sweep"), (tune, "tune.json", "run_tune")])
+def test_ensure_runs_the_file_only_into_a_folder_without_a_record(tmp_path, monkeypatch, module, record, runner):
+    """What 04 and 05 do when opened: a relative folder is found under the project root; with no
+    record in it the file runs into that folder (outputs = its parent, name = its name) without
+    the notebook inside (the caller is that notebook); with a record nothing runs."""
+    monkeypatch.setenv("KDBOOK_ROOT", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(module, runner, lambda f, **kw: calls.append((f, kw)))
+    folder = module.ensure("outputs/x", "params/some.yaml")
+    assert folder == tmp_path / "outputs" / "x"
+    assert calls == [("params/some.yaml", {"outputs": tmp_path / "outputs", "name": "x", "analysis": False})]
+    folder.mkdir(parents=True)
+    (folder / record).write_text("{}")
+    assert module.ensure(str(folder), "params/some.yaml") == folder and len(calls) == 1
+
+
 def test_teacher_key_groups_runs_by_teacher_settings(tmp_path):
     path = write_sweep(tmp_path, grid={"beta": [10, 100], "teacher_epochs": [1, 2]})
     keys = {r.name: sweep.teacher_key(r.P) for r in sweep.expand(path)[1]}
@@ -269,14 +285,15 @@ def executed_cleanly(path: Path) -> str:
 def test_two_run_sweep_on_a_two_worker_local_cluster(project, capsys):
     """A grid of two runs on a local two-worker cluster, end to end: every run's three
     notebooks, one teacher set trained once for both, 04 executed, the README block, a
-    second start refused, --resume skipping finished runs. (Seeds pooled over the runs
+    second start refused, --resume skipping finished runs; then 04 under nbval reads it as
+    its default sweep (outputs/smoke-beta under the project root). (Seeds pooled over the runs
     of a setting: ``test_analysis_pools_seeds_per_setting_and_pairs_them``.)"""
-    path = write_sweep(project, "two", methods=["camkd", "vanilla", "scratch"], grid={"beta": [10, 100]})
+    path = write_sweep(project, "smoke-beta", methods=["camkd", "vanilla", "scratch"], grid={"beta": [10, 100]})
     outputs = project / "outputs"
     assert main(["sweep", str(path), "--workers", "2", "--outputs", str(outputs)]) == 0
     out = capsys.readouterr().out
     assert "dashboard: http" in out and "[2/2]" in out and "2 of 2 runs finished" in out
-    folder = outputs / "two"
+    folder = outputs / "smoke-beta"
     record = json.loads((folder / "sweep.json").read_text())
     assert record["status"] == "finished" and len(record["runs"]) == 2
     threads = max(1, len(os.sched_getaffinity(0)) // 2)
@@ -311,6 +328,11 @@ def test_two_run_sweep_on_a_two_worker_local_cluster(project, capsys):
     assert before == {n: (folder / n / "manifest.json").stat().st_mtime_ns for n in record["runs"]}
     resumed = json.loads((folder / "sweep.json").read_text())
     assert resumed["earlier"] == [{k: record[k] for k in ("started", "ended", "status")}]  # the first session kept
+    (folder / "sweep_forest.png").unlink()
+    nbval = subprocess.run([sys.executable, "-m", "pytest", "--nbval-lax", "notebooks/04_sweep_analysis.ipynb",
+                            "-p", "no:cacheprovider", "-q"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert nbval.returncode == 0, nbval.stdout[-3000:]
+    assert (folder / "sweep_forest.png").read_bytes()[:4] == b"\x89PNG"  # drawn again, by the notebook under nbval
 
 
 @pytest.fixture
