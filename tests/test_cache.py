@@ -126,14 +126,16 @@ def test_cache_memory_is_reported(smoke):
 
 
 def test_device_and_bf16_path_runs_on_cpu(smoke):
-    """The GPU path (data and cache on the device, bf16 autocast) through the same code."""
+    """The GPU path (data and cache on the device, bf16 autocast) through the same code, on a
+    half-width student (CPUs without bf16 units emulate it: the full width took twice as long
+    and agreed less with its teachers, 40 % against 51 %, after these two epochs)."""
     data, teachers = smoke
     device = torch.device("cpu")
     data = data.to(device)
     cfg = TrainConfig(epochs=2, precision="bf16", device=str(device))  # epoch 2 runs the feature term
     bank = teacher_bank(teachers, ["teacher_cnn1", "teacher_resnet"], data, cfg, log=lambda *a: None)
     distiller, history = train_student("camkd", bank, data, cfg, test_probs=teacher_test_probs(bank, data, cfg),
-                                       log=lambda *a: None)
+                                       log=lambda *a: None, width=0.5)
     record = history[-1]  # against one-epoch teachers: far above chance (10%), not high
     assert record["test_acc"] > 30 and record["fidelity"]["centroid_agreement"] > 30, record
     assert all(torch.isfinite(torch.tensor(record[k])) for k in ("loss_ce", "loss_kd", "loss_feat"))
