@@ -19,7 +19,7 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 
-from conftest import ROOT, write_run, write_sweep, write_tuning
+from conftest import ROOT, png, tiny_notebook, write_run, write_sweep, write_tuning
 
 pytest.importorskip("mkdocs", reason="the site's tools are missing: pip install -e '.[docs]'")
 from kdlib import site as site_module  # noqa: E402 (after the skip)
@@ -327,3 +327,24 @@ def test_every_generated_block_is_current():
     committed records today (make blocks regenerates them)."""
     from kdlib import blocks
     blocks.main(["--check"])  # exits naming each stale block
+
+
+def test_shared_templates_compile_once_and_render_the_same(tmp_path, monkeypatch):
+    """Inside ``shared_templates`` a second exporter compiles no template again and writes the
+    same HTML as an exporter outside it; leaving it restores nbconvert as it was."""
+    import jinja2
+    from nbconvert import HTMLExporter
+    from nbconvert.exporters.templateexporter import TemplateExporter
+    notebook = tiny_notebook(tmp_path / "n.ipynb", "A title", [png(0)])
+    plain = HTMLExporter().from_filename(str(notebook))[0]
+    compiled = []
+    compile_ = jinja2.Environment.compile
+    monkeypatch.setattr(jinja2.Environment, "compile", lambda self, *a, **k: compiled.append(1) or compile_(self, *a, **k))
+    original = TemplateExporter._create_environment
+    with site_module.shared_templates():
+        first = HTMLExporter().from_filename(str(notebook))[0]
+        n = len(compiled)
+        second = HTMLExporter().from_filename(str(notebook))[0]
+    assert n > 0 and len(compiled) == n  # the second exporter compiled nothing
+    assert first == second == plain
+    assert TemplateExporter._create_environment is original
