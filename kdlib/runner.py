@@ -7,6 +7,7 @@ resumed (finished notebooks are skipped; training resumes from its checkpoints).
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -121,13 +122,18 @@ def _failed_cell(output: Path) -> str:
     return "unknown cell"
 
 
+@functools.lru_cache(maxsize=1)
+def _html_exporter():
+    """One exporter per process: a new one parses and compiles its Jinja templates again."""
+    from nbconvert import HTMLExporter
+    return HTMLExporter(template_name="kdbook", extra_template_basedirs=[str(Path(__file__).parent / "templates")])
+
+
 def render_html(notebook: Path) -> Path:
     """JupyterLab's HTML, with the set-up cells' code (parameters, Colab) folded: see
     ``kdlib/templates/kdbook``."""
-    from nbconvert import HTMLExporter
     import nbformat
-    exporter = HTMLExporter(template_name="kdbook", extra_template_basedirs=[str(Path(__file__).parent / "templates")])
-    body, _ = exporter.from_notebook_node(nbformat.read(notebook, as_version=4))
+    body, _ = _html_exporter().from_notebook_node(nbformat.read(notebook, as_version=4))
     html = notebook.with_suffix(".html")
     html.write_text(body, encoding="utf-8")
     return html
