@@ -17,7 +17,7 @@ EXTRAS = {
     "batch": _BATCH,
     "sweep": ("distributed", "bokeh") + _BATCH,
     "tune": ("optuna", "distributed", "bokeh") + _BATCH,
-    "docs": ("mkdocs", "material", "mkdocs_jupyter", "jupyter_server_mathjax"),
+    "docs": ("mkdocs", "material", "mkdocs_jupyter", "jupyter_server_mathjax", "jinja2"),
     "lab": ("jupyterlab",),
 }
 # what the message calls a module, where that is not its import name
