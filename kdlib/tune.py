@@ -746,6 +746,12 @@ def run_tune(tune_file: str | Path, workers: int | None = None, scheduler: str |
         if changed:
             raise RunError(f"{tune_file}: {', '.join(changed)} differ from the tuning in {tune_dir}; only trials may "
                            f"change on --resume: restore them, or tune into a new folder (delete {tune_dir})")
+        done = json.loads(record_path.read_text())
+        if (done.get("status") == "finished" and before.get("trials") == now_spec["trials"]
+                and (not analysis or (tune_dir / ANALYSIS).exists())):
+            log(f"{tune_dir}: finished earlier with {spec.trials} trials per tuned method; nothing to do "
+                "(raise trials in the tune file to search further)")
+            return done
     url = storage_url(tune_dir, storage)
     check_storage(url)
     if "://" not in url and repair_journal(Path(url)):

@@ -186,8 +186,8 @@ def test_tiny_tuning_killed_mid_search_resumes_then_tests_and_reads_in_05(tmp_pa
     """``kdlib tune params/tune/smoke-tune.yaml`` on a two-worker LocalCluster, SIGKILLed (with
     its workers) as soon as a search trial has finished, then ``--resume``d: no finished trial
     is lost or run again, the killed ones are failed and asked again, vanilla ends with exactly
-    its 3 trials; the test sweep has every method on both seeds; 05 runs under
-    nbval on the result."""
+    its 3 trials; the test sweep has every method on both seeds; resumed once more it leaves the
+    finished tuning untouched; 05 runs under nbval on the result."""
     project = tmp_path / "project"
     env = dict(os.environ, KDBOOK_ROOT=str(project), KDBOOK_PROGRESS="off",
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
@@ -227,6 +227,12 @@ def test_tiny_tuning_killed_mid_search_resumes_then_tests_and_reads_in_05(tmp_pa
     assert P["val_subset"] == 0 and P["seeds"] == [0, 1]  # the test: every image, every seed
     assert P["temperature"] == pytest.approx(best["base"]["methods"]["vanilla"]["values"]["temperature"], rel=1e-5)
     assert (tune_dir / "05_tune.ipynb").is_file() and (tune_dir / "test" / "04_sweep_analysis.ipynb").is_file()
+
+    # a finished tuning resumed again (make studies runs every study) is left as it is
+    kept = {p: p.read_bytes() for p in (tune_dir / "tune.json", tune_dir / "study.journal", tune_dir / "05_tune.ipynb")}
+    third = subprocess.run(command + ["--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert third.returncode == 0 and "nothing to do" in third.stdout, third.stdout[-2000:] + third.stderr[-2000:]
+    assert all(p.read_bytes() == content for p, content in kept.items())
 
     nbval = subprocess.run([sys.executable, "-m", "pytest", "--nbval-lax", "notebooks/05_tune.ipynb",
                             "-p", "no:cacheprovider", "-q"], cwd=ROOT, env=env, capture_output=True, text=True,
