@@ -2,7 +2,8 @@
 
 * mean and 95% CI over seeds: mean(x) +/- t_{0.975,n-1} sd(x)/sqrt(n).
 * paired t: d_s = acc_A(s) - acc_B(s) over seeds s; mean(d) +/- t_{0.975,n-1} sd(d)/sqrt(n);
-  p from the two-sided t test (``scipy.stats.ttest_rel``).
+  p from the two-sided t test, p = 2 F_{n-1}(-|mean(d)| / (sd(d)/sqrt(n))) (what
+  ``scipy.stats.ttest_rel`` returns).
 * exact McNemar: on per-example correctness pooled over seeds, b = #(A right, B
   wrong), c = #(A wrong, B right); p = min(1, 2 * BinomCDF(min(b, c); b + c, 1/2)).
 """
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy import stats as st
+from scipy import special  # t and binomial distributions; scipy.stats would add a second to every kernel's start
 
 NAMES = {"camkd": "CAMKD", "vanilla": "vanilla", "aver": "AVER", "ebkd": "EBKD", "aekd": "AEKD",
          "label_smoothing": "label smoothing", "scratch": "scratch"}
@@ -38,8 +39,8 @@ def paired_t(a, b, confidence: float = 0.95) -> dict:
     if n < 2:
         return {"n": n, "mean_diff": mean, "ci_low": math.nan, "ci_high": math.nan, "p_value": math.nan}
     sem = d.std(ddof=1) / math.sqrt(n)
-    half = st.t.ppf(0.5 + confidence / 2, n - 1) * sem
-    p = float(st.ttest_rel(a, b).pvalue) if sem > 0 else (1.0 if mean == 0 else 0.0)
+    half = special.stdtrit(n - 1, 0.5 + confidence / 2) * sem
+    p = float(2 * special.stdtr(n - 1, -abs(mean) / sem)) if sem > 0 else (1.0 if mean == 0 else 0.0)
     return {"n": n, "mean_diff": mean, "ci_low": mean - half, "ci_high": mean + half, "p_value": p}
 
 
@@ -49,7 +50,7 @@ def mean_ci(values, confidence: float = 0.95) -> dict:
     mean = float(x.mean())
     if len(x) < 2:
         return {"n": len(x), "mean": mean, "ci_low": math.nan, "ci_high": math.nan}
-    half = st.t.ppf(0.5 + confidence / 2, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x))
+    half = special.stdtrit(len(x) - 1, 0.5 + confidence / 2) * x.std(ddof=1) / math.sqrt(len(x))
     return {"n": len(x), "mean": mean, "ci_low": mean - half, "ci_high": mean + half}
 
 
@@ -58,7 +59,7 @@ def mcnemar_exact(correct_a, correct_b) -> dict:
     a, b = np.asarray(correct_a, bool), np.asarray(correct_b, bool)
     only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
     n = only_a + only_b
-    p = 1.0 if n == 0 else min(1.0, 2 * float(st.binom.cdf(min(only_a, only_b), n, 0.5)))
+    p = 1.0 if n == 0 else min(1.0, 2 * float(special.bdtr(min(only_a, only_b), n, 0.5)))
     return {"only_a_correct": only_a, "only_b_correct": only_b, "p_value": p}
 
 

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 from scipy import stats as st
 
-from kdlib.stats import NAMES, comparison_frame, mcnemar_exact, paired_t, verdict
+from kdlib.stats import NAMES, comparison_frame, mcnemar_exact, mean_ci, paired_t, verdict
 
 
 def test_paired_t_matches_scipy_and_hand_interval():
@@ -18,6 +18,26 @@ def test_paired_t_matches_scipy_and_hand_interval():
     assert out["ci_low"] == pytest.approx(d.mean() - half)
     assert out["ci_high"] == pytest.approx(d.mean() + half)
     assert out["p_value"] == pytest.approx(st.ttest_rel(a, b).pvalue)
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 12])
+@pytest.mark.parametrize("confidence", [0.9, 0.95, 0.99])
+def test_intervals_and_p_values_match_scipy_stats(n, confidence):
+    """kdlib.stats reads the t and binomial distributions from scipy.special (scipy.stats costs
+    every kernel a second to import); scipy.stats' own intervals and tests agree."""
+    rng = np.random.default_rng(n)
+    a, b = rng.normal(90, 1, n), rng.normal(89.5, 1, n)
+    out = paired_t(a, b, confidence)
+    low, high = st.t.interval(confidence, n - 1, loc=np.mean(a - b), scale=st.sem(a - b))
+    assert (out["ci_low"], out["ci_high"]) == pytest.approx((low, high))
+    assert out["p_value"] == pytest.approx(st.ttest_rel(a, b).pvalue)
+    ci = mean_ci(a, confidence)
+    assert (ci["ci_low"], ci["ci_high"]) == pytest.approx(st.t.interval(confidence, n - 1, loc=a.mean(),
+                                                                          scale=st.sem(a)))
+    right_a, right_b = rng.random(40 * n) < 0.8, rng.random(40 * n) < 0.7
+    only_a, only_b = int((right_a & ~right_b).sum()), int((~right_a & right_b).sum())
+    assert mcnemar_exact(right_a, right_b)["p_value"] == pytest.approx(
+        st.binomtest(only_a, only_a + only_b, 0.5).pvalue)
 
 
 def test_paired_t_one_pair_has_no_interval():
