@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import time
 from datetime import datetime, timezone
 from importlib import metadata
@@ -42,8 +43,19 @@ def notebooks_dir() -> Path:
     raise RunError("notebooks/ not found: run from the repository root")
 
 
+def _no_iri_grammar() -> None:
+    """Called before papermill, nbformat or nbconvert is imported. jsonschema (which nbformat
+    imports) builds an Earley parser for RFC 3987 IRIs at import when the optional rfc3987-syntax
+    is installed (JupyterLab's jupyter-events asks for it): 1.4 s at the start of every run and
+    sweep worker, for a format no notebook schema uses. This process then does without it
+    (jsonschema skips that format check, as it does where the package is not installed)."""
+    if "jsonschema" not in sys.modules:
+        sys.modules.setdefault("rfc3987_syntax", None)
+
+
 def declared_parameters(notebook: Path) -> set[str]:
     """Names a notebook declares in its ``parameters`` cell (papermill.inspect_notebook)."""
+    _no_iri_grammar()
     import papermill
     return set(papermill.inspect_notebook(str(notebook)))
 
@@ -110,6 +122,7 @@ def _teacher_hashes(run_dir: Path) -> list[dict]:
 
 def _failed_cell(output: Path) -> str:
     """'cell N (In [k])' of the first cell that raised, read from the executed notebook."""
+    _no_iri_grammar()
     import nbformat
     try:
         nb = nbformat.read(output, as_version=4)
@@ -125,6 +138,7 @@ def _failed_cell(output: Path) -> str:
 @functools.lru_cache(maxsize=1)
 def _html_exporter():
     """One exporter per process: a new one parses and compiles its Jinja templates again."""
+    _no_iri_grammar()
     from nbconvert import HTMLExporter
     return HTMLExporter(template_name="kdbook", extra_template_basedirs=[str(Path(__file__).parent / "templates")])
 
@@ -132,6 +146,7 @@ def _html_exporter():
 def render_html(notebook: Path) -> Path:
     """JupyterLab's HTML, with the set-up cells' code (parameters, Colab) folded: see
     ``kdlib/templates/kdbook``."""
+    _no_iri_grammar()
     import nbformat
     body, _ = _html_exporter().from_notebook_node(nbformat.read(notebook, as_version=4))
     html = notebook.with_suffix(".html")
@@ -163,6 +178,7 @@ class _Echo:
 
 def _portable(notebook: Path, source: str) -> None:
     """Papermill records the input and output paths as given; keep them relative."""
+    _no_iri_grammar()
     import nbformat
     nb = nbformat.read(notebook, as_version=4)
     nb.metadata.papermill.update(input_path=source, output_path=display_path(notebook))
@@ -180,6 +196,7 @@ KERNEL_ARGUMENTS = ["--IPKernelApp.log_level=CRITICAL"]
 
 
 def execute(nb_dir: Path, name: str, run_dir: Path, params: dict, declared: set[str], log=say) -> None:
+    _no_iri_grammar()
     import papermill
     env_before = os.environ.get("KDBOOK_PROGRESS")
     os.environ["KDBOOK_PROGRESS"] = "text"  # no widget state in executed notebooks

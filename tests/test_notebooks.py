@@ -44,3 +44,21 @@ def test_colab_cell_without_kdbook_repo_stops_with_one_line(tmp_path, monkeypatc
     message = str(stop.value)
     assert "KDBOOK_REPO" in message and "\n" not in message
     assert ran == [] and list(tmp_path.iterdir()) == []
+
+
+def test_the_runner_reads_and_validates_notebooks_without_jsonschemas_iri_grammar():
+    """A run's process (the runner, a sweep's worker) imports papermill and nbformat without
+    building jsonschema's RFC 3987 grammar (over a second at every start), and still reads
+    and validates the notebooks and their parameters."""
+    import subprocess
+    import sys
+    script = ("import sys\n"
+              "from kdlib import runner\n"
+              "nb_dir = runner.notebooks_dir()\n"
+              "keys = runner.declared_parameters(nb_dir / '01_train_teachers.ipynb')\n"
+              "import nbformat\n"
+              "nbformat.validate(nbformat.read(nb_dir / '03_fidelity_analysis.ipynb', as_version=4))\n"
+              "print(sorted(keys)[:3], sys.modules.get('rfc3987_syntax', 'absent'), 'jsonschema' in sys.modules)")
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['augment', 'batch_size', 'compile'] None True", out
