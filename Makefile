@@ -50,17 +50,19 @@ studies: install data
 lab: install
 	KDBOOK_PROGRESS=auto $(VENV)/bin/jupyter lab notebooks/
 
-# pytest on TEST_WORKERS processes (pytest-xdist, --dist loadfile: a test file runs whole on one worker,
-# so its module fixtures are built once), then the tests marked serial alone (notebook 03 live in JupyterLab), then the
-# notebooks 01-03 under nbval in order (03 reads what 01 and 02 wrote), writing their checkpoints and
-# outputs/interactive under a throw-away folder, not the repository. 04 and 05 run under nbval inside the tests
-# that make a sweep (tests/test_sweep.py) and a tuning (tests/test_tune.py) for them to read.
+# pytest on TEST_WORKERS processes (pytest-xdist, --dist loadfile: a test file runs whole on one worker, so its
+# module fixtures are built once; the longest files first, tests/conftest.py), then the notebooks 01-03 under nbval
+# in order (03 reads what 01 and 02 wrote), writing their checkpoints and outputs/interactive under a throw-away
+# folder, not the repository, then the tests marked serial alone: notebook 03 live in JupyterLab, on a copy of
+# what 01 and 02 left there. 04 and 05 run under nbval inside the tests that make a sweep (tests/test_sweep.py)
+# and a tuning (tests/test_tune.py) for them to read.
 TEST_WORKERS ?= 2
 test: install data browser
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile tests -p no:cacheprovider --durations=15 \
-		--ignore=tests/test_site_links.py -m "not serial"
-	$(PY) -m pytest tests -p no:cacheprovider --durations=3 --ignore=tests/test_site_links.py -m serial
-	KDBOOK_ROOT=$$(mktemp -d) $(PY) -m pytest --nbval-lax notebooks/0[1-3]_*.ipynb -p no:cacheprovider --durations=5
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests -p no:cacheprovider \
+		--durations=15 --ignore=tests/test_site_links.py -m "not serial"
+	root=$$(mktemp -d) && KDBOOK_ROOT=$$root $(PY) -m pytest --nbval-lax notebooks/0[1-3]_*.ipynb -p no:cacheprovider \
+		--durations=5 && KDBOOK_LAB_RECORDS=$$root $(PY) -m pytest tests -p no:cacheprovider --durations=3 \
+		--ignore=tests/test_site_links.py -m serial
 
 # A Colab-like runtime (CI runs it; minutes, 6 GB in a temporary folder): a fresh venv holding what Colab
 # preinstalls takes the core install (pip install .) with no version changed, then runs 01, 02 and 03 in its kernel.

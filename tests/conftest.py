@@ -14,6 +14,29 @@ from kdlib.data import DEBIAN_FASHION_MNIST, load_dataset
 from kdlib.params import student_identity, teacher_identity, validate
 
 
+def pytest_configure(config):
+    """Under pytest-xdist, each worker's own torch work uses its share of the cores (one of two
+    with two workers): the tests that train in the worker's process then do not run two
+    threads each on two cores and crowd each other out. What a test starts (a run, a cluster)
+    still sees every core, as it would on its own."""
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(max(1, torch.get_num_threads() // count))
+
+
+# The longest test files (whole runs, sweeps, a tuning, the site in Chromium), longest first.
+LONGEST_FIRST = ["test_tune.py", "test_runner.py", "test_sweep.py", "test_site.py", "test_cache.py", "test_train.py",
+                 "test_bench.py", "test_transfer.py"]
+
+
+def pytest_collection_modifyitems(config, items):
+    """The longest files first, then the rest in their order: ``make test`` hands whole files to
+    its workers in this order (``--dist loadfile --no-loadscope-reorder``), so the short files
+    fill in at the end instead of one long file running alone after the others are done."""
+    rank = {name: k for k, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file's own order kept
+
+
 @pytest.fixture(scope="session", autouse=True)
 def project_root(tmp_path_factory):
     """No test reads or writes the repository's checkpoints/, data/ or outputs/: relative
@@ -76,7 +99,7 @@ def chromium():
 def browser():
     with chromium() as b:
         yield b
-SMOKE_SIZE = ["-p", "train_subset=1000", "-p", "test_subset=500"]
+SMOKE_SIZE = ["-p", "train_subset=500", "-p", "test_subset=250"]
 
 
 def fashion_mnist_subset(tmp_path_factory, train_subset: int, test_subset: int):
@@ -100,7 +123,7 @@ def student_id(method: str, seed: int = 0, **params) -> dict:
 @pytest.fixture(scope="session")
 def smoke_book(tmp_path_factory):
     """The whole book through ``python -m kdlib run params/smoke.yaml`` on a small real
-    Fashion-MNIST subset (SMOKE_SIZE: 1,000/500 images; the file's 2 teacher and student
+    Fashion-MNIST subset (SMOKE_SIZE: 500/250 images; the file's 2 teacher and student
     epochs, 3 teachers, 3 methods, seeds 0 and 1), in a project root of its own
     (``KDBOOK_ROOT``), run once for every test that reads a whole book's record:
     ``(run folder, project root, what the terminal showed: stdout and stderr as one stream)``."""

@@ -59,7 +59,7 @@ def test_metrics_history_and_students_beat_chance(smoke_run):
         metrics = json.loads((smoke_run / f"metrics_{method}.json").read_text())
         assert [r["seed"] for r in metrics["runs"]] == [0, 1]
         for run in metrics["runs"]:
-            assert len(run["history"]) == 2 and run["test_acc"] > 50
+            assert len(run["history"]) == 2 and run["test_acc"] > 30  # chance is 10 %
             assert set(run["fidelity"]) >= {"individual_fidelity", "centroid_fidelity", "top1_agreement"}
 
 
@@ -276,7 +276,7 @@ def test_each_notebook_shows_what_happened_first(smoke_book):
     run, _, _ = smoke_book
     first = first_rich_output(run / NOTEBOOKS[0])["text/html"]
     for t in json.loads((run / "teachers.json").read_text())["teachers"]:
-        assert t["name"] in first and f"{t['test_acc']:.3f}".rstrip("0") in first  # 500 test images: x.y exactly
+        assert t["name"] in first and f"{t['test_acc']:.3f}".rstrip("0") in first  # 250 test images: x.y exactly
     first = first_rich_output(run / NOTEBOOKS[1])["text/html"]
     for m in ("camkd", "vanilla", "scratch"):
         acc = json.loads((run / f"metrics_{m}.json").read_text())["runs"][0]["test_acc"]
