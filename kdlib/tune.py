@@ -29,6 +29,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -380,7 +381,9 @@ def trial_task(url: str, name: str, number: int, P: dict, method: str, seed: int
 
     def report(record):
         epochs[0], last[0] = record["epoch"], record["test_acc"]
-        trial.report(record["test_acc"], record["epoch"])
+        with warnings.catch_warnings():  # a trial run again (its worker died) reports its epochs again:
+            warnings.filterwarnings("ignore", "The reported value is ignored", UserWarning)  # the first stays
+            trial.report(record["test_acc"], record["epoch"])
         if pruner is not None and trial.should_prune():
             raise optuna.TrialPruned()
 

@@ -130,6 +130,31 @@ def test_median_pruner_stops_a_hopeless_trial_and_spares_a_good_one(tmp_path, po
     assert stored[3].state.name == "PRUNED" and stored[4].value == results["good"]["value"]
 
 
+@needs_data
+def test_a_trial_run_again_after_its_worker_died_reports_its_epochs_quietly(tmp_path):
+    """Dask runs a trial's task again on another worker when its worker dies mid-trial: the
+    trial, still running in the journal, has its first epochs reported already. The second run
+    reports them again without a warning per epoch; Optuna keeps the first values, and the
+    trial ends complete with the second run's accuracy."""
+    import warnings
+    from optuna.distributions import FloatDistribution
+    spec = load_tune(tune_file(tmp_path, methods=["label_smoothing"], space={"label_smoothing": {
+        "label_smoothing": {"low": 0.01, "high": 0.5, "log": True}}}))
+    url = str(tmp_path / "study.journal")
+    setting = spec.settings[0]
+    study = Tuning(spec, url).studies[study_name(setting.name, "label_smoothing")]
+    trial = study.ask({"label_smoothing": FloatDistribution(0.01, 0.5, log=True)})
+    trial.report(12.5, 1)  # what the dead worker reported
+    P = dict(setting.P, methods=["label_smoothing"], student_epochs=2, label_smoothing=trial.params["label_smoothing"],
+             threads=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = trial_task(url, study.study_name, trial.number, P, "label_smoothing", 0, None)
+    stored = study.get_trials()[0]
+    assert result["state"] == "complete" and result["epochs"] == 2
+    assert stored.intermediate_values[1] == 12.5 and stored.value == result["value"]
+
+
 def test_choice_rescores_only_trials_within_noise_and_picks_the_best_mean(tmp_path):
     """Made-up trials: the reference's seeds (sd 1) put the noise band at 1.96 sqrt 2 = 2.77
     points; trials 0 (90.0) and 1 (88.0) are within it, 2 (85.0) is not. Re-scored, trial 1
