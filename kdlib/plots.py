@@ -671,14 +671,14 @@ def plot_forest(sweep, against=("scratch", "label_smoothing"), title: str | None
     method's paired difference in accuracy against that method over seeds, its bar the 95%
     CI (``sweep_analysis.forest_frame``: ``stats.paired_t``), a filled dot p < 0.05, and a
     line at zero. Every block lists its methods in the same order (``stats.METHOD_ORDER``) and
-    colours (``METHOD_COLORS``; a method's variants share its colour, with another marker).
+    colours (``METHOD_COLORS``; a method's variants share its colour, with another marker),
+    each named in words (``sweep_analysis.method_words``: 'vanilla (T 1.05, alpha 0.111)').
 
     ``sweep``: a sweep folder or ``kdlib.sweep_analysis.load``'s results. Each line carries a
     ``gid`` — ``"ci|<setting name>|<method>|<reference>"`` for a bar, ``"mean|..."`` for its
     dot, ``"zero"`` for the zero line — so that a test can read back what was drawn."""
-    from .quality import method_name
     from .stats import NAMES, method_rank
-    from .sweep_analysis import SweepResults, forest_frame, load
+    from .sweep_analysis import SweepResults, forest_frame, load, method_words
 
     res = sweep if isinstance(sweep, SweepResults) else load(sweep)
     frame = forest_frame(res, against)
@@ -727,7 +727,7 @@ def plot_forest(sweep, against=("scratch", "label_smoothing"), title: str | None
             pad = 0.08 * (high - low or 1.0)
             ax.set_xlim(low - pad, high + pad)
             ax.set_ylim(len(rows) - 0.5, -0.5)
-            ax.set_yticks(range(len(rows)), [method_name(m) for m in rows] if c == 0 else [])
+            ax.set_yticks(range(len(rows)), [method_words(m) for m in rows] if c == 0 else [])
             ax.tick_params(labelsize=8)
             ax.grid(axis="x", alpha=0.3)
             if b == 0:

@@ -156,11 +156,25 @@ def setting_words(run: str, P: dict, keys=(), variants=()) -> str:
     return ", ".join(words) or "base"
 
 
+KNOB_WORDS = {"temperature": "T", "label_smoothing": "eps"}  # a knob's name beside its value
+
+
+def knob_words(key: str, value) -> str:
+    """'T 1.12', 'alpha 0.111', 'beta 0', 'eps 0.296': a knob and its value, shortened (three
+    significant digits) for a label; the record keeps the full value."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = None
+    text = f"{number:.3g}" if number is not None and not number.is_integer() else str(value)
+    return f"{KNOB_WORDS.get(key, key)} {text}"
+
+
 def method_words(method: str) -> str:
     """A method (or its variant, ``method_label``) in words, with no '=': 'CAMKD (beta 0)',
-    'CA-MKD official (alpha 1, beta 50)', 'label smoothing'."""
+    'CA-MKD official (alpha 1, beta 50)', 'vanilla (T 1.05, alpha 0.111)', 'label smoothing'."""
     base, _, rest = method.partition("[")
-    parts = [v.replace("=", " ") for v in rest.rstrip("]").split(",") if v]
+    parts = [knob_words(*v.split("=", 1)) for v in rest.rstrip("]").split(",") if v]
     name = NAMES.get(base, base)
     if base == "camkd" and "camkd_form official" in parts:
         name, parts = "CA-MKD official", [v for v in parts if v != "camkd_form official"]

@@ -19,7 +19,9 @@ import yaml
 from matplotlib.figure import Figure
 
 from .stats import NAMES, method_rank
-from .sweep_analysis import SweepResults, differences, load as load_sweep, setting_table
+from .sweep_analysis import SweepResults, differences, knob_words, load as load_sweep, setting_table
+
+EDGE = 0.1  # a chosen value in the outer tenth of its searched range sits at its edge
 
 AGAINST = ("scratch", "label_smoothing")  # every method is compared with the students that never see a teacher
 
@@ -82,14 +84,16 @@ def counts(res: TuneResults) -> pd.DataFrame:
 
 def chosen(res: TuneResults) -> pd.DataFrame:
     """One row per setting and method: the chosen values, their validation accuracy (over how
-    many seeds) and how they were chosen (``best.yaml``)."""
+    many seeds), those at the edge of their searched range (``edges``) and how they were chosen
+    (``best.yaml``)."""
     rows = []
     for setting, entry in res.best.items():
         for method, c in entry["methods"].items():
-            values = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
-                               for k, v in c["values"].items()) or "—"
-            rows.append({"setting": entry["in words"], "method": NAMES.get(method, method), "values": values,
+            rows.append({"setting": entry["in words"], "method": NAMES.get(method, method),
+                         "values": values_text(res, setting, method),
                          "validation accuracy %": round(c["val_acc"], 2), "seeds": c.get("val_seeds"),
+                         "at the edge of its range": "; ".join(map(_edge_words, edges(res, setting, method)))
+                         or ("—" if c["values"] else ""),
                          "chosen": c["chosen"]})
     return pd.DataFrame(rows)
 
@@ -158,7 +162,8 @@ def plot_history(res: TuneResults, setting: str) -> Figure:
 
 def plot_knob(res: TuneResults, setting: str, knob: str) -> Figure | None:
     """Validation accuracy of every complete search trial against ``knob``, one colour per method
-    that searched it (log axis where the knob was searched on one); None if none did."""
+    that searched it (log axis where the knob was searched on one), the searched range's ends
+    dotted; None if none did."""
     g = res.trials[(res.trials["setting"] == setting) & (res.trials["kind"] == "search")
                    & (res.trials["state"] == "complete")]
     methods = [m for m in res.methods() if knob in res.spec["space"].get(m, {})]
@@ -176,8 +181,15 @@ def plot_knob(res: TuneResults, setting: str, knob: str) -> Figure | None:
                                        if "val_acc_trial" in res.best[setting]["methods"][m]
                                        else res.best[setting]["methods"][m]["val_acc"]],
                        s=90, facecolors="none", edgecolors=colors[m], lw=1.5)
-    if any(isinstance(s := res.spec["space"][m][knob], dict) and s.get("log") for m in methods):
+    ranges = [s for m in methods if isinstance(s := res.spec["space"][m][knob], dict)]
+    if any(s.get("log") for s in ranges):
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    for i, bound in enumerate(sorted({float(s[k]) for s in ranges for k in ("low", "high")})):
+        ax.axvline(bound, color="0.5", ls=":", lw=1, label="searched range" if i == 0 else None, gid="range")
     ax.set_xlabel(knob)
     ax.set_ylabel("validation accuracy %")
     ax.set_title(f"{res.words(setting)}: validation accuracy against {knob} (ringed: chosen)", fontsize=9)
@@ -261,9 +273,34 @@ def _interval(mean, low, high, signed=False, p=None) -> str:
 def values_text(res: TuneResults, setting: str, method: str) -> str:
     """'T 1.62, alpha 0.35' for a method's chosen values ('—' without a search)."""
     values = res.best.get(setting, {}).get("methods", {}).get(method, {}).get("values", {})
-    short = {"temperature": "T", "label_smoothing": "eps"}
-    return ", ".join(f"{short.get(k, k)} {v:.3g}" if isinstance(v, float) else f"{short.get(k, k)} {v}"
-                     for k, v in values.items()) or "—"
+    return ", ".join(knob_words(k, v) for k, v in values.items()) or "—"
+
+
+def edges(res: TuneResults, setting: str, method: str) -> list[dict]:
+    """The chosen values that sit at the edge of their searched range: in its lowest or highest
+    tenth (``EDGE``), measured on the log scale where the range was searched on one. Such a
+    value says the best may lie beyond the range, where no trial went. One dict per knob:
+    knob, value, low, high, side ('low' or 'high'); lists of choices are not ranges and are left out."""
+    values = res.best.get(setting, {}).get("methods", {}).get(method, {}).get("values", {})
+    out = []
+    for knob, value in values.items():
+        space = res.spec.get("space", {}).get(method, {}).get(knob)
+        if not isinstance(space, dict) or not isinstance(value, (int, float)):
+            continue
+        low, high, log = float(space["low"]), float(space["high"]), bool(space.get("log"))
+        if high <= low:
+            continue
+        scale = (lambda x: math.log(x)) if log else (lambda x: x)
+        where = (scale(float(value)) - scale(low)) / (scale(high) - scale(low))
+        side = "low" if where <= EDGE else "high" if where >= 1 - EDGE else None
+        if side:
+            out.append({"knob": knob, "value": float(value), "low": low, "high": high, "side": side})
+    return out
+
+
+def _edge_words(e: dict) -> str:
+    """'T 1.05 (lowest tenth of 1 to 8)'."""
+    return f"{knob_words(e['knob'], e['value'])} ({e['side']}est tenth of {e['low']:g} to {e['high']:g})"
 
 
 def _setting_name(res: TuneResults, words: str) -> str:
@@ -295,8 +332,8 @@ def _significant(test: pd.DataFrame, anchor: str, sign: int) -> pd.DataFrame:
 
 def reading(res: TuneResults, test: pd.DataFrame) -> list[str]:
     """The plain reading of the test, generated from its numbers: whether any method with
-    teachers, at its best, beats scratch or label smoothing, and where the teachers' methods
-    chose their temperature."""
+    teachers, at its best, beats scratch or label smoothing, where the teachers' methods
+    chose their temperature, and which chosen values sit at the edge of their range (``edges``)."""
     kd = test[~test["method"].isin(AGAINST)]
     lines = []
     for anchor in AGAINST:
@@ -322,7 +359,26 @@ def reading(res: TuneResults, test: pd.DataFrame) -> list[str]:
         if temps:
             lines.append(f"- **{setting}**: the chosen temperatures are " + ", ".join(
                 f"{NAMES.get(m, m)} {t:.2f}" for m, t in temps.items()) + " (the seed's recipe uses 4).")
-    return lines
+    return lines + _edge_reading([(res, test)])
+
+
+def _edge_reading(studies) -> list[str]:
+    """The reading's line on chosen values at the edge of their searched range, over
+    ``studies`` = [(TuneResults, its test frame)], each read against its own search space."""
+    at_edge, searched = [], 0
+    for res, test in studies:
+        for setting in dict.fromkeys(test["setting"]):
+            s = _setting_name(res, setting)
+            for m in sorted(res.best.get(s, {}).get("methods", {}), key=method_rank):
+                found = edges(res, s, m)
+                searched += bool(res.best[s]["methods"][m].get("values"))
+                if found:
+                    at_edge.append(f"{NAMES.get(m, m)} in {setting}: " + ", ".join(map(_edge_words, found)))
+    if not searched:
+        return []
+    return ["- **Chosen values at the edge of their searched range**: " + (
+        "; ".join(at_edge) + ". The best may lie beyond the range, where no trial went."
+        if at_edge else "none; every chosen value lies inside its range.")]
 
 
 STUDIES = ("outputs/small-student", "outputs/small-student-swapped", "outputs/seed-student")  # the book's answer
@@ -416,6 +472,7 @@ def test_markdown_wide(test: pd.DataFrame) -> str:
 def reading_all(done) -> list[str]:
     """``reading`` over every finished study together."""
     test = pd.concat([t for _, _, t in done], ignore_index=True)
-    merged = TuneResults(done[0][1].dir, done[0][1].spec, done[0][1].trials,
+    merged = TuneResults(done[0][1].dir, {**done[0][1].spec, "space": {}}, done[0][1].trials,
                          {k: v for _, res, _ in done for k, v in res.best.items()}, None)
-    return reading(merged, test)
+    lines = [line for line in reading(merged, test) if "edge of their searched range" not in line]
+    return lines + _edge_reading([(res, t) for _, res, t in done])

@@ -329,7 +329,7 @@ def test_forest_plot_draws_the_paired_intervals_of_kdlib_stats(tmp_path):
                for ax in panels)
     heads = [t.get_text() for ax in fig.axes for t in ax.texts if t.get_fontweight() == "bold"]
     assert heads == ["shipped", "swapped resnet"]  # the settings in words, shipped first
-    order = ["CAMKD", "CAMKD, beta=0", "vanilla", "label smoothing"]
+    order = ["CAMKD", "CAMKD (beta 0)", "vanilla", "label smoothing"]
     assert all([t.get_text() for t in ax.get_yticklabels()] == order for ax in panels[::2])  # one order everywhere
     colors = {}
     for ax in panels:
@@ -380,6 +380,21 @@ def test_forest_plot_takes_a_tuned_reference_for_its_method(tmp_path):
     t = paired_t(list(camkd.values()), list(ls.values()))
     assert drawn[("base", "camkd", "label_smoothing")] == pytest.approx((t["ci_low"], t["ci_high"]))
     assert ("base", "label_smoothing[label_smoothing=0.2]", "scratch") in drawn
+    names = [t.get_text() for ax in plots.plot_forest(tmp_path).axes for t in ax.get_yticklabels()]
+    assert "label smoothing (eps 0.2)" in names and "CAMKD" in names and not any("=" in n for n in names)
+
+
+@pytest.mark.parametrize("label, words", [
+    ("camkd[beta=0]", "CAMKD (beta 0)"),
+    ("vanilla[temperature=1.05371,alpha=0.11079]", "vanilla (T 1.05, alpha 0.111)"),
+    ("camkd[beta=33.3]", "CAMKD (beta 33.3)"),
+    ("label_smoothing[label_smoothing=0.296366]", "label smoothing (eps 0.296)"),
+    ("camkd[alpha=1,beta=50,camkd_form=official]", "CA-MKD official (alpha 1, beta 50)"),
+    ("ebkd", "EBKD"),
+])
+def test_a_method_variant_in_words_has_short_knobs_and_three_digits(label, words):
+    from kdlib.sweep_analysis import method_words
+    assert method_words(label) == words
 
 
 @pytest.mark.parametrize("name, n", [("tab10", None), ("Dark2", 3), ("Dark2", 11), ("Set1", 9), ("Set1", 1)])

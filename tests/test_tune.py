@@ -309,3 +309,66 @@ def test_unfinished_studies_are_named_with_how_far_they_got(tmp_path):
     for words in ("`a-search` (searching)", "`b-rescore` (re-scoring its best trials over seeds)",
                   "`c-test` (testing the chosen values)", "`d-none` (not started)", "`e-started` (searching)"):
         assert words in text, text
+
+
+def _chosen_at(tmp_path, space: dict, values: dict):
+    """A TuneResults whose one setting chose ``values`` = {method: {knob: value}} in ``space``."""
+    from kdlib.tune_analysis import TuneResults
+    best = {"base": {"setting": {}, "in words": "base", "methods": {
+        m: {"values": v, "val_acc": 85.0, "chosen": "best"} for m, v in values.items()}}}
+    frame = pd.DataFrame({"setting": ["base"], "method": ["vanilla"], "kind": ["search"], "state": ["complete"],
+                          "val_acc": [85.0]})
+    return TuneResults(tmp_path, {"space": space, "methods": list(values)}, frame, best, None)
+
+
+@pytest.mark.parametrize("log, value, side", [
+    (True, 1.23, "low"),    # log(1.23) / log(8) = 0.0996: the lowest tenth on the log scale
+    (True, 1.25, None),     # 0.107
+    (True, 1.6, None),      # 0.226 on the log scale; on a linear one (1.6 - 1) / 7 = 0.086 would be the edge
+    (False, 1.6, "low"),
+    (True, 6.6, "high"),    # log(6.6) / log(8) = 0.907
+    (False, 6.6, None),     # (6.6 - 1) / 7 = 0.8
+    (False, 7.4, "high"),   # 0.914
+])
+def test_a_chosen_value_in_the_outer_tenth_of_its_range_is_at_its_edge(tmp_path, log, value, side):
+    from kdlib.tune_analysis import edges
+    res = _chosen_at(tmp_path, {"vanilla": {"temperature": {"low": 1, "high": 8, "log": log}, "beta": [0, 10]}},
+                     {"vanilla": {"temperature": value, "beta": 0}})
+    found = edges(res, "base", "vanilla")
+    assert found == ([{"knob": "temperature", "value": value, "low": 1.0, "high": 8.0, "side": side}] if side else [])
+
+
+def test_the_reading_names_chosen_values_at_the_edge_of_their_range_or_says_none_are(tmp_path):
+    from kdlib import tune_analysis
+    space = {"vanilla": dict(VANILLA), "label_smoothing": {"label_smoothing": {"low": 0.01, "high": 0.5, "log": True}}}
+    test = pd.DataFrame({"setting": ["base"] * 3, "method": ["vanilla", "label_smoothing", "scratch"],
+                         **{f"{f} vs {a}": [math.nan] * 3 for f in ("mean_diff", "ci_low", "ci_high", "p_value")
+                            for a in ("scratch", "label_smoothing")}})
+    edge = _chosen_at(tmp_path, space, {"vanilla": {"temperature": 1.05, "alpha": 0.111},
+                                        "label_smoothing": {"label_smoothing": 0.1}, "scratch": {}})
+    line = [s for s in tune_analysis.reading(edge, test) if "edge of their searched range" in s]
+    assert line == ["- **Chosen values at the edge of their searched range**: vanilla in base: T 1.05 (lowest "
+                    "tenth of 1 to 8), alpha 0.111 (lowest tenth of 0.1 to 10). The best may lie beyond the range, "
+                    "where no trial went."]
+    assert tune_analysis.chosen(edge)["at the edge of its range"].tolist() == [
+        "T 1.05 (lowest tenth of 1 to 8); alpha 0.111 (lowest tenth of 0.1 to 10)", "—", ""]
+    inside = _chosen_at(tmp_path, space, {"vanilla": {"temperature": 3.0, "alpha": 1.0},
+                                          "label_smoothing": {"label_smoothing": 0.1}, "scratch": {}})
+    assert "none; every chosen value lies inside its range." in tune_analysis.reading(inside, test)[-1]
+
+
+def test_the_knob_plot_marks_the_searched_range_and_rings_the_choice(tmp_path):
+    from kdlib import tune_analysis
+    res = _chosen_at(tmp_path, {"vanilla": dict(VANILLA), "ebkd": {"temperature": {"low": 0.5, "high": 4}}},
+                     {"vanilla": {"temperature": 1.05, "alpha": 0.111}, "ebkd": {"temperature": 2.0, "alpha": 1.0}})
+    res.trials = pd.DataFrame({"setting": "base", "method": ["vanilla", "vanilla", "ebkd"], "kind": "search",
+                               "state": "complete", "temperature": [1.05, 3.0, 2.0], "val_acc": [85.0, 84.0, 83.0]})
+    fig = tune_analysis.plot_knob(res, "base", "temperature")
+    ax = fig.axes[0]
+    assert sorted(line.get_xdata()[0] for line in ax.lines if line.get_gid() == "range") == [0.5, 1.0, 4.0, 8.0]
+    assert ax.get_xscale() == "log"  # one method searched it on a log scale
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    FigureCanvasAgg(fig).draw()
+    low, high = ax.get_xlim()
+    shown = [t.get_text() for t in ax.get_xticklabels() if low <= t.get_position()[0] <= high]
+    assert shown == ["0.5", "1", "2", "5"]  # plain numbers at 1, 2, 5, not matplotlib's 2x10^0
