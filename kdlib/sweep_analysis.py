@@ -159,15 +159,19 @@ def setting_words(run: str, P: dict, keys=(), variants=()) -> str:
 KNOB_WORDS = {"temperature": "T", "label_smoothing": "eps"}  # a knob's name beside its value
 
 
-def knob_words(key: str, value) -> str:
-    """'T 1.12', 'alpha 0.111', 'beta 0', 'eps 0.296': a knob and its value, shortened (three
-    significant digits) for a label; the record keeps the full value."""
+def value_words(value) -> str:
+    """A knob's value for a label: '1.12' (three significant digits), '100', 'official'; the
+    record keeps the full value."""
     try:
         number = float(value)
     except (TypeError, ValueError):
-        number = None
-    text = f"{number:.3g}" if number is not None and not number.is_integer() else str(value)
-    return f"{KNOB_WORDS.get(key, key)} {text}"
+        return str(value)
+    return f"{number:g}" if number.is_integer() else f"{number:.3g}"
+
+
+def knob_words(key: str, value) -> str:
+    """'T 1.12', 'alpha 0.111', 'beta 0', 'eps 0.296': a knob and its value, shortened for a label."""
+    return f"{KNOB_WORDS.get(key, key)} {value_words(value)}"
 
 
 def method_words(method: str) -> str:

@@ -19,7 +19,7 @@ import yaml
 from matplotlib.figure import Figure
 
 from .stats import NAMES, method_rank
-from .sweep_analysis import SweepResults, differences, knob_words, load as load_sweep, setting_table
+from .sweep_analysis import SweepResults, differences, knob_words, load as load_sweep, setting_table, value_words
 
 EDGE = 0.1  # a chosen value in the outer tenth of its searched range sits at its edge
 
@@ -352,14 +352,42 @@ def reading(res: TuneResults, test: pd.DataFrame) -> list[str]:
         lines.append("- **Label smoothing, tuned, against scratch**: " + "; ".join(
             f"{r['setting']} {_interval(r['mean_diff vs scratch'], r['ci_low vs scratch'], r['ci_high vs scratch'], True, r['p_value vs scratch'])}"
             for _, r in ls.iterrows()) + ".")
-    for setting in dict.fromkeys(kd["setting"]):
-        s = _setting_name(res, setting)
-        temps = {m: v.get("values", {}).get("temperature") for m, v in res.best.get(s, {}).get("methods", {}).items()}
-        temps = {m: t for m, t in temps.items() if t is not None}
-        if temps:
-            lines.append(f"- **{setting}**: the chosen temperatures are " + ", ".join(
-                f"{NAMES.get(m, m)} {t:.2f}" for m, t in temps.items()) + " (the seed's recipe uses 4).")
+    base = _base_params(res)
+    for setting in dict.fromkeys(test["setting"]):
+        line = _chosen_line(res, setting, base)
+        if line:
+            lines.append(line)
     return lines + _edge_reading([(res, test)])
+
+
+KNOB_READING = {"label_smoothing": "label smoothing's eps"}
+
+
+def _chosen_line(res: TuneResults, setting: str, base: dict) -> str | None:
+    """'- **small student**, the chosen values (untuned, as in the base params, in brackets):
+    temperature vanilla 1.05, CAMKD 1.12 (4); alpha vanilla 0.111, CAMKD 1.56 (0.7); beta CAMKD 0 (100).'"""
+    methods = res.best.get(_setting_name(res, setting), {}).get("methods", {})
+    order = sorted(methods, key=method_rank)
+    knobs = dict.fromkeys(k for m in order for k in methods[m].get("values", {}))
+    if not knobs:
+        return None
+    parts = []
+    for k in knobs:
+        said = ", ".join(value_words(v) if m == k else f"{NAMES.get(m, m)} {value_words(v)}"  # eps: its own method
+                         for m in order if (v := methods[m].get("values", {}).get(k)) is not None)
+        parts.append(f"{KNOB_READING.get(k, k)} {said}" + (f" ({value_words(base[k])})" if k in base else ""))
+    return (f"- **{setting}**, the chosen values (untuned, as in the base params, in brackets): "
+            + "; ".join(parts) + ".")
+
+
+def _base_params(res: TuneResults) -> dict:
+    """The tuning's base params file with its defaults ({} when it cannot be read)."""
+    from .params import ParamsError, load_params
+    path = Path(__file__).resolve().parent.parent / res.spec.get("base", "")
+    try:
+        return load_params(path) if path.is_file() else {}
+    except ParamsError:
+        return {}
 
 
 def _edge_reading(studies) -> list[str]:

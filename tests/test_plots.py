@@ -388,6 +388,7 @@ def test_forest_plot_takes_a_tuned_reference_for_its_method(tmp_path):
     ("camkd[beta=0]", "CAMKD (beta 0)"),
     ("vanilla[temperature=1.05371,alpha=0.11079]", "vanilla (T 1.05, alpha 0.111)"),
     ("camkd[beta=33.3]", "CAMKD (beta 33.3)"),
+    ("camkd[beta=100.0]", "CAMKD (beta 100)"),
     ("label_smoothing[label_smoothing=0.296366]", "label smoothing (eps 0.296)"),
     ("camkd[alpha=1,beta=50,camkd_form=official]", "CA-MKD official (alpha 1, beta 50)"),
     ("ebkd", "EBKD"),

@@ -357,6 +357,25 @@ def test_the_reading_names_chosen_values_at_the_edge_of_their_range_or_says_none
     assert "none; every chosen value lies inside its range." in tune_analysis.reading(inside, test)[-1]
 
 
+def test_the_reading_gives_each_knobs_chosen_values_beside_the_base_params_untuned_one(tmp_path):
+    """The base params file (with kdlib.params' defaults) says what each knob is without tuning."""
+    from kdlib import tune_analysis
+    base = tmp_path / "base.yaml"
+    base.write_text("temperature: 4.0\nalpha: 0.7\nval_subset: 5000\n")  # label smoothing: its default, 0.1
+    res = _chosen_at(tmp_path, {}, {"vanilla": {"temperature": 1.05371, "alpha": 0.11079},
+                                    "camkd": {"temperature": 2.0, "alpha": 1.5, "beta": 0},
+                                    "label_smoothing": {"label_smoothing": 0.296366}, "scratch": {}})
+    res.spec["base"] = str(base)  # absolute: the project root joined with it is the file itself
+    test = pd.DataFrame({"setting": ["base"], "method": ["vanilla"]})
+    line = tune_analysis._chosen_line(res, "base", tune_analysis._base_params(res))
+    assert line == ("- **base**, the chosen values (untuned, as in the base params, in brackets): temperature "
+                    "CAMKD 2, vanilla 1.05 (4); alpha CAMKD 1.5, vanilla 0.111 (0.7); beta CAMKD 0 (100); "
+                    "label smoothing's eps 0.296 (0.1).")
+    assert line in tune_analysis.reading(res, test.assign(**{f"{f} vs {a}": math.nan for f in
+                                                             ("mean_diff", "ci_low", "ci_high", "p_value")
+                                                             for a in ("scratch", "label_smoothing")}))
+
+
 def test_the_knob_plot_marks_the_searched_range_and_rings_the_choice(tmp_path):
     from kdlib import tune_analysis
     res = _chosen_at(tmp_path, {"vanilla": dict(VANILLA), "ebkd": {"temperature": {"low": 0.5, "high": 4}}},
