@@ -291,7 +291,7 @@ def test_unfinished_studies_are_named_with_how_far_they_got(tmp_path):
     study named with its stage, from its records (searching, re-scoring, testing, not started)."""
     from kdlib import tune_analysis
     spec = {"base": "params/fashionmnist_tune.yaml", "settings": [{"student_width": 0.25}],
-            "methods": ["scratch", "vanilla"], "trials": 3, "seeds": [0, 1, 2]}
+            "methods": ["scratch", "vanilla"], "trials": 3, "seeds": [0, 1, 2], "space": {"vanilla": VANILLA}}
     row = {"setting": "student_width=0.25", "method": "vanilla", "kind": "search", "trial": 0, "seed": 0,
            "state": "complete", "temperature": 1.0, "alpha": 0.5, "val_acc": 88.0, "epochs": 15}
     stages = {"a-search": [row], "b-rescore": [row, dict(row, kind="rescore", seed=1)],
@@ -306,7 +306,7 @@ def test_unfinished_studies_are_named_with_how_far_they_got(tmp_path):
     (tmp_path / "e-started" / "tune.yaml").write_text(yaml.safe_dump(spec))
     text = tune_analysis.block([tmp_path / n for n in (*stages, "d-none", "e-started")])
     assert "no study has finished its test yet" in text
-    for words in ("`a-search` (searching)", "`b-rescore` (re-scoring its best trials over seeds)",
+    for words in ("`a-search` (searching, 1 of 3 trials)", "`b-rescore` (re-scoring its best trials over seeds)",
                   "`c-test` (testing the chosen values)", "`d-none` (not started)", "`e-started` (searching)"):
         assert words in text, text
 
