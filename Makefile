@@ -35,14 +35,16 @@ sweep: install data
 	@test -n "$(SWEEP)" || { echo "give the sweep file: make sweep SWEEP=params/sweeps/NAME.yaml"; exit 2; }
 	$(PY) -m kdlib sweep $(SWEEP) $(if $(WORKERS),--workers $(WORKERS)) $(if $(SCHEDULER),--scheduler $(SCHEDULER)) $(if $(RESUME),--resume)
 
-# make tune TUNE=params/tune/NAME.yaml [WORKERS=N] [SCHEDULER=tcp://host:8786] [STORAGE=URL]; goes on where a
+# make tune TUNE=params/tune/NAME.yaml [WORKERS=N] [SCHEDULER=tcp://host:8786] [STORAGE=URL] [TIMEOUT=2h]; goes on where a
 # tuning in outputs/NAME stopped, if there is one
 tune: install data
 	@test -n "$(TUNE)" || { echo "give the tune file: make tune TUNE=params/tune/NAME.yaml"; exit 2; }
 	$(PY) -m kdlib tune $(TUNE) $(if $(WORKERS),--workers $(WORKERS)) $(if $(SCHEDULER),--scheduler $(SCHEDULER)) \
-		$(if $(STORAGE),--storage $(STORAGE)) $(if $(wildcard outputs/$(basename $(notdir $(TUNE)))/tune.json),--resume)
+		$(if $(STORAGE),--storage $(STORAGE)) $(if $(TIMEOUT),--timeout $(TIMEOUT)) \
+		$(if $(wildcard outputs/$(basename $(notdir $(TUNE)))/tune.json),--resume)
 
-# the book's three tuning studies, one after the other, each resumed where it stopped (many hours on a 2-core CPU)
+# the book's three tuning studies, one after the other, each resumed where it stopped (many hours on a 2-core CPU);
+# TIMEOUT=2h: no trial or run starts after 2 hours (each study's own clock), the running ones finish, then it stops
 STUDIES := small-student small-student-swapped seed-student
 studies: install data
 	@for s in $(STUDIES); do $(MAKE) --no-print-directory tune TUNE=params/tune/$$s.yaml || exit 1; done

@@ -1,11 +1,13 @@
 """Command line: ``python -m kdlib run params/X.yaml [--name NAME] [-p key=value ...]``,
 ``python -m kdlib run --resume outputs/NAME``,
-``python -m kdlib sweep params/sweeps/X.yaml [--workers N] [--scheduler ADDRESS] [--resume]``,
-``python -m kdlib tune params/tune/X.yaml [--workers N] [--scheduler ADDRESS] [--storage URL] [--resume]``, or
+``python -m kdlib sweep params/sweeps/X.yaml [--workers N] [--scheduler ADDRESS] [--resume] [--timeout T]``,
+``python -m kdlib tune params/tune/X.yaml [--workers N] [--scheduler ADDRESS] [--storage URL] [--resume]
+[--timeout T]``, or
 ``python -m kdlib ship-teachers params/X.yaml``."""
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 from .checkpoint import CheckpointError
@@ -14,6 +16,18 @@ from .extras import MissingExtra, require
 from .params import ParamsError
 
 EXTRA_OF = {"run": "batch", "sweep": "sweep", "tune": "tune"}  # what each command needs beyond the core
+STOPPED = 3  # the exit status of a sweep or tuning stopped by its --timeout (continue it with --resume)
+TIMEOUT_HELP = ("start no trial or run after this long (seconds, or 90m, 2h, 1h30m); the running ones finish, "
+                f"then it stops with exit status {STOPPED}, to be continued with --resume")
+
+
+def duration(text: str) -> float:
+    """'5400', '90m', '2h', '1h30m', '45s' -> seconds (argparse's type for --timeout)."""
+    match = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?", text.strip())
+    if not text.strip() or not match:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration: give seconds, or e.g. 90m, 2h, 1h30m")
+    h, m, sec = (float(g) if g else 0.0 for g in match.groups())
+    return 3600 * h + 60 * m + sec
 
 
 def main(argv=None) -> int:
@@ -34,6 +48,7 @@ def main(argv=None) -> int:
     sweep.add_argument("--scheduler", metavar="ADDRESS", help="submit to an existing Dask scheduler, e.g. tcp://host:8786")
     sweep.add_argument("--resume", action="store_true", help="continue the sweep: finished runs are skipped")
     sweep.add_argument("--outputs", default="outputs", help="parent folder of sweep folders")
+    sweep.add_argument("--timeout", type=duration, metavar="T", help=TIMEOUT_HELP)
     tune = sub.add_parser("tune", help="tune each method on a validation split (Optuna on Dask), then test "
                                        "the chosen values over seeds into outputs/NAME")
     tune.add_argument("tune_file", help="tune YAML file, e.g. params/tune/small-student.yaml")
@@ -43,6 +58,7 @@ def main(argv=None) -> int:
                       "postgresql://host/db (default: a journal file in outputs/NAME, one machine)")
     tune.add_argument("--resume", action="store_true", help="continue: finished trials and runs are kept")
     tune.add_argument("--outputs", default="outputs", help="parent folder of tuning folders")
+    tune.add_argument("--timeout", type=duration, metavar="T", help=TIMEOUT_HELP)
     args = parser.parse_args(argv)
     if args.command in EXTRA_OF:
         try:
@@ -89,12 +105,13 @@ def _sweep(args) -> int:
               file=sys.stderr)
         return 2
     try:
-        data = run_sweep(args.sweep_file, args.workers, args.scheduler, args.resume, args.outputs)
+        data = run_sweep(args.sweep_file, args.workers, args.scheduler, args.resume, args.outputs,
+                         deadline=_deadline(args.timeout))
     except (ParamsError, RunError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2 if isinstance(err, ParamsError) else 1
     print(summary(data), file=sys.stderr if data["status"] == "failed" else sys.stdout)
-    return 0 if data["status"] == "finished" else 1
+    return {"finished": 0, "stopped": STOPPED}.get(data["status"], 1)
 
 
 def _tune(args) -> int:
@@ -105,11 +122,17 @@ def _tune(args) -> int:
               file=sys.stderr)
         return 2
     try:
-        data = run_tune(args.tune_file, args.workers, args.scheduler, args.storage, args.resume, args.outputs)
+        data = run_tune(args.tune_file, args.workers, args.scheduler, args.storage, args.resume, args.outputs,
+                        timeout=args.timeout)
     except (ParamsError, RunError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2 if isinstance(err, ParamsError) else 1
-    return 0 if data["status"] == "finished" else 1
+    return {"finished": 0, "stopped": STOPPED}.get(data["status"], 1)
+
+
+def _deadline(timeout: float | None) -> float | None:
+    import time
+    return None if timeout is None else time.monotonic() + timeout
 
 
 if __name__ == "__main__":

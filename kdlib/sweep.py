@@ -269,22 +269,38 @@ def _submit(client, base: str, runs: list[Run], sweep_dir: Path) -> dict:
     return futures
 
 
-def _watch(client, futures: dict, record: Record, sweep_dir: Path, log) -> None:
-    """Mark runs running (with their worker) as workers start them; one line per finished run."""
+def past(deadline: float | None) -> bool:
+    """Whether the ``time.monotonic()`` deadline of a ``--timeout`` has passed (None: never)."""
+    return deadline is not None and time.monotonic() >= deadline
+
+
+def _watch(client, futures: dict, record: Record, sweep_dir: Path, log, deadline: float | None = None) -> None:
+    """Mark runs running (with their worker) as workers start them; one line per finished run.
+    Past ``deadline`` the runs no worker has started are cancelled (they stay pending, for
+    ``--resume``); the running ones finish."""
     from distributed import as_completed
     names = {f.key: n for n, f in futures.items()}
     total, done = len(record.data["runs"]), len(record.runs("finished"))
     started = queue.SimpleQueue()
     client.subscribe_topic(STARTED, lambda event: started.put(event[1]))
     pending = as_completed(list(futures.values()))
+    stopping = False
     while not pending.is_empty():
         while not started.empty():
             event = started.get()
             if event["sweep"] == str(sweep_dir) and \
                     record.data["runs"][event["run"]]["status"] in ("pending", "running"):
                 record.update(event["run"], status="running", worker=event["worker"])
+        if not stopping and past(deadline):
+            stopping = True
+            waiting = [f for n, f in futures.items() if record.data["runs"][n]["status"] == "pending"]
+            client.cancel(waiting)
+            log(f"timeout: {len(waiting)} run(s) not started are left for --resume; waiting for the "
+                f"{len(record.runs('running'))} running")
         for future in pending.next_batch(block=False):
             name = names[future.key]
+            if future.status == "cancelled":  # never started: pending, for --resume
+                continue
             if future.status == "error":  # the engine gave up on it (e.g. its worker died too often)
                 result = {"status": "failed", "error": _error_line(future.exception()), "seconds": None}
             else:
@@ -318,12 +334,14 @@ def ensure(sweep_dir: str | Path, sweep_file: str | Path) -> Path:
 
 def run_sweep(sweep_file: str | Path, workers: int | None = None, scheduler: str | None = None,
               resume: bool = False, outputs: str | Path = "outputs", name: str | None = None,
-              dashboard: str = ":8787", analysis: bool = True, log=print) -> dict:
+              dashboard: str = ":8787", analysis: bool = True, log=print, deadline: float | None = None) -> dict:
     """Run every run of a sweep file into ``outputs/NAME/`` and return ``sweep.json``'s content.
 
     Raises ``ParamsError`` (a bad sweep) or ``RunError`` (a sweep folder in the way) before
     anything is created; a failing run is recorded in ``sweep.json`` and the others go on.
-    ``analysis`` executes 04_sweep_analysis into the sweep folder at the end."""
+    ``analysis`` executes 04_sweep_analysis into the sweep folder at the end. Past
+    ``deadline`` (``time.monotonic()``, from ``--timeout``) no run starts: the sweep ends
+    'stopped' once the running ones finish, and ``--resume`` goes on."""
     from .extras import require
     require("sweep", "a sweep")  # before anything is created: one line naming the extra, not an ImportError
     sweep_file = _locate(Path(sweep_file))
@@ -346,12 +364,15 @@ def run_sweep(sweep_file: str | Path, workers: int | None = None, scheduler: str
     todo = [r for r in runs if r.name not in record.runs("finished")]
     if len(todo) < len(runs):
         log(f"{len(runs) - len(todo)} run(s) finished earlier, skipped")
-    if todo:
-        _run_on_cluster(base, todo, sweep_dir, record, workers, scheduler, dashboard, log)
+    if todo and not past(deadline):
+        _run_on_cluster(base, todo, sweep_dir, record, workers, scheduler, dashboard, log, deadline)
     failed = record.runs("failed")
-    record.data.update(status="failed" if failed else "finished", ended=now())
+    left = record.runs("pending") + record.runs("running")
+    record.data.update(status="stopped" if left else "failed" if failed else "finished", ended=now())
     record.write()
-    if analysis and len(failed) < len(runs):
+    if left:
+        log(f"stopped by the timeout: {len(runs) - len(left)} of {len(runs)} runs ended; continue with --resume")
+    elif analysis and len(failed) < len(runs):
         analyse(sweep_dir, log)
     return record.data
 
@@ -374,19 +395,21 @@ def connected(workers: int | None, scheduler: str | None, jobs: int, dashboard: 
             cluster.close()
 
 
-def _run_on_cluster(base, runs, sweep_dir, record, workers, scheduler, dashboard, log) -> None:
+def _run_on_cluster(base, runs, sweep_dir, record, workers, scheduler, dashboard, log, deadline=None) -> None:
     with connected(workers, scheduler, len(runs), dashboard) as client:
         info = client.scheduler_info()["workers"].values()
         log(f"dashboard: {client.dashboard_link}; {len(info)} workers x "
             f"{', '.join(sorted({str(w['nthreads']) for w in info})) or '?'} threads; {len(runs)} runs")
         record.data["cluster"] += f", {len(info)} workers"
-        _watch(client, _submit(client, base, runs, sweep_dir), record, sweep_dir, log)
+        _watch(client, _submit(client, base, runs, sweep_dir), record, sweep_dir, log, deadline)
 
 
 def summary(data: dict) -> str:
     """The closing lines: counts, and each failed run with its error line."""
     runs = data["runs"]
     failed = {n: r for n, r in runs.items() if r["status"] == "failed"}
-    lines = [f"sweep {data['status']}: {len(runs) - len(failed)} of {len(runs)} runs finished"]
+    finished = sum(r["status"] == "finished" for r in runs.values())
+    lines = [f"sweep {data['status']}: {finished} of {len(runs)} runs finished"
+             + ("; continue with --resume" if data["status"] == "stopped" else "")]
     lines += [f"  failed: {n}: {r['error']}" for n, r in failed.items()]
     return "\n".join(lines)

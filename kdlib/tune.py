@@ -668,15 +668,22 @@ def _line(job: Job, number: int, result: dict) -> str:
             + (f" ({result['error']})" if result.get("error") else ""))
 
 
-def _drive(client, tuning: Tuning, log) -> None:
-    """Keep every worker busy with the next job until none is left."""
+def _drive(client, tuning: Tuning, log, deadline: float | None = None) -> bool:
+    """Keep every worker busy with the next job until none is left; past ``deadline``
+    (``time.monotonic()``) start none and wait for the running ones. True when it stopped
+    with jobs left."""
     from distributed import wait
+    from .sweep import past
     workers = client.scheduler_info()["workers"].values()
     slots = max(1, sum(int(w.get("resources", {}).get("run", 0)) for w in workers))
     flight: dict = {}
     done = 0
+    said = False
     while True:
-        while len(flight) < slots:
+        if past(deadline) and not said:
+            said = True
+            log(f"timeout: no new trial starts; waiting for the {len(flight)} running")
+        while len(flight) < slots and not past(deadline):
             job = tuning.next_job([j for j, _ in flight.values()])
             if job is None:
                 break
@@ -686,8 +693,11 @@ def _drive(client, tuning: Tuning, log) -> None:
                                    pure=False, key=f"trial-{job.study}-{number}-{time.time_ns()}".replace("/", "-"))
             flight[future] = (job, number)
         if not flight:
-            return
-        finished, _ = wait(list(flight), return_when="FIRST_COMPLETED")
+            return past(deadline) and tuning.next_job([]) is not None
+        try:
+            finished, _ = wait(list(flight), return_when="FIRST_COMPLETED", timeout=_until(deadline))
+        except TimeoutError:  # the deadline passed while they run: say so, then wait on
+            continue
         for future in finished:
             job, number = flight.pop(future)
             if future.status == "error":
@@ -700,6 +710,11 @@ def _drive(client, tuning: Tuning, log) -> None:
             log(f"[{done}] {_line(job, number, result)}")
         if tuning.dir is not None:
             tuning.frame().to_csv(tuning.dir / "trials.csv", index=False)
+
+
+def _until(deadline: float | None) -> float | None:
+    """Seconds to the deadline (at least a second), so that waiting wakes to say it passed."""
+    return None if deadline is None or time.monotonic() >= deadline else max(1.0, deadline - time.monotonic())
 
 
 def test_sweep(spec: TuneSpec, choices: dict) -> dict:
@@ -724,8 +739,12 @@ def ensure(tune_dir: str | Path, tune_file: str | Path) -> Path:
 
 def run_tune(tune_file: str | Path, workers: int | None = None, scheduler: str | None = None,
              storage: str | None = None, resume: bool = False, outputs: str | Path = "outputs",
-             name: str | None = None, dashboard: str = ":8787", analysis: bool = True, log=print) -> dict:
+             name: str | None = None, dashboard: str = ":8787", analysis: bool = True, log=print,
+             timeout: float | None = None) -> dict:
     """Tune, choose, test and record (see the module's docstring); return ``tune.json``'s content.
+
+    ``timeout`` (seconds): after it no trial or test run starts; the running ones finish, and the
+    tuning ends 'stopped' (``--resume`` goes on), as Optuna's ``optimize(timeout=...)`` does.
 
     Raises ``ParamsError`` (a bad tune file) or ``RunError`` (a folder or storage in the way, or a
     study whose trials keep failing) before anything runs, or when it cannot go on."""
@@ -733,7 +752,8 @@ def run_tune(tune_file: str | Path, workers: int | None = None, scheduler: str |
     require("tune", "tuning")  # before anything is created: one line naming the extra, not an ImportError
     import optuna
     from .runner import execute, notebooks_dir, render_html
-    from .sweep import _PlainDumper, connected, run_sweep
+    from .sweep import _PlainDumper, connected, past, run_sweep
+    deadline = None if timeout is None else time.monotonic() + timeout
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial is ours to print
     tune_file = _locate(Path(tune_file))
     spec = load_tune(tune_file)
@@ -783,7 +803,8 @@ def run_tune(tune_file: str | Path, workers: int | None = None, scheduler: str |
         info = client.scheduler_info()["workers"].values()
         log(f"dashboard: {client.dashboard_link}; {len(info)} workers; {len(spec.settings)} setting(s) x "
             f"{len(spec.methods)} methods, {spec.trials} trials per tuned method")
-        _drive(client, tuning, log)
+        if _drive(client, tuning, log, deadline):
+            return _stopped(data, write, tuning, log, "its search and re-scoring")
         choices = {s.name: {m: tuning.choice(s, m) for m in spec.methods} for s in spec.settings}
         _write_best(tune_dir / "best.yaml", spec, choices)
         tuning.frame().to_csv(tune_dir / "trials.csv", index=False)
@@ -794,13 +815,30 @@ def run_tune(tune_file: str | Path, workers: int | None = None, scheduler: str |
                               + yaml.dump(test_sweep(spec, choices), Dumper=_PlainDumper, sort_keys=False))
         log(f"test: {sum(len(spec.methods) for _ in spec.settings)} runs x {len(spec.seeds)} seeds on the "
             "full training set, scored on the test set")
+        if past(deadline):
+            return _stopped(data, write, tuning, log, "its test")
         result = run_sweep(sweep_file, scheduler=client.scheduler.address, outputs=tune_dir, name="test",
-                           resume=(tune_dir / "test" / "sweep.json").exists(), analysis=analysis, log=log)
+                           resume=(tune_dir / "test" / "sweep.json").exists(), analysis=analysis, log=log,
+                           deadline=deadline)
+    if result["status"] == "stopped":
+        return _stopped(data, write, tuning, log, "its test runs")
     data.update(status=result["status"], test=result["status"], ended=now())
     write()
     if analysis and result["status"] == "finished":
         execute(notebooks_dir(), ANALYSIS, tune_dir, {"tune_dir": portable(tune_dir)}, {"tune_dir"})
         log(f"analysis: {portable(render_html(tune_dir / ANALYSIS))}")
+    return data
+
+
+def _stopped(data: dict, write, tuning: Tuning, log, left: str) -> dict:
+    """The tuning stopped by its timeout: recorded as 'stopped', ``trials.csv`` current."""
+    frame = tuning.frame()
+    if tuning.dir is not None and not frame.empty:
+        frame.to_csv(tuning.dir / "trials.csv", index=False)
+    data.update(status="stopped", ended=now())
+    write()
+    log(f"stopped by the timeout before the end of {left}: finished trials and runs are kept; "
+        "continue with --resume")
     return data
 
 

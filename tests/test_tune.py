@@ -391,3 +391,58 @@ def test_the_knob_plot_marks_the_searched_range_and_rings_the_choice(tmp_path):
     low, high = ax.get_xlim()
     shown = [t.get_text() for t in ax.get_xticklabels() if low <= t.get_position()[0] <= high]
     assert shown == ["0.5", "1", "2", "5"]  # plain numbers at 1, 2, 5, not matplotlib's 2x10^0
+
+
+@pytest.mark.parametrize("text, seconds", [("5400", 5400), ("90m", 5400), ("2h", 7200), ("1h30m", 5400),
+                                           ("45s", 45), ("0.5h", 1800), ("1h0m30s", 3630)])
+def test_a_timeout_is_read_in_seconds_minutes_or_hours(text, seconds):
+    from kdlib.__main__ import duration
+    assert duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["2x", "", "h", "1.5.2m", "-3"])
+def test_a_timeout_that_is_no_duration_is_refused_in_one_line(text, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["tune", str(SMOKE), "--timeout", text])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"argument --timeout: {text!r} is not a duration: give seconds, or e.g. 90m, 2h, 1h30m" in err
+
+
+def _fake_trial(url, name, number, P, method, seed, pruner):
+    """A trial of one second that scores 80 + its number (no training)."""
+    time.sleep(1.0)
+    tune._study(url, name).tell(number, 80.0 + number)
+    return {"state": "complete", "value": 80.0 + number, "epochs": 1, "seconds": 1.0, "worker": None, "error": None}
+
+
+def test_past_its_timeout_a_tuning_starts_no_trial_lets_the_running_finish_and_resumes(tmp_path, monkeypatch):
+    """With a deadline half a second away, the two workers' first trials start and finish
+    (complete, not failed), no other starts, and _drive says it stopped with work left; without
+    one it then runs the rest: the references' seeds and exactly the search's budget."""
+    from distributed import Client, LocalCluster
+    from optuna.trial import TrialState
+    monkeypatch.setattr(tune, "trial_task", _fake_trial)
+    spec = load_tune(tune_file(tmp_path))
+    tuning = Tuning(spec, str(tmp_path / "study.journal"), tmp_path)
+    lines = []
+    with LocalCluster(processes=False, n_workers=2, threads_per_worker=1, resources={"run": 1},
+                      dashboard_address=":0") as cluster, Client(cluster) as client:
+        assert tune._drive(client, tuning, lines.append, deadline=time.monotonic() + 0.5) is True
+        trials = [t for s in tuning.studies.values() for t in s.get_trials(deepcopy=False)]
+        assert [t.state for t in trials] == [TrialState.COMPLETE] * 2  # the two started, none more, none failed
+        assert any(line.startswith("timeout: no new trial starts") for line in lines)
+        assert tune._drive(client, tuning, lines.append) is False
+    trials = [t for s in tuning.studies.values() for t in s.get_trials(deepcopy=False)]
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    assert len(tuning.trials(spec.settings[0], "vanilla")) == 3  # the budget, exactly
+    assert tuning.next_job([]) is None
+
+
+def test_a_tuning_out_of_time_before_it_starts_stops_with_status_3_and_says_how_to_go_on(tmp_path, capsys):
+    code = main(["tune", str(tune_file(tmp_path)), "--outputs", str(tmp_path / "out"), "--workers", "1",
+                 "--timeout", "0"])
+    assert code == 3
+    record = json.loads((tmp_path / "out" / "t" / "tune.json").read_text())
+    assert record["status"] == "stopped" and not (tmp_path / "out" / "t" / "trials.csv").exists()
+    assert "stopped by the timeout before the end of its search and re-scoring" in capsys.readouterr().out
