@@ -332,8 +332,12 @@ def _significant(test: pd.DataFrame, anchor: str, sign: int) -> pd.DataFrame:
 
 def reading(res: TuneResults, test: pd.DataFrame) -> list[str]:
     """The plain reading of the test, generated from its numbers: whether any method with
-    teachers, at its best, beats scratch or label smoothing, where the teachers' methods
-    chose their temperature, and which chosen values sit at the edge of their range (``edges``)."""
+    teachers, at its best, beats scratch or label smoothing, each knob's chosen values beside
+    its untuned one, and which chosen values sit at the edge of their range (``edges``)."""
+    return _verdicts(test) + _chosen_lines(res, test) + _edge_reading([(res, test)])
+
+
+def _verdicts(test: pd.DataFrame) -> list[str]:
     kd = test[~test["method"].isin(AGAINST)]
     lines = []
     for anchor in AGAINST:
@@ -352,12 +356,12 @@ def reading(res: TuneResults, test: pd.DataFrame) -> list[str]:
         lines.append("- **Label smoothing, tuned, against scratch**: " + "; ".join(
             f"{r['setting']} {_interval(r['mean_diff vs scratch'], r['ci_low vs scratch'], r['ci_high vs scratch'], True, r['p_value vs scratch'])}"
             for _, r in ls.iterrows()) + ".")
+    return lines
+
+
+def _chosen_lines(res: TuneResults, test: pd.DataFrame) -> list[str]:
     base = _base_params(res)
-    for setting in dict.fromkeys(test["setting"]):
-        line = _chosen_line(res, setting, base)
-        if line:
-            lines.append(line)
-    return lines + _edge_reading([(res, test)])
+    return [line for setting in dict.fromkeys(test["setting"]) if (line := _chosen_line(res, setting, base))]
 
 
 KNOB_READING = {"label_smoothing": "label smoothing's eps"}
@@ -510,7 +514,5 @@ def test_markdown_wide(test: pd.DataFrame) -> str:
 def reading_all(done) -> list[str]:
     """``reading`` over every finished study together."""
     test = pd.concat([t for _, _, t in done], ignore_index=True)
-    merged = TuneResults(done[0][1].dir, {**done[0][1].spec, "space": {}}, done[0][1].trials,
-                         {k: v for _, res, _ in done for k, v in res.best.items()}, None)
-    lines = [line for line in reading(merged, test) if "edge of their searched range" not in line]
-    return lines + _edge_reading([(res, t) for _, res, t in done])
+    return (_verdicts(test) + [line for _, res, t in done for line in _chosen_lines(res, t)]
+            + _edge_reading([(res, t) for _, res, t in done]))
