@@ -17,7 +17,7 @@ from .params import ParamsError
 
 EXTRA_OF = {"run": "batch", "sweep": "sweep", "tune": "tune"}  # what each command needs beyond the core
 STOPPED = 3  # the exit status of a sweep or tuning stopped by its --timeout (continue it with --resume)
-TIMEOUT_HELP = ("start no trial or run after this long (seconds, or 90m, 2h, 1h30m); the running ones finish, "
+TIMEOUT_HELP = ("start no {} after this long (seconds, or 90m, 2h, 1h30m); the running ones finish, "
                 f"then it stops with exit status {STOPPED}, to be continued with --resume")
 
 
@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     sweep.add_argument("--scheduler", metavar="ADDRESS", help="submit to an existing Dask scheduler, e.g. tcp://host:8786")
     sweep.add_argument("--resume", action="store_true", help="continue the sweep: finished runs are skipped")
     sweep.add_argument("--outputs", default="outputs", help="parent folder of sweep folders")
-    sweep.add_argument("--timeout", type=duration, metavar="T", help=TIMEOUT_HELP)
+    sweep.add_argument("--timeout", type=duration, metavar="T", help=TIMEOUT_HELP.format("run"))
     tune = sub.add_parser("tune", help="tune each method on a validation split (Optuna on Dask), then test "
                                        "the chosen values over seeds into outputs/NAME")
     tune.add_argument("tune_file", help="tune YAML file, e.g. params/tune/small-student.yaml")
@@ -58,7 +58,7 @@ def main(argv=None) -> int:
                       "postgresql://host/db (default: a journal file in outputs/NAME, one machine)")
     tune.add_argument("--resume", action="store_true", help="continue: finished trials and runs are kept")
     tune.add_argument("--outputs", default="outputs", help="parent folder of tuning folders")
-    tune.add_argument("--timeout", type=duration, metavar="T", help=TIMEOUT_HELP)
+    tune.add_argument("--timeout", type=duration, metavar="T", help=TIMEOUT_HELP.format("trial or test run"))
     args = parser.parse_args(argv)
     if args.command in EXTRA_OF:
         try:
