@@ -37,17 +37,22 @@ sweep: install data
 
 # make tune TUNE=params/tune/NAME.yaml [WORKERS=N] [SCHEDULER=tcp://host:8786] [STORAGE=URL] [TIMEOUT=2h]; goes on where a
 # tuning in outputs/NAME stopped, if there is one
+TUNE_OPTIONS = $(if $(WORKERS),--workers $(WORKERS)) $(if $(SCHEDULER),--scheduler $(SCHEDULER)) \
+	$(if $(STORAGE),--storage $(STORAGE)) $(if $(TIMEOUT),--timeout $(TIMEOUT))
 tune: install data
 	@test -n "$(TUNE)" || { echo "give the tune file: make tune TUNE=params/tune/NAME.yaml"; exit 2; }
-	$(PY) -m kdlib tune $(TUNE) $(if $(WORKERS),--workers $(WORKERS)) $(if $(SCHEDULER),--scheduler $(SCHEDULER)) \
-		$(if $(STORAGE),--storage $(STORAGE)) $(if $(TIMEOUT),--timeout $(TIMEOUT)) \
-		$(if $(wildcard outputs/$(basename $(notdir $(TUNE)))/tune.json),--resume)
+	$(PY) -m kdlib tune $(TUNE) $(TUNE_OPTIONS) $(if $(wildcard outputs/$(basename $(notdir $(TUNE)))/tune.json),--resume)
 
 # the book's three tuning studies, one after the other, each resumed where it stopped (many hours on a 2-core CPU);
-# TIMEOUT=2h: no trial or run starts after 2 hours (each study's own clock), the running ones finish, then it stops
+# TIMEOUT=2h: no trial or run starts after 2 hours (each study's own clock), the running ones finish, and it
+# stops there without error (exit status 3 of kdlib tune); make studies goes on from there
 STUDIES := small-student small-student-swapped seed-student
 studies: install data
-	@for s in $(STUDIES); do $(MAKE) --no-print-directory tune TUNE=params/tune/$$s.yaml || exit 1; done
+	@for s in $(STUDIES); do \
+		echo "$(PY) -m kdlib tune params/tune/$$s.yaml $(strip $(TUNE_OPTIONS))"; \
+		$(PY) -m kdlib tune params/tune/$$s.yaml $(TUNE_OPTIONS) $$(test -f outputs/$$s/tune.json && echo --resume); \
+		rc=$$?; if [ $$rc = 3 ]; then echo "studies: $$s stopped by TIMEOUT=$(TIMEOUT); make studies goes on from there"; \
+		exit 0; fi; [ $$rc = 0 ] || exit $$rc; done
 
 lab: install
 	KDBOOK_PROGRESS=auto $(VENV)/bin/jupyter lab notebooks/
