@@ -406,15 +406,15 @@ def test_sweep_on_a_separate_scheduler_survives_a_failing_run_and_a_killed_worke
 
 
 def _fake_run(name: str, sweep_dir: str) -> dict:
-    """A run of one second that says it started, as run_task does (no training)."""
+    """A run of three seconds that says it started, as run_task does (no training)."""
     from distributed import get_worker
     get_worker().log_event(sweep.STARTED, {"sweep": sweep_dir, "run": name, "worker": "w"})
-    time.sleep(1.0)
-    return {"status": "finished", "error": None, "worker": "w", "seconds": 1.0}
+    time.sleep(3.0)
+    return {"status": "finished", "error": None, "worker": "w", "seconds": 3.0}
 
 
 def test_past_its_timeout_a_sweep_starts_no_run_and_leaves_the_rest_pending(tmp_path):
-    """One worker, three runs of a second, a deadline 0.3 s away: the first run finishes, the two
+    """One worker, three runs of 3 s, a deadline 1.5 s away: the first run finishes, the two
     no worker started are cancelled and stay pending in sweep.json (for --resume), and the
     sweep says so; the summary counts only the finished run."""
     from distributed import Client, LocalCluster
@@ -425,7 +425,7 @@ def test_past_its_timeout_a_sweep_starts_no_run_and_leaves_the_rest_pending(tmp_
                       dashboard_address=":0") as cluster, Client(cluster) as client:
         futures = {n: client.submit(_fake_run, n, str(tmp_path), resources={"run": 1}, pure=False,
                                     priority=3 - i) for i, n in enumerate(names)}
-        sweep._watch(client, futures, record, tmp_path, lines.append, deadline=time.monotonic() + 0.3)
+        sweep._watch(client, futures, record, tmp_path, lines.append, deadline=time.monotonic() + 1.5)
     runs = json.loads((tmp_path / "sweep.json").read_text())["runs"]
     assert [runs[n]["status"] for n in names] == ["finished", "pending", "pending"]
     assert any(line.startswith("timeout: 2 run(s) not started are left for --resume") for line in lines)
