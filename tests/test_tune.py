@@ -409,12 +409,12 @@ def test_a_timeout_that_is_no_duration_is_refused_in_one_line(text, capsys):
     assert f"argument --timeout: {text!r} is not a duration: give seconds, or e.g. 90m, 2h, 1h30m" in err
 
 
-FAKE_SECONDS = [1.0]
+FAKE = {"seconds": 1.0}
 
 
 def _fake_trial(url, name, number, P, method, seed, pruner):
-    """A trial of FAKE_SECONDS that scores 80 + its number (no training)."""
-    time.sleep(FAKE_SECONDS[0])
+    """A trial of FAKE["seconds"] that scores 80 + its number (no training)."""
+    time.sleep(FAKE["seconds"])
     tune._study(url, name).tell(number, 80.0 + number)
     return {"state": "complete", "value": 80.0 + number, "epochs": 1, "seconds": 1.0, "worker": None, "error": None}
 
@@ -431,12 +431,12 @@ def test_past_its_timeout_a_tuning_starts_no_trial_lets_the_running_finish_and_r
     lines = []
     with LocalCluster(processes=False, n_workers=2, threads_per_worker=1, resources={"run": 1},
                       dashboard_address=":0") as cluster, Client(cluster) as client:
-        monkeypatch.setitem(FAKE_SECONDS, 0, 3.0)  # restored after the test
+        monkeypatch.setitem(FAKE, "seconds", 3.0)  # restored after the test
         assert tune._drive(client, tuning, lines.append, deadline=time.monotonic() + 1.5) is True
         trials = [t for s in tuning.studies.values() for t in s.get_trials(deepcopy=False)]
         assert [t.state for t in trials] == [TrialState.COMPLETE] * 2  # the two started, none more, none failed
         assert any(line.startswith("timeout: no new trial starts") for line in lines)
-        FAKE_SECONDS[0] = 0.2
+        FAKE["seconds"] = 0.2
         assert tune._drive(client, tuning, lines.append) is False
     trials = [t for s in tuning.studies.values() for t in s.get_trials(deepcopy=False)]
     assert all(t.state == TrialState.COMPLETE for t in trials)
