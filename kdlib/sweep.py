@@ -274,15 +274,28 @@ def past(deadline: float | None) -> bool:
     return deadline is not None and time.monotonic() >= deadline
 
 
-def _watch(client, futures: dict, record: Record, sweep_dir: Path, log, deadline: float | None = None) -> None:
+def _executing(dask_worker) -> list:
+    """The keys of the tasks a worker is executing now (``client.run``; the scheduler's
+    'processing' also counts those queued on the worker for its 'run' resource)."""
+    return [ts.key for ts in dask_worker.state.executing]
+
+
+def _started(client) -> queue.SimpleQueue:
+    """The STARTED events of the runs, from now on (subscribe before submitting)."""
+    started = queue.SimpleQueue()
+    client.subscribe_topic(STARTED, lambda event: started.put(event[1]))
+    return started
+
+
+def _watch(client, futures: dict, record: Record, sweep_dir: Path, log, deadline: float | None = None,
+           started: queue.SimpleQueue | None = None) -> None:
     """Mark runs running (with their worker) as workers start them; one line per finished run.
-    Past ``deadline`` the runs no worker has started are cancelled (they stay pending, for
+    Past ``deadline`` the runs that no worker is processing are cancelled (they stay pending, for
     ``--resume``); the running ones finish."""
     from distributed import as_completed
     names = {f.key: n for n, f in futures.items()}
     total, done = len(record.data["runs"]), len(record.runs("finished"))
-    started = queue.SimpleQueue()
-    client.subscribe_topic(STARTED, lambda event: started.put(event[1]))
+    started = started or _started(client)
     pending = as_completed(list(futures.values()))
     stopping = False
     while not pending.is_empty():
@@ -293,10 +306,11 @@ def _watch(client, futures: dict, record: Record, sweep_dir: Path, log, deadline
                 record.update(event["run"], status="running", worker=event["worker"])
         if not stopping and past(deadline):
             stopping = True
-            waiting = [f for n, f in futures.items() if record.data["runs"][n]["status"] == "pending"]
+            busy = {key for keys in client.run(_executing).values() for key in keys}
+            waiting = [f for f in futures.values() if not f.done() and f.key not in busy]
             client.cancel(waiting)
             log(f"timeout: {len(waiting)} run(s) not started are left for --resume; waiting for the "
-                f"{len(record.runs('running'))} running")
+                f"{sum(not f.done() for f in futures.values()) - len(waiting)} running")
         for future in pending.next_batch(block=False):
             name = names[future.key]
             if future.status == "cancelled":  # never started: pending, for --resume
@@ -401,7 +415,8 @@ def _run_on_cluster(base, runs, sweep_dir, record, workers, scheduler, dashboard
         log(f"dashboard: {client.dashboard_link}; {len(info)} workers x "
             f"{', '.join(sorted({str(w['nthreads']) for w in info})) or '?'} threads; {len(runs)} runs")
         record.data["cluster"] += f", {len(info)} workers"
-        _watch(client, _submit(client, base, runs, sweep_dir), record, sweep_dir, log, deadline)
+        started = _started(client)  # before the runs start: none is missed
+        _watch(client, _submit(client, base, runs, sweep_dir), record, sweep_dir, log, deadline, started)
 
 
 def summary(data: dict) -> str:

@@ -423,9 +423,11 @@ def test_past_its_timeout_a_sweep_starts_no_run_and_leaves_the_rest_pending(tmp_
     lines = []
     with LocalCluster(processes=False, n_workers=1, threads_per_worker=1, resources={"run": 1},
                       dashboard_address=":0") as cluster, Client(cluster) as client:
+        started = sweep._started(client)
         futures = {n: client.submit(_fake_run, n, str(tmp_path), resources={"run": 1}, pure=False,
                                     priority=3 - i) for i, n in enumerate(names)}
-        sweep._watch(client, futures, record, tmp_path, lines.append, deadline=time.monotonic() + 1.5)
+        sweep._watch(client, futures, record, tmp_path, lines.append, deadline=time.monotonic() + 1.5,
+                     started=started)
     runs = json.loads((tmp_path / "sweep.json").read_text())["runs"]
     assert [runs[n]["status"] for n in names] == ["finished", "pending", "pending"]
     assert any(line.startswith("timeout: 2 run(s) not started are left for --resume") for line in lines)
