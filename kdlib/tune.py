@@ -442,8 +442,9 @@ class Tuning:
                 kinds = (SEARCH, SEEDS) if spec.tuned(m) else (SEEDS,)
                 for kind in kinds:
                     study = _study(url, study_name(s.name, m, kind), create=True,
-                                   sampler=_sampler_for(spec, s, m) if kind == SEARCH else None,
                                    pruner=spec.pruner if kind == SEARCH else None)
+                    if kind == SEARCH:  # seeded anew from the trials it holds: a resumed search asks new points
+                        study.sampler = _sampler_for(spec, s, m, len(study.get_trials(deepcopy=False)))
                     for key, value in {"setting": s.overrides, "method": m, "kind": kind}.items():
                         study.set_user_attr(key, value)
                     self.studies[study.study_name] = study
@@ -637,12 +638,15 @@ class Tuning:
         return pd.DataFrame(rows)
 
 
-def _sampler_for(spec: TuneSpec, setting: Setting, method: str):
+def _sampler_for(spec: TuneSpec, setting: Setting, method: str, held: int = 0):
     """TPE (constant liar: trials running in parallel are not asked twice), seeded per study from
-    ``sampler_seed``, the setting and the method, so every study is reproducible alone."""
+    ``sampler_seed``, the setting, the method and the number of trials the study already ``held``
+    when this client started, so every study is reproducible alone. Without ``held`` a resumed
+    study's sampler would start its random stream again and ask its first start-up points a
+    second time."""
     import optuna
     import zlib
-    seed = (spec.sampler_seed * 1_000_003 + zlib.crc32(f"{setting.name}/{method}".encode())) % 2**31
+    seed = (spec.sampler_seed * 1_000_003 + zlib.crc32(f"{setting.name}/{method}".encode()) + 7_919 * held) % 2**31
     return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
 
 

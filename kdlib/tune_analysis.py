@@ -65,16 +65,20 @@ def base_method(label: str) -> str:
 
 
 def counts(res: TuneResults) -> pd.DataFrame:
-    """Per setting and tuned method: search trials complete, pruned and failed, evaluations
-    at fixed values (references and re-scoring), training hours and wall hours."""
+    """Per setting and tuned method: search trials complete, pruned and failed, the distinct
+    points among the complete and pruned ones (fewer when a trial asked values an earlier one
+    had), evaluations at fixed values (references and re-scoring), training hours and wall hours."""
     rows = []
     for (setting, method), g in res.trials.groupby(["setting", "method"], sort=False):
         search = g[g["kind"] == "search"]
+        ended = search[search["state"].isin(["complete", "pruned"])]
+        knobs = [k for k in res.spec.get("space", {}).get(method, {}) if k in ended]
         start, end = pd.to_datetime(g["started"]).min(), pd.to_datetime(g["ended"]).max()
         rows.append({"setting": res.words(setting), "method": NAMES.get(method, method),
                      "complete": int((search["state"] == "complete").sum()),
                      "pruned": int((search["state"] == "pruned").sum()),
                      "failed": int((search["state"] == "fail").sum()),
+                     "distinct points": len(ended.drop_duplicates(knobs)) if knobs else "—",
                      "fixed-value runs": int((g["kind"] != "search").sum()),
                      "epochs trained": int(g["epochs"].fillna(0).sum()),
                      "training hours": round(g["seconds"].fillna(0).sum() / 3600, 2),

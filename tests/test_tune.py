@@ -451,3 +451,25 @@ def test_a_tuning_out_of_time_before_it_starts_stops_with_status_3_and_says_how_
     record = json.loads((tmp_path / "out" / "t" / "tune.json").read_text())
     assert record["status"] == "stopped" and not (tmp_path / "out" / "t" / "trials.csv").exists()
     assert "stopped by the timeout before the end of its search and re-scoring" in capsys.readouterr().out
+
+
+def test_a_resumed_search_asks_new_points_not_its_first_ones_again(tmp_path):
+    """The sampler is seeded from the trials its study holds: a search resumed after three trials
+    does not start its random stream again (it did, and asked trials 0, 1, 2's values again). The
+    same history still gives the same points (reproducible)."""
+    spec = load_tune(tune_file(tmp_path, methods=["vanilla"], trials=6))
+
+    def ask(tuning, n):
+        asked = []
+        for _ in range(n):
+            job = tuning.next_job([])
+            number, P = tuning.start(job)
+            tuning.studies[job.study].tell(number, 80.0 + number)
+            asked.append((round(P["temperature"], 9), round(P["alpha"], 9)))
+        return asked
+
+    first = ask(Tuning(spec, str(tmp_path / "a.journal")), 3)
+    resumed = ask(Tuning(spec, str(tmp_path / "a.journal")), 3)
+    assert len(set(first + resumed)) == 6
+    again = ask(Tuning(spec, str(tmp_path / "b.journal")), 3) + ask(Tuning(spec, str(tmp_path / "b.journal")), 3)
+    assert again == first + resumed
