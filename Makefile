@@ -49,8 +49,9 @@ tune: install data
 STUDIES := small-student small-student-swapped seed-student
 studies: install data
 	@for s in $(STUDIES); do \
-		echo "$(PY) -m kdlib tune params/tune/$$s.yaml $(strip $(TUNE_OPTIONS))"; \
-		$(PY) -m kdlib tune params/tune/$$s.yaml $(TUNE_OPTIONS) $$(test -f outputs/$$s/tune.json && echo --resume); \
+		resume=$$(test -f outputs/$$s/tune.json && echo --resume); \
+		echo "$(PY) -m kdlib tune params/tune/$$s.yaml $(strip $(TUNE_OPTIONS)) $$resume"; \
+		$(PY) -m kdlib tune params/tune/$$s.yaml $(TUNE_OPTIONS) $$resume; \
 		rc=$$?; if [ $$rc = 3 ]; then echo "studies: $$s stopped by TIMEOUT=$(TIMEOUT); make studies goes on from there"; \
 		exit 0; fi; [ $$rc = 0 ] || exit $$rc; done
 
