@@ -473,3 +473,18 @@ def test_a_resumed_search_asks_new_points_not_its_first_ones_again(tmp_path):
     assert len(set(first + resumed)) == 6
     again = ask(Tuning(spec, str(tmp_path / "b.journal")), 3) + ask(Tuning(spec, str(tmp_path / "b.journal")), 3)
     assert again == first + resumed
+
+
+def test_the_search_table_and_the_answer_count_distinct_points_when_trials_repeated_values(tmp_path):
+    from kdlib import tune_analysis
+    from kdlib.tune_analysis import TuneResults
+    rows = [{"setting": "base", "method": "vanilla", "kind": "search", "trial": i, "state": state,
+             "temperature": t, "alpha": 0.5, "val_acc": 85.0, "epochs": 15, "seconds": 60.0,
+             "started": "2026-01-01T10:00:00", "ended": "2026-01-01T10:01:00"}
+            for i, (state, t) in enumerate([("complete", 1.5), ("fail", 2.0), ("complete", 2.0), ("pruned", 1.5)])]
+    spec = {"trials": 3, "methods": ["vanilla"], "space": {"vanilla": VANILLA}}
+    res = TuneResults(tmp_path, spec, pd.DataFrame(rows), {}, None)
+    assert tune_analysis.counts(res)["distinct points"].tolist() == [2]  # trial 3 asked trial 0's values; 1 failed
+    assert tune_analysis._distinct(res).startswith(" (2 distinct points:")
+    res.trials.loc[3, "temperature"] = 3.0
+    assert tune_analysis._distinct(res) == ""
