@@ -99,14 +99,14 @@ def _ship(params_file: str) -> int:
 
 def _sweep(args) -> int:
     from .runner import RunError
-    from .sweep import run_sweep, summary
+    from .sweep import deadline_after, run_sweep, summary
     if args.workers is not None and (args.workers < 1 or args.scheduler):
         print("error: --workers takes a positive number, and sizes the embedded cluster only (not --scheduler)",
               file=sys.stderr)
         return 2
     try:
         data = run_sweep(args.sweep_file, args.workers, args.scheduler, args.resume, args.outputs,
-                         deadline=_deadline(args.timeout))
+                         deadline=deadline_after(args.timeout))
     except (ParamsError, RunError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2 if isinstance(err, ParamsError) else 1
@@ -128,11 +128,6 @@ def _tune(args) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2 if isinstance(err, ParamsError) else 1
     return {"finished": 0, "stopped": STOPPED}.get(data["status"], 1)
-
-
-def _deadline(timeout: float | None) -> float | None:
-    import time
-    return None if timeout is None else time.monotonic() + timeout
 
 
 if __name__ == "__main__":

@@ -269,6 +269,11 @@ def _submit(client, base: str, runs: list[Run], sweep_dir: Path) -> dict:
     return futures
 
 
+def deadline_after(timeout: float | None) -> float | None:
+    """The ``time.monotonic()`` deadline ``timeout`` seconds from now (None: no timeout)."""
+    return None if timeout is None else time.monotonic() + timeout
+
+
 def past(deadline: float | None) -> bool:
     """Whether the ``time.monotonic()`` deadline of a ``--timeout`` has passed (None: never)."""
     return deadline is not None and time.monotonic() >= deadline
@@ -287,15 +292,15 @@ def _started(client) -> queue.SimpleQueue:
     return started
 
 
-def _watch(client, futures: dict, record: Record, sweep_dir: Path, log, deadline: float | None = None,
-           started: queue.SimpleQueue | None = None) -> None:
-    """Mark runs running (with their worker) as workers start them; one line per finished run.
-    Past ``deadline`` the runs that no worker is processing are cancelled (they stay pending, for
-    ``--resume``); the running ones finish."""
+def _watch(client, futures: dict, record: Record, sweep_dir: Path, log, deadline: float | None,
+           started: queue.SimpleQueue) -> None:
+    """Mark runs running (with their worker) as workers start them (``started``: ``_started``,
+    subscribed before they were submitted); one line per finished run. Past ``deadline`` the runs
+    that no worker is executing are cancelled (they stay pending, for ``--resume``); the running
+    ones finish."""
     from distributed import as_completed
     names = {f.key: n for n, f in futures.items()}
     total, done = len(record.data["runs"]), len(record.runs("finished"))
-    started = started or _started(client)
     pending = as_completed(list(futures.values()))
     stopping = False
     while not pending.is_empty():

@@ -756,8 +756,8 @@ def run_tune(tune_file: str | Path, workers: int | None = None, scheduler: str |
     require("tune", "tuning")  # before anything is created: one line naming the extra, not an ImportError
     import optuna
     from .runner import execute, notebooks_dir, render_html
-    from .sweep import _PlainDumper, connected, past, run_sweep
-    deadline = None if timeout is None else time.monotonic() + timeout
+    from .sweep import _PlainDumper, connected, deadline_after, past, run_sweep
+    deadline = deadline_after(timeout)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial is ours to print
     tune_file = _locate(Path(tune_file))
     spec = load_tune(tune_file)

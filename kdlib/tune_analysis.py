@@ -497,9 +497,8 @@ def _progress(res: TuneResults) -> str:
 
 
 def _val_size(res: TuneResults) -> str:
-    base = yaml.safe_load((Path(__file__).resolve().parent.parent / res.spec["base"]).read_text()) \
-        if (Path(__file__).resolve().parent.parent / res.spec["base"]).is_file() else {}
-    return f"{base.get('val_subset', '?'):,}" if isinstance(base.get("val_subset"), int) else "?"
+    size = _base_params(res).get("val_subset")
+    return f"{size:,}" if isinstance(size, int) else "?"
 
 
 def test_markdown_wide(test: pd.DataFrame) -> str:
