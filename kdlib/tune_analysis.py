@@ -196,7 +196,9 @@ def plot_knob(res: TuneResults, setting: str, knob: str) -> Figure | None:
         ax.axvline(bound, color="0.5", ls=":", lw=1, label="searched range" if i == 0 else None, gid="range")
     ax.set_xlabel(knob)
     ax.set_ylabel("validation accuracy %")
-    ax.set_title(f"{res.words(setting)}: validation accuracy against {knob} (ringed: chosen)", fontsize=9)
+    # the setting on a line of its own: a long one ("small student + swapped resnet") on one line
+    # with the rest ran past the figure's left edge, which constrained layout does not widen
+    ax.set_title(f"{res.words(setting)}\nvalidation accuracy against {knob} (ringed: chosen)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
     return fig

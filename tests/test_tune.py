@@ -393,6 +393,22 @@ def test_the_knob_plot_marks_the_searched_range_and_rings_the_choice(tmp_path):
     assert shown == ["0.5", "1", "2", "5"]  # plain numbers at 1, 2, 5, not matplotlib's 2x10^0
 
 
+def test_the_knob_plot_of_a_setting_with_a_long_name_fits_its_figure(tmp_path):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from kdlib import tune_analysis
+    res = _chosen_at(tmp_path, {"vanilla": dict(VANILLA)}, {"vanilla": {"temperature": 1.05, "alpha": 0.111}})
+    res.trials = pd.DataFrame({"setting": "base", "method": "vanilla", "kind": "search", "state": "complete",
+                               "temperature": [1.05, 3.0], "alpha": [0.111, 2.0], "val_acc": [85.0, 84.0]})
+    res.words = lambda setting: "small student + swapped resnet"  # the book's longest setting
+    for knob in ("temperature", "alpha"):
+        fig = tune_analysis.plot_knob(res, "base", knob)
+        FigureCanvasAgg(fig).draw()
+        drawn = fig.get_tightbbox(fig.canvas.get_renderer())  # inches, what is drawn
+        width, height = fig.get_size_inches()
+        assert drawn.x0 >= 0 and drawn.y0 >= 0 and drawn.x1 <= width and drawn.y1 <= height, (knob, drawn)
+        assert "small student + swapped resnet" in fig.axes[0].get_title()
+
+
 @pytest.mark.parametrize("text, seconds", [("5400", 5400), ("90m", 5400), ("2h", 7200), ("1h30m", 5400),
                                            ("45s", 45), ("0.5h", 1800), ("1h0m30s", 3630)])
 def test_a_timeout_is_read_in_seconds_minutes_or_hours(text, seconds):
