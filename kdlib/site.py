@@ -291,7 +291,7 @@ def tune_markdown(folder: Path, root: Path) -> str:
              f"{', '.join(map(str, res.spec['seeds']))}.", ""]
     if (folder / "tune.yaml").is_file():
         parts += _folded("What it asked (tune.yaml)", folder / "tune.yaml")
-    parts += ["## Verdict", "", ta.block([folder]), ""]
+    parts += ["## Verdict", "", ta.block([folder], own_page=True), ""]
     if (folder / "tune_forest.png").is_file():
         parts += ["Each method at its chosen values: its paired difference in test accuracy against the student "
                   "trained alone and against label smoothing, with its 95% CI over seeds:", "",

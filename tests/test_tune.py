@@ -305,7 +305,11 @@ def test_unfinished_studies_are_named_with_how_far_they_got(tmp_path):
     (tmp_path / "e-started").mkdir()  # started, no trial finished: tune.yaml, no trials.csv yet
     (tmp_path / "e-started" / "tune.yaml").write_text(yaml.safe_dump(spec))
     text = tune_analysis.block([tmp_path / n for n in (*stages, "d-none", "e-started")])
-    assert "no study has finished its test yet" in text
+    assert "no study has finished its test yet" in text and "Until then the tables below" in text
+    assert "Test accuracy at the final epoch" not in text  # the footnote of tables not there yet
+    alone = tune_analysis.block([tmp_path / "a-search"], own_page=True)  # a study's own page: no tables below
+    assert alone == ("No answer yet: `a-search` (searching, 1 of 3 trials); the test on the held-out test set "
+                     "follows the search."), alone
     for words in ("`a-search` (searching, 1 of 3 trials)", "`b-rescore` (re-scoring its best trials over seeds)",
                   "`c-test` (testing the chosen values)", "`d-none` (not started)", "`e-started` (searching)"):
         assert words in text, text
