@@ -276,6 +276,7 @@ def test_tuning_page_answers_then_links_its_test_runs(site, page):
     verdict = text.split("Verdict", 1)[1].split("The chosen values", 1)[0]
     assert "small student" in verdict and "at T 1.5, alpha 0.8" in verdict and "vs scratch" in verdict
     assert "A method with teachers, tuned, beats scratch" in verdict
+    assert "small-student, small student (student width 0.25): 3 trials per tuned method" in verdict  # its column
     forest = page.locator("img[src='tune_forest.png']")
     assert forest.count() == 1 and forest.evaluate("i => i.complete && i.naturalWidth > 0")
     check_page(page, "records/small-student/index.html")
