@@ -185,7 +185,9 @@ def blocks(root: Path = ROOT) -> list[tuple[str, str, Callable[[], str]]]:
     studies = [root / s for s in STUDIES]
     best = [("README.md", "best", lambda: best_block(studies, lambda f: f.relative_to(root).as_posix() + "/")),
             ("docs/index.md", "best", lambda: best_block(studies, lambda f: record_page(f, root))),
-            ("docs/results.md", "best", lambda: best_block(studies, lambda f: record_page(f, root)))]
+            ("docs/results.md", "best", lambda: best_block(
+                studies, lambda f: record_page(f, root),
+                figure=lambda f: record_page(f, root).removesuffix("index.md") + "tune_forest.png"))]
     quality = [(file, "teachers", lambda: quality_markdown(root / QUALITY)) for file in ("README.md", "docs/index.md", "docs/results.md")
                if (root / QUALITY / "sweep.yaml").is_file()]
     return [

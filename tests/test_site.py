@@ -56,6 +56,11 @@ def project(tmp_path_factory) -> Path:
     write_sweep(out / "teacher-quality", runs, notebooks=True, sweep_file="params/sweeps/teacher-quality.yaml")
     write_tuning(out / "small-student", _acc(vanilla=0.6, label_smoothing=0.3, scratch=0.0),
                  {"vanilla": {"temperature": 1.5, "alpha": 0.8}, "label_smoothing": {"label_smoothing": 0.2}})
+    from kdlib import blocks
+    from kdlib.records import update_readme
+    for file, name, make in blocks.blocks(root):  # the tuned answer as these records give it (its figures too)
+        if name == "best" and file.startswith("docs/"):
+            update_readme(root / file, make(), name)
     return root
 
 
@@ -288,6 +293,16 @@ def test_tuning_page_answers_then_links_its_test_runs(site, page):
     assert {"small-student", "05 tune", "the test runs", "small student"} <= set(nav), nav
     assert not [n for n in nav if "=" in n], "a run named by its folder in the navigation"
     assert (site / "records" / "small-student" / "05_tune.html").is_file()
+
+
+def test_results_page_draws_each_finished_studys_forest_and_the_readme_does_not(project):
+    from kdlib import blocks
+    made = {(file, name): make for file, name, make in blocks.blocks(project)}
+    results, readme = made[("docs/results.md", "best")](), made[("README.md", "best")]()
+    assert "small student: each method at its chosen values" in results
+    assert "](records/small-student/tune_forest.png)" in results  # the study's page folder on the site
+    assert "tune_forest.png" not in readme and "small student" in readme
+    assert "`small-student-swapped` (not started)" in results  # no forest for a study without a test
 
 
 def test_record_page_shows_its_verdict(site):
