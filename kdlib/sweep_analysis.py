@@ -205,6 +205,25 @@ def run_titles(sweep_dir: str | Path) -> dict[str, tuple[str, str]]:
     return titles
 
 
+def runs_frame(sweep_dir: str | Path) -> pd.DataFrame:
+    """One row per run of a sweep, in its sweep file's order, as ``sweep.json`` recorded it and
+    named in words (``run_titles``): setting, methods and seeds, status, minutes, worker, error
+    and the run's folder; empty before the sweep has started."""
+    sweep_dir = Path(sweep_dir)
+    if not (sweep_dir / "sweep.json").is_file():
+        return pd.DataFrame(columns=["setting", "run", "status", "minutes", "worker", "error", "folder"])
+    record = json.loads((sweep_dir / "sweep.json").read_text())
+    titles = run_titles(sweep_dir) if (sweep_dir / "sweep.yaml").is_file() else {}
+    rows = []
+    for name, info in record.get("runs", {}).items():
+        setting, words = titles.get(name, ("", name))
+        seconds = info.get("seconds")
+        rows.append({"setting": setting, "run": words, "status": info.get("status"),
+                     "minutes": round(seconds / 60, 1) if seconds is not None else None,
+                     "worker": info.get("worker"), "error": info.get("error"), "folder": name})
+    return pd.DataFrame(rows, columns=["setting", "run", "status", "minutes", "worker", "error", "folder"])
+
+
 def forest_frame(res: SweepResults, against=("scratch", "label_smoothing")) -> pd.DataFrame:
     """Each method's paired difference against each method of ``against`` that ran, setting
     by setting, as ``stats.comparison_frame`` (so ``stats.paired_t``) computes it: one row

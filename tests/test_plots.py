@@ -367,6 +367,25 @@ def test_sweep_runs_are_named_in_words(tmp_path):
                       "swapped resnet · CAMKD (beta 0) · seeds 0, 1, 2"}
 
 
+def test_a_sweeps_runs_table_names_each_run_in_words_in_the_sweep_files_order(tmp_path):
+    """04's and 05's table of runs: setting and run in words, status and minutes from sweep.json,
+    the folder last; a run still pending has no minutes; a sweep not started has no rows."""
+    import json
+    from kdlib.sweep_analysis import runs_frame
+    assert runs_frame(tmp_path / "none").empty
+    forest_sweep(tmp_path)
+    record = json.loads((tmp_path / "sweep.json").read_text())
+    last = list(record["runs"])[-1]
+    record["runs"][last] = {"status": "pending", "seconds": None, "error": None}
+    (tmp_path / "sweep.json").write_text(json.dumps(record))
+    frame = runs_frame(tmp_path)
+    assert list(frame["folder"]) == list(record["runs"])  # the sweep file's order
+    assert list(frame["setting"]) == ["shipped", "shipped", "swapped resnet", "swapped resnet"]
+    assert list(frame["run"]) == ["CAMKD, vanilla, label smoothing, scratch · seeds 0, 1, 2", "CAMKD (beta 0) · seeds 0, 1, 2"] * 2
+    assert list(frame["status"]) == ["finished"] * 3 + ["pending"]
+    assert list(frame["minutes"][:3]) == [2.0] * 3 and frame["minutes"].isna().iloc[-1]
+
+
 def test_forest_plot_takes_a_tuned_reference_for_its_method(tmp_path):
     """In a tuned comparison each method runs at its own values: label smoothing at a tuned
     epsilon is a variant (``label_smoothing[label_smoothing=0.2]``) and still the reference."""
