@@ -67,13 +67,14 @@ def base_method(label: str) -> str:
 def counts(res: TuneResults) -> pd.DataFrame:
     """Per setting and tuned method: search trials complete, pruned and failed, the distinct
     points among the complete and pruned ones (fewer when a trial asked values an earlier one
-    had), evaluations at fixed values (references and re-scoring), training hours and wall hours."""
+    had), evaluations at fixed values (references and re-scoring), training hours (summed over
+    its trials) and wall hours (while one of its trials was running, ``_union_hours``)."""
     rows = []
     for (setting, method), g in res.trials.groupby(["setting", "method"], sort=False):
         search = g[g["kind"] == "search"]
         ended = search[search["state"].isin(["complete", "pruned"])]
         knobs = [k for k in res.spec.get("space", {}).get(method, {}) if k in ended]
-        start, end = pd.to_datetime(g["started"]).min(), pd.to_datetime(g["ended"]).max()
+        start = pd.to_datetime(g["started"]).min()
         rows.append({"setting": res.words(setting), "method": NAMES.get(method, method),
                      "complete": int((search["state"] == "complete").sum()),
                      "pruned": int((search["state"] == "pruned").sum()),
@@ -82,8 +83,65 @@ def counts(res: TuneResults) -> pd.DataFrame:
                      "fixed-value runs": int((g["kind"] != "search").sum()),
                      "epochs trained": int(g["epochs"].fillna(0).sum()),
                      "training hours": round(g["seconds"].fillna(0).sum() / 3600, 2),
-                     "wall hours": round((end - start).total_seconds() / 3600, 2) if pd.notna(start) else None})
+                     "wall hours": round(_union_hours(_spans(g)), 2) if pd.notna(start) else None})
     return pd.DataFrame(rows)
+
+
+def _stamp(text) -> pd.Timestamp:
+    """A record's time stamp as UTC (trials.csv writes them without a zone, in UTC)."""
+    t = pd.Timestamp(text)
+    return t.tz_localize("UTC") if t.tzinfo is None else t.tz_convert("UTC")
+
+
+def _spans(trials: pd.DataFrame) -> list:
+    """[(start, end)] of the trials that ran to an end the worker measured: from ``ended`` back by
+    the ``seconds`` it ran (``started`` is when Optuna asked for it, which can be long before when
+    a worker was restarted; a failed trial's ``ended`` is when a resume marked it failed)."""
+    if "ended" not in trials or "seconds" not in trials:
+        return []
+    ran = trials[trials["seconds"].notna() & trials["ended"].notna()]
+    return [(_stamp(end) - pd.Timedelta(seconds=float(sec)), end) for end, sec in zip(ran["ended"], ran["seconds"])]
+
+
+def _union_hours(spans) -> float:
+    """Hours covered by at least one of ``spans`` = [(start, end)] (missing ends skipped): the
+    time something ran, without the pauses between a study's starts."""
+    spans = sorted((_stamp(a), _stamp(b)) for a, b in spans if pd.notna(a) and pd.notna(b))
+    total, reach = 0.0, None
+    for a, b in spans:
+        if reach is None or a > reach:
+            total += (b - a).total_seconds()
+            reach = b
+        elif b > reach:
+            total += (b - reach).total_seconds()
+            reach = b
+    return total / 3600
+
+
+def timing(res: TuneResults) -> dict:
+    """How long the study took: ``wall hours``, the time during which at least one of its trials,
+    evaluations or test runs was running (the pauses between its starts left out), ``training
+    hours`` summed over them (two workers side by side count twice), and ``starts``, how many
+    times it was started or resumed (``tune.json``)."""
+    import json
+    spans = _spans(res.trials)
+    seconds = float(res.trials["seconds"].fillna(0).sum()) if "seconds" in res.trials else 0.0
+    for manifest in sorted((res.dir / "test").glob("*/manifest.json")):
+        m = json.loads(manifest.read_text())
+        if m.get("status") == "finished":
+            spans.append((m.get("created"), m.get("ended")))
+            seconds += float(m.get("seconds") or 0)
+    record = json.loads((res.dir / "tune.json").read_text()) if (res.dir / "tune.json").is_file() else {}
+    return {"wall hours": _union_hours(spans), "training hours": seconds / 3600,
+            "starts": 1 + len(record.get("earlier", [])) if record else None}
+
+
+def timing_line(res: TuneResults) -> str:
+    """'Its time: 3.6 h of wall time (trials or test runs running), 6.1 h of training, over 4 starts.'"""
+    t = timing(res)
+    starts = f", over {t['starts']} start{'s' if t['starts'] != 1 else ''}" if t["starts"] else ""
+    return (f"Its time: {t['wall hours']:.1f} h of wall time while a trial or test run was running, "
+            f"{t['training hours']:.1f} h of training summed over them{starts}.")
 
 
 def chosen(res: TuneResults) -> pd.DataFrame:

@@ -413,6 +413,30 @@ def test_the_knob_plot_of_a_setting_with_a_long_name_fits_its_figure(tmp_path):
         assert "small student + swapped resnet" in fig.axes[0].get_title()
 
 
+def test_a_studys_wall_time_counts_the_time_something_ran_not_the_pauses_between_its_starts(tmp_path):
+    """Two workers side by side for an hour, a pause of a day, then one trial of 30 minutes and a
+    30-minute test run: 2 h of wall time, 3 h of training. A failed trial (its 'ended' is when
+    a resume marked it failed) and a trial asked long before its worker ran it do not stretch it."""
+    import json
+    from kdlib import tune_analysis
+    rows = [("search", "complete", 3600.0, "2026-01-01T10:00:00", "2026-01-01T11:00:00"),
+            ("search", "pruned", 3600.0, "2026-01-01T10:00:00", "2026-01-01T11:00:00"),
+            ("search", "fail", None, "2026-01-01T10:30:00", "2026-01-02T10:00:00"),
+            ("search", "complete", 1800.0, "2026-01-01T12:00:00", "2026-01-02T10:30:00")]  # asked, then a day later ran
+    trials = pd.DataFrame([{"setting": "base", "method": "vanilla", "kind": k, "state": st, "seconds": sec,
+                            "started": a, "ended": b, "epochs": 15} for k, st, sec, a, b in rows])
+    (tmp_path / "test" / "run").mkdir(parents=True)
+    (tmp_path / "test" / "run" / "manifest.json").write_text(json.dumps(
+        {"status": "finished", "created": "2026-01-02T10:30:00+00:00", "ended": "2026-01-02T11:00:00+00:00",
+         "seconds": 1800.0}))
+    (tmp_path / "tune.json").write_text(json.dumps({"status": "finished", "earlier": [{}, {}]}))
+    res = tune_analysis.TuneResults(tmp_path, {"space": {"vanilla": VANILLA}, "methods": ["vanilla"]}, trials, {}, None)
+    assert tune_analysis.timing(res) == pytest.approx({"wall hours": 2.0, "training hours": 3.0, "starts": 3})
+    assert tune_analysis.timing_line(res) == ("Its time: 2.0 h of wall time while a trial or test run was running, "
+                                              "3.0 h of training summed over them, over 3 starts.")
+    assert tune_analysis.counts(res).iloc[0]["wall hours"] == 1.5  # its trials only, the test run not
+
+
 @pytest.mark.parametrize("text, seconds", [("5400", 5400), ("90m", 5400), ("2h", 7200), ("1h30m", 5400),
                                            ("45s", 45), ("0.5h", 1800), ("1h0m30s", 3630)])
 def test_a_timeout_is_read_in_seconds_minutes_or_hours(text, seconds):
