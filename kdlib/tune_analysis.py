@@ -128,16 +128,17 @@ def timing(res: TuneResults) -> dict:
     seconds = float(res.trials["seconds"].fillna(0).sum()) if "seconds" in res.trials else 0.0
     for manifest in sorted((res.dir / "test").glob("*/manifest.json")):
         m = json.loads(manifest.read_text())
-        if m.get("status") == "finished":
-            spans.append((m.get("created"), m.get("ended")))
-            seconds += float(m.get("seconds") or 0)
+        if m.get("status") == "finished" and m.get("ended") and m.get("seconds"):  # its last attempt's span
+            spans.append((_stamp(m["ended"]) - pd.Timedelta(seconds=float(m["seconds"])), m["ended"]))
+            seconds += float(m["seconds"])
     record = json.loads((res.dir / "tune.json").read_text()) if (res.dir / "tune.json").is_file() else {}
     return {"wall hours": _union_hours(spans), "training hours": seconds / 3600,
             "starts": 1 + len(record.get("earlier", [])) if record else None}
 
 
 def timing_line(res: TuneResults) -> str:
-    """'Its time: 3.6 h of wall time (trials or test runs running), 6.1 h of training, over 4 starts.'"""
+    """'Its time: 2.3 h of wall time while a trial or test run was running, 4.4 h of training summed
+    over them, over 5 starts.'"""
     t = timing(res)
     starts = f", over {t['starts']} start{'s' if t['starts'] != 1 else ''}" if t["starts"] else ""
     return (f"Its time: {t['wall hours']:.1f} h of wall time while a trial or test run was running, "
