@@ -167,9 +167,14 @@ def answers_markdown(rows: list[dict], link: Callable[[Path], str], root: Path =
     return "\n".join(lines)
 
 
+def record_dir(folder: Path, root: Path = ROOT) -> str:
+    """Where a record folder's files are on the site, relative to a top-level page (ends in /)."""
+    return "records/" + "/".join(folder.relative_to(root / "outputs").parts) + "/"
+
+
 def record_page(folder: Path, root: Path = ROOT) -> str:
     """Where a record folder's page is on the site, relative to a top-level page."""
-    return "records/" + "/".join(folder.relative_to(root / "outputs").parts) + "/index.md"
+    return record_dir(folder, root) + "index.md"
 
 
 def blocks(root: Path = ROOT) -> list[tuple[str, str, Callable[[], str]]]:
@@ -187,7 +192,7 @@ def blocks(root: Path = ROOT) -> list[tuple[str, str, Callable[[], str]]]:
             ("docs/index.md", "best", lambda: best_block(studies, lambda f: record_page(f, root))),
             ("docs/results.md", "best", lambda: best_block(
                 studies, lambda f: record_page(f, root),
-                figure=lambda f: record_page(f, root).removesuffix("index.md") + "tune_forest.png"))]
+                figure=lambda f: record_dir(f, root) + "tune_forest.png"))]
     quality = [(file, "teachers", lambda: quality_markdown(root / QUALITY)) for file in ("README.md", "docs/index.md", "docs/results.md")
                if (root / QUALITY / "sweep.yaml").is_file()]
     return [

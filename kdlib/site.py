@@ -30,7 +30,7 @@ from urllib.parse import quote, unquote, urlsplit
 import pandas as pd
 import yaml
 
-from .blocks import NBSP, answers_markdown, record_page, run_answer, sweep_answers
+from .blocks import NBSP, answers_markdown, record_dir, run_answer, sweep_answers
 from .records import update_readme
 from .sweep_analysis import run_titles
 
@@ -359,7 +359,7 @@ def stage(root: Path, stage_dir: Path, only: list[str] | None = None) -> list:
     (stage_dir / "records").mkdir(exist_ok=True)
     (stage_dir / "records" / "index.md").write_text(index_markdown(found, root))
     for folder in found:
-        rel = record_page(folder, root).rsplit("/", 1)[0]
+        rel = record_dir(folder, root).rstrip("/")
         _copy_record(folder, stage_dir / rel)
         if (folder / "sweep.json").is_file():
             nav.append({folder.name: _stage_sweep(folder, rel, stage_dir, root, f"{folder.name} (sweep)")})

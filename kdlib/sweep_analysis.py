@@ -205,13 +205,16 @@ def run_titles(sweep_dir: str | Path) -> dict[str, tuple[str, str]]:
     return titles
 
 
+RUN_COLUMNS = ["setting", "run", "status", "minutes", "worker", "error", "folder"]
+
+
 def runs_frame(sweep_dir: str | Path) -> pd.DataFrame:
     """One row per run of a sweep, in its sweep file's order, as ``sweep.json`` recorded it and
     named in words (``run_titles``): setting, methods and seeds, status, minutes, worker, error
     and the run's folder; empty before the sweep has started."""
     sweep_dir = Path(sweep_dir)
     if not (sweep_dir / "sweep.json").is_file():
-        return pd.DataFrame(columns=["setting", "run", "status", "minutes", "worker", "error", "folder"])
+        return pd.DataFrame(columns=RUN_COLUMNS)
     record = json.loads((sweep_dir / "sweep.json").read_text())
     titles = run_titles(sweep_dir) if (sweep_dir / "sweep.yaml").is_file() else {}
     rows = []
@@ -221,7 +224,7 @@ def runs_frame(sweep_dir: str | Path) -> pd.DataFrame:
         rows.append({"setting": setting, "run": words, "status": info.get("status"),
                      "minutes": round(seconds / 60, 1) if seconds is not None else None,
                      "worker": info.get("worker"), "error": info.get("error"), "folder": name})
-    return pd.DataFrame(rows, columns=["setting", "run", "status", "minutes", "worker", "error", "folder"])
+    return pd.DataFrame(rows, columns=RUN_COLUMNS)
 
 
 def forest_frame(res: SweepResults, against=("scratch", "label_smoothing")) -> pd.DataFrame:

@@ -74,7 +74,7 @@ def counts(res: TuneResults) -> pd.DataFrame:
         search = g[g["kind"] == "search"]
         ended = search[search["state"].isin(["complete", "pruned"])]
         knobs = [k for k in res.spec.get("space", {}).get(method, {}) if k in ended]
-        start = pd.to_datetime(g["started"]).min()
+        spans = _spans(g)
         rows.append({"setting": res.words(setting), "method": NAMES.get(method, method),
                      "complete": int((search["state"] == "complete").sum()),
                      "pruned": int((search["state"] == "pruned").sum()),
@@ -83,7 +83,7 @@ def counts(res: TuneResults) -> pd.DataFrame:
                      "fixed-value runs": int((g["kind"] != "search").sum()),
                      "epochs trained": int(g["epochs"].fillna(0).sum()),
                      "training hours": round(g["seconds"].fillna(0).sum() / 3600, 2),
-                     "wall hours": round(_union_hours(_spans(g)), 2) if pd.notna(start) else None})
+                     "wall hours": round(_union_hours(spans), 2) if spans else None})
     return pd.DataFrame(rows)
 
 
