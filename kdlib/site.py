@@ -309,6 +309,9 @@ def tune_markdown(folder: Path, root: Path) -> str:
     parts += ["## Its notebook and the test runs", ""] + [f"- [{nb.stem}]({nb.name})" for nb in _notebooks(folder)]
     if (folder / "test" / "sweep.json").is_file():
         parts.append("- [the test sweep](test/index.md): every run at the chosen values, with its executed notebooks")
+    elif not _notebooks(folder):
+        parts.append("None yet: the test sweep starts when the search and the re-scoring are done, and 05 is "
+                     "run when the test has finished.")
     parts += ["", f"Files: {_files(folder)}.", ""]
     return "\n".join(parts)
 

@@ -38,7 +38,15 @@ class TuneResults:
         return list(dict.fromkeys(self.trials["setting"]))
 
     def words(self, setting: str) -> str:
-        return self.best.get(setting, {}).get("in words", setting)
+        """A setting in words ('small student', 'shipped'): best.yaml's, or before it is written the
+        same words from the tune file's overrides on its base params; the raw name as a last resort."""
+        if setting in self.best:
+            return self.best[setting].get("in words", setting)
+        from .sweep import run_name
+        from .sweep_analysis import short_name
+        base = _base_params(self)
+        own = next((o for o in self.spec.get("settings") or [{}] if run_name(o) == setting), None)
+        return short_name({**base, **own}) if base and own is not None else setting
 
     def methods(self) -> list[str]:
         return sorted(self.spec["methods"], key=method_rank)

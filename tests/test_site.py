@@ -364,3 +364,20 @@ def test_shared_templates_compile_once_and_render_the_same(tmp_path, monkeypatch
     assert n > 0 and len(compiled) == n  # the second exporter compiled nothing
     assert first == second == plain
     assert TemplateExporter._create_environment is original
+
+
+def test_a_tuning_page_while_it_searches_says_so(tmp_path):
+    """Before its test: the page says there is no answer yet and why its notebook and test runs are
+    missing, and its search table names the setting in words (no best.yaml yet to name it)."""
+    import json
+    folder = write_tuning(tmp_path / "outputs" / "searching", _acc(vanilla=0.6, scratch=0.0), {"vanilla": {}})
+    for name in ("best.yaml", "05_tune.ipynb", "tune_forest.png"):
+        (folder / name).unlink()
+    shutil.rmtree(folder / "test")
+    record = json.loads((folder / "tune.json").read_text())
+    (folder / "tune.json").write_text(json.dumps({**record, "status": "running", "test": None, "ended": None}))
+    text = site_module.tune_markdown(folder, tmp_path)
+    assert "No answer yet: `searching` (searching" in text, text
+    assert "None yet: the test sweep starts when the search and the re-scoring are done" in text
+    assert "| small student | vanilla | 2 | 1 | 0 |" in text, text  # complete, pruned, failed
+    assert "05_tune" not in text and "test/index.md" not in text

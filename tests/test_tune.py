@@ -21,6 +21,7 @@ from kdlib.__main__ import main
 from kdlib.data import DEBIAN_FASHION_MNIST
 from kdlib.params import ParamsError
 from kdlib.runner import RunError
+from kdlib.sweep import run_name
 from kdlib.tune import Tuning, load_tune, repair_journal, run_tune, study_name, trial_task
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -293,7 +294,7 @@ def test_unfinished_studies_are_named_with_how_far_they_got(tmp_path):
     spec = {"base": "params/fashionmnist_tune.yaml", "settings": [{"student_width": 0.25}],
             "methods": ["scratch", "vanilla"], "trials": 3, "seeds": [0, 1, 2], "space": {"vanilla": VANILLA}}
     row = {"setting": "student_width=0.25", "method": "vanilla", "kind": "search", "trial": 0, "seed": 0,
-           "state": "complete", "temperature": 1.0, "alpha": 0.5, "val_acc": 88.0, "epochs": 15}
+           "state": "complete", "temperature": 1.0, "alpha": 0.5, "val_acc": 88.0, "epochs": 15, "seconds": 60.0}
     stages = {"a-search": [row], "b-rescore": [row, dict(row, kind="rescore", seed=1)],
               "c-test": [row, dict(row, kind="rescore", seed=1)]}
     for name, rows in stages.items():
@@ -313,6 +314,14 @@ def test_unfinished_studies_are_named_with_how_far_they_got(tmp_path):
     for words in ("`a-search` (searching, 1 of 3 trials)", "`b-rescore` (re-scoring its best trials over seeds)",
                   "`c-test` (testing the chosen values)", "`d-none` (not started)", "`e-started` (searching)"):
         assert words in text, text
+    # before best.yaml names its settings, the search table names them in the same words, from the tune file
+    searching = tune_analysis.load(tmp_path / "a-search")
+    assert tune_analysis.counts(searching)["setting"].tolist() == ["small student"]
+    spec["settings"] = [{}, {"teacher_class_swap": {"teacher_resnet": [[0, 6]]}}]
+    (tmp_path / "a-search" / "tune.yaml").write_text(yaml.safe_dump(spec))
+    searching = tune_analysis.load(tmp_path / "a-search")
+    assert [searching.words(s) for s in ("base", run_name({"teacher_class_swap": {"teacher_resnet": [[0, 6]]}}), "student_width=0.25")] \
+        == ["shipped", "swapped resnet", "student_width=0.25"]  # the last one is no longer in the tune file
 
 
 def _chosen_at(tmp_path, space: dict, values: dict):
