@@ -9,6 +9,7 @@ named here by its method alone.
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -517,7 +518,7 @@ def block(folders, link=None, own_page: bool = False, figure=None) -> str:
             done.append((folder, res, test))
         else:
             rescoring = not res.trials.empty and (res.trials["kind"] == "rescore").any()
-            stage = ("testing the chosen values" if res.best else
+            stage = ("testing the chosen values" + _test_progress(folder) if res.best else
                      "re-scoring its best trials over seeds" if rescoring else "searching" + _progress(res))
             waiting.append(f"{_named(folder, link)} ({stage})")
     lines = []
@@ -583,6 +584,16 @@ def _progress(res: TuneResults) -> str:
         return ""
     done = int(((res.trials["kind"] == "search") & res.trials["state"].isin(["complete", "pruned"])).sum())
     return f", {done} of {budget} trials"
+
+
+def _test_progress(folder: Path) -> str:
+    """', 2 of 5 runs finished': the test sweep's runs (each a method over every seed) so far."""
+    record = folder / "test" / "sweep.json"
+    if not record.is_file():
+        return ""
+    runs = json.loads(record.read_text()).get("runs", {})
+    done = sum(r.get("status") == "finished" for r in runs.values())
+    return f", {done} of {len(runs)} runs finished" if runs else ""
 
 
 def _val_size(res: TuneResults) -> str:

@@ -303,6 +303,9 @@ def test_unfinished_studies_are_named_with_how_far_they_got(tmp_path):
         (folder / "tune.yaml").write_text(yaml.safe_dump(spec))
         pd.DataFrame(rows).to_csv(folder / "trials.csv", index=False)
     (tmp_path / "c-test" / "best.yaml").write_text(yaml.safe_dump({"student_width=0.25": {"methods": {}}}))
+    (tmp_path / "c-test" / "test").mkdir()  # its test sweep: one run of two finished (a run holds every seed)
+    (tmp_path / "c-test" / "test" / "sweep.json").write_text(json.dumps({"status": "running", "runs": {
+        "methods=scratch": {"status": "finished"}, "methods=vanilla,temperature=1": {"status": "running"}}}))
     (tmp_path / "e-started").mkdir()  # started, no trial finished: tune.yaml, no trials.csv yet
     (tmp_path / "e-started" / "tune.yaml").write_text(yaml.safe_dump(spec))
     text = tune_analysis.block([tmp_path / n for n in (*stages, "d-none", "e-started")])
@@ -312,7 +315,7 @@ def test_unfinished_studies_are_named_with_how_far_they_got(tmp_path):
     assert alone == ("No answer yet: `a-search` (searching, 1 of 3 trials); the test on the held-out test set "
                      "follows the search."), alone
     for words in ("`a-search` (searching, 1 of 3 trials)", "`b-rescore` (re-scoring its best trials over seeds)",
-                  "`c-test` (testing the chosen values)", "`d-none` (not started)", "`e-started` (searching)"):
+                  "`c-test` (testing the chosen values, 1 of 2 runs finished)", "`d-none` (not started)", "`e-started` (searching)"):
         assert words in text, text
     # before best.yaml names its settings, the search table names them in the same words, from the tune file
     searching = tune_analysis.load(tmp_path / "a-search")
