@@ -313,9 +313,10 @@ def _watch(client, futures: dict, record: Record, sweep_dir: Path, log, deadline
             stopping = True
             busy = {key for keys in client.run(_executing).values() for key in keys}
             waiting = [f for f in futures.values() if not f.done() and f.key not in busy]
+            running = sum(not f.done() for f in futures.values()) - len(waiting)  # before the cancel ends them
             client.cancel(waiting)
             log(f"timeout: {len(waiting)} run(s) not started are left for --resume; waiting for the "
-                f"{sum(not f.done() for f in futures.values()) - len(waiting)} running")
+                f"{running} running")
         for future in pending.next_batch(block=False):
             name = names[future.key]
             if future.status == "cancelled":  # never started: pending, for --resume

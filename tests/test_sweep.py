@@ -430,6 +430,6 @@ def test_past_its_timeout_a_sweep_starts_no_run_and_leaves_the_rest_pending(tmp_
                      started=started)
     runs = json.loads((tmp_path / "sweep.json").read_text())["runs"]
     assert [runs[n]["status"] for n in names] == ["finished", "pending", "pending"]
-    assert any(line.startswith("timeout: 2 run(s) not started are left for --resume") for line in lines)
+    assert "timeout: 2 run(s) not started are left for --resume; waiting for the 1 running" in lines, lines
     assert sweep.summary(dict(record.data, status="stopped")) == \
         "sweep stopped: 1 of 3 runs finished; continue with --resume"
