@@ -9,7 +9,6 @@ named here by its method alone.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,8 @@ import yaml
 from matplotlib.figure import Figure
 
 from .stats import NAMES, method_rank
-from .sweep_analysis import SweepResults, differences, knob_words, load as load_sweep, setting_table, value_words
+from .sweep_analysis import (SweepResults, differences, knob_words, load as load_sweep, runs_frame, setting_table,
+                             value_words)
 
 EDGE = 0.1  # a chosen value in the outer tenth of its searched range sits at its edge
 
@@ -588,12 +588,8 @@ def _progress(res: TuneResults) -> str:
 
 def _test_progress(folder: Path) -> str:
     """', 2 of 5 runs finished': the test sweep's runs (each a method over every seed) so far."""
-    record = folder / "test" / "sweep.json"
-    if not record.is_file():
-        return ""
-    runs = json.loads(record.read_text()).get("runs", {})
-    done = sum(r.get("status") == "finished" for r in runs.values())
-    return f", {done} of {len(runs)} runs finished" if runs else ""
+    runs = runs_frame(folder / "test")
+    return f", {int((runs['status'] == 'finished').sum())} of {len(runs)} runs finished" if len(runs) else ""
 
 
 def _val_size(res: TuneResults) -> str:
