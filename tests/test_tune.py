@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from kdlib import book, tune
+from kdlib import book, tune, tune_analysis
 from kdlib.__main__ import main
 from kdlib.data import DEBIAN_FASHION_MNIST
 from kdlib.params import ParamsError
@@ -246,6 +246,8 @@ def test_tiny_tuning_killed_mid_search_resumes_then_tests_and_reads_in_05(tmp_pa
     assert not any("test" in c for c in pd.read_csv(tune_dir / "trials.csv").columns)
     best = yaml.safe_load((tune_dir / "best.yaml").read_text())
     assert set(best["base"]["methods"]) == {"scratch", "vanilla"}
+    # its test sweep's setting is named as the tuning names it, in 05's forest plot too, not 'base'
+    assert tune_analysis.load(tune_dir).test.names == {(): best["base"]["in words"]} != {(): "base"}
     record = json.loads((tune_dir / "test" / "sweep.json").read_text())
     assert record["status"] == "finished" and len(record["runs"]) == 2
     vanilla_run = next(n for n in record["runs"] if "methods=vanilla" in n)
