@@ -66,7 +66,8 @@ def load(tune_dir: str | Path) -> TuneResults:
     except FileNotFoundError:
         test = None
     res = TuneResults(tune_dir, spec, trials, best or {}, test)
-    if test is not None and res.best:  # the test's settings named as the tuning names them ('shipped', not 'base')
+    if test is not None and res.best:  # the test's settings named as the tuning names them ('shipped', not
+        # 'base'): in its forest plot and in test_frame
         for _, r in test.frame.drop_duplicates("run").iterrows():
             test.names[tuple(r[k] for k in test.keys)] = res.words(_setting_of(res, test, r["run"]))
     return res
@@ -285,12 +286,10 @@ def test_frame(res: TuneResults) -> pd.DataFrame:
     acc = setting_table(test)
     acc = acc[acc["metric"] == "accuracy"]
     diffs = differences(test)
-    names = {tuple(r[k] for k in test.keys): r["run"] for _, r in test.frame.iterrows()}
     rows = []
     for _, r in acc.iterrows():
         key = tuple(r[k] for k in test.keys)
-        setting = _setting_of(res, test, names[key])
-        row = {"setting": res.words(setting), "method": base_method(r["method"]), "seeds": int(r["n"]),
+        row = {"setting": test.names[key], "method": base_method(r["method"]), "seeds": int(r["n"]),
                "accuracy": r["mean"], "ci_low": r["ci_low"], "ci_high": r["ci_high"]}
         own = diffs
         for k, v in zip(test.keys, key):

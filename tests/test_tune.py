@@ -317,7 +317,8 @@ def test_unfinished_studies_are_named_with_how_far_they_got(tmp_path):
     assert alone == ("No answer yet: `a-search` (searching, 1 of 3 trials); the test on the held-out test set "
                      "follows the search."), alone
     for words in ("`a-search` (searching, 1 of 3 trials)", "`b-rescore` (re-scoring its best trials over seeds)",
-                  "`c-test` (testing the chosen values, 1 of 2 runs finished)", "`d-none` (not started)", "`e-started` (searching)"):
+                  "`c-test` (testing the chosen values, 1 of 2 runs finished)", "`d-none` (not started)",
+                  "`e-started` (searching)"):
         assert words in text, text
     # before best.yaml names its settings, the search table names them in the same words, from the tune file
     searching = tune_analysis.load(tmp_path / "a-search")
