@@ -68,8 +68,10 @@ def load(tune_dir: str | Path) -> TuneResults:
     res = TuneResults(tune_dir, spec, trials, best or {}, test)
     if test is not None and res.best:  # the test's settings named as the tuning names them ('shipped', not
         # 'base'): in its forest plot and in test_frame
+        overrides = {r["name"]: r["overrides"]
+                     for r in yaml.safe_load((tune_dir / "test" / "sweep.yaml").read_text())["runs"]}
         for _, r in test.frame.drop_duplicates("run").iterrows():
-            test.names[tuple(r[k] for k in test.keys)] = res.words(_setting_of(res, test, r["run"]))
+            test.names[tuple(r[k] for k in test.keys)] = res.words(_setting_of(res, overrides[r["run"]]))
     return res
 
 
@@ -315,10 +317,8 @@ def _pair(diffs: pd.DataFrame, label: str, anchor: str) -> dict | None:
     return None
 
 
-def _setting_of(res: TuneResults, test: SweepResults, run: str) -> str:
-    """The tuning setting (its name in trials.csv) a test run belongs to."""
-    runs = yaml.safe_load((res.dir / "test" / "sweep.yaml").read_text())["runs"]
-    overrides = next(r["overrides"] for r in runs if r["name"] == run)
+def _setting_of(res: TuneResults, overrides: dict) -> str:
+    """The tuning setting (its name in trials.csv) of a test run with these overrides."""
     for setting, entry in res.best.items():
         if all(overrides.get(k) == v for k, v in entry["setting"].items()) and \
                 not any(k in overrides for k in _setting_keys(res) - set(entry["setting"])):
