@@ -5,6 +5,7 @@ import from here, and this module imports nothing of kdlib.
 """
 from __future__ import annotations
 
+import os
 import platform
 import re
 from pathlib import Path
@@ -19,6 +20,20 @@ def cpu_name() -> str:
         pass
     return platform.processor() or platform.machine()
 
+
+def write_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path`` (named for this process), then rename
+    it over ``path``: a reader (a notebook, a test, a commit) sees the old file or the new
+    one, never a half-written one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def update_readme(readme: str | Path, block: str, name: str = "results") -> None:

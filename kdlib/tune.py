@@ -38,6 +38,7 @@ import yaml
 from . import book
 from .distillers import METHODS
 from .params import SCHEMA, ParamsError, read_mapping, validate
+from .records import write_atomic
 from .runner import RunError, now
 from .sweep import RESOURCES, _error_line, _locate, _worker, portable, run_name
 
@@ -713,7 +714,7 @@ def _drive(client, tuning: Tuning, log, deadline: float | None = None) -> bool:
             done += 1
             log(f"[{done}] {_line(job, number, result)}")
         if tuning.dir is not None:
-            tuning.frame().to_csv(tuning.dir / "trials.csv", index=False)
+            write_atomic(tuning.dir / "trials.csv", tuning.frame().to_csv(index=False))
 
 
 def _until(deadline: float | None) -> float | None:
@@ -794,9 +795,7 @@ def run_tune(tune_file: str | Path, workers: int | None = None, scheduler: str |
             "started": now(), **({"earlier": earlier} if earlier else {})}
 
     def write():
-        tmp = record_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(data, indent=1))
-        tmp.replace(record_path)
+        write_atomic(record_path, json.dumps(data, indent=1))
 
     write()
     tuning = Tuning(spec, url, tune_dir)
@@ -811,11 +810,11 @@ def run_tune(tune_file: str | Path, workers: int | None = None, scheduler: str |
             return _stopped(data, write, tuning, log, "its search and re-scoring")
         choices = {s.name: {m: tuning.choice(s, m) for m in spec.methods} for s in spec.settings}
         _write_best(tune_dir / "best.yaml", spec, choices)
-        tuning.frame().to_csv(tune_dir / "trials.csv", index=False)
+        write_atomic(tune_dir / "trials.csv", tuning.frame().to_csv(index=False))
         data["studies"] = _study_summary(tuning)
         write()
         sweep_file = tune_dir / "test.yaml"
-        sweep_file.write_text("# the test of the chosen values (best.yaml), written by kdlib tune\n"
+        write_atomic(sweep_file, "# the test of the chosen values (best.yaml), written by kdlib tune\n"
                               + yaml.dump(test_sweep(spec, choices), Dumper=_PlainDumper, sort_keys=False))
         log(f"test: {sum(len(spec.methods) for _ in spec.settings)} runs x {len(spec.seeds)} seeds on the "
             "full training set, scored on the test set")
@@ -838,7 +837,7 @@ def _stopped(data: dict, write, tuning: Tuning, log, left: str) -> dict:
     """The tuning stopped by its timeout: recorded as 'stopped', ``trials.csv`` current."""
     frame = tuning.frame()
     if tuning.dir is not None and not frame.empty:
-        frame.to_csv(tuning.dir / "trials.csv", index=False)
+        write_atomic(tuning.dir / "trials.csv", frame.to_csv(index=False))
     data.update(status="stopped", ended=now())
     write()
     log(f"stopped by the timeout before the end of {left}: finished trials and runs are kept; "
@@ -857,7 +856,7 @@ def _write_best(path: Path, spec: TuneSpec, choices: dict) -> None:
                                                     for k, v in c["values"].items()},
                                          "val_acc": round(c["val_acc"], 3), **{k: v for k, v in c.items()
                                                                                if k not in ("values", "val_acc")}}
-    path.write_text("# each method's chosen values per setting, by validation accuracy (never the test set)\n"
+    write_atomic(path, "# each method's chosen values per setting, by validation accuracy (never the test set)\n"
                     + yaml.dump(out, Dumper=_PlainDumper, sort_keys=False, allow_unicode=True))
 
 

@@ -6,7 +6,7 @@ import pytest
 import yaml
 from scipy import stats as st
 
-from kdlib.records import update_readme
+from kdlib.records import update_readme, write_atomic
 from kdlib.report import main, runs_markdown, runs_table
 
 
@@ -50,6 +50,45 @@ def test_cli_vs(tmp_path, capsys):
     b = fake_run(tmp_path / "b", "cosine", [90.5, 91.5], 0.0)
     main([str(a), "--vs", str(b)])
     assert "no parameter" in capsys.readouterr().out
+
+
+def test_write_atomic_replaces_whole_or_keeps_the_old_file(tmp_path):
+    path = tmp_path / "deep" / "trials.csv"
+    write_atomic(path, "a,b\n1,2\n")
+    write_atomic(path, "a,b\n3,4\n")
+    assert path.read_text() == "a,b\n3,4\n"
+    # a write that fails half-way (text that cannot be encoded) leaves the old file whole and no temporary
+    with pytest.raises(UnicodeEncodeError):
+        write_atomic(path, "a,b\n5," + "\ud800" * 100_000)
+    assert path.read_text() == "a,b\n3,4\n"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["trials.csv"]
+
+
+def test_a_reader_polling_a_file_written_atomically_sees_only_whole_files(tmp_path):
+    """What a watcher of ``trials.csv`` (a test, a notebook, a commit loop) sees while the
+    tuning rewrites it: the old text or the new one, never an empty or half-written file
+    (plain ``write_text`` here shows half-written files within a few hundred reads)."""
+    import threading
+    path = tmp_path / "trials.csv"
+    texts = ["a,b\n" + "1,2\n" * 200_000, "a,b\n" + "3,4\n" * 250_000]
+    write_atomic(path, texts[0])
+    stop = threading.Event()
+
+    def writer():
+        i = 0
+        while not stop.is_set():
+            i += 1
+            write_atomic(path, texts[i % 2])
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        seen = [path.read_text() for _ in range(300)]
+    finally:
+        stop.set()
+        thread.join()
+    assert all(text in texts for text in seen)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["trials.csv"]
 
 
 def test_runs_table_one_row_per_run(tmp_path):
