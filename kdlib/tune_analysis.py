@@ -526,6 +526,7 @@ def block(folders, link=None, own_page: bool = False, figure=None) -> str:
             stage = ("testing the chosen values" + _test_progress(folder) if res.best else
                      "re-scoring its best trials over seeds" if rescoring else "searching" + _progress(res))
             waiting.append(f"{_named(folder, link)} ({stage})")
+    done, searched = _told_apart(done)
     lines = []
     if done:
         frames = []
@@ -537,7 +538,7 @@ def block(folders, link=None, own_page: bool = False, figure=None) -> str:
         for folder, res, _ in done:
             spec = res.spec
             lines.append(f"- {_named(folder, link)}, {_columns(res)}: {spec['trials']} trials per tuned method"
-                         f"{_distinct(res)} on "
+                         f"{_distinct(res)}{searched.get(folder, '')} on "
                          f"{_val_size(res)} held-out training images; test over seeds "
                          f"{', '.join(map(str, spec['seeds']))}.")
         lines.append("")
@@ -559,6 +560,80 @@ def block(folders, link=None, own_page: bool = False, figure=None) -> str:
                           f"values against scratch and against label smoothing, paired differences in test accuracy "
                           f"with 95% CIs]({figure(folder)})"]
     return "\n".join(lines).strip()
+
+
+def _told_apart(done: list) -> tuple[list, dict]:
+    """The finished studies, with a setting that an earlier one already names ('small student'
+    twice: the same student searched over other ranges) renamed by how its search differs:
+    'small student, searched wider' when each of its ranges holds the earlier study's and one
+    goes further, else 'small student, `its folder`'; with {folder: ' over T 0.5 to 8, ...'},
+    the ranges of a wider search that differ, for its line under the table. The answer's
+    columns, verdicts and chosen-value lines stay one per study."""
+    named: dict[str, TuneResults] = {}
+    out, searched = [], {}
+    for folder, res, test in done:
+        for setting, entry in res.best.items():
+            words = entry["in words"]
+            if words in named:
+                earlier = named[words]
+                wider = _wider(res.spec.get("space", {}), earlier.spec.get("space", {}))
+                new = f"{words}, searched wider" if wider else f"{words}, `{folder.name}`"
+                entry["in words"] = new
+                test = test.assign(setting=test["setting"].replace(words, new))
+                if wider:
+                    mine, theirs = _ranges(res), _ranges(earlier)
+                    searched[folder] = ", ranges widened to " + ", ".join(
+                        _range_words(k, mine[k]) for k in sorted(mine, key=_knob_rank)
+                        if theirs.get(k) != mine[k]) + ","
+                words = new
+            named[words] = res
+        out.append((folder, res, test))
+    return out, searched
+
+
+_KNOB_ORDER = ("temperature", "alpha", "beta", "label_smoothing")  # then any other knob, by name
+
+
+def _knob_rank(knob: str) -> tuple:
+    return (_KNOB_ORDER.index(knob) if knob in _KNOB_ORDER else len(_KNOB_ORDER), knob)
+
+
+def _ranges(res: TuneResults) -> dict:
+    """Each knob's searched range over the tuned methods: {knob: (low, high)}, the widest one a
+    knob has when methods differ."""
+    out: dict = {}
+    for knobs in (res.spec.get("space") or {}).values():
+        for k, r in knobs.items():
+            if isinstance(r, dict):
+                low, high = float(r["low"]), float(r["high"])
+                out[k] = (min(low, out[k][0]), max(high, out[k][1])) if k in out else (low, high)
+    return out
+
+
+def _range_words(knob: str, span: tuple) -> str:
+    """'T 0.5 to 8'."""
+    return f"{knob_words(knob, span[0])} to {value_words(span[1])}"
+
+
+def _wider(space: dict, earlier: dict) -> bool:
+    """Every range of ``earlier`` is held by the same method's and knob's range in ``space``
+    (choices: the same list or more), and at least one range of ``space`` goes beyond it."""
+    further = False
+    for method, knobs in earlier.items():
+        for k, r in knobs.items():
+            mine = space.get(method, {}).get(k)
+            if isinstance(r, dict) and isinstance(mine, dict):
+                low, high = float(mine["low"]), float(mine["high"])
+                if low > float(r["low"]) or high < float(r["high"]):
+                    return False
+                further |= low < float(r["low"]) or high > float(r["high"])
+            elif isinstance(r, list) and isinstance(mine, list):
+                if not set(map(str, r)) <= set(map(str, mine)):
+                    return False
+                further |= len(set(map(str, mine))) > len(set(map(str, r)))
+            else:
+                return False
+    return further
 
 
 def _columns(res: TuneResults) -> str:

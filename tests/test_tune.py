@@ -376,6 +376,33 @@ def test_the_reading_names_chosen_values_at_the_edge_of_their_range_or_says_none
     assert "none; every chosen value lies inside its range." in tune_analysis.reading(inside, test)[-1]
 
 
+def test_a_study_of_the_same_student_searched_over_other_ranges_gets_a_column_of_its_own(tmp_path):
+    """Two finished studies of one setting ('small student') stay apart in the answer: the one
+    whose every range holds the first's and goes further is 'searched wider', with the ranges
+    it widened on its line; one searched otherwise is named by its folder."""
+    from conftest import write_tuning
+    acc = {m: {0: 80.0 + d, 1: 82.0 + d, 2: 81.0 + d} for m, d in (("vanilla", 0.2), ("scratch", 0.0))}
+    first, wide, other = (write_tuning(tmp_path / n, acc, {"vanilla": {"temperature": 1.5, "alpha": 0.5}})
+                          for n in ("first", "wide", "other"))
+    for folder, temperature in ((wide, {"low": 0.05, "high": 10.0, "log": True}),
+                                (other, {"low": 0.5, "high": 5.0, "log": True})):
+        spec = yaml.safe_load((folder / "tune.yaml").read_text())
+        spec["space"]["vanilla"]["temperature"] = temperature
+        (folder / "tune.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    text = tune_analysis.block([first, wide, other])
+    assert text.splitlines()[0] == ("| each method at its best | small student | small student, searched wider | "
+                                    "small student, `other` |")
+    lines = {line.split(",")[0]: line for line in text.splitlines() if line.startswith("- `")}
+    assert ", ranges widened to T 0.05 to 10, on " in lines["- `wide`"]
+    assert "widened" not in lines["- `first`"] + lines["- `other`"]
+    assert "**small student, `other`**" in lines["- `other`"]
+    chosen = [line for line in text.splitlines() if "the chosen values" in line]
+    assert [line.split("**")[1] for line in chosen] == ["small student", "small student, searched wider",
+                                                        "small student, `other`"]
+    # one study alone keeps its setting's words
+    assert tune_analysis.block([wide]).splitlines()[0] == "| each method at its best | small student |"
+
+
 def test_the_reading_gives_each_knobs_chosen_values_beside_the_base_params_untuned_one(tmp_path):
     """The base params file (with kdlib.params' defaults) says what each knob is without tuning."""
     from kdlib import tune_analysis
