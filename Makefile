@@ -43,10 +43,10 @@ tune: install data
 	@test -n "$(TUNE)" || { echo "give the tune file: make tune TUNE=params/tune/NAME.yaml"; exit 2; }
 	$(PY) -m kdlib tune $(TUNE) $(TUNE_OPTIONS) $(if $(wildcard outputs/$(basename $(notdir $(TUNE)))/tune.json),--resume)
 
-# the book's three tuning studies, one after the other, each resumed where it stopped (many hours on a 2-core CPU);
+# the book's tuning studies, one after the other, each resumed where it stopped (many hours on a 2-core CPU);
 # TIMEOUT=2h: no trial or run starts after 2 hours (each study's own clock), the running ones finish, and it
 # stops there without error (exit status 3 of kdlib tune); make studies goes on from there
-STUDIES := small-student small-student-swapped seed-student
+STUDIES := small-student small-student-swapped seed-student small-student-wide
 studies: install data
 	@for s in $(STUDIES); do \
 		resume=$$(test -f outputs/$$s/tune.json && echo --resume); \
