@@ -568,8 +568,8 @@ def _told_apart(done: list) -> tuple[list, dict]:
     """The finished studies, with a setting that an earlier one already names ('small student'
     twice: the same student searched over other ranges) renamed by how its search differs:
     'small student, searched wider' when each of its ranges holds the earlier study's and one
-    goes further, else 'small student, `its folder`'; with {folder: ' over T 0.5 to 8, ...'},
-    the ranges of a wider search that differ, for its line under the table. The answer's
+    goes further, else 'small student, `its folder`'; with {folder: ', ranges widened to T 0.5
+    to 8, ...,'}, the ranges of a wider search that differ, for its line under the table. The answer's
     columns, verdicts and chosen-value lines stay one per study."""
     named: dict[str, TuneResults] = {}
     out, searched = [], {}
