@@ -785,7 +785,7 @@ def run_tune(tune_file: str | Path, workers: int | None = None, scheduler: str |
     if "://" not in url and repair_journal(Path(url)):
         log(f"{portable(Path(url))}: a partial last line (left by a killed process) cut off")
     tune_dir.mkdir(parents=True, exist_ok=True)
-    (tune_dir / "tune.yaml").write_text(yaml.dump(spec.as_dict(), Dumper=_PlainDumper, sort_keys=False))
+    write_atomic(tune_dir / "tune.yaml", yaml.dump(spec.as_dict(), Dumper=_PlainDumper, sort_keys=False))
     before = json.loads(record_path.read_text()) if record_path.exists() else {}
     earlier = before.get("earlier", []) + ([{k: before.get(k) for k in ("started", "ended", "status")}]
                                            if "started" in before else [])
