@@ -46,7 +46,7 @@ tune: install data
 # the book's tuning studies, one after the other, each resumed where it stopped (many hours on a 2-core CPU);
 # TIMEOUT=2h: no trial or run starts after 2 hours (each study's own clock), the running ones finish, and it
 # stops there without error (exit status 3 of kdlib tune); make studies goes on from there
-STUDIES := small-student small-student-swapped seed-student small-student-wide
+STUDIES := seed-student small-student-wide small-student-swapped
 studies: install data
 	@for s in $(STUDIES); do \
 		resume=$$(test -f outputs/$$s/tune.json && echo --resume); \

@@ -5,9 +5,15 @@ A tune file (``params/tune/NAME.yaml``) names a ``base`` params file (with ``val
 the test set is never read while tuning), ``settings`` (overrides, like a sweep's runs),
 ``methods``, ``trials`` (per tuned method and setting, the same for all) and ``space``
 (per method, knob -> ``{low, high, log}`` or a list of choices; any params key the method
-reads). Optional: ``seeds`` (default [0, 1, 2]), ``sampler_seed`` (0), ``pruner``
-(``{startup_trials: 5, warmup_epochs: 2}``: no trial is stopped before 5 trials of its study
-have finished, nor before it has run 2 epochs) and ``rescore`` (3).
+reads). Optional: ``seeds`` (default [0, 1, 2]: the references and the re-scoring on the
+validation split, and the test), ``test_seeds`` (default ``seeds``: the seeds of the test, which
+may be raised on ``--resume``), ``sampler_seed`` (0), ``pruner`` (``{startup_trials: 5,
+warmup_epochs: 10}``: no trial is stopped before 5 trials of its study have finished, nor
+before it has run 10 epochs: the first epoch from which every method's ranking of the committed
+studies' trials agrees with their last epoch's, ``tune_analysis.pruner_fidelity``), ``rescore``
+(3) and ``reuse`` (``{from: TUNING_FOLDER, methods: [...]}``: those methods' studies are copied
+from an earlier tuning with the same base, settings, seeds and search space instead of run
+again, and so are their finished test runs).
 
 Everything lives in one Optuna storage (a journal file in the tuning folder, or an RDB
 URL every worker reaches): per setting and method a search study (``SETTING/METHOD``:
@@ -42,7 +48,9 @@ from .records import write_atomic
 from .runner import RunError, now
 from .sweep import RESOURCES, _error_line, _locate, _worker, portable, run_name
 
-TUNE_KEYS = ("base", "settings", "methods", "trials", "space", "seeds", "sampler_seed", "pruner", "rescore")
+TUNE_KEYS = ("base", "settings", "methods", "trials", "space", "seeds", "test_seeds", "sampler_seed", "pruner",
+             "rescore", "reuse")
+RESUMABLE = ("trials", "tune", "test_seeds")  # what may change on --resume: more trials, more test seeds
 # keys that no search may move: what the run is, where it runs, and the split it is scored on
 NOT_KNOBS = {"methods": "the tune file's methods list says which methods run",
              "seeds": "the tune file's seeds say which seeds run",
@@ -55,7 +63,10 @@ NOT_KNOBS = {"methods": "the tune file's methods list says which methods run",
              "fidelity_freq": "it changes what is measured, not what is learned",
              "cache_teachers": "it changes speed, not what is learned",
              "compile": "it changes speed, not what is learned"}
-PRUNER = {"startup_trials": 5, "warmup_epochs": 2}
+# no trial stopped before epoch 10 of 15: from there on every method's validation accuracy ranks the complete
+# trials of the committed studies as their last epoch does (Spearman >= 0.8, pooled over the studies); at
+# epoch 2, where the first studies cut, label smoothing's and vanilla's rankings were near chance (docs/tuning.md)
+PRUNER = {"startup_trials": 5, "warmup_epochs": 10}
 TUNE_OUT = ("trials.csv", "best.yaml")
 ANALYSIS = "05_tune.ipynb"
 SEARCH, SEEDS = "search", "seeds"
@@ -102,6 +113,8 @@ class TuneSpec:
     sampler_seed: int = 0
     pruner: dict = field(default_factory=lambda: dict(PRUNER))
     rescore: int = 3
+    test_seeds: list[int] = field(default_factory=list)
+    reuse: dict | None = None  # {"from": tuning folder, "methods": [...]}
 
     def tuned(self, method: str) -> bool:
         return bool(self.space.get(method))
@@ -113,8 +126,9 @@ class TuneSpec:
                 "space": {m: {k.name: (k.choices if k.choices is not None else
                                        {"low": k.low, "high": k.high, "log": k.log}) for k in knobs}
                           for m, knobs in self.space.items()},
-                "seeds": self.seeds, "sampler_seed": self.sampler_seed, "pruner": self.pruner,
-                "rescore": self.rescore}
+                "seeds": self.seeds, "test_seeds": self.test_seeds, "sampler_seed": self.sampler_seed,
+                "pruner": self.pruner, "rescore": self.rescore,
+                **({"reuse": self.reuse} if self.reuse else {})}
 
 
 def _number(value) -> bool:
@@ -190,10 +204,8 @@ def load_tune(tune_file: str | Path) -> TuneSpec:
     if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
         raise ParamsError(f"{src}: trials: {trials!r} is not allowed; give the trials per method and setting, "
                           "a whole number >= 1")
-    seeds = raw.get("seeds", [0, 1, 2])
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
-                                                          and s >= 0 for s in seeds) or len(set(seeds)) != len(seeds):
-        raise ParamsError(f"{src}: seeds: {seeds!r} is not allowed; give distinct non-negative integers, e.g. [0, 1, 2]")
+    seeds = _seeds(src, "seeds", raw.get("seeds", [0, 1, 2]))
+    test_seeds = _seeds(src, "test_seeds", raw.get("test_seeds", seeds))
     settings_raw = raw.get("settings") or [{}]
     if not isinstance(settings_raw, list) or not all(isinstance(s, dict) for s in settings_raw):
         raise ParamsError(f"{src}: settings: give a list of overrides, e.g. [{{student_width: 0.25}}]")
@@ -233,7 +245,49 @@ def load_tune(tune_file: str | Path) -> TuneSpec:
     sampler_seed = raw.get("sampler_seed", 0)
     if not isinstance(sampler_seed, int) or isinstance(sampler_seed, bool) or sampler_seed < 0:
         raise ParamsError(f"{src}: sampler_seed: give a non-negative integer")
-    return TuneSpec(src, base, base_raw, settings, methods, trials, space, seeds, sampler_seed, pruner, rescore)
+    spec = TuneSpec(src, base, base_raw, settings, methods, trials, space, seeds, sampler_seed, pruner, rescore,
+                    test_seeds)
+    if raw.get("reuse") is not None:
+        spec.reuse = _reuse(spec, raw["reuse"])
+    return spec
+
+
+def _seeds(src: str, key: str, seeds) -> list[int]:
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
+                                                          and s >= 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise ParamsError(f"{src}: {key}: {seeds!r} is not allowed; give distinct non-negative integers, e.g. [0, 1, 2]")
+    return seeds
+
+
+def _reuse(spec: TuneSpec, raw) -> dict:
+    """``reuse: {from: FOLDER, methods: [...]}`` checked against the earlier tuning in FOLDER: the
+    same base, settings and seeds, and for each reused method the same search space, so that its
+    copied studies are what this tuning would have run (but for the pruner's settings)."""
+    src = spec.source
+    if not isinstance(raw, dict) or set(raw) != {"from", "methods"} or not isinstance(raw["methods"], list) \
+            or not raw["methods"]:
+        raise ParamsError(f"{src}: reuse: give {{from: outputs/EARLIER_TUNING, methods: [scratch, ...]}}")
+    folder = _locate(Path(str(raw["from"])))
+    if not (folder / "tune.yaml").is_file() or not (folder / "study.journal").is_file():
+        raise ParamsError(f"{src}: reuse: from: {raw['from']} holds no tuning (tune.yaml and study.journal); "
+                          "name an earlier tuning's folder")
+    earlier = yaml.safe_load((folder / "tune.yaml").read_text())
+    mine = spec.as_dict()
+    for key in ("settings", "seeds"):
+        if earlier.get(key) != mine[key]:
+            raise ParamsError(f"{src}: reuse: {raw['from']} has {key} {earlier.get(key)}, this tuning {mine[key]}; "
+                              "reuse only a tuning of the same settings and seeds")
+    if Path(str(earlier.get("base"))).name != Path(spec.base).name:
+        raise ParamsError(f"{src}: reuse: {raw['from']} has base {earlier.get('base')}, this tuning {spec.base}; "
+                          "reuse only a tuning of the same base")
+    for m in raw["methods"]:
+        if m not in spec.methods or m not in earlier.get("methods", []):
+            raise ParamsError(f"{src}: reuse: methods: {m!r} is not a method of both tunings "
+                              f"({', '.join(spec.methods)} here)")
+        if (earlier.get("space") or {}).get(m) != mine["space"].get(m):
+            raise ParamsError(f"{src}: reuse: {m} was searched over {(earlier.get('space') or {}).get(m)} in "
+                              f"{raw['from']}, here over {mine['space'].get(m)}; search it again (drop it from reuse)")
+    return {"from": portable(folder), "methods": list(raw["methods"])}
 
 
 # ---- storage -------------------------------------------------------------------------------------
@@ -724,12 +778,64 @@ def _until(deadline: float | None) -> float | None:
 
 def test_sweep(spec: TuneSpec, choices: dict) -> dict:
     """The test as a sweep file's content: per setting and method a run at the chosen values on
-    the full training set (``val_subset`` 0), every seed, scored once on the test set."""
+    the full training set (``val_subset`` 0), scored once on the test set: one run over the test
+    seeds that are also the tuning's ``seeds``, and one run per further test seed (``seeds=3``,
+    ...), so that raising ``test_seeds`` on ``--resume`` adds runs and keeps the finished ones."""
+    common = [s for s in spec.test_seeds if s in spec.seeds]
+    extra = [s for s in spec.test_seeds if s not in spec.seeds]
     runs = []
+    for group in ([None] if common else []) + [[s] for s in extra]:
+        for s in spec.settings:
+            for m in spec.methods:
+                runs.append({**s.overrides, "methods": [m], **choices[s.name][m]["values"],
+                             **({"seeds": group} if group else {})})
+    return {"base": portable(Path(spec.base)), "val_subset": 0, "seeds": common or extra[:1], "runs": runs}
+
+
+def apply_reuse(spec: TuneSpec, url: str, log=print) -> int:
+    """Copy the reused methods' studies (``reuse``) from the earlier tuning's journal into this
+    tuning's storage, each only if the storage does not hold it yet; return how many were copied."""
+    import optuna
+    if not spec.reuse:
+        return 0
+    source = open_storage(str(_locate(Path(spec.reuse["from"])) / "study.journal"))
+    target = open_storage(url)
+    held = set(optuna.get_all_study_names(target))
+    copied = 0
     for s in spec.settings:
-        for m in spec.methods:
-            runs.append({**s.overrides, "methods": [m], **choices[s.name][m]["values"]})
-    return {"base": portable(Path(spec.base)), "val_subset": 0, "seeds": spec.seeds, "runs": runs}
+        for m in spec.reuse["methods"]:
+            for kind in (SEARCH, SEEDS) if spec.tuned(m) else (SEEDS,):
+                name = study_name(s.name, m, kind)
+                if name not in held:
+                    optuna.copy_study(from_study_name=name, from_storage=source, to_storage=target)
+                    copied += 1
+    if copied:
+        log(f"reuse: {copied} studies of {', '.join(spec.reuse['methods'])} copied from {spec.reuse['from']}")
+    return copied
+
+
+def reuse_test_runs(spec: TuneSpec, test_dir: Path, log=print) -> list[str]:
+    """Copy the earlier tuning's finished test runs of the reused methods into ``test_dir`` where
+    this test runs the same (same folder name: same setting, values and seeds); return their names."""
+    import shutil
+    if not spec.reuse:
+        return []
+    earlier = _locate(Path(spec.reuse["from"])) / "test"
+    sweep = yaml.safe_load((test_dir.parent / "test.yaml").read_text())
+    copied = []
+    for own in sweep["runs"]:
+        if own["methods"][0] not in spec.reuse["methods"]:
+            continue
+        name = run_name(own)
+        manifest = earlier / name / "manifest.json"
+        if (test_dir / name).exists() or not manifest.is_file() or \
+                json.loads(manifest.read_text()).get("status") != "finished":
+            continue
+        shutil.copytree(earlier / name, test_dir / name, ignore=shutil.ignore_patterns("*.pt", "*.html"))
+        copied.append(name)
+    if copied:
+        log(f"reuse: {len(copied)} finished test run(s) copied from {spec.reuse['from']}/test")
+    return copied
 
 
 def ensure(tune_dir: str | Path, tune_file: str | Path) -> Path:
@@ -770,12 +876,14 @@ def run_tune(tune_file: str | Path, workers: int | None = None, scheduler: str |
     if record_path.exists():
         before = yaml.safe_load((tune_dir / "tune.yaml").read_text())
         now_spec = spec.as_dict()
-        changed = [k for k in now_spec if k not in ("trials", "tune") and before.get(k) != now_spec[k]]
+        before.setdefault("test_seeds", before.get("seeds"))  # a tuning recorded before test_seeds existed
+        changed = [k for k in set(now_spec) | set(before) if k not in RESUMABLE and before.get(k) != now_spec.get(k)]
         if changed:
-            raise RunError(f"{tune_file}: {', '.join(changed)} differ from the tuning in {tune_dir}; only trials may "
-                           f"change on --resume: restore them, or tune into a new folder (delete {tune_dir})")
+            raise RunError(f"{tune_file}: {', '.join(sorted(changed))} differ from the tuning in {tune_dir}; only "
+                           "trials and test_seeds may change on --resume: restore them, or tune into a new folder "
+                           f"(delete {tune_dir})")
         done = json.loads(record_path.read_text())
-        if (done.get("status") == "finished" and before.get("trials") == now_spec["trials"]
+        if (done.get("status") == "finished" and all(before.get(k) == now_spec[k] for k in ("trials", "test_seeds"))
                 and (not analysis or (tune_dir / ANALYSIS).exists())):
             log(f"{tune_dir}: finished earlier with {spec.trials} trials per tuned method; nothing to do "
                 "(raise trials in the tune file to search further)")
@@ -798,6 +906,7 @@ def run_tune(tune_file: str | Path, workers: int | None = None, scheduler: str |
         write_atomic(record_path, json.dumps(data, indent=1))
 
     write()
+    apply_reuse(spec, url, log)
     tuning = Tuning(spec, url, tune_dir)
     stale = tuning.fail_running()
     if stale:
@@ -816,10 +925,11 @@ def run_tune(tune_file: str | Path, workers: int | None = None, scheduler: str |
         sweep_file = tune_dir / "test.yaml"
         write_atomic(sweep_file, "# the test of the chosen values (best.yaml), written by kdlib tune\n"
                               + yaml.dump(test_sweep(spec, choices), Dumper=_PlainDumper, sort_keys=False))
-        log(f"test: {sum(len(spec.methods) for _ in spec.settings)} runs x {len(spec.seeds)} seeds on the "
-            "full training set, scored on the test set")
+        log(f"test: {len(spec.settings) * len(spec.methods)} methods and settings x {len(spec.test_seeds)} seeds on "
+            "the full training set, scored on the test set")
         if past(deadline):
             return _stopped(data, write, tuning, log, "its test")
+        reuse_test_runs(spec, tune_dir / "test", log)
         result = run_sweep(sweep_file, scheduler=client.scheduler.address, outputs=tune_dir, name="test",
                            resume=(tune_dir / "test" / "sweep.json").exists(), analysis=analysis, log=log,
                            deadline=deadline)

@@ -542,7 +542,7 @@ def block(folders, link=None, own_page: bool = False, figure=None) -> str:
             lines.append(f"- {_named(folder, link)}, {_columns(res)}: {spec['trials']} trials per tuned method"
                          f"{_distinct(res)}{searched.get(folder, '')} on "
                          f"{_val_size(res)} held-out training images; test over seeds "
-                         f"{', '.join(map(str, spec['seeds']))}.")
+                         f"{', '.join(map(str, spec.get('test_seeds', spec['seeds'])))}.")
         lines.append("")
         lines += reading_all(done)
     if waiting:
@@ -709,3 +709,84 @@ def reading_all(done) -> list[str]:
     test = pd.concat([t for _, _, t in done], ignore_index=True)
     return (_verdicts(test) + [line for _, res, t in done for line in _chosen_lines(res, t)]
             + _edge_reading([(res, t) for _, res, t in done]))
+
+
+# ---- how far the pruner can trust an early epoch ---------------------------------------------------
+
+FIDELITY = 0.8  # a pruner may cut from the first epoch whose ranking of trials agrees this well with the last's
+
+
+def epoch_curves(journal: str | Path) -> pd.DataFrame:
+    """One row per complete search trial of a tuning's storage and epoch: ``setting``, ``method``,
+    ``trial``, ``epoch``, ``val_acc`` (the validation accuracy it reported after that epoch), read
+    through Optuna's public API from ``journal`` (a journal file, or an RDB URL)."""
+    from .extras import require
+    require("tune", "reading a tuning's journal")
+    import optuna
+    from optuna.trial import TrialState
+    from .tune import open_storage
+    storage = open_storage(str(journal))
+    rows = []
+    for name in optuna.get_all_study_names(storage):
+        parts = name.split("/")
+        if len(parts) != 2:  # SETTING/METHOD is a search; SETTING/METHOD/seeds holds fixed-value runs
+            continue
+        study = optuna.load_study(study_name=name, storage=storage)
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            rows += [{"setting": parts[0], "method": parts[1], "trial": t.number, "epoch": int(e), "val_acc": v}
+                     for e, v in sorted(t.intermediate_values.items())]
+    return pd.DataFrame(rows, columns=["setting", "method", "trial", "epoch", "val_acc"])
+
+
+def pruner_fidelity(curves: pd.DataFrame) -> pd.DataFrame:
+    """Per setting, method and epoch: Spearman's rank correlation between the complete trials'
+    validation accuracy at that epoch and at their last (``rho``; NaN where fewer than 3 trials
+    or where one of the two has no spread), over ``trials`` complete trials. A median pruner
+    that cuts at an epoch whose ``rho`` is low stops trials on noise, not on how they will end."""
+    from scipy.stats import spearmanr
+    rows = []
+    for (setting, method), g in curves.groupby(["setting", "method"], sort=False):
+        wide = g.pivot_table(index="trial", columns="epoch", values="val_acc")
+        last = wide.columns.max()
+        wide = wide.dropna(subset=[last])
+        for epoch in wide.columns:
+            pair = pd.DataFrame({"at": wide[epoch], "last": wide[last]}).dropna()
+            spread = pair.nunique().min() > 1
+            rho = float(spearmanr(pair["at"], pair["last"]).statistic) if len(pair) >= 3 and spread else math.nan
+            rows.append({"setting": setting, "method": method, "epoch": int(epoch), "trials": len(pair), "rho": rho})
+    return pd.DataFrame(rows, columns=["setting", "method", "epoch", "trials", "rho"])
+
+
+def pooled_fidelity(fidelity: pd.DataFrame) -> pd.DataFrame:
+    """Per method and epoch, the correlations of ``pruner_fidelity`` over several studies pooled as
+    a meta-analysis pools them: the mean of Fisher's z = artanh(rho) weighted by trials - 3 (the
+    inverse of z's variance), turned back into a correlation; ``trials`` summed. A study with 5
+    trials measures rho to about ±0.5, so one study's value alone decides nothing."""
+    f = fidelity.dropna(subset=["rho"])
+    f = f[f["trials"] > 3].assign(z=lambda d: np.arctanh(d["rho"].clip(-0.999, 0.999)), w=lambda d: d["trials"] - 3)
+    rows = [{"method": m, "epoch": int(e), "studies": len(g), "trials": int(g["trials"].sum()),
+             "rho": float(np.tanh((g["z"] * g["w"]).sum() / g["w"].sum()))}
+            for (m, e), g in f.groupby(["method", "epoch"], sort=False)]
+    return pd.DataFrame(rows, columns=["method", "epoch", "studies", "trials", "rho"])
+
+
+def trusted_epoch(fidelity: pd.DataFrame, threshold: float = FIDELITY) -> int | None:
+    """The first epoch from which every study's and method's correlation with the last epoch is at
+    least ``threshold`` at that epoch and every later one (a study with too few trials to measure,
+    NaN, does not hold it back); None if no epoch before the last is."""
+    if fidelity.empty:
+        return None
+    last = int(fidelity["epoch"].max())
+    for epoch in range(1, last):
+        later = fidelity[fidelity["epoch"] >= epoch]
+        if (later["rho"].dropna() >= threshold - 1e-9).all():
+            return epoch
+    return None
+
+
+def cut_epochs(trials: pd.DataFrame) -> pd.DataFrame:
+    """Per setting and method of a search: how many trials the pruner stopped and at which epochs
+    (``trials.csv``'s ``epochs`` of its pruned rows)."""
+    search = trials[(trials["kind"] == "search") & (trials["state"] == "pruned")]
+    return (search.groupby(["setting", "method"], sort=False)["epochs"]
+            .agg(pruned="size", first_cut="min", last_cut="max").reset_index())

@@ -574,3 +574,130 @@ def test_the_search_table_and_the_answer_count_distinct_points_when_trials_repea
     assert tune_analysis._distinct(res).startswith(" (2 distinct points:")
     res.trials.loc[3, "temperature"] = 3.0
     assert tune_analysis._distinct(res) == ""
+
+
+# ---- the pruner's fidelity, more test seeds, reused studies ----------------------------------------
+
+def _journal_with_curves(path: Path, curves: dict) -> str:
+    """A journal holding study 'base/vanilla' with one complete trial per curve (epoch -> value),
+    and a fixed-value study 'base/vanilla/seeds' whose trial must be left out of the measure."""
+    import optuna
+    from optuna.distributions import FloatDistribution
+    url = str(path)
+    storage = tune.open_storage(url)
+    dist = {"alpha": FloatDistribution(0.1, 10)}
+    study = optuna.create_study(study_name="base/vanilla", storage=storage, direction="maximize")
+    for i, curve in enumerate(curves.values()):
+        study.add_trial(optuna.trial.create_trial(params={"alpha": 0.1 + i}, distributions=dist,
+                                                  value=curve[max(curve)], intermediate_values=curve))
+    seeds = optuna.create_study(study_name="base/vanilla/seeds", storage=storage, direction="maximize")
+    seeds.add_trial(optuna.trial.create_trial(value=1.0, intermediate_values={1: 99.0, 2: 1.0}))
+    return url
+
+
+def test_pruner_fidelity_is_spearmans_rank_correlation_of_each_epoch_with_the_last(tmp_path):
+    """Four trials over three epochs, built so that epoch 1 ranks them in reverse of the last
+    (rho -1), epoch 2 in the same order but for one swap (rho 0.8 by 1 - 6 sum d^2 / (n (n^2 - 1))
+    with d^2 = 2), and the last with itself 1; computed here by hand, not by scipy."""
+    curves = {"a": {1: 40.0, 2: 10.0, 3: 10.0}, "b": {1: 30.0, 2: 30.0, 3: 20.0},
+              "c": {1: 20.0, 2: 20.0, 3: 30.0}, "d": {1: 10.0, 2: 40.0, 3: 40.0}}
+    url = _journal_with_curves(tmp_path / "study.journal", curves)
+    frame = tune_analysis.epoch_curves(url)
+    assert set(frame["method"]) == {"vanilla"} and len(frame) == 12  # the seeds study left out
+    fid = tune_analysis.pruner_fidelity(frame).set_index("epoch")
+    n = 4
+    assert fid.loc[1, "rho"] == pytest.approx(-1.0)
+    assert fid.loc[2, "rho"] == pytest.approx(1 - 6 * 2 / (n * (n ** 2 - 1)))
+    assert fid.loc[3, "rho"] == pytest.approx(1.0) and (fid["trials"] == 4).all()
+    assert tune_analysis.trusted_epoch(fid.reset_index()) == 2
+    assert tune_analysis.trusted_epoch(fid.reset_index(), threshold=0.9) is None
+
+
+def test_the_trusted_epoch_waits_for_every_method_and_ignores_unmeasured_ones():
+    rows = [("a", "vanilla", 1, 0.9), ("a", "vanilla", 2, 0.5), ("a", "vanilla", 3, 0.85), ("a", "vanilla", 4, 1.0),
+            ("a", "camkd", 1, 0.95), ("a", "camkd", 2, 0.95), ("a", "camkd", 3, 0.7), ("a", "camkd", 4, 1.0),
+            ("b", "ebkd", 1, math.nan), ("b", "ebkd", 2, math.nan), ("b", "ebkd", 3, math.nan), ("b", "ebkd", 4, 1.0)]
+    fid = pd.DataFrame(rows, columns=["setting", "method", "epoch", "rho"])
+    assert tune_analysis.trusted_epoch(fid) is None  # epoch 3 fails camkd, and 4 is the last
+    fid.loc[7, "rho"] = 0.9
+    fid.loc[(fid["method"] == "camkd") & (fid["epoch"] == 3), "rho"] = 0.8  # exactly at the threshold: trusted
+    assert tune_analysis.trusted_epoch(fid) == 3
+
+
+def test_more_test_seeds_add_one_run_per_seed_and_keep_the_runs_of_the_tunings_seeds(tmp_path):
+    spec = load_tune(tune_file(tmp_path, seeds=[0, 1], test_seeds=[0, 1, 2, 3]))
+    choices = {"base": {"scratch": {"values": {}}, "vanilla": {"values": {"temperature": 2.0, "alpha": 0.5}}}}
+    sweep = tune.test_sweep(spec, choices)
+    assert sweep["seeds"] == [0, 1]
+    names = [run_name(r) for r in sweep["runs"]]
+    assert names == ["methods=scratch", "methods=vanilla,temperature=2,alpha=0.5",
+                     "methods=scratch,seeds=2", "methods=vanilla,temperature=2,alpha=0.5,seeds=2",
+                     "methods=scratch,seeds=3", "methods=vanilla,temperature=2,alpha=0.5,seeds=3"]
+    assert tune.test_sweep(load_tune(tune_file(tmp_path, seeds=[0, 1])), choices)["runs"] == sweep["runs"][:2]
+
+
+@pytest.mark.parametrize("reuse, words", [
+    ({"from": "nowhere", "methods": ["scratch"]}, "reuse: from: nowhere holds no tuning"),
+    ({"from": "EARLIER", "methods": ["ebkd"]}, "reuse: methods: 'ebkd' is not a method of both tunings"),
+    ({"from": "EARLIER", "methods": ["vanilla"], "space": 1}, "reuse: give {from:"),
+])
+def test_a_bad_reuse_is_refused_in_one_line(tmp_path, reuse, words):
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "study.journal").write_text("")
+    (earlier / "tune.yaml").write_text(yaml.safe_dump(load_tune(tune_file(tmp_path)).as_dict()))
+    reuse = {k: (str(earlier) if v == "EARLIER" else v) for k, v in reuse.items()}
+    with pytest.raises(ParamsError, match=words.replace("{", r"\{").replace("(", r"\(")):
+        load_tune(tune_file(tmp_path, reuse=reuse))
+
+
+def test_a_method_searched_over_other_ranges_cannot_be_reused(tmp_path):
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "study.journal").write_text("")
+    (earlier / "tune.yaml").write_text(yaml.safe_dump(load_tune(tune_file(tmp_path)).as_dict()))
+    wider = {"vanilla": dict(VANILLA, alpha={"low": 0.01, "high": 10, "log": True})}
+    with pytest.raises(ParamsError, match="reuse: vanilla was searched over .* search it again"):
+        load_tune(tune_file(tmp_path, space=wider, reuse={"from": str(earlier), "methods": ["vanilla"]}))
+    spec = load_tune(tune_file(tmp_path, space=wider, reuse={"from": str(earlier), "methods": ["scratch"]}))
+    assert spec.reuse["methods"] == ["scratch"] and spec.as_dict()["reuse"]["methods"] == ["scratch"]
+
+
+def test_reused_studies_are_copied_once_with_their_trials_and_finished_test_runs(tmp_path):
+    """The earlier tuning's scratch references and vanilla search come over trial for trial
+    (values, states, seeds), once: a second start copies nothing; of its test runs only the
+    finished ones of reused methods are copied."""
+    import optuna
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    first = load_tune(tune_file(tmp_path, seeds=[0, 1]))
+    (earlier / "tune.yaml").write_text(yaml.safe_dump(first.as_dict()))
+    old = Tuning(first, str(earlier / "study.journal"))
+    for seed, value in ((0, 80.0), (1, 81.0)):
+        study = old.studies["base/scratch/seeds"]
+        study.add_trial(optuna.trial.create_trial(value=value, user_attrs={"seed": seed, "source": None}))
+    for name, status in (("methods=scratch", "finished"), ("methods=scratch,seeds=2", "running")):
+        (earlier / "test" / name).mkdir(parents=True)
+        (earlier / "test" / name / "manifest.json").write_text(json.dumps({"status": status}))
+    spec = load_tune(tune_file(tmp_path, seeds=[0, 1], test_seeds=[0, 1, 2],
+                               reuse={"from": str(earlier), "methods": ["scratch"]}))
+    url = str(tmp_path / "new" / "study.journal")
+    (tmp_path / "new").mkdir()
+    assert tune.apply_reuse(spec, url, log=lambda *a: None) == 1
+    assert tune.apply_reuse(spec, url, log=lambda *a: None) == 0
+    new = Tuning(spec, url)
+    assert new.seed_values(spec.settings[0], "scratch", None) == {0: 80.0, 1: 81.0}
+    assert new.references_done(spec.settings[0]) and new.trials(spec.settings[0], "vanilla") == []
+    choices = {"base": {"scratch": {"values": {}}, "vanilla": {"values": {"temperature": 2.0, "alpha": 0.5}}}}
+    (tmp_path / "new" / "test.yaml").write_text(yaml.safe_dump(tune.test_sweep(spec, choices)))
+    copied = tune.reuse_test_runs(spec, tmp_path / "new" / "test", log=lambda *a: None)
+    assert copied == ["methods=scratch"] and (tmp_path / "new" / "test" / "methods=scratch" / "manifest.json").is_file()
+
+
+def test_pooled_fidelity_is_the_weighted_mean_of_fishers_z_over_studies():
+    fid = pd.DataFrame([("a", "vanilla", 2, 8, 0.5), ("b", "vanilla", 2, 13, 0.9), ("c", "vanilla", 2, 3, -1.0),
+                        ("d", "vanilla", 2, 9, math.nan)], columns=["setting", "method", "epoch", "trials", "rho"])
+    pooled = tune_analysis.pooled_fidelity(fid)
+    z = (5 * math.atanh(0.5) + 10 * math.atanh(0.9)) / 15  # 3 trials weigh nothing, NaN is no measurement
+    assert len(pooled) == 1 and pooled.loc[0, "rho"] == pytest.approx(math.tanh(z))
+    assert pooled.loc[0, "studies"] == 2 and pooled.loc[0, "trials"] == 21
