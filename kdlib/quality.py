@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from . import reading as reading_
 from .stats import NAMES, method_rank
 from .sweep_analysis import (KEYS, NBSP, SweepResults, column_order, degraded, differences,  # noqa: F401
                              load, setting_table, short_name)  # (KEYS, column_order: quality's names too)
@@ -126,6 +127,30 @@ class Settings:
         return {**r, "method_a": a, "method_b": b, "mean_diff": -r["mean_diff"],
                 "ci_low": -r["ci_high"], "ci_high": -r["ci_low"]}
 
+    def family(self) -> dict:
+        """Every paired difference the block reads, {(setting, a, b): pair with its ``word`` and
+        ``p_holm``}, Holm's adjustment over all of them (``kdlib.reading``): in every setting each method
+        with teachers against scratch and against label smoothing, CAMKD's forms against vanilla, and
+        label smoothing against scratch."""
+        if getattr(self, "_family", None) is None:
+            keys = []
+            for c in self.columns:
+                ran = self.methods()
+                kd = [m for m in ran if m.split("[")[0] not in TEACHERLESS]
+                keys += [(c, m, ref) for ref in TEACHERLESS if ref in ran for m in kd]
+                keys += [(c, m, "vanilla") for m in ran if m.startswith("camkd") and "vanilla" in ran]
+                keys += [(c, "label_smoothing", "scratch")] if {"label_smoothing", "scratch"} <= set(ran) else []
+            found = [(k, p) for k in keys if (p := self.pair(*k)) is not None and p.get("seeds")]
+            frame = reading_.read(pd.DataFrame([p for _, p in found], columns=["mean_diff", "ci_low", "ci_high",
+                                                                                "p_value", "seeds"]))
+            self._family = {k: {**p, "word": w, "p_holm": h}
+                            for (k, p), w, h in zip(found, frame["word"], frame["p_holm"])}
+        return self._family
+
+    def read_pair(self, setting: tuple, a: str, b: str) -> dict | None:
+        """a − b with its word and Holm's p from ``family``; None where the block does not read it."""
+        return self.family().get((setting, a, b))
+
     def best_kd(self, setting: tuple) -> str | None:
         """The method that uses teachers with the highest mean test accuracy in ``setting``."""
         acc = {m: r["mean"] for m, r in self.accuracy(setting).items() if m.split("[")[0] not in TEACHERLESS}
@@ -158,10 +183,16 @@ class Settings:
 
 
 def _diff(p: dict | None, full: int) -> str:
+    """A read paired difference (``Settings.read_pair``): its cell, the interval on a line of its own, \\*
+    by Holm's p; its word; '[n seeds]' where fewer seeds than the sweep runs."""
     if p is None or not p.get("seeds"):
         return "—"
-    return _cell(p["mean_diff"], p["ci_low"], p["ci_high"], int(p["seeds"]), full, signed=True,
-                 star=p["seeds"] >= 2 and p["p_value"] < 0.05)
+    text = reading_.cell(p["mean_diff"], p["ci_low"], p["ci_high"], p["p_holm"], int(p["seeds"]), signed=True,
+                         nbsp=True, sep=BR)
+    if isinstance(p.get("word"), str):
+        text += BR + f"*{p['word']}*"
+    n = int(p["seeds"])
+    return text + (BR + f"[{n} seed{'s' if n != 1 else ''}]".replace(" ", NBSP) if n < full else "")
 
 
 def _row(cells: list[str]) -> str:
@@ -183,11 +214,12 @@ def tables(s: Settings) -> list[str]:
     for a, b in [(m, "vanilla") for m in variants] + [("vanilla", "scratch"), ("label_smoothing", "scratch")]:
         if a not in s.methods() or b not in s.methods():
             continue
-        lines.append(_row([f"{method_name(a)} − {method_name(b)}", *(_diff(s.pair(c, a, b), s.full) for c in s.columns)]))
+        lines.append(_row([f"{method_name(a)} − {method_name(b)}",
+                           *(_diff(s.read_pair(c, a, b), s.full) for c in s.columns)]))
     best = [s.best_kd(c) for c in s.columns]
     lines.append(_row(["best with teachers − label smoothing",
-                       *(f"{method_name(m)}:{BR}{_diff(s.pair(c, m, 'label_smoothing'), s.full)}"
-                         if m and s.pair(c, m, "label_smoothing") else "—" for c, m in zip(s.columns, best))]))
+                       *(f"{method_name(m)}:{BR}{_diff(s.read_pair(c, m, 'label_smoothing'), s.full)}"
+                         if m and s.read_pair(c, m, "label_smoothing") else "—" for c, m in zip(s.columns, best))]))
     weighted = [m for m in s.methods() if any(s.weights(c, m) for c in s.columns)]
     if weighted:
         lines += ["", _row(["teacher weights", *heads]), "|" + "---|" * (len(heads) + 1)]
@@ -211,41 +243,22 @@ def reading(s: Settings) -> list[str]:
     """Plain sentences generated from the numbers: where CAMKD (and its variants) beat
     vanilla, whether the weight on a degraded teacher falls where it is wrong, whether any
     method with teachers beats label smoothing."""
-    def where(a, b, sign):
-        hits = []
-        for c in s.columns:
-            p = s.pair(c, a, b)
-            if p and p["seeds"] >= 2 and p["p_value"] < 0.05 and np.sign(p["mean_diff"]) == sign:
-                hits.append(f"{short_name(s.params[c])} ({p['mean_diff']:+.2f}, {p['ci_low']:+.2f} to {p['ci_high']:+.2f})")
-        return "; ".join(hits) or "no setting"
+    def where(a, b) -> str:
+        return reading_.by_setting((short_name(s.params[c]), p["word"]) for c in s.columns
+                                   if (p := s.read_pair(c, a, b)) is not None)
 
     lines = []
     for m in [m for m in s.methods() if m.startswith("camkd")]:
         if "vanilla" in s.methods():
-            lines.append(f"- **{method_name(m)} beats vanilla** significantly in {where(m, 'vanilla', 1)}; "
-                         f"falls below it significantly in {where(m, 'vanilla', -1)}.")
+            lines.append(f"- **{method_name(m)} against vanilla**: {where(m, 'vanilla')}.")
     if "vanilla" in s.methods() and "scratch" in s.methods():
-        lines.append(f"- **Vanilla KD beats the student alone** in {where('vanilla', 'scratch', 1)}; "
-                     f"falls below it in {where('vanilla', 'scratch', -1)}.")
-    def against(ref):
-        """(setting, method, pair) for every method with teachers against ``ref``, over >= 2 seeds."""
-        return [(c, m, p) for c in s.columns for m in s.accuracy(c)
-                if m.split("[")[0] not in TEACHERLESS and (p := s.pair(c, m, ref)) and p["seeds"] >= 2]
-
-    def named(hits):
-        return "; ".join(f"{method_name(m)} in {short_name(s.params[c])} ({p['mean_diff']:+.2f})"
-                         for c, m, p in hits) or "none, in any setting"
-
-    if "scratch" in s.methods():
-        pairs = against("scratch")
-        significant = [h for h in pairs if h[2]["p_value"] < 0.05]
-        above = [h for h in significant if h[2]["mean_diff"] > 0]
-        lines.append(f"- **A method with teachers beats the student alone** significantly: {named(above)}; "
-                     f"{len(significant) - len(above)} of {len(pairs)} method-and-setting pairs fall significantly "
-                     "below it.")
-    if "label_smoothing" in s.methods():
-        beats = [h for h in against("label_smoothing") if h[2]["p_value"] < 0.05 and h[2]["mean_diff"] > 0]
-        lines.append(f"- **A method with teachers beats label smoothing** significantly: {named(beats)}.")
+        lines.append(f"- **Vanilla KD against the student alone**: {where('vanilla', 'scratch')}.")
+    for ref, name in (("scratch", "the student alone"), ("label_smoothing", "label smoothing")):
+        if ref not in s.methods():
+            continue
+        words = [p["word"] for (c, m, r), p in s.family().items() if r == ref and m.split("[")[0] not in TEACHERLESS]
+        lines.append(f"- **A method with teachers against {name}**: of {len(words)} method-and-setting pairs, "
+                     f"{reading_.count_words(words)}.")
     for c in s.columns:
         bad = degraded(s.params[c])
         if not bad:
@@ -311,8 +324,10 @@ def parts(sweep_dir: str | Path) -> dict[str, list[str]]:
               f"**{s.finished_runs} of {s.total_runs} runs finished**; the others are left out, and a cell "
               f"over fewer than {s.full} seeds says how many")
     return {"status": [f"Sweep `{s.dir.name}` ({status}); test set, final epoch; mean (95% CI over seeds); "
-                       "differences paired by seed, \\* where paired t p < 0.05; — where that method or pair has "
-                       "not run."],
+                       f"differences paired by seed, \\* where Holm's adjusted p < 0.05 over the block's "
+                       f"{len(s.family())} differences (paired t); each difference read as ahead, behind, level "
+                       f"(its interval inside ±{reading_.MARGIN:g} points) or undecided; — where that method or pair "
+                       "has not run."],
             "legend": legend, "tables": tables(s), "reading": reading(s),
             "notes": [
              "Teacher weights are per-image weights over the training images at the end of training, means over "

@@ -135,10 +135,12 @@ def verdict(row, alpha: float = 0.05) -> str:
     head = f"{a} vs {b}: {row['mean_diff']:+.2f} points"
     if row["seeds"] < 2:
         return f"{head} (one seed: no confidence interval; McNemar p = {row['mcnemar_p']:.3g})"
-    sig = row["p_value"] < alpha
-    return (f"{head} (95% CI {row['ci_low']:+.2f} to {row['ci_high']:+.2f}, paired t p = {row['p_value']:.3g}, "
-            f"McNemar p = {row['mcnemar_p']:.3g}), {'significant' if sig else 'not significant'} at "
-            f"{alpha:.0%} over {row['seeds']} seeds")
+    from .reading import word
+    holm = row.get("p_holm") if hasattr(row, "get") else None
+    holm = f", Holm p = {holm:.3g}" if holm is not None and not pd.isna(holm) else ""
+    return (f"{head} (95% CI {row['ci_low']:+.2f} to {row['ci_high']:+.2f}, paired t p = {row['p_value']:.3g}{holm}, "
+            f"McNemar p = {row['mcnemar_p']:.3g}): {word(row['ci_low'], row['ci_high'], row['seeds'])} over "
+            f"{row['seeds']} seeds")
 
 
 def write_tables(run_dir: str | Path, teachers_json: dict, metrics: dict) -> tuple[pd.DataFrame, pd.DataFrame]:

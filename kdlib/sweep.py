@@ -222,6 +222,15 @@ class _PlainDumper(yaml.SafeDumper):
         return True
 
 
+def ended_attempt(record: dict) -> dict:
+    """An earlier attempt as a resumed record keeps it: started, ended, status; an attempt still
+    'running' when the next one starts was killed, and is kept as 'interrupted' (ended unknown)."""
+    attempt = {k: record.get(k) for k in ("started", "ended", "status")}
+    if attempt["status"] == "running":
+        attempt["status"] = "interrupted"
+    return attempt
+
+
 class Record:
     """``sweep.json``: every run's status, worker, seconds and error, written by the client only."""
 
@@ -230,8 +239,7 @@ class Record:
         before = json.loads(self.path.read_text()) if self.path.exists() else {}
         old = before.get("runs", {})
         # a resumed sweep keeps when its earlier sessions started and ended
-        earlier = before.get("earlier", []) + ([{k: before.get(k) for k in ("started", "ended", "status")}]
-                                               if "started" in before else [])
+        earlier = before.get("earlier", []) + ([ended_attempt(before)] if "started" in before else [])
         self.data = dict(header, status="running", started=now(), **({"earlier": earlier} if earlier else {}),
                          runs={n: old.get(n) if (old.get(n) or {}).get("status") == "finished" else
                                {"status": "pending", "worker": None, "seconds": None, "error": None} for n in names})

@@ -16,6 +16,7 @@ setting: ``{methods: [camkd], beta: 0}`` beside the seed recipe's runs is
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ import pandas as pd
 import yaml
 
 from .params import SCHEMA, format_value
+from .reading import cell, holm, read
 from .stats import NAMES, anchored_pairs, comparison_frame, mean_ci, method_rank, verdict
 
 NOT_SETTING = {"run_dir", "threads", "seeds", "methods"}
@@ -278,11 +280,19 @@ def differences(res: SweepResults) -> pd.DataFrame:
         if comp.empty:
             continue
         comp.insert(0, "pair", [f"{a} - {b}" for a, b in zip(comp["method_a"], comp["method_b"])])
-        comp["verdict"] = [verdict(row) for _, row in comp.iterrows()]
         for key, value in reversed(list(zip(res.keys, setting))):
             comp.insert(0, key, value)
         frames.append(comp)
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    if not frames:
+        return pd.DataFrame()
+    diffs = pd.concat(frames, ignore_index=True)
+    # the word of every pair; Holm's p over the pairs the tables and verdicts read (``anchored``), the family
+    diffs = read(diffs)
+    shown = anchored(res, diffs).index
+    diffs["p_holm"] = math.nan
+    diffs.loc[shown, "p_holm"] = holm(diffs.loc[shown, "p_value"])
+    diffs["verdict"] = [verdict(row) for _, row in diffs.iterrows()]
+    return diffs
 
 
 def anchored(res: SweepResults, diffs: pd.DataFrame) -> pd.DataFrame:
@@ -325,10 +335,10 @@ def wide_table(table: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
 
 
 def _diff_cell(row) -> str:
-    if row["seeds"] < 2:
-        return f"{row['mean_diff']:+.2f}"
-    star = " *" if row["p_value"] < 0.05 else ""
-    return f"{row['mean_diff']:+.2f} ({row['ci_low']:+.2f} to {row['ci_high']:+.2f}){star}".replace(" ", NBSP)
+    """A read pair (``differences``): its cell, \\* by Holm's p, and its word."""
+    text = cell(row["mean_diff"], row["ci_low"], row["ci_high"], row.get("p_holm"), row["seeds"], signed=True,
+                escape=False, nbsp=True)
+    return text + (f" {row['word']}" if isinstance(row.get("word"), str) else "")
 
 
 def setting_label(run: str, variants=()) -> str:
@@ -345,7 +355,7 @@ def run_table(res: SweepResults) -> pd.DataFrame:
     order: mean accuracy (95% CI over seeds) per method, then the paired differences over
     seeds of every method against scratch, then of CAMKD against every method
     (``stats.anchored_pairs``: vanilla − scratch, CAMKD − vanilla, CAMKD − scratch for
-    the book's three; mean, 95% CI; * where paired t p < 0.05)."""
+    the book's three; mean, 95% CI; * where Holm's adjusted p < 0.05; the word of ``kdlib.reading``)."""
     table, diffs = setting_table(res), differences(res)
     rows = {}
     for run in dict.fromkeys(res.frame["run"]):
@@ -382,7 +392,8 @@ def run_markdown(sweep_dir: str | Path) -> str:
               for _, row in res.frame.iterrows()}
     lines = [f"Sweep `{sweep_dir.name}`: {len(table)} settings ({res.frame['run'].nunique()} runs), {res.eval_split} "
              "split, final epoch; accuracy as mean (95% CI over seeds); differences paired by seed, mean "
-             "(95% CI), * where paired t p < 0.05.", "",
+             "(95% CI), * where Holm's adjusted p < 0.05 over the differences shown (paired t), and read as ahead, "
+             "behind, level (inside ±0.2 points) or undecided.", "",
              "| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
     lines += ["| " + " | ".join(f"`{v}`" if c == "setting" else str(v) for c, v in row.items()) + " |"
               for _, row in table.iterrows()]

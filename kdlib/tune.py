@@ -46,7 +46,7 @@ from .distillers import METHODS
 from .params import SCHEMA, ParamsError, read_mapping, validate
 from .records import write_atomic
 from .runner import RunError, now
-from .sweep import RESOURCES, _error_line, _locate, _worker, portable, run_name
+from .sweep import RESOURCES, _error_line, _locate, _worker, ended_attempt, portable, run_name
 
 TUNE_KEYS = ("base", "settings", "methods", "trials", "space", "seeds", "test_seeds", "sampler_seed", "pruner",
              "rescore", "reuse")
@@ -64,8 +64,9 @@ NOT_KNOBS = {"methods": "the tune file's methods list says which methods run",
              "cache_teachers": "it changes speed, not what is learned",
              "compile": "it changes speed, not what is learned"}
 # no trial stopped before epoch 10 of 15: from there on every method's validation accuracy ranks the complete
-# trials of the committed studies as their last epoch does (Spearman >= 0.8, pooled over the studies); at
-# epoch 2, where the first studies cut, label smoothing's and vanilla's rankings were near chance (docs/tuning.md)
+# trials of the book's first searches as their last epoch does (Spearman >= 0.8, pooled over their five journals,
+# tune_analysis.FIDELITY_STUDIES); at epoch 2, where those searches cut, label smoothing's ranking was near
+# chance (docs/tuning.md)
 PRUNER = {"startup_trials": 5, "warmup_epochs": 10}
 TUNE_OUT = ("trials.csv", "best.yaml")
 ANALYSIS = "05_tune.ipynb"
@@ -895,8 +896,7 @@ def run_tune(tune_file: str | Path, workers: int | None = None, scheduler: str |
     tune_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(tune_dir / "tune.yaml", yaml.dump(spec.as_dict(), Dumper=_PlainDumper, sort_keys=False))
     before = json.loads(record_path.read_text()) if record_path.exists() else {}
-    earlier = before.get("earlier", []) + ([{k: before.get(k) for k in ("started", "ended", "status")}]
-                                           if "started" in before else [])
+    earlier = before.get("earlier", []) + ([ended_attempt(before)] if "started" in before else [])
     data = {"tune": portable(tune_file), "base": portable(Path(spec.base)),
             "storage": portable(Path(url)) if "://" not in url else url.split("://")[0] + "://…",
             "cluster": "given scheduler" if scheduler else "embedded LocalCluster", "status": "running",

@@ -18,6 +18,7 @@ import pandas as pd
 import yaml
 from matplotlib.figure import Figure
 
+from . import reading as reading_
 from .stats import NAMES, method_rank
 from .sweep_analysis import (SweepResults, differences, knob_words, load as load_sweep, runs_frame, setting_table,
                              value_words)
@@ -25,6 +26,9 @@ from .sweep_analysis import (SweepResults, differences, knob_words, load as load
 EDGE = 0.1  # a chosen value in the outer tenth of its searched range sits at its edge
 
 AGAINST = ("scratch", "label_smoothing")  # every method is compared with the students that never see a teacher
+# each anchor and the methods compared with it (None: every other method): CAMKD against vanilla is the
+# gap the seed's document claims
+ANCHORS = {"scratch": None, "label_smoothing": None, "vanilla": ("camkd",)}
 
 
 @dataclass
@@ -296,12 +300,35 @@ def test_frame(res: TuneResults) -> pd.DataFrame:
         own = diffs
         for k, v in zip(test.keys, key):
             own = own[own[k] == v] if len(own) else own
-        for anchor in AGAINST:
-            hit = _pair(own, r["method"], anchor)
+        for anchor in ANCHORS:
+            hit = _pair(own, r["method"], anchor) if _compared(base_method(r["method"]), anchor) else None
             for field in ("mean_diff", "ci_low", "ci_high", "p_value", "seeds"):
                 row[f"{field} vs {anchor}"] = hit.get(field, math.nan) if hit else math.nan
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _compared(method: str, anchor: str) -> bool:
+    """Whether the answer reads ``method`` − ``anchor`` (``ANCHORS``)."""
+    if method in AGAINST and anchor in AGAINST:  # label smoothing − scratch, not its mirror too
+        return AGAINST.index(method) > AGAINST.index(anchor)
+    return method != anchor and (ANCHORS[anchor] is None or method in ANCHORS[anchor])
+
+
+def test_differences(test: pd.DataFrame) -> pd.DataFrame:
+    """The test's paired differences, one a row (setting, method, anchor, mean_diff, ci_low,
+    ci_high, p_value, seeds), each with its word and Holm's p over the frame's rows, its family
+    (``kdlib.reading.read``)."""
+    rows = []
+    for _, r in test.iterrows():
+        for anchor in ANCHORS:
+            if f"mean_diff vs {anchor}" in r and not pd.isna(r[f"mean_diff vs {anchor}"]):
+                rows.append({"setting": r["setting"], "method": r["method"], "anchor": anchor,
+                             **{f: r[f"{f} vs {anchor}"] for f in ("mean_diff", "ci_low", "ci_high", "p_value",
+                                                                    "seeds")}})
+    frame = pd.DataFrame(rows, columns=["setting", "method", "anchor", "mean_diff", "ci_low", "ci_high", "p_value",
+                                        "seeds"])
+    return reading_.read(frame)
 
 
 def _pair(diffs: pd.DataFrame, label: str, anchor: str) -> dict | None:
@@ -337,14 +364,6 @@ def importance_table(res: TuneResults, setting: str) -> pd.DataFrame:
         if res.spec["space"].get(m):
             rows[NAMES.get(m, m)] = {k: round(v, 3) for k, v in importances(res, setting, m).items()}
     return pd.DataFrame(rows).T.rename_axis("importance")
-
-
-def _interval(mean, low, high, signed=False, p=None) -> str:
-    f = "+.2f" if signed else ".2f"
-    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
-        return "—"
-    text = f"{mean:{f}}" if math.isnan(low) else f"{mean:{f}} ({low:{f}} to {high:{f}})"
-    return text + (" \\*" if p is not None and not math.isnan(p) and p < 0.05 else "")
 
 
 def values_text(res: TuneResults, setting: str, method: str) -> str:
@@ -385,55 +404,86 @@ def _setting_name(res: TuneResults, words: str) -> str:
 
 
 def test_markdown(test: pd.DataFrame, res: TuneResults | None = None) -> str:
-    """The test frame as a markdown table: per setting and method its chosen values (with
-    ``res``), test accuracy and the paired differences against scratch and label smoothing."""
-    cols = ["setting", "method"] + (["chosen values"] if res is not None else []) + \
-        ["test accuracy %", "− scratch", "− label smoothing"]
+    """The test frame as markdown: per setting and method its chosen values (with ``res``) and test
+    accuracy; then each paired difference with its word and Holm's p over the table's family."""
+    cols = ["setting", "method"] + (["chosen values"] if res is not None else []) + ["test accuracy %", "seeds"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for _, r in test.iterrows():
         cells = [r["setting"], NAMES.get(r["method"], r["method"])]
         if res is not None:
             cells.append(values_text(res, _setting_name(res, r["setting"]), r["method"]))
-        cells.append(_interval(r["accuracy"], r["ci_low"], r["ci_high"]))
-        for anchor in AGAINST:
-            cells.append(_interval(r[f"mean_diff vs {anchor}"], r[f"ci_low vs {anchor}"], r[f"ci_high vs {anchor}"],
-                                   signed=True, p=r[f"p_value vs {anchor}"]))
+        cells += [reading_.cell(r["accuracy"], r["ci_low"], r["ci_high"]), str(r["seeds"])]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines + ["", differences_markdown(test_differences(test), by_setting=False)])
+
+
+def differences_markdown(diffs: pd.DataFrame, by_setting: bool = True) -> str:
+    """Each paired difference's cell (mean, 95% CI, \\* where Holm's p < 0.05) and its word: one
+    column per setting (``by_setting``), or one row per difference with its p-values."""
+    label = lambda r: f"{NAMES.get(r['method'], r['method'])} − {NAMES.get(r['anchor'], r['anchor'])}"  # noqa: E731
+    if not by_setting:
+        lines = ["| setting | difference, points | 95% CI | seeds | p | Holm p | reading |", "|---|---|---|---|---|---|---|"]
+        for _, r in diffs.iterrows():
+            lines.append(f"| {r['setting']} | {label(r)} | {reading_.cell(r['mean_diff'], r['ci_low'], r['ci_high'], r['p_holm'], r['seeds'], signed=True)} "
+                         f"| {r['seeds']} | {r['p_value']:.3g} | {r['p_holm']:.3g} | {r['word'] or '—'} |")
+        return "\n".join(lines)
+    settings = list(dict.fromkeys(diffs["setting"]))
+    lines = ["| paired difference, points | " + " | ".join(settings) + " |", "|---|" + "---|" * len(settings)]
+    order = sorted(dict.fromkeys(zip(diffs["anchor"], diffs["method"])),
+                   key=lambda am: (list(ANCHORS).index(am[0]), method_rank(am[1])))
+    for anchor, method in order:
+        cells = []
+        for setting in settings:
+            hit = diffs[(diffs["setting"] == setting) & (diffs["anchor"] == anchor) & (diffs["method"] == method)]
+            if hit.empty:
+                cells.append("—")
+                continue
+            r = hit.iloc[0]
+            text = reading_.cell(r["mean_diff"], r["ci_low"], r["ci_high"], r["p_holm"], r["seeds"], signed=True)
+            cells.append(f"{text}<br>*{r['word']}*" if isinstance(r["word"], str) else text)
+        lines.append(f"| {label({'method': method, 'anchor': anchor})} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def _significant(test: pd.DataFrame, anchor: str, sign: int) -> pd.DataFrame:
-    d, p = test[f"mean_diff vs {anchor}"], test[f"p_value vs {anchor}"]
-    return test[(p < 0.05) & (np.sign(d) == sign)]
-
-
 def reading(res: TuneResults, test: pd.DataFrame) -> list[str]:
-    """The plain reading of the test, generated from its numbers: whether any method with
-    teachers, at its best, beats scratch or label smoothing, each knob's chosen values beside
-    its untuned one, and which chosen values sit at the edge of their range (``edges``)."""
-    return _verdicts(test) + _chosen_lines(res, test) + _edge_reading([(res, test)])
+    """The plain reading of the test, generated from its numbers: the sentence of words (``sentence``),
+    each setting's chosen values in words, and which chosen values sit at the edge of their range."""
+    return ([sentence(test_differences(test)), ""] + [f"- {line}" for line in _chosen_lines(res, test)]
+            + _edge_reading([(res, test)]))
 
 
-def _verdicts(test: pd.DataFrame) -> list[str]:
-    kd = test[~test["method"].isin(AGAINST)]
-    lines = []
-    for anchor in AGAINST:
-        if test[f"mean_diff vs {anchor}"].isna().all():
+def sentence(diffs: pd.DataFrame, margin: float = reading_.MARGIN) -> str:
+    """The answer in one sentence, from the words of the paired differences: against scratch and
+    against label smoothing, how many method-and-setting pairs with teachers are ahead, level
+    within ±margin, behind or undecided; CAMKD against vanilla and label smoothing against scratch,
+    setting by setting."""
+    if diffs.empty:
+        return "No paired difference yet."
+    kd = diffs[~diffs["method"].isin(AGAINST)]
+    seeds = sorted(set(int(n) for n in diffs["seeds"].dropna()))
+    over = f"{seeds[0]}" if len(seeds) == 1 else f"{seeds[0]} to {seeds[-1]}"
+    parts = []
+    for anchor, name in (("scratch", "scratch, the student trained alone"), ("label_smoothing", "label smoothing")):
+        own = kd[kd["anchor"] == anchor]
+        if own.empty:
             continue
-        name = NAMES.get(anchor, anchor)
-        wins, losses = _significant(kd, anchor, 1), _significant(kd, anchor, -1)
-        said = "; ".join(f"{NAMES.get(r['method'], r['method'])} in {r['setting']} "
-                         f"({r[f'mean_diff vs {anchor}']:+.2f}, {r[f'ci_low vs {anchor}']:+.2f} to "
-                         f"{r[f'ci_high vs {anchor}']:+.2f})" for _, r in wins.iterrows())
-        lines.append(f"- **A method with teachers, tuned, beats {name}** significantly: "
-                     f"{said or 'none, in any setting'}; {len(losses)} of {len(kd)} method-and-setting pairs "
-                     f"fall significantly below it.")
-    if "label_smoothing" in set(test["method"]) and not test["mean_diff vs scratch"].isna().all():
-        ls = test[test["method"] == "label_smoothing"]
-        lines.append("- **Label smoothing, tuned, against scratch**: " + "; ".join(
-            f"{r['setting']} {_interval(r['mean_diff vs scratch'], r['ci_low vs scratch'], r['ci_high vs scratch'], True, r['p_value vs scratch'])}"
-            for _, r in ls.iterrows()) + ".")
-    return lines
+        ahead = int((own["word"] == "ahead").sum())
+        lead = (f"{ahead} of the {len(own)} method-and-setting pairs with teachers are ahead of {name}" if ahead else
+                f"no method with teachers is ahead of {name}" if not parts else f"none is ahead of {name}")
+        parts.append(f"{lead} ({reading_.count_words(own['word'])} of {len(own)})")
+    for method, anchor, name in (("camkd", "vanilla", "CAMKD against vanilla"),
+                                 ("label_smoothing", "scratch", "label smoothing against scratch")):
+        rows = diffs[(diffs["anchor"] == anchor) & (diffs["method"] == method)]
+        if len(rows):
+            parts.append(f"{name}: " + _by_setting(rows))
+    return (f"**The answer**, each method tuned on held-out training images and tested over {over} seeds: "
+            + "; ".join(parts) + f". Ahead or behind: the whole 95% interval of the paired difference above or "
+            f"below 0; level: inside ±{margin:g} points; undecided: neither.")
+
+
+def _by_setting(rows: pd.DataFrame) -> str:
+    """'level in shipped, undecided in small student and small student + swapped resnet'."""
+    return reading_.by_setting(zip(rows["setting"], rows["word"]))
 
 
 def _chosen_lines(res: TuneResults, test: pd.DataFrame) -> list[str]:
@@ -444,21 +494,30 @@ def _chosen_lines(res: TuneResults, test: pd.DataFrame) -> list[str]:
 KNOB_READING = {"label_smoothing": "label smoothing's eps"}
 
 
+def chosen_words(method: str, values: dict) -> str:
+    """A method's chosen values in words: 'CAMKD T 2.1, alpha 0.62, its feature term off (beta 0)',
+    'label smoothing eps 0.0888'."""
+    parts = []
+    for k, v in values.items():
+        if k == "beta" and method == "camkd":
+            parts.append("its feature term off (beta 0)" if float(v) == 0 else f"its feature term at beta {value_words(v)}")
+        else:
+            parts.append(knob_words(k, v))
+    return f"{NAMES.get(method, method)} " + ", ".join(parts)
+
+
 def _chosen_line(res: TuneResults, setting: str, base: dict) -> str | None:
-    """'- **small student**, the chosen values (untuned, as in the base params, in brackets):
-    temperature vanilla 1.05, CAMKD 1.12 (4); alpha vanilla 0.111, CAMKD 1.56 (0.7); beta CAMKD 0 (100).'"""
+    """'**small student**: CAMKD T 1.12, alpha 1.56, its feature term off (beta 0); vanilla T 1.05,
+    alpha 0.111; label smoothing eps 0.296 (untuned, in the base params: T 4, alpha 0.7, beta 100,
+    eps 0.1).'"""
     methods = res.best.get(_setting_name(res, setting), {}).get("methods", {})
     order = sorted(methods, key=method_rank)
-    knobs = dict.fromkeys(k for m in order for k in methods[m].get("values", {}))
-    if not knobs:
+    said = [chosen_words(m, methods[m]["values"]) for m in order if methods[m].get("values")]
+    if not said:
         return None
-    parts = []
-    for k in knobs:
-        said = ", ".join(value_words(v) if m == k else f"{NAMES.get(m, m)} {value_words(v)}"  # eps: its own method
-                         for m in order if (v := methods[m].get("values", {}).get(k)) is not None)
-        parts.append(f"{KNOB_READING.get(k, k)} {said}" + (f" ({value_words(base[k])})" if k in base else ""))
-    return (f"- **{setting}**, the chosen values (untuned, as in the base params, in brackets): "
-            + "; ".join(parts) + ".")
+    knobs = dict.fromkeys(k for m in order for k in methods[m].get("values", {}))
+    untuned = ", ".join(knob_words(k, base[k]) for k in knobs if k in base)
+    return f"**{setting}**: " + "; ".join(said) + (f" (untuned, in the base params: {untuned})" if untuned else "") + "."
 
 
 def _base_params(res: TuneResults) -> dict:
@@ -490,61 +549,103 @@ def _edge_reading(studies) -> list[str]:
         if at_edge else "none; every chosen value lies inside its range.")]
 
 
-# the book's answer, in the columns' order of the fixed-recipe table beneath it (the seed's student
-# with the shipped teachers, then the small student, then the small student with a swapped teacher),
-# then the small student searched again over wider ranges
-STUDIES = ("outputs/seed-student", "outputs/small-student", "outputs/small-student-swapped",
-           "outputs/small-student-wide")
+# the book's answer, in the columns' order of the fixed-recipe table beneath it: the seed's student with
+# the shipped teachers, the small student (searched over the wider ranges), the small student with a
+# swapped teacher; each with the study whose answer stands in until its test has finished (its first
+# search, or for the small student the search over the narrower ranges)
+STUDIES = ("outputs/seed-student", "outputs/small-student-wide", "outputs/small-student-swapped")
+EARLIER = {"outputs/seed-student": "outputs/superseded/seed-student-cut-at-epoch-2",
+           "outputs/small-student-wide": "outputs/small-student",
+           "outputs/small-student-swapped": "outputs/superseded/small-student-swapped-cut-at-epoch-2"}
 
 
 def _named(folder: Path, link) -> str:
     return f"[`{folder.name}`]({link(folder)})" if link else f"`{folder.name}`"
 
 
-def block(folders, link=None, own_page: bool = False, figure=None) -> str:
-    """The README's and the site's block 'each method at its best', from the tuning folders:
-    per setting, each method's chosen values, test accuracy and paired differences against
-    scratch and label smoothing, then the reading; a study whose test has not finished is
-    named with how far it got (its search, or its test runs), from its records. ``link`` turns a
-    folder into its link target (None: names only). ``own_page``: the verdict on one study's
-    own page, where no fixed-recipe tables follow to stand in for an unfinished answer.
-    ``figure`` turns a folder into the path of its forest plot (``tune_forest.png``), shown under
-    the table for each finished study that has one (None: no figures, as in the README)."""
-    done, waiting = [], []
-    for folder in map(Path, folders):
-        if not (folder / "tune.yaml").is_file():
-            waiting.append(f"`{folder.name}` (not started)")
+def _stage(folder: Path, link) -> tuple[tuple | None, str | None]:
+    """((folder, results, test frame), None) for a study whose test has finished, else (None,
+    '`folder` (how far it got)'), from its records."""
+    if not (folder / "tune.yaml").is_file():
+        return None, f"`{folder.name}` (not started)"
+    if not (folder / "trials.csv").is_file():  # started: no trial has finished yet
+        return None, f"{_named(folder, link)} (searching)"
+    res = load(folder)
+    test = test_frame(res)
+    if res.test is not None and not res.test.skipped and not test.empty and _test_complete(folder):
+        return (folder, res, test), None
+    rescoring = not res.trials.empty and (res.trials["kind"] == "rescore").any()
+    stage = ("testing the chosen values" + _test_progress(folder) if res.best else
+             "re-scoring its best trials over seeds" if rescoring else "searching" + _progress(res))
+    record = folder / "tune.json"
+    import json
+    if record.is_file() and json.loads(record.read_text()).get("status") == "stopped":
+        stage = f"stopped while {stage}; `make studies` resumes it"
+    return None, f"{_named(folder, link)} ({stage})"
+
+
+def _test_complete(folder: Path) -> bool:
+    """Every run of the test sweep finished (a tuning whose test_seeds were raised has more to run)."""
+    runs = runs_frame(folder / "test")
+    return len(runs) > 0 and bool((runs["status"] == "finished").all())
+
+
+def block(folders, link=None, own_page: bool = False, figure=None, answer_figure: str | None = None,
+          earlier: dict | None = None) -> str:
+    """The README's and the site's block 'each method at its best', from the tuning folders: the
+    answer in one sentence (``sentence``), the answer's picture (``answer_figure``, the path of
+    ``plot_answer``'s file, where given), test accuracy one fact a cell, the paired differences
+    with their words, each setting's chosen values in words, and the studies behind it.
+
+    A study whose test has not finished is named with how far it got; where ``earlier`` names a
+    finished study for it ({folder: earlier folder}), that one's answer stands in, marked as such.
+    ``link`` turns a folder into its link target (None: names only). ``own_page``: the verdict on
+    one study's own page, where no fixed-recipe tables follow to stand in for an unfinished answer.
+    ``figure`` turns a folder into the path of its forest plot (``tune_forest.png``), shown under the
+    table for each finished study that has one."""
+    done, waiting, standing_in = [], [], []
+    folders = list(map(Path, folders))
+    for folder in folders:
+        found, stage = _stage(folder, link)
+        if found:
+            done.append(found)
             continue
-        if not (folder / "trials.csv").is_file():  # started: no trial has finished yet
-            waiting.append(f"{_named(folder, link)} (searching)")
-            continue
-        res = load(folder)
-        test = test_frame(res)
-        finished = res.test is not None and not res.test.skipped and not test.empty
-        if finished:
-            done.append((folder, res, test))
-        else:
-            rescoring = not res.trials.empty and (res.trials["kind"] == "rescore").any()
-            stage = ("testing the chosen values" + _test_progress(folder) if res.best else
-                     "re-scoring its best trials over seeds" if rescoring else "searching" + _progress(res))
-            waiting.append(f"{_named(folder, link)} ({stage})")
+        waiting.append(stage)
+        other = next((v for k, v in (earlier or {}).items() if Path(k) == folder), None)
+        if other is not None:
+            found, _ = _stage(Path(other), link)
+            if found:
+                done.append(found)
+                standing_in.append((folder, found[0]))
     done, searched = _told_apart(done)
     lines = []
     if done:
-        frames = []
-        for folder, res, test in done:
-            frames.append(test.assign(values=[values_text(res, _setting_name(res, s), m)
-                                              for s, m in zip(test["setting"], test["method"])]))
-        test = pd.concat(frames, ignore_index=True)
-        lines += [test_markdown_wide(test), ""]
-        for folder, res, _ in done:
-            spec = res.spec
-            lines.append(f"- {_named(folder, link)}, {_columns(res)}: {spec['trials']} trials per tuned method"
-                         f"{_distinct(res)}{searched.get(folder, '')} on "
-                         f"{_val_size(res)} held-out training images; test over seeds "
-                         f"{', '.join(map(str, spec.get('test_seeds', spec['seeds'])))}.")
+        test = pd.concat([t for _, _, t in done], ignore_index=True)
+        diffs = test_differences(test)
+        said = sentence(diffs)
+        if standing_in:
+            said = said.replace("**The answer**", f"**The answer so far** ({len(standing_in)} of {len(folders)} "
+                                "settings read from an earlier study until their test has finished; see the "
+                                "studies below)", 1)
+        lines += [said, ""]
+        if answer_figure:
+            lines += [f"![each method's paired difference in test accuracy from scratch, 95% intervals, the "
+                      f"±{reading_.MARGIN:g} band of 'level' shaded]({answer_figure})", ""]
+        lines += [accuracy_markdown(test), "", differences_markdown(diffs), "",
+                  "Chosen values, by validation accuracy on images held out of the training set (never the test "
+                  "set), with the same number of trials for every method:", ""]
+        lines += [f"- {line}" for _, res, t in done for line in _chosen_lines(res, t)]
+        lines += _edge_reading([(res, t) for _, res, t in done])
         lines.append("")
-        lines += reading_all(done)
+        for folder, res, t in done:
+            spec = res.spec
+            seeds = sorted(set(int(n) for n in t["seeds"]))
+            stand = next((f for f, e in standing_in if e == folder), None)
+            lines.append(f"- {_named(folder, link)}, {_columns(res)}: {spec['trials']} trials per tuned method"
+                         f"{_distinct(res)}{searched.get(folder, '')} on {_val_size(res)} held-out training images; "
+                         f"test over {seeds[-1] if len(seeds) == 1 else f'{seeds[0]} to {seeds[-1]}'} seeds"
+                         + (f"; standing in for {_named(stand, link)} until its test has finished" if stand else "")
+                         + ".")
     if waiting:
         lines += ["", ("Still running: " + ", ".join(waiting) + "." if done else
                        "No answer yet: " + ", ".join(waiting) + "; the test on the held-out test set follows "
@@ -552,9 +653,9 @@ def block(folders, link=None, own_page: bool = False, figure=None) -> str:
                        "The tuned comparison is running; no study has finished its test yet: " + ", ".join(waiting)
                        + ". Until then the tables below, at the seed's recipe, are the book's answer.")]
     if done:
-        lines += ["", "Test accuracy at the final epoch, mean (95% CI over seeds); differences paired by seed, \\* "
-                      "where paired t p < 0.05. Values chosen by validation accuracy on images held out of the "
-                      "training set (never the test set), with the same number of trials for every method. "
+        n = len(diffs)
+        lines += ["", f"Test accuracy at the final epoch, mean (95% CI over seeds); differences paired by seed, \\* "
+                      f"where Holm's adjusted p < {reading_.ALPHA:g} over the table's {n} differences (paired t). "
                       "Generated by `python -m kdlib.blocks` from the tuning folders."]
     for folder, res, _ in done:
         if figure and (folder / "tune_forest.png").is_file():
@@ -562,6 +663,51 @@ def block(folders, link=None, own_page: bool = False, figure=None) -> str:
                           f"values against scratch and against label smoothing, paired differences in test accuracy "
                           f"with 95% CIs]({figure(folder)})"]
     return "\n".join(lines).strip()
+
+
+def accuracy_markdown(test: pd.DataFrame) -> str:
+    """Test accuracy, one column per setting and one row per method, one fact a cell: mean (95% CI)."""
+    settings = list(dict.fromkeys(test["setting"]))
+    methods = sorted(dict.fromkeys(test["method"]), key=method_rank)
+    lines = ["| test accuracy % | " + " | ".join(settings) + " |", "|---|" + "---|" * len(settings)]
+    for m in methods:
+        cells = []
+        for s in settings:
+            hit = test[(test["setting"] == s) & (test["method"] == m)]
+            cells.append("—" if hit.empty else reading_.cell(hit.iloc[0]["accuracy"], hit.iloc[0]["ci_low"],
+                                                               hit.iloc[0]["ci_high"]))
+        lines.append(f"| {NAMES.get(m, m)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_answer(diffs: pd.DataFrame, margin: float = reading_.MARGIN) -> Figure:
+    """The answer's picture: every method's paired difference in test accuracy from scratch, one
+    panel per setting, 95% intervals, the ±margin band of 'level' shaded, each labelled with its word."""
+    own = diffs[diffs["anchor"] == "scratch"]
+    settings = list(dict.fromkeys(own["setting"]))
+    methods = sorted(dict.fromkeys(own["method"]), key=method_rank)
+    colors = _colors(methods)
+    fig = Figure(figsize=(7.6, 0.45 * len(methods) * len(settings) + 1.2), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(len(settings), 1, sharex=True))
+    for ax, setting in zip(axes, settings):
+        rows = own[own["setting"] == setting]
+        ax.axvspan(-margin, margin, color="0.88", zorder=0, label=f"level: inside ±{margin:g}")
+        ax.axvline(0, color="0.4", lw=0.8)
+        for y, m in enumerate(reversed(methods)):
+            hit = rows[rows["method"] == m]
+            if hit.empty:
+                continue
+            r = hit.iloc[0]
+            ax.errorbar([r["mean_diff"]], [y], xerr=[[r["mean_diff"] - r["ci_low"]], [r["ci_high"] - r["mean_diff"]]]
+                        if not pd.isna(r["ci_low"]) else None, fmt="o", color=colors[m], capsize=3)
+            ax.annotate(r["word"] if isinstance(r["word"], str) else "one seed", (1.0, y), xycoords=("axes fraction", "data"),
+                        xytext=(4, 0), textcoords="offset points", va="center", fontsize=8)
+        ax.set_yticks(range(len(methods)), [NAMES.get(m, m) for m in reversed(methods)], fontsize=8)
+        ax.set_title(setting, fontsize=9, loc="left")
+        ax.grid(axis="x", alpha=0.3)
+    axes[-1].set_xlabel("test accuracy − scratch's, points (paired by seed, 95% interval)", fontsize=9)
+    axes[0].legend(fontsize=7, loc="lower left", frameon=False)
+    return fig
 
 
 def _told_apart(done: list) -> tuple[list, dict]:
@@ -679,38 +825,6 @@ def _val_size(res: TuneResults) -> str:
     return f"{size:,}" if isinstance(size, int) else "?"
 
 
-def test_markdown_wide(test: pd.DataFrame) -> str:
-    """One column per setting, one row per method: chosen values, test accuracy, and the
-    differences against scratch and against label smoothing on lines of their own."""
-    settings = list(dict.fromkeys(test["setting"]))
-    methods = sorted(dict.fromkeys(test["method"]), key=method_rank)
-    lines = ["| each method at its best | " + " | ".join(settings) + " |", "|---|" + "---|" * len(settings)]
-    for m in methods:
-        cells = []
-        for s in settings:
-            hit = test[(test["setting"] == s) & (test["method"] == m)]
-            if hit.empty:
-                cells.append("—")
-                continue
-            r = hit.iloc[0]
-            parts = [_interval(r["accuracy"], r["ci_low"], r["ci_high"])]
-            for anchor in AGAINST:
-                if anchor != m and not math.isnan(r[f"mean_diff vs {anchor}"]):
-                    parts.append(f"{_interval(r[f'mean_diff vs {anchor}'], r[f'ci_low vs {anchor}'], r[f'ci_high vs {anchor}'], True, r[f'p_value vs {anchor}'])} vs {NAMES[anchor]}")
-            if r.get("values", "—") != "—":
-                parts.append(f"at {r['values']}")
-            cells.append("<br>".join(p.replace(" ", "\u00a0") if i == 0 else p for i, p in enumerate(parts)))
-        lines.append(f"| {NAMES.get(m, m)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def reading_all(done) -> list[str]:
-    """``reading`` over every finished study together."""
-    test = pd.concat([t for _, _, t in done], ignore_index=True)
-    return (_verdicts(test) + [line for _, res, t in done for line in _chosen_lines(res, t)]
-            + _edge_reading([(res, t) for _, res, t in done]))
-
-
 # ---- how far the pruner can trust an early epoch ---------------------------------------------------
 
 FIDELITY = 0.8  # a pruner may cut from the first epoch whose ranking of trials agrees this well with the last's
@@ -790,3 +904,99 @@ def cut_epochs(trials: pd.DataFrame) -> pd.DataFrame:
     search = trials[(trials["kind"] == "search") & (trials["state"] == "pruned")]
     return (search.groupby(["setting", "method"], sort=False)["epochs"]
             .agg(pruned="size", first_cut="min", last_cut="max").reset_index())
+
+
+# the book's first searches, whose median pruner cut from epoch 2: their journals are what the pruner's
+# default (kdlib.tune.PRUNER) was set from
+FIDELITY_STUDIES = ("outputs/superseded/small-student-swapped-first-pass", "outputs/small-student",
+                    "outputs/superseded/seed-student-cut-at-epoch-2",
+                    "outputs/superseded/small-student-swapped-cut-at-epoch-2",
+                    "outputs/superseded/small-student-wide-cut-at-epoch-2")
+SHOWN_EPOCHS = (1, 2, 3, 4, 5, 6, 8, 10, 11, 12, 14)
+
+
+def study_fidelity(folders) -> pd.DataFrame:
+    """``pruner_fidelity`` of every study in ``folders`` (its ``study.journal``), a ``study`` column
+    naming its folder and the setting in words."""
+    frames = []
+    for folder in map(Path, folders):
+        res = load(folder)
+        f = pruner_fidelity(epoch_curves(folder / "study.journal"))
+        frames.append(f.assign(study=folder.name, setting=[res.words(s) for s in f["setting"]]))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def pruner_markdown(folders, epochs=SHOWN_EPOCHS, threshold: float = FIDELITY) -> str:
+    """The pruner's fidelity in the studies ``folders``: per study and method the rank correlation of
+    each shown epoch's validation accuracy with the last epoch's over its complete trials, then per
+    method pooled over the studies (``pooled_fidelity``), and the first epoch from which every pooled
+    one is at least ``threshold`` (``trusted_epoch``)."""
+    fid = study_fidelity(folders)
+    if fid.empty:
+        return "No study's journal to measure."
+    fid = fid.assign(key=fid["study"] + "|" + fid["setting"])
+    pooled = pooled_fidelity(fid.assign(setting=fid["key"]))
+    head = "| study | method | trials | " + " | ".join(f"epoch {e}" for e in epochs) + " |"
+    lines = [head, "|---|---|---|" + "---|" * len(epochs)]
+    fmt = lambda v: "—" if pd.isna(v) else f"{v:.2f}"  # noqa: E731
+    for (study, method), g in fid.groupby(["study", "method"], sort=False):
+        rho = g.set_index("epoch")["rho"]
+        lines.append(f"| `{study}` | {NAMES.get(method, method)} | {int(g['trials'].max())} | "
+                     + " | ".join(fmt(rho.get(e)) for e in epochs) + " |")
+    for method, g in pooled.groupby("method", sort=False):
+        rho = g.set_index("epoch")["rho"]
+        lines.append(f"| **pooled** | **{NAMES.get(method, method)}** | {int(g['trials'].max())} | "
+                     + " | ".join(fmt(rho.get(e)) for e in epochs) + " |")
+    trusted = trusted_epoch(pooled, threshold)
+    lines += ["", f"Spearman's rank correlation between a complete trial's validation accuracy at that epoch and at "
+                  f"its last (15), over each study's complete trials; pooled: Fisher's z averaged with weights "
+                  f"trials − 3. " + (f"From epoch {trusted} on every method's pooled correlation is at least "
+                                     f"{threshold:g}." if trusted else
+                                     f"No epoch before the last has every method's pooled correlation at "
+                                     f"{threshold:g} or more.")
+              + " Generated by `python -m kdlib.blocks` from the studies' journals."]
+    return "\n".join(lines)
+
+
+def superseded_markdown(root: Path, folder: str = "outputs/superseded") -> str:
+    """Every superseded study (``superseded.yaml`` in ``folder``): what replaced it and why, how its
+    pruner's cut epoch ranked the trials, and what its test said (or how far it got)."""
+    notes = yaml.safe_load((root / folder / "superseded.yaml").read_text())
+    lines = []
+    for name, note in notes.items():
+        study = root / folder / name
+        res = load(study)
+        cut = (res.spec.get("pruner") or {}).get("warmup_epochs", 2)
+        fid = study_fidelity([study])
+        at_cut = fid[fid["epoch"] == cut]
+        ranked = ", ".join(f"{NAMES.get(m, m)} {r:.2f}" for m, r in zip(at_cut["method"], at_cut["rho"])
+                           if not pd.isna(r))
+        if (study / "tune_test.csv").is_file():
+            test = pd.read_csv(study / "tune_test.csv")
+            seeds = sorted(set(int(n) for n in test["seeds"]))
+            diffs = test_differences(test)
+            said = sentence(diffs).replace(
+                "**The answer**", f"Its test ({seeds[-1]} seeds) said", 1).split(". Ahead or behind")[0]
+            ls = diffs[(diffs["method"] == "label_smoothing") & (diffs["anchor"] == "scratch")]
+            said += "".join(f" (label smoothing − scratch {reading_.cell(r['mean_diff'], r['ci_low'], r['ci_high'], signed=True)}"
+                            f", p {r['p_value']:.3f})" for _, r in ls.iterrows()) + "."
+        else:
+            said = f"Its test stopped before it finished{_test_progress(study)}."
+        replaced = note["replaced by"]
+        lines.append(f"- **`{name}`**, replaced by `{replaced}`: {note['why'].rstrip('.')}. Spearman's rank "
+                     f"correlation of its trials at epoch {cut}, where it cut, with their last epoch: {ranked}. {said}")
+    return "\n".join(lines)
+
+
+def fidelity_table(res: TuneResults) -> pd.DataFrame:
+    """One study's ``pruner_fidelity`` as a table: one row per setting and method (with its complete
+    trials), one column per epoch, the rank correlation with the last epoch (— with fewer than 3 trials)."""
+    fid = study_fidelity([res.dir])
+    if fid.empty:
+        return pd.DataFrame()
+    fid = fid.assign(method=[NAMES.get(m, m) for m in fid["method"]])
+    wide = fid.pivot_table(index=["setting", "method"], columns="epoch", values="rho", sort=False).round(2)
+    wide.columns = [f"epoch {e}" for e in wide.columns]
+    trials = fid.groupby(["setting", "method"], sort=False)["trials"].max()
+    wide.insert(0, "complete trials", trials.reindex(wide.index).to_numpy())
+    return wide.reset_index()

@@ -254,7 +254,7 @@ def test_sweep_page_answers_in_words(site, page):
         for (; e && e.tagName !== 'H2'; e = e.nextElementSibling) text += e.innerText + ' ';
         return text;
     }""")
-    assert "A method with teachers beats the student alone" in verdict and len(verdict) > 200, verdict
+    assert "A method with teachers against the student alone: of" in verdict and len(verdict) > 200, verdict
     forest = page.locator("img[src='sweep_forest.png']")
     assert forest.count() == 1 and forest.evaluate("i => i.complete && i.naturalWidth > 0")
     check_page(page, "records/teacher-quality/index.html")
@@ -279,8 +279,8 @@ def test_tuning_page_answers_then_links_its_test_runs(site, page):
     page.goto((site / "records" / "small-student" / "index.html").as_uri())
     text = page.inner_text(".md-content")
     verdict = text.split("Verdict", 1)[1].split("The chosen values", 1)[0]
-    assert "small student" in verdict and "at T 1.5, alpha 0.8" in verdict and "vs scratch" in verdict
-    assert "A method with teachers, tuned, beats scratch" in verdict
+    assert "small student" in verdict and "vanilla T 1.5, alpha 0.8" in verdict and "vanilla − scratch" in verdict
+    assert "The answer, each method tuned on held-out training images" in verdict
     assert "small-student, small student (student width 0.25): 3 trials per tuned method" in verdict  # its column
     forest = page.locator("img[src='tune_forest.png']")
     assert forest.count() == 1 and forest.evaluate("i => i.complete && i.naturalWidth > 0")

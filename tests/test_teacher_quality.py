@@ -563,7 +563,7 @@ def test_quality_block_reads_accuracy_differences_and_weights_from_the_records(t
     computed here from the fake records; an unfinished run is left out and counted."""
     import yaml
     from scipy import stats as st
-    from kdlib import quality, report
+    from kdlib import quality, reading, report
     from kdlib.sweep import run_name
     runs = []
     d = {0: 0.0, 1: 1.5, 2: 0.5}
@@ -618,8 +618,17 @@ def test_quality_block_reads_accuracy_differences_and_weights_from_the_records(t
     assert accuracy["CAMKD, beta=0"][0] == "—"  # not run in the shipped setting
     assert accuracy["CAMKD, beta=0"][1] == "82.50<br>(76.15\xa0to\xa088.85)<br>[2\xa0seeds]"
     assert accuracy["vanilla"][1].startswith(f"{sum(van) / 3:.2f}<br>(") and "seeds" not in accuracy["vanilla"][1]
+    # Holm over the block's family: shipped 2 methods with teachers x (scratch, label smoothing) + CAMKD − vanilla
+    # + label smoothing − scratch = 6; swapped 3 x 2 + 2 CAMKD forms − vanilla + 1 = 9
+    family = s.family()
+    assert len(family) == 15
+    raw = sorted(f["p_value"] for f in family.values())
+    k = min(range(len(raw)), key=lambda j: abs(raw[j] - t.pvalue))
+    holm = max(min(1, (15 - j) * raw[j]) for j in range(k + 1))
+    assert s.read_pair(swapped, "camkd", "vanilla")["p_holm"] == pytest.approx(holm)
+    word = reading.word(p["ci_low"], p["ci_high"], 3)
     cell = f"{p['mean_diff']:+.2f}<br>({p['ci_low']:+.2f}\xa0to\xa0{p['ci_high']:+.2f})"
-    assert diffs["CAMKD − vanilla"][1] == cell + ("\xa0*" if t.pvalue < 0.05 else "")
+    assert diffs["CAMKD − vanilla"][1] == cell + ("\xa0\\*" if holm < 0.05 else "") + f"<br>*{word}*"
     assert diffs["best with teachers − label smoothing"][1].startswith("CAMKD, beta=0:<br>")
     assert weights["CAMKD"] == ["0.40 / 0.40 / 0.20", "0.020 wrong<br>0.300 right"]
     assert weights["CAMKD, beta=0"] == ["—", "0.015 wrong<br>0.300 right"]
@@ -627,9 +636,11 @@ def test_quality_block_reads_accuracy_differences_and_weights_from_the_records(t
         "gets wrong and 0.300 on those it gets right (the other teachers: 0.40, 0.40 on average; 3 seeds)" in text
     # every method with teachers against scratch: CAMKD's shipped gains 1.5, 2.25, 1.75 by seed
     assert st.ttest_rel([80.5 + x * 1.5 for x in d.values()], [79 + x for x in d.values()]).pvalue < 0.05
-    assert "- **A method with teachers beats the student alone** significantly: CAMKD in shipped (+1.83); vanilla " \
-        "in shipped (+1.00); CAMKD in swapped resnet (+2.67); vanilla in swapped resnet (+1.00); 0 of 5 " \
-        "method-and-setting pairs fall significantly below it." in text  # beta=0's 2 seeds: +3.0, +2.5, p 0.06
+    words = [reading.word(q["ci_low"], q["ci_high"], q["seeds"]) for c in s.columns
+             for m in ("camkd", "camkd[beta=0]", "vanilla") if (q := s.pair(c, m, "scratch"))]
+    assert len(words) == 5
+    assert (f"- **A method with teachers against the student alone**: of 5 method-and-setting pairs, "
+            f"{reading.count_words(words)}.") in text
     # the fake scratch and label-smoothing students score alike in both settings, seed by seed
     assert "they score the same to the last digit in every setting (6 pairs of runs)" in text
     moved = next(tmp_path.glob("teacher_class_swap=*,methods=camkd+vanilla+label_smoothing+scratch*")) / "metrics_scratch.json"

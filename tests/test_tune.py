@@ -262,6 +262,23 @@ def test_tiny_tuning_killed_mid_search_resumes_then_tests_and_reads_in_05(tmp_pa
     assert third.returncode == 0 and "nothing to do" in third.stdout, third.stdout[-2000:] + third.stderr[-2000:]
     assert all(p.read_bytes() == content for p, content in kept.items())
 
+    # more test seeds on --resume: one run per method for the new seed, the finished runs left as they were
+    finished = {p: p.read_bytes() for p in (tune_dir / "test").glob("*/manifest.json")}
+    more = tmp_path / "smoke-tune.yaml"
+    more.write_text(SMOKE.read_text() + "test_seeds: [0, 1, 2]\n")
+    fourth = subprocess.run([sys.executable, "-m", "kdlib", "tune", str(more), "--outputs", str(project / "outputs"),
+                             "--workers", "2", "--resume"], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert fourth.returncode == 0, fourth.stdout[-2000:] + fourth.stderr[-2000:]
+    record = json.loads((tune_dir / "test" / "sweep.json").read_text())
+    assert record["status"] == "finished" and len(record["runs"]) == 4
+    added = [n for n in record["runs"] if n.endswith(",seeds=2") or n == "methods=scratch,seeds=2"]
+    assert len(added) == 2
+    assert yaml.safe_load((tune_dir / "test" / added[0] / "params.yaml").read_text())["seeds"] == [2]
+    assert all(p.read_bytes() == content for p, content in finished.items())
+    test = tune_analysis.test_frame(tune_analysis.load(tune_dir))
+    assert set(test["seeds"]) == {3}  # the runs of seeds 0 and 1 and the run of seed 2 pool into one
+
     nbval = subprocess.run([sys.executable, "-m", "pytest", "--nbval-lax", "notebooks/05_tune.ipynb",
                             "-p", "no:cacheprovider", "-q"], cwd=ROOT, env=env, capture_output=True, text=True,
                            timeout=600)
@@ -390,17 +407,16 @@ def test_a_study_of_the_same_student_searched_over_other_ranges_gets_a_column_of
         spec["space"]["vanilla"]["temperature"] = temperature
         (folder / "tune.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     text = tune_analysis.block([first, wide, other])
-    assert text.splitlines()[0] == ("| each method at its best | small student | small student, searched wider | "
-                                    "small student, `other` |")
+    assert "\n| test accuracy % | small student | small student, searched wider | small student, `other` |\n" in text
     lines = {line.split(",")[0]: line for line in text.splitlines() if line.startswith("- `")}
     assert ", ranges widened to T 0.05 to 10, on " in lines["- `wide`"]
     assert "widened" not in lines["- `first`"] + lines["- `other`"]
     assert "**small student, `other`**" in lines["- `other`"]
-    chosen = [line for line in text.splitlines() if "the chosen values" in line]
+    chosen = [line for line in text.splitlines() if line.startswith("- **small student") and ": vanilla T" in line]
     assert [line.split("**")[1] for line in chosen] == ["small student", "small student, searched wider",
                                                         "small student, `other`"]
     # one study alone keeps its setting's words
-    assert tune_analysis.block([wide]).splitlines()[0] == "| each method at its best | small student |"
+    assert "\n| test accuracy % | small student |\n" in tune_analysis.block([wide])
 
 
 def test_the_reading_gives_each_knobs_chosen_values_beside_the_base_params_untuned_one(tmp_path):
@@ -414,12 +430,11 @@ def test_the_reading_gives_each_knobs_chosen_values_beside_the_base_params_untun
     res.spec["base"] = str(base)  # absolute: the project root joined with it is the file itself
     test = pd.DataFrame({"setting": ["base"], "method": ["vanilla"]})
     line = tune_analysis._chosen_line(res, "base", tune_analysis._base_params(res))
-    assert line == ("- **base**, the chosen values (untuned, as in the base params, in brackets): temperature "
-                    "CAMKD 2, vanilla 1.05 (4); alpha CAMKD 1.5, vanilla 0.111 (0.7); beta CAMKD 0 (100); "
-                    "label smoothing's eps 0.296 (0.1).")
-    assert line in tune_analysis.reading(res, test.assign(**{f"{f} vs {a}": math.nan for f in
-                                                             ("mean_diff", "ci_low", "ci_high", "p_value")
-                                                             for a in ("scratch", "label_smoothing")}))
+    assert line == ("**base**: CAMKD T 2, alpha 1.5, its feature term off (beta 0); vanilla T 1.05, alpha 0.111; "
+                    "label smoothing eps 0.296 (untuned, in the base params: T 4, alpha 0.7, beta 100, eps 0.1).")
+    assert f"- {line}" in tune_analysis.reading(res, test.assign(**{f"{f} vs {a}": math.nan for f in
+                                                                   ("mean_diff", "ci_low", "ci_high", "p_value",
+                                                                    "seeds") for a in tune_analysis.ANCHORS}))
 
 
 def test_the_knob_plot_marks_the_searched_range_and_rings_the_choice(tmp_path):
