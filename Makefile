@@ -83,12 +83,12 @@ check-site: install
 	$(PY) -m pytest tests/test_site_links.py -p no:cacheprovider --durations=3
 
 bench: install data
-	$(PY) -m kdlib.bench
+	$(PY) -m kdlib bench
 
 # The site (docs/ and a page per committed run, notebooks rendered from their stored outputs) into site/.
 site: install
-	$(PY) -m kdlib.site
+	$(PY) -m kdlib site
 
 # Every generated block (the README's answers, the site's results tables) from the committed records.
 blocks: install
-	$(PY) -m kdlib.blocks
+	$(PY) -m kdlib blocks

@@ -2,18 +2,20 @@
 ``python -m kdlib run --resume outputs/NAME``,
 ``python -m kdlib sweep params/sweeps/X.yaml [--workers N] [--scheduler ADDRESS] [--resume] [--timeout T]``,
 ``python -m kdlib tune params/tune/X.yaml [--workers N] [--scheduler ADDRESS] [--storage URL] [--resume]
-[--timeout T]``, or
-``python -m kdlib ship-teachers params/X.yaml``."""
+[--timeout T]``,
+``python -m kdlib ship-teachers params/X.yaml``, and the readers' commands, each with its own
+options: ``python -m kdlib report RECORD ...`` (a record's markdown), ``python -m kdlib blocks
+[--check]`` (every generated block), ``python -m kdlib site`` (the site), ``python -m kdlib bench``."""
 from __future__ import annotations
 
 import argparse
 import re
 import sys
 
-from .checkpoint import CheckpointError
-from .data import DataNotFoundError
-from .extras import MissingExtra, require
-from .params import ParamsError
+from .train.checkpoint import CheckpointError
+from .train.data import DataNotFoundError
+from .records.extras import MissingExtra, require
+from .book.params import ParamsError
 
 EXTRA_OF = {"run": "batch", "sweep": "sweep", "tune": "tune"}  # what each command needs beyond the core
 STOPPED = 3  # the exit status of a sweep or tuning stopped by its --timeout (continue it with --resume)
@@ -30,7 +32,20 @@ def duration(text: str) -> float:
     return 3600 * h + 60 * m + sec
 
 
+# the readers' and the benchmark's commands: module and what it does; each parses its own options
+READERS = {"report": ("kdlib.publish.pages", "a run's, sweep's or tuning's tables as markdown, into a README block"),
+           "blocks": ("kdlib.publish.blocks", "regenerate every generated block of the README and docs "
+                                              "(--check: say which are stale)"),
+           "site": ("kdlib.publish.site", "build the site into site/"),
+           "bench": ("kdlib.bench.command", "time the training's parts and write docs/speed.md's table")}
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in READERS:  # its own parser, its own --help
+        import importlib
+        module = importlib.import_module(READERS[argv[0]][0])
+        return module.main(argv[1:]) or 0
     parser = argparse.ArgumentParser(prog="python -m kdlib", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="execute the three notebooks into outputs/NAME")
@@ -59,6 +74,8 @@ def main(argv=None) -> int:
     tune.add_argument("--resume", action="store_true", help="continue: finished trials and runs are kept")
     tune.add_argument("--outputs", default="outputs", help="parent folder of tuning folders")
     tune.add_argument("--timeout", type=duration, metavar="T", help=TIMEOUT_HELP.format("trial or test run"))
+    for name, (_, what) in READERS.items():
+        sub.add_parser(name, help=what + f" (python -m kdlib {name} --help)", add_help=False)
     args = parser.parse_args(argv)
     if args.command in EXTRA_OF:
         try:
@@ -72,7 +89,7 @@ def main(argv=None) -> int:
         return _tune(args)
     if args.command == "ship-teachers":
         return _ship(args.params)
-    from .runner import RunError, run as run_book
+    from .book.runner import RunError, run as run_book
     try:
         run_dir = run_book(args.params, args.name, args.overrides, args.resume, args.outputs)
     except (ParamsError, RunError, CheckpointError, DataNotFoundError) as err:
@@ -83,8 +100,8 @@ def main(argv=None) -> int:
 
 
 def _ship(params_file: str) -> int:
-    from .book import ship_teachers
-    from .params import load_params
+    from .book.steps import ship_teachers
+    from .book.params import load_params
     try:
         ship_teachers(load_params(params_file))
     except (ParamsError, CheckpointError) as err:
@@ -98,8 +115,8 @@ def _ship(params_file: str) -> int:
 
 
 def _sweep(args) -> int:
-    from .runner import RunError
-    from .sweep import deadline_after, run_sweep, summary
+    from .book.runner import RunError
+    from .fanout.sweep import deadline_after, run_sweep, summary
     if args.workers is not None and (args.workers < 1 or args.scheduler):
         print("error: --workers takes a positive number, and sizes the embedded cluster only (not --scheduler)",
               file=sys.stderr)
@@ -115,8 +132,8 @@ def _sweep(args) -> int:
 
 
 def _tune(args) -> int:
-    from .runner import RunError
-    from .tune import run_tune
+    from .book.runner import RunError
+    from .fanout.tune import run_tune
     if args.workers is not None and (args.workers < 1 or args.scheduler):
         print("error: --workers takes a positive number, and sizes the embedded cluster only (not --scheduler)",
               file=sys.stderr)

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdlib.data import DEBIAN_FASHION_MNIST, load_dataset
-from kdlib.params import student_identity, teacher_identity, validate
+from kdlib.train.data import DEBIAN_FASHION_MNIST, load_dataset
+from kdlib.book.params import student_identity, teacher_identity, validate
 
 
 def pytest_configure(config):
@@ -170,16 +170,16 @@ def png(seed: int) -> bytes:
 
 
 def write_run(run: Path, overrides: dict, acc: dict, notebooks: bool = False) -> Path:
-    """A finished run's record as ``kdlib.book`` writes it, made up: ``acc`` = {method: {seed:
+    """A finished run's record as ``kdlib.book.steps`` writes it, made up: ``acc`` = {method: {seed:
     accuracy}}; each method's predictions right on the first round(accuracy) of 100 labels;
-    results.csv and comparison.csv from ``kdlib.stats``; with ``notebooks``, its three small executed
+    results.csv and comparison.csv from ``kdlib.analysis.stats``; with ``notebooks``, its three small executed
     notebooks (the second shows the run's figure, also written beside them)."""
     import json
 
     import numpy as np
     import yaml
 
-    from kdlib.stats import comparison_frame, results_frame
+    from kdlib.analysis.stats import comparison_frame, results_frame
     P = validate(dict(overrides))
     run.mkdir(parents=True)
     (run / "params.yaml").write_text(yaml.safe_dump(P))
@@ -216,14 +216,14 @@ def write_run(run: Path, overrides: dict, acc: dict, notebooks: bool = False) ->
 def write_sweep(folder: Path, runs: list[tuple[dict, dict]], notebooks: bool = False,
                 sweep_file: str = "params/sweeps/made-up.yaml") -> Path:
     """A finished sweep folder, made up: ``runs`` = [(overrides, acc)] (``write_run``), each
-    run named as ``kdlib.sweep`` names it; ``sweep.yaml``, ``sweep.json``; with ``notebooks``,
+    run named as ``kdlib.fanout.sweep`` names it; ``sweep.yaml``, ``sweep.json``; with ``notebooks``,
     its runs' notebooks and what 04 writes (summary and difference CSVs, the forest plot, a
     small 04 notebook showing it)."""
     import json
 
     import yaml
 
-    from kdlib.sweep import run_name
+    from kdlib.records.names import run_name
     order = []
     for overrides, acc in runs:
         name = run_name(overrides)
@@ -236,7 +236,7 @@ def write_sweep(folder: Path, runs: list[tuple[dict, dict]], notebooks: bool = F
         "cluster": "embedded LocalCluster, 2 workers", "started": "2025-01-01T10:00:00+00:00",
         "runs": {r["name"]: {"status": "finished", "seconds": 120.0} for r in order}}))
     if notebooks:
-        from kdlib import plots, sweep_analysis
+        from kdlib.analysis import plots, sweep_results as sweep_analysis
         res = sweep_analysis.load(folder)
         sweep_analysis.setting_table(res).to_csv(folder / "sweep_summary.csv", index=False)
         sweep_analysis.differences(res).to_csv(folder / "sweep_differences.csv", index=False)
@@ -257,7 +257,7 @@ def write_tuning(folder: Path, acc: dict, values: dict, setting: dict | None = N
     import pandas as pd
     import yaml
 
-    from kdlib import plots, sweep_analysis
+    from kdlib.analysis import plots, sweep_results as sweep_analysis
     setting = setting if setting is not None else {"student_width": 0.25}
     name = ",".join(f"{k}={v}" for k, v in setting.items()) or "base"
     seeds = sorted({s for by_seed in acc.values() for s in by_seed})

@@ -12,14 +12,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from sklearn.svm import OneClassSVM
 
-from kdlib.data import Dataset, Split
-from kdlib.distillers import AEKD, EBKD, METHODS, Aver, LabelSmoothing, build_distiller
-from kdlib.losses import (UNLABELLED, aekd_loss, aekd_nu, aver_kd_loss, ebkd_loss, entropy_weights,
+from kdlib.train.data import Dataset, Split
+from kdlib.train.distillers import AEKD, EBKD, METHODS, Aver, LabelSmoothing, build_distiller
+from kdlib.train.losses import (UNLABELLED, aekd_loss, aekd_nu, aver_kd_loss, ebkd_loss, entropy_weights,
                           kd_logit_gradients, labelled_ce, svm_teacher_weights, vanilla_kd_loss)
-from kdlib.models import build_model
-from kdlib.params import ParamsError, student_identity, validate
-from kdlib.teachers import CachedTeachers, LiveTeachers, ViewCachedTeachers
-from kdlib.train import TrainConfig, train_epoch
+from kdlib.train.models import build_model
+from kdlib.book.params import ParamsError, student_identity, validate
+from kdlib.train.teachers import CachedTeachers, LiveTeachers, ViewCachedTeachers
+from kdlib.train.loop import TrainConfig, train_epoch
 
 B, C, M, D, T = 6, 5, 3, 4, 4.0
 
@@ -390,8 +390,8 @@ def test_a_sweep_of_seven_methods_shows_each_against_scratch_and_camkd(tmp_path)
 
     import yaml
 
-    from kdlib import sweep_analysis
-    from kdlib.stats import NAMES
+    from kdlib.analysis import sweep_results as sweep_analysis
+    from kdlib.analysis.stats import NAMES
     labels = np.arange(100) % 10
     runs = []
     for beta in (1.0, 5.0):
@@ -427,14 +427,14 @@ def test_a_sweep_of_seven_methods_shows_each_against_scratch_and_camkd(tmp_path)
 def test_seven_methods_get_seven_fixed_distinct_colours():
     from matplotlib.colors import to_hex
 
-    from kdlib import plots
+    from kdlib.analysis import plots
     colors = plots.method_colors(SEVEN + ["other"])
     assert len({to_hex(c) for c in colors.values()}) == 8
     assert {m: colors[m] for m in SEVEN} == plots.method_colors(list(reversed(SEVEN)))
 
 
 def test_the_14_panel_comparison_shows_seven_methods():
-    from kdlib import plots
+    from kdlib.analysis import plots
     from test_plots import make_metrics, make_teachers
     metrics = {}
     for i, method in enumerate(SEVEN):

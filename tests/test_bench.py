@@ -1,4 +1,4 @@
-"""kdlib.bench: structure of the result and the CLI's JSON (tiny sizes, no timing assertions)."""
+"""kdlib.bench.command: structure of the result and the CLI's JSON (tiny sizes, no timing assertions)."""
 from __future__ import annotations
 
 import json
@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from kdlib import bench
-from kdlib.data import DataNotFoundError, load_dataset
-from kdlib.distillers import Scratch, build_distiller
-from kdlib.models import build_model
-from kdlib.teachers import freeze
-from kdlib.assemble import teacher_bank
-from kdlib.train import TrainConfig, fit, iterate
+from kdlib.bench import command as bench
+from kdlib.train.data import DataNotFoundError, load_dataset
+from kdlib.train.distillers import Scratch, build_distiller
+from kdlib.train.models import build_model
+from kdlib.train.teachers import freeze
+from kdlib.train.assemble import teacher_bank
+from kdlib.train.loop import TrainConfig, fit, iterate
 
 ROOT = Path(__file__).resolve().parent.parent
 KEYS = {"samples", "test_samples", "teachers", "device", "threads", "precision", "methods", "seconds", "ratios",
@@ -125,7 +125,7 @@ def test_train_epoch_is_fits_loop(tiny_data, monkeypatch):
     """What the benchmark times (train_epoch) is what fit runs: every epoch of fit is one
     train_epoch call, and the recorded loss and accuracy are that call's sums over its
     samples; max_batches stops after that many batches."""
-    import kdlib.train as train
+    import kdlib.train.loop as train
     calls, real = [], train.train_epoch
 
     def recording(*args, **kwargs):
@@ -150,7 +150,7 @@ def test_cli_json_with_named_methods(tiny_data, data_root):
     """``--methods`` times only the rows named, plus scratch (every ratio's reference);
     without a crop row no view cache is built; stdout holds exactly one JSON object."""
     env = dict(os.environ, KDBOOK_PROGRESS="off")
-    proc = subprocess.run([sys.executable, "-m", "kdlib.bench", "--samples", "128", "--teachers", "2",
+    proc = subprocess.run([sys.executable, "-m", "kdlib.bench.command", "--samples", "128", "--teachers", "2",
                            "--methods", "camkd", "vanilla", "--step-rounds", "2",
                            "--repeats", "1", "--warmup", "1", "--device", "cpu", "--data-root", str(data_root),
                            "--json"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -176,7 +176,7 @@ def test_cli_json_with_named_methods(tiny_data, data_root):
     (["--methods", "nonesuch"], "unknown bench method 'nonesuch'")])
 def test_cli_refuses_bad_combinations_before_timing_anything(args, says, capsys, monkeypatch):
     """The command line's own checks (exit status 2, the reason on stderr), run in-process:
-    the JSON test above runs ``python -m kdlib.bench`` as a process."""
+    the JSON test above runs ``python -m kdlib bench`` as a process."""
     timed = []
     monkeypatch.setattr(bench, "run_benchmark", lambda *a, **k: timed.append(1))
     with pytest.raises(SystemExit) as stop:

@@ -6,12 +6,12 @@ import dataclasses
 import pytest
 import torch
 
-from kdlib.data import Split, apply_views, normalize, view_count
-from kdlib.distillers import Vanilla
-from kdlib.models import build_model
-from kdlib.teachers import LiveTeachers
-from kdlib.assemble import teacher_bank, teacher_test_probs, train_student, train_teacher, view_logits
-from kdlib.train import TrainConfig, train_epoch
+from kdlib.train.data import Split, apply_views, normalize, view_count
+from kdlib.train.distillers import Vanilla
+from kdlib.train.models import build_model
+from kdlib.train.teachers import LiveTeachers
+from kdlib.train.assemble import teacher_bank, teacher_test_probs, train_student, train_teacher, view_logits
+from kdlib.train.loop import TrainConfig, train_epoch
 
 from conftest import fashion_mnist_subset
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 import torchvision
 
-import kdlib.data as data_mod
-from kdlib.data import (DATASETS, DEBIAN_FASHION_MNIST, DataNotFoundError, augment_batch, balanced_subset,
+import kdlib.train.data as data_mod
+from kdlib.train.data import (DATASETS, DEBIAN_FASHION_MNIST, DataNotFoundError, augment_batch, balanced_subset,
                         batch_order, load_dataset, normalize)
 
 
@@ -176,7 +176,7 @@ def test_cut_short_idx_file_refused_naming_it_and_the_fix(tmp_path):
 def test_fashion_mnist_loads_without_importing_torchvision(fmnist_root):
     """Importing torchvision costs seconds in every kernel and worker; the MNIST family is read
     without it (CIFAR-10 and downloads still go through torchvision)."""
-    code = ("import sys, kdlib.data as d; x = d.load_dataset('FashionMNIST', sys.argv[1], train_subset=100, "
+    code = ("import sys, kdlib.train.data as d; x = d.load_dataset('FashionMNIST', sys.argv[1], train_subset=100, "
             "download=False); assert len(x.train) == 100; print('torchvision' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code, str(fmnist_root)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -6,9 +6,9 @@ refused with the differing key named (or replaced, and said so, in outputs/inter
 """
 import pytest
 
-from kdlib import book
-from kdlib.checkpoint import CheckpointMismatch
-from kdlib.params import SCHEMA, student_identity, teacher_identity, validate
+from kdlib.book import steps as book
+from kdlib.train.checkpoint import CheckpointMismatch
+from kdlib.book.params import SCHEMA, student_identity, teacher_identity, validate
 
 ALT = {  # a valid value other than the default, for every key
     "dataset": "MNIST", "data_root": "elsewhere", "train_subset": 1000, "test_subset": 500, "val_subset": 100,

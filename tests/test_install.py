@@ -21,7 +21,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from kdlib import extras
+from kdlib.records import extras
 from kdlib.__main__ import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,10 +47,10 @@ def declared() -> tuple[set[str], dict[str, set[str]]]:
     return expand(Requirement(r) for r in project["dependencies"]), {k: expand(v) for k, v in raw.items()}
 
 
-def third_party(tree: ast.AST) -> tuple[set[str], set[str], set[str]]:
-    """What ``tree`` imports: the top-level names of the non-standard-library packages (those
-    inside ``try: ... except ImportError`` are optional, left out), the same at module level
-    only, and the kdlib modules it imports at module level."""
+def third_party(tree: ast.AST, module: str = "") -> tuple[set[str], set[str], set[str]]:
+    """What ``tree`` (kdlib's ``module``, dotted, or a notebook) imports: the top-level names of the
+    non-standard-library packages (those inside ``try: ... except ImportError`` are optional, left
+    out), the same at module level only, and the kdlib modules it imports at module level (dotted)."""
     optional = {id(n) for t in ast.walk(tree) if isinstance(t, ast.Try)
                 if any(h.type and re.search(r"\b(ImportError|ModuleNotFoundError)\b", ast.unparse(h.type))
                        for h in t.handlers)
@@ -59,9 +59,8 @@ def third_party(tree: ast.AST) -> tuple[set[str], set[str], set[str]]:
     every, top, internal = set(), set(), set()
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and (node.level or node.module.split(".")[0] == "kdlib"):
-            own = (node.module or "").removeprefix("kdlib").lstrip(".")  # from . import x, from .x import y
             if id(node) in module_level:
-                internal |= {own.split(".")[0]} if own else {a.name for a in node.names}
+                internal |= kdlib_targets(node, module)
             continue
         names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
             [node.module] if isinstance(node, ast.ImportFrom) else []
@@ -73,9 +72,32 @@ def third_party(tree: ast.AST) -> tuple[set[str], set[str], set[str]]:
     return every, top, internal
 
 
+def kdlib_targets(node: ast.ImportFrom, module: str) -> set[str]:
+    """The kdlib modules (dotted) an ``import from`` in ``module`` loads: the one it names, and each
+    name it takes that is itself a module (``from kdlib.analysis import plots``)."""
+    if node.level:
+        here = module.split(".")
+        here = here if (ROOT / Path(*here) / "__init__.py").is_file() else here[:-1]
+        target = ".".join(here[:len(here) - node.level + 1] + ([node.module] if node.module else []))
+    else:
+        target = node.module
+    found = {target}
+    for alias in node.names:
+        sub = ROOT / Path(*f"{target}.{alias.name}".split("."))
+        if sub.with_suffix(".py").is_file() or sub.is_dir():
+            found.add(f"{target}.{alias.name}")
+    return {m for m in found if (ROOT / Path(*m.split("."))).with_suffix(".py").is_file()
+            or (ROOT / Path(*m.split(".")) / "__init__.py").is_file()}
+
+
+def module_of(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
 def sources() -> dict[str, ast.AST]:
-    """kdlib's modules and the book's notebooks (their code cells), parsed."""
-    found = {p.stem: ast.parse(p.read_text()) for p in sorted((ROOT / "kdlib").glob("*.py"))}
+    """kdlib's modules (by dotted name) and the book's notebooks (their code cells), parsed."""
+    found = {module_of(p): ast.parse(p.read_text()) for p in sorted((ROOT / "kdlib").rglob("*.py"))}
     for name in NOTEBOOKS:
         cells = nbformat.read(ROOT / "notebooks" / name, as_version=4).cells
         found[name] = ast.parse("\n".join(c.source for c in cells if c.cell_type == "code"))
@@ -92,18 +114,18 @@ _distributions = functools.cache(packages_distributions)
 
 def test_core_and_extras_cover_every_import():
     """Every package kdlib or a notebook imports is declared: in the core, or in the extra
-    whose guard (kdlib.extras) names it; every core dependency is imported somewhere."""
+    whose guard (kdlib.records.extras) names it; every core dependency is imported somewhere."""
     core, extra_deps = declared()
     guarded = set().union(*extras.EXTRAS.values())
     used = set()
     for name, tree in sources().items():
-        for module in third_party(tree)[0]:
+        for module in third_party(tree, name)[0]:
             used.add(distribution(module))
             assert module in guarded or distribution(module) in core | KERNEL_OWN, \
                 f"{name} imports {module} ({distribution(module)}): neither a core dependency nor in an extra"
     assert core <= used, f"core dependencies nothing imports: {sorted(core - used)}"
     for extra, modules in extras.EXTRAS.items():
-        assert {distribution(m) for m in modules} <= extra_deps[extra], f"kdlib.extras' {extra} is not pyproject's"
+        assert {distribution(m) for m in modules} <= extra_deps[extra], f"kdlib.records.extras' {extra} is not pyproject's"
 
 
 def test_notebook_modules_import_only_the_core_at_load():
@@ -111,16 +133,17 @@ def test_notebook_modules_import_only_the_core_at_load():
     only the core (an extra's package is imported inside the function that uses it)."""
     core, _ = declared()
     trees = sources()
-    todo = {m for name in NOTEBOOKS for m in third_party(trees[name])[2]} | {"__init__"}
+    todo = {m for name in NOTEBOOKS for m in third_party(trees[name], name)[2]} | {"kdlib"}
     seen = set()
     while todo:
         module = todo.pop()
         seen.add(module)
-        _, top, internal = third_party(trees[module])
+        _, top, internal = third_party(trees[module], module)
         for imported in top:
-            assert distribution(imported) in core, f"kdlib.{module} imports {imported} when loaded"
+            assert distribution(imported) in core, f"{module} imports {imported} when loaded"
         todo |= internal - seen
-    assert {"book", "plots", "stats", "sweep", "sweep_analysis", "runner", "train"} <= seen
+    assert {"kdlib.book.steps", "kdlib.analysis.plots", "kdlib.analysis.stats", "kdlib.fanout.sweep",
+            "kdlib.analysis.sweep_results", "kdlib.book.runner", "kdlib.train.loop"} <= seen
 
 
 def absent(*modules):
@@ -146,7 +169,7 @@ def test_missing_extra_is_one_line_before_anything_runs(argv, modules, line, mon
 
 
 def test_runner_checks_its_extra(monkeypatch, tmp_path):
-    from kdlib import runner
+    from kdlib.book import runner
     monkeypatch.setattr(extras, "find_spec", absent("papermill"))
     with pytest.raises(extras.MissingExtra, match=r"^kdlib run needs papermill: pip install 'kdbook\[batch\]'$"):
         runner.run(str(ROOT / "params/smoke.yaml"), outputs=tmp_path)
@@ -156,7 +179,8 @@ def test_runner_checks_its_extra(monkeypatch, tmp_path):
 def test_site_and_a_sweep_or_tuning_from_a_notebook_check_their_extras(monkeypatch, tmp_path):
     """make site without MkDocs, and a sweep or tuning started from notebook 04 or 05 (not through
     the command line) without Dask or Optuna: one line naming the extra, nothing created."""
-    from kdlib import site, sweep, tune
+    from kdlib.publish import site
+    from kdlib.fanout import sweep, tune
     monkeypatch.setattr(extras, "find_spec", absent("mkdocs", "distributed", "optuna"))
     with pytest.raises(SystemExit, match=r"^error: make site needs MkDocs: pip install 'kdbook\[docs\]'$"):
         site.main(["--out", str(tmp_path / "site")])

@@ -11,12 +11,12 @@ from scipy.special import log_softmax as np_log_softmax
 from scipy.special import softmax as np_softmax
 from scipy.stats import entropy
 
-import kdlib.losses as losses
-from kdlib.distillers import CAMKD, Scratch, Vanilla, build_distiller
-from kdlib.losses import (DistillKL, camkd_feature_loss, camkd_logit_loss, camkd_weights, centroid_log_probs,
+import kdlib.train.losses as losses
+from kdlib.train.distillers import CAMKD, Scratch, Vanilla, build_distiller
+from kdlib.train.losses import (DistillKL, camkd_feature_loss, camkd_logit_loss, camkd_weights, centroid_log_probs,
                           grouped_feature_mse, vanilla_kd_loss)
-from kdlib.models import TEACHERS as TEACHER_NAMES, CalWeight, ConvReg, build_model
-from kdlib.teachers import LiveTeachers
+from kdlib.train.models import TEACHERS as TEACHER_NAMES, CalWeight, ConvReg, build_model
+from kdlib.train.teachers import LiveTeachers
 
 # A small fixed case: B = 3 samples, C = 4 classes, M = 3 teachers.
 S = np.array([[1.0, -0.5, 2.0, 0.3],

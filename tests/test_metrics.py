@@ -8,7 +8,7 @@ import pytest
 import torch
 from scipy.stats import entropy
 
-from kdlib.metrics import accuracy, agreement, fidelity_metrics, kl_divergence
+from kdlib.train.metrics import accuracy, agreement, fidelity_metrics, kl_divergence
 
 M, N, C = 3, 50, 5
 KEYS = {"individual_fidelity", "mean_individual_fidelity", "centroid_fidelity", "teacher_diversity",

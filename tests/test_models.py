@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdlib.models import MODELS, TEACHERS, CalWeight, ConvReg, ConvRegs, Embed, build_model, count_parameters
+from kdlib.train.models import MODELS, TEACHERS, CalWeight, ConvReg, ConvRegs, Embed, build_model, count_parameters
 
 SIZES = [(1, 28), (3, 32)]
 # the seed kit's parameter counts on 1x28x28, 10 classes

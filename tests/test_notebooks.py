@@ -53,7 +53,7 @@ def test_the_runner_reads_and_validates_notebooks_without_jsonschemas_iri_gramma
     import subprocess
     import sys
     script = ("import sys\n"
-              "from kdlib import runner\n"
+              "from kdlib.book import runner\n"
               "nb_dir = runner.notebooks_dir()\n"
               "keys = runner.declared_parameters(nb_dir / '01_train_teachers.ipynb')\n"
               "import nbformat\n"

@@ -4,10 +4,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kdlib import book
+from kdlib.book import steps as book
 from kdlib.__main__ import main
-from kdlib.params import SCHEMA, ParamsError, load_params, parse_override, validate
-from kdlib.runner import NOTEBOOKS, declared_parameters, notebooks_dir
+from kdlib.book.params import SCHEMA, ParamsError, load_params, parse_override, validate
+from kdlib.book.runner import NOTEBOOKS, declared_parameters, notebooks_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -127,11 +127,11 @@ def test_every_sweep_and_tune_file_expands_to_valid_runs(path):
     """Each committed sweep file expands to named runs whose params validate, each tune file
     to its settings and search spaces: a typo in one is found here, not hours into a run."""
     if path.parent.name == "sweeps":
-        from kdlib.sweep import expand
+        from kdlib.fanout.sweep import expand
         base, runs = expand(path)
         assert runs and len({r.name for r in runs}) == len(runs)
         assert (ROOT / base).is_file() or Path(base).is_file()
     else:
-        from kdlib.tune import load_tune
+        from kdlib.fanout.tune import load_tune
         spec = load_tune(path)
         assert spec.settings and spec.trials >= 1

@@ -1,4 +1,4 @@
-"""kdlib.plots on synthetic metrics (no training): tables, panel counts, files, widget."""
+"""kdlib.analysis.plots on synthetic metrics (no training): tables, panel counts, files, widget."""
 import ast
 import inspect
 
@@ -9,7 +9,7 @@ matplotlib.use("Agg")
 import pytest  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from kdlib import plots  # noqa: E402
+from kdlib.analysis import plots  # noqa: E402
 
 TEACHERS = ["t_a", "t_b", "t_c"]
 METHODS = ["camkd", "vanilla", "scratch"]
@@ -302,7 +302,7 @@ def drawn_intervals(fig) -> dict:
 
 
 def expected_intervals(acc) -> dict:
-    from kdlib.stats import paired_t
+    from kdlib.analysis.stats import paired_t
     out = {}
     for setting, by in acc.items():
         for ref in ("scratch", "label_smoothing"):
@@ -358,7 +358,7 @@ def test_forest_plot_needs_a_reference(tmp_path):
 
 
 def test_sweep_runs_are_named_in_words(tmp_path):
-    from kdlib.sweep_analysis import run_titles
+    from kdlib.analysis.sweep_results import run_titles
     forest_sweep(tmp_path)
     titles = {" · ".join(t) for t in run_titles(tmp_path).values()}
     assert titles == {"shipped · CAMKD, vanilla, label smoothing, scratch · seeds 0, 1, 2",
@@ -371,7 +371,7 @@ def test_a_sweeps_runs_table_names_each_run_in_words_in_the_sweep_files_order(tm
     """04's and 05's table of runs: setting and run in words, status and minutes from sweep.json,
     the folder last; a run still pending has no minutes; a sweep not started has no rows."""
     import json
-    from kdlib.sweep_analysis import runs_frame
+    from kdlib.analysis.sweep_results import runs_frame
     assert runs_frame(tmp_path / "none").empty
     forest_sweep(tmp_path)
     record = json.loads((tmp_path / "sweep.json").read_text())
@@ -390,7 +390,7 @@ def test_forest_plot_takes_a_tuned_reference_for_its_method(tmp_path):
     """In a tuned comparison each method runs at its own values: label smoothing at a tuned
     epsilon is a variant (``label_smoothing[label_smoothing=0.2]``) and still the reference."""
     from conftest import write_sweep
-    from kdlib.stats import paired_t
+    from kdlib.analysis.stats import paired_t
     camkd, ls = {0: 81.0, 1: 83.5, 2: 82.0}, {0: 80.0, 1: 82.0, 2: 81.5}
     write_sweep(tmp_path, [({"methods": ["camkd", "scratch"], "seeds": [0, 1, 2]}, {"camkd": camkd, "scratch": SCRATCH}),
                            ({"methods": ["label_smoothing"], "label_smoothing": 0.2, "seeds": [0, 1, 2]},
@@ -413,7 +413,7 @@ def test_forest_plot_takes_a_tuned_reference_for_its_method(tmp_path):
     ("ebkd", "EBKD"),
 ])
 def test_a_method_variant_in_words_has_short_knobs_and_three_digits(label, words):
-    from kdlib.sweep_analysis import method_words
+    from kdlib.analysis.sweep_results import method_words
     assert method_words(label) == words
 
 
@@ -429,7 +429,7 @@ def test_plots_loads_without_seaborn_or_scipy():
     of CPU at every start on a loaded 2-core machine); the functions that need seaborn load it."""
     import subprocess
     import sys
-    code = ("import sys; import kdlib.plots, kdlib.book; "
+    code = ("import sys; import kdlib.analysis.plots, kdlib.book.steps; "
             "print(sorted(m for m in ('seaborn', 'scipy.stats') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

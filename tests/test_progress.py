@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from conftest import fashion_mnist_subset
-from kdlib.progress import EpochProgress, duration, epoch_line
-from kdlib.runner import _Echo
+from kdlib.train.progress import EpochProgress, duration, epoch_line
+from kdlib.book.runner import _Echo
 
 RECORD = {"epoch": 3, "lr": 1e-3, "train_loss": 48.4, "train_acc": 88.0, "test_loss": 0.3, "test_acc": 89.634,
           "epoch_seconds": 27.94, "loss_ce": 0.3121, "loss_kd": 0.12, "loss_feat": 48.06}
@@ -41,8 +41,8 @@ def test_other_modes_print_no_lines(monkeypatch, capsys, mode):
 
 
 def test_fit_prints_one_line_per_epoch(tmp_path_factory, monkeypatch, capsys):
-    from kdlib.assemble import teacher_bank, train_student
-    from kdlib.train import TrainConfig, set_threads
+    from kdlib.train.assemble import teacher_bank, train_student
+    from kdlib.train.loop import TrainConfig, set_threads
     data = fashion_mnist_subset(tmp_path_factory, 300, 100)
     monkeypatch.setenv("KDBOOK_PROGRESS", "text")
     threads = torch.get_num_threads()

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from scipy import stats as st
 
-from kdlib.reading import cell, count_words, holm, read, star, word
+from kdlib.analysis.cells import cell, count_words, holm, read, star, word
 
 CASES = [  # (low, high, seeds, word)
     (0.05, 0.30, 10, "ahead"),

@@ -1,4 +1,4 @@
-"""``python -m kdlib.report --vs``: two runs' students compared seed by seed."""
+"""``python -m kdlib report --vs``: two runs' students compared seed by seed."""
 import json
 
 import numpy as np
@@ -6,8 +6,8 @@ import pytest
 import yaml
 from scipy import stats as st
 
-from kdlib.records import update_readme, write_atomic
-from kdlib.report import main, runs_markdown, runs_table
+from kdlib.records.files import update_readme, write_atomic
+from kdlib.publish.pages import main, runs_markdown, runs_table
 
 
 def fake_run(folder, schedule, finals, curve_step):

@@ -15,7 +15,7 @@ from conftest import ROOT, SMOKE_SIZE
 from conftest import chromium_missing
 from test_browser import page  # noqa: F401 (a fixture)
 from kdlib.__main__ import main
-from kdlib.runner import NOTEBOOKS
+from kdlib.book.runner import NOTEBOOKS
 
 SMOKE = str(ROOT / "params/smoke.yaml")
 
@@ -98,10 +98,10 @@ def test_unwritable_outputs_gives_clear_error(tmp_path, capsys):
 KILL_SCRIPT = """
 import sys, time
 from pathlib import Path
-import kdlib.train as train
-from kdlib.data import load_dataset
-from kdlib.assemble import teacher_bank, train_student
-from kdlib.train import TrainConfig, set_threads
+import kdlib.train.loop as train
+from kdlib.train.data import load_dataset
+from kdlib.train.assemble import teacher_bank, train_student
+from kdlib.train.loop import TrainConfig, set_threads
 set_threads(1)
 ckpt, data_root, signal = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 save = train.atomic_save
@@ -151,8 +151,8 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path):
 
 
 def test_report_generates_the_readme_table(smoke_run, tmp_path):
-    from kdlib.records import update_readme
-    from kdlib.report import results_markdown
+    from kdlib.records.files import update_readme
+    from kdlib.publish.pages import results_markdown
     import pandas as pd
     block = results_markdown(smoke_run)
     results = pd.read_csv(smoke_run / "results.csv")
@@ -197,7 +197,7 @@ def test_failing_notebook_is_named_then_resumed_with_an_override(tmp_path, capsy
     assert (first["status"], first["resumed"], second["status"], second["resumed"]) == \
         ("failed", False, "finished", True)
     assert second["git"] == manifest["git"] and first["seconds"] > 0
-    from kdlib.report import training_minutes
+    from kdlib.publish.pages import training_minutes
     teachers, students = training_minutes(outputs / "r")
     assert teachers > 0 and students > 0
 
@@ -214,7 +214,7 @@ def test_terminal_shows_each_epoch_once_as_it_happens(smoke_book):
     notebook holds each line once, and no carriage-return bar states. The last epoch's
     line is checked in full (nothing left), the earlier ones by their start (their time
     left depends on the epochs' durations)."""
-    from kdlib.progress import epoch_line
+    from kdlib.train.progress import epoch_line
     run, _, out = smoke_book
     teachers = {t["name"]: t["history"] for t in json.loads((run / "teachers.json").read_text())["teachers"]}
     students = {f"{m} seed {r['seed']}": r["history"] for m in ("camkd", "vanilla", "scratch")

@@ -22,7 +22,7 @@ import pytest
 from conftest import ROOT, png, tiny_notebook, write_run, write_sweep, write_tuning
 
 pytest.importorskip("mkdocs", reason="the site's tools are missing: pip install -e '.[docs]'")
-from kdlib import site as site_module  # noqa: E402 (after the skip)
+from kdlib.publish import site as site_module  # noqa: E402 (after the skip)
 
 MATH = "document.querySelectorAll('.MathJax, .MathJax_Display').length"
 TYPESET = "() => new Promise(done => MathJax.Hub.Queue(() => done(true)))"
@@ -56,8 +56,8 @@ def project(tmp_path_factory) -> Path:
     write_sweep(out / "teacher-quality", runs, notebooks=True, sweep_file="params/sweeps/teacher-quality.yaml")
     write_tuning(out / "small-student", _acc(vanilla=0.6, label_smoothing=0.3, scratch=0.0),
                  {"vanilla": {"temperature": 1.5, "alpha": 0.8}, "label_smoothing": {"label_smoothing": 0.2}})
-    from kdlib import blocks
-    from kdlib.records import update_readme
+    from kdlib.publish import blocks
+    from kdlib.records.files import update_readme
     for file, name, make in blocks.blocks(root):  # the tuned answer as these records give it (its figures too)
         if name == "best" and file.startswith("docs/"):
             update_readme(root / file, make(), name)
@@ -102,7 +102,7 @@ def test_site_has_the_pages_and_one_record_page_per_record(site, project):
     for run in site_module.sweep_runs(sweep):
         assert f"records/teacher-quality/{run.name}/index.html" in names  # folder names unchanged
     assert "records/fashionmnist/02_distill_students.html" in names  # notebooks rendered as pages
-    from kdlib.params import SCHEMA
+    from kdlib.book.params import SCHEMA
     text = (site / "parameters.html").read_text()
     assert all(f"<code>{key}</code>" in text for key in SCHEMA)  # the table comes from the schema
 
@@ -296,7 +296,7 @@ def test_tuning_page_answers_then_links_its_test_runs(site, page):
 
 
 def test_results_page_draws_each_finished_studys_forest_and_the_readme_does_not(project):
-    from kdlib import blocks
+    from kdlib.publish import blocks
     made = {(file, name): make for file, name, make in blocks.blocks(project)}
     results, readme = made[("docs/results.md", "best")](), made[("README.md", "best")]()
     assert "small student: each method at its chosen values" in results
@@ -318,8 +318,8 @@ def test_readme_relative_links_resolve_and_answers_are_generated():
     local = [unquote(link.split("#")[0]) for link in links if _local(link)]
     assert local and not [link for link in local if not (ROOT / link).exists()]
     assert len(readme.splitlines()) <= 200
-    from kdlib import blocks
-    from kdlib.records import update_readme  # noqa: F401 (the block mechanism the README uses)
+    from kdlib.publish import blocks
+    from kdlib.records.files import update_readme  # noqa: F401 (the block mechanism the README uses)
     rows = blocks.answers(ROOT)
     table = blocks.answers_markdown(rows, lambda f: f.relative_to(ROOT).as_posix() + "/", ROOT)
     assert f"<!-- answers:start -->\n{table}\n<!-- answers:end -->" in readme, "make blocks: the README's answers are stale"
@@ -328,7 +328,7 @@ def test_readme_relative_links_resolve_and_answers_are_generated():
 def test_sweep_table_names_a_setting_in_one_column():
     """04's per-setting table of a sweep whose settings vary several keys: one `setting`
     column named as the run folders are, and each number and its interval on one line."""
-    from kdlib import sweep_analysis
+    from kdlib.analysis import sweep_results as sweep_analysis
     res = sweep_analysis.load(ROOT / "outputs" / "regimes")
     assert len(res.keys) > 1
     wide = sweep_analysis.wide_table(sweep_analysis.setting_table(res), res.keys)
@@ -339,9 +339,9 @@ def test_sweep_table_names_a_setting_in_one_column():
 
 
 def test_every_generated_block_is_current():
-    """The README's and the site's generated tables are what kdlib.blocks makes from the
+    """The README's and the site's generated tables are what kdlib.publish.blocks makes from the
     committed records today (make blocks regenerates them)."""
-    from kdlib import blocks
+    from kdlib.publish import blocks
     blocks.main(["--check"])  # exits naming each stale block
 
 

@@ -1,6 +1,6 @@
 """The committed site, built whole (make site): every internal link and image of every page
-resolves on disk and nothing loads from another host (``kdlib.site.check_links``, what
-``python -m kdlib.site --check`` runs); one page per committed record; the committed sweeps'
+resolves on disk and nothing loads from another host (``kdlib.publish.site.check_links``, what
+``python -m kdlib site --check`` runs); one page per committed record; the committed sweeps'
 pages in Chromium at 1200 px: a verdict with text, the forest plot, tables inside the page.
 The site's code is tested on a small site in test_site.py; this module checks today's records."""
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 from conftest import ROOT
 
 pytest.importorskip("mkdocs", reason="the site's tools are missing: pip install -e '.[docs]'")
-from kdlib import site as site_module  # noqa: E402 (after the skip)
+from kdlib.publish import site as site_module  # noqa: E402 (after the skip)
 from conftest import chromium  # noqa: E402
 from test_site import check_page  # noqa: E402
 

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 from scipy import stats as st
 
-from kdlib.stats import NAMES, comparison_frame, mcnemar_exact, mean_ci, paired_t, verdict
+from kdlib.analysis.stats import NAMES, comparison_frame, mcnemar_exact, mean_ci, paired_t, verdict
 
 
 def test_paired_t_matches_scipy_and_hand_interval():
@@ -23,7 +23,7 @@ def test_paired_t_matches_scipy_and_hand_interval():
 @pytest.mark.parametrize("n", [2, 3, 5, 12])
 @pytest.mark.parametrize("confidence", [0.9, 0.95, 0.99])
 def test_intervals_and_p_values_match_scipy_stats(n, confidence):
-    """kdlib.stats reads the t and binomial distributions from scipy.special (scipy.stats costs
+    """kdlib.analysis.stats reads the t and binomial distributions from scipy.special (scipy.stats costs
     every kernel a second to import); scipy.stats' own intervals and tests agree."""
     rng = np.random.default_rng(n)
     a, b = rng.normal(90, 1, n), rng.normal(89.5, 1, n)
@@ -138,7 +138,7 @@ def synthetic_run(tmp_path):
 
 def test_answer_table_cells_match_results_csv(tmp_path):
     import csv
-    from kdlib.stats import headline, method_table, write_tables
+    from kdlib.analysis.stats import headline, method_table, write_tables
     results, comparison = write_tables(tmp_path, *synthetic_run(tmp_path))
     rows = list(csv.DictReader((tmp_path / "results.csv").open()))
     table = method_table(results)
@@ -181,7 +181,7 @@ def seven_methods(order):
 
 
 def test_seven_methods_pair_in_method_order_and_the_headline_shows_each_against_camkd_and_scratch():
-    from kdlib.stats import anchored_pairs, headline, method_rank
+    from kdlib.analysis.stats import anchored_pairs, headline, method_rank
     metrics, preds = seven_methods(list(reversed(SEVEN)))   # given in another order
     comp = comparison_frame(metrics, preds)
     assert len(comp) == 21

@@ -15,10 +15,13 @@ import pytest
 import yaml
 from scipy import stats as st
 
-from kdlib import book, report, sweep, sweep_analysis, tune
+from kdlib.book import steps as book
+from kdlib.publish import pages as report
+from kdlib.fanout import sweep, tune
+from kdlib.analysis import sweep_results as sweep_analysis
 from kdlib.__main__ import main
-from kdlib.data import DEBIAN_FASHION_MNIST
-from kdlib.params import validate
+from kdlib.train.data import DEBIAN_FASHION_MNIST
+from kdlib.book.params import validate
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = {"base": str(ROOT / "params/smoke.yaml"), "train_subset": 300, "test_subset": 100,
@@ -83,7 +86,7 @@ def test_runs_only_sweep_has_exactly_its_runs_submitted_in_file_order(tmp_path):
 
 
 def test_by_run_table_has_one_row_per_setting_with_paired_differences(tmp_path):
-    """kdlib.report --by-run (the README's Regimes block): settings in the file's order, named
+    """kdlib.publish.pages --by-run (the README's Regimes block): settings in the file's order, named
     after their runs, a setting split into one run per seed pooled into one row; accuracy
     CIs and the paired differences against scipy."""
     labels = np.arange(100) % 10
@@ -137,7 +140,7 @@ def test_by_run_table_has_one_row_per_setting_with_paired_differences(tmp_path):
     assert list(table["seeds"]) == [3, 3]
     assert "| setting | seeds | CAMKD accuracy % | vanilla accuracy % | scratch accuracy % | vanilla − scratch |" in text
     assert "| `beta=1` | 3 |" in text and "- `beta=5`: vanilla vs scratch: " in text
-    (tmp_path / "sweep.json").write_text("{}")  # what marks a sweep folder for kdlib.report
+    (tmp_path / "sweep.json").write_text("{}")  # what marks a sweep folder for kdlib.publish.pages
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- regimes:start -->\nold\n<!-- regimes:end -->\nrest\n")
     report.main([str(tmp_path), "--by-run", "--readme", str(readme), "--block", "regimes"])
@@ -236,7 +239,7 @@ def test_analysis_pools_seeds_per_setting_and_pairs_them(tmp_path):
     wide = sweep_analysis.wide_table(sweep_analysis.setting_table(res), res.keys)
     assert list(wide.index) == [1.0, 5.0] and list(wide["seeds"]) == [3, 3]
     assert wide.loc[5.0, "CAMKD accuracy %"] == f"{np.mean(values):.2f} ({low:.2f} to {high:.2f})".replace(" ", sweep_analysis.NBSP)
-    text = sweep_analysis.markdown(tmp_path)  # the README block kdlib.report writes
+    text = sweep_analysis.markdown(tmp_path)  # the README block kdlib.publish.pages writes
     assert "| beta | seeds | CAMKD accuracy % | CAMKD KL(C‖S) | vanilla accuracy % |" in text
     assert "- beta=1: CAMKD vs vanilla: +1.67 points" in text and "left out): beta=9,seeds=0" in text
 
@@ -245,8 +248,8 @@ def test_analysis_pools_seeds_per_setting_and_pairs_them(tmp_path):
 RACER = """
 import sys, time
 from pathlib import Path
-from kdlib import book
-from kdlib.params import validate
+from kdlib.book import steps as book
+from kdlib.book.params import validate
 P = validate({"train_subset": 300, "test_subset": 100, "teachers": ["teacher_resnet"], "methods": ["vanilla"], "teacher_epochs": 2,
               "teacher_dir": sys.argv[1], "run_dir": sys.argv[2], "threads": 1})
 data = book.load_data(P)
@@ -319,7 +322,7 @@ def test_two_run_sweep_on_a_two_worker_local_cluster(project, capsys):
         assert (folder / png).read_bytes()[:4] == b"\x89PNG"
     for text in ((folder / "sweep.json").read_text(), (folder / "sweep.yaml").read_text()):
         assert str(project) not in text and "&id" not in text  # portable, readable
-    from kdlib.report import main as report
+    from kdlib.publish.pages import main as report
     readme = project / "README.md"
     readme.write_text("<!-- tuning:start -->\nold\n<!-- tuning:end -->\n")
     report([str(folder), "--readme", str(readme), "--block", "tuning"])
@@ -442,7 +445,7 @@ def test_past_its_timeout_a_sweep_starts_no_run_and_leaves_the_rest_pending(tmp_
 
 def test_an_attempt_still_running_when_the_next_starts_is_kept_as_interrupted(tmp_path):
     """No record says 'running' for an attempt that was killed: a resumed sweep keeps it as 'interrupted'."""
-    from kdlib.sweep import Record
+    from kdlib.fanout.sweep import Record
     (tmp_path / "sweep.json").write_text(json.dumps({"status": "running", "started": "2026-01-01T00:00:00+00:00",
                                                      "ended": None, "runs": {}}))
     record = Record(tmp_path, {"sweep": "s.yaml"}, ["a"])

@@ -15,15 +15,16 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from kdlib import book, plots  # noqa: E402
+from kdlib.analysis import plots  # noqa: E402
+from kdlib.book import steps as book  # noqa: E402
 from kdlib.__main__ import main  # noqa: E402
-from kdlib.data import noisy_labels, swap_classes, teacher_label_seed, teacher_labels  # noqa: E402
-from kdlib.distillers import CAMKD, Scratch, Vanilla  # noqa: E402
-from kdlib.losses import camkd_weights  # noqa: E402
-from kdlib.metrics import confidently_wrong, weights_by_correctness  # noqa: E402
-from kdlib.models import CalWeight, StudentNet, build_model, count_parameters, student_sizes  # noqa: E402
-from kdlib.params import ParamsError, load_params, student_identity, teacher_identity, validate  # noqa: E402
-from kdlib.teachers import LiveTeachers  # noqa: E402
+from kdlib.train.data import noisy_labels, swap_classes, teacher_label_seed, teacher_labels  # noqa: E402
+from kdlib.train.distillers import CAMKD, Scratch, Vanilla  # noqa: E402
+from kdlib.train.losses import camkd_weights  # noqa: E402
+from kdlib.train.metrics import confidently_wrong, weights_by_correctness  # noqa: E402
+from kdlib.train.models import CalWeight, StudentNet, build_model, count_parameters, student_sizes  # noqa: E402
+from kdlib.book.params import ParamsError, load_params, student_identity, teacher_identity, validate  # noqa: E402
+from kdlib.train.teachers import LiveTeachers  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = ROOT / "reference_teachers" / "FashionMNIST"
@@ -252,7 +253,7 @@ def test_camkd_weighs_the_teacher_that_is_wrong_less_where_it_is_wrong():
 
 
 def test_camkd_teacher_weights_use_the_consensus_where_there_is_no_label():
-    from kdlib.losses import UNLABELLED
+    from kdlib.train.losses import UNLABELLED
     torch.manual_seed(0)
     teachers = LiveTeachers([build_model(n) for n in ("teacher_cnn1", "teacher_resnet")], ["a", "b"])
     camkd = CAMKD.for_shapes(build_model("student"), teachers, torch.randn(1, 1, 28, 28))
@@ -377,7 +378,7 @@ def test_settings_are_normalised():
 
 # ---------------------------------------------------------------- wiring: the weights pass, the book's steps
 def synthetic_data(n=70, seed=0):
-    from kdlib.data import Dataset, Split
+    from kdlib.train.data import Dataset, Split
     gen = torch.Generator().manual_seed(seed)
     split = lambda k: Split(torch.randint(0, 256, (k, 1, 28, 28), dtype=torch.uint8, generator=gen),  # noqa: E731
                             torch.randint(0, 10, (k,), generator=gen))
@@ -387,9 +388,9 @@ def synthetic_data(n=70, seed=0):
 
 @pytest.mark.parametrize("bank_kind", ["live", "cached", "view_cached"])
 def test_predict_teacher_weights_is_camkds_weights_on_every_training_image_in_order(bank_kind):
-    from kdlib.assemble import teacher_bank
-    from kdlib.data import normalize
-    from kdlib.train import TrainConfig, predict_teacher_weights
+    from kdlib.train.assemble import teacher_bank
+    from kdlib.train.data import normalize
+    from kdlib.train.loop import TrainConfig, predict_teacher_weights
     torch.manual_seed(0)
     data = synthetic_data()
     names = ["teacher_cnn1", "teacher_resnet"]
@@ -417,7 +418,7 @@ TINY = {"train_subset": 300, "test_subset": 100, "teacher_epochs": 1, "student_e
 @pytest.mark.slow
 def test_book_trains_a_degraded_teacher_and_a_narrow_student_and_records_the_weights(tmp_path):
     import json
-    from kdlib.checkpoint import load_checkpoint
+    from kdlib.train.checkpoint import load_checkpoint
     P = validate(dict(TINY, teacher_dir=str(tmp_path / "t"), run_dir=str(tmp_path / "run"), student_width=0.25,
                       teacher_label_noise={"teacher_resnet": 0.4}, teacher_class_swap={"teacher_cnn1": [[0, 6]]}))
     quiet = lambda *a: None  # noqa: E731
@@ -447,7 +448,7 @@ def test_book_trains_a_degraded_teacher_and_a_narrow_student_and_records_the_wei
 
 # ---------------------------------------------------------------- the sweep: its file, and method variants
 def test_teacher_quality_sweep_expands_to_valid_runs():
-    from kdlib.sweep import expand
+    from kdlib.fanout.sweep import expand
     base, runs = expand(ROOT / "params/sweeps/teacher-quality.yaml")
     assert base.endswith("params/fashionmnist.yaml") and len({r.name for r in runs}) == len(runs)
     for run in runs:
@@ -507,8 +508,8 @@ def fake_run(folder: Path, name: str, overrides: dict, acc: dict, runs: list, we
 
 def test_a_run_changing_only_its_methods_key_is_a_variant_of_that_method_in_the_setting(tmp_path):
     import yaml
-    from kdlib import sweep_analysis
-    from kdlib.sweep import run_name
+    from kdlib.analysis import sweep_results as sweep_analysis
+    from kdlib.records.names import run_name
     seeds = {0: 0.0, 1: 2.0, 2: 1.0}
     runs = []
     for swap in ({}, {"teacher_resnet": [[0, 6]]}):
@@ -559,12 +560,13 @@ def test_teachers_training_errors_are_computed_once_per_checkpoint(tmp_path, mon
 
 
 def test_quality_block_reads_accuracy_differences_and_weights_from_the_records(tmp_path):
-    """The teacher-quality block (kdlib.report --quality): each number against one
+    """The teacher-quality block (kdlib.publish.pages --quality): each number against one
     computed here from the fake records; an unfinished run is left out and counted."""
     import yaml
     from scipy import stats as st
-    from kdlib import quality, reading, report
-    from kdlib.sweep import run_name
+    from kdlib.analysis import teacher_quality as quality, cells as reading
+    from kdlib.publish import pages as report
+    from kdlib.records.names import run_name
     runs = []
     d = {0: 0.0, 1: 1.5, 2: 0.5}
     swap = {"teacher_resnet": [[0, 6], [2, 4]]}
@@ -615,8 +617,8 @@ def test_quality_block_reads_accuracy_differences_and_weights_from_the_records(t
         elif not line.startswith("|"):
             rows = None
     accuracy, diffs, weights = blocks
-    assert accuracy["CAMKD, beta=0"][0] == "—"  # not run in the shipped setting
-    assert accuracy["CAMKD, beta=0"][1] == "82.50<br>(76.15\xa0to\xa088.85)<br>[2\xa0seeds]"
+    assert accuracy["CAMKD (beta 0)"][0] == "—"  # not run in the shipped setting
+    assert accuracy["CAMKD (beta 0)"][1] == "82.50<br>(76.15\xa0to\xa088.85)<br>[2\xa0seeds]"
     assert accuracy["vanilla"][1].startswith(f"{sum(van) / 3:.2f}<br>(") and "seeds" not in accuracy["vanilla"][1]
     # Holm over the block's family: shipped 2 methods with teachers x (scratch, label smoothing) + CAMKD − vanilla
     # + label smoothing − scratch = 6; swapped 3 x 2 + 2 CAMKD forms − vanilla + 1 = 9
@@ -629,9 +631,9 @@ def test_quality_block_reads_accuracy_differences_and_weights_from_the_records(t
     word = reading.word(p["ci_low"], p["ci_high"], 3)
     cell = f"{p['mean_diff']:+.2f}<br>({p['ci_low']:+.2f}\xa0to\xa0{p['ci_high']:+.2f})"
     assert diffs["CAMKD − vanilla"][1] == cell + ("\xa0\\*" if holm < 0.05 else "") + f"<br>*{word}*"
-    assert diffs["best with teachers − label smoothing"][1].startswith("CAMKD, beta=0:<br>")
+    assert diffs["best with teachers − label smoothing"][1].startswith("CAMKD (beta 0):<br>")
     assert weights["CAMKD"] == ["0.40 / 0.40 / 0.20", "0.020 wrong<br>0.300 right"]
-    assert weights["CAMKD, beta=0"] == ["—", "0.015 wrong<br>0.300 right"]
+    assert weights["CAMKD (beta 0)"] == ["—", "0.015 wrong<br>0.300 right"]
     assert "- **swapped resnet**: CAMKD's weight on teacher_resnet is 0.020 on the 40.0 % of training images it " \
         "gets wrong and 0.300 on those it gets right (the other teachers: 0.40, 0.40 on average; 3 seeds)" in text
     # every method with teachers against scratch: CAMKD's shipped gains 1.5, 2.25, 1.75 by seed
@@ -658,8 +660,8 @@ def test_quality_reading_says_where_each_other_weighting_puts_the_degraded_teach
     """EBKD (entropy) can trust a confidently wrong teacher more where it is wrong; the
     reading says so from the records, and says 'the same' for a weight that never moves."""
     import yaml
-    from kdlib import quality
-    from kdlib.sweep import run_name
+    from kdlib.analysis import teacher_quality as quality
+    from kdlib.records.names import run_name
     runs = []
     swap = {"teacher_resnet": [[0, 6]]}
     ebkd = {s: {"mean": [0.8, 0.8, 0.4], "wrong": [None, None, 0.9 + 0.01 * s], "right": [0.8, 0.8, 0.35],

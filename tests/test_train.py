@@ -17,14 +17,14 @@ import numpy as np
 import pytest
 import torch
 
-from kdlib.checkpoint import CheckpointError, CheckpointMismatch, load_checkpoint
-from kdlib.data import Split
-from kdlib.distillers import CAMKD, Scratch, build_distiller
-from kdlib.metrics import accuracy, fidelity_metrics
-from kdlib.models import CalWeight, build_model
-from kdlib.teachers import CachedTeachers, LiveTeachers
-from kdlib.assemble import load_teacher, teacher_bank, teacher_test_probs, train_student, train_teacher
-from kdlib.train import NonFiniteLossError, TrainConfig, fit, iterate, lr_at, predict_logits, train_epoch
+from kdlib.train.checkpoint import CheckpointError, CheckpointMismatch, load_checkpoint
+from kdlib.train.data import Split
+from kdlib.train.distillers import CAMKD, Scratch, build_distiller
+from kdlib.train.metrics import accuracy, fidelity_metrics
+from kdlib.train.models import CalWeight, build_model
+from kdlib.train.teachers import CachedTeachers, LiveTeachers
+from kdlib.train.assemble import load_teacher, teacher_bank, teacher_test_probs, train_student, train_teacher
+from kdlib.train.loop import NonFiniteLossError, TrainConfig, fit, iterate, lr_at, predict_logits, train_epoch
 
 from conftest import fashion_mnist_subset, student_id, teacher_id
 
@@ -474,9 +474,9 @@ def test_non_finite_term_named_and_last_checkpoint_kept(fmnist_small, tmp_path):
 
 STEPS_SCRIPT = """
 import resource, sys, torch
-from kdlib.distillers import Scratch
-from kdlib.models import build_model
-from kdlib.train import set_threads
+from kdlib.train.distillers import Scratch
+from kdlib.train.models import build_model
+from kdlib.train.loop import set_threads
 if sys.argv[1] == "set_threads":
     set_threads(1)
 torch.manual_seed(0)

@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdlib.data import LABELLED_SEED, Dataset, Split, repeated_batch_order, with_labelled_subset
-from kdlib.distillers import Distiller
-from kdlib.losses import UNLABELLED, camkd_weights, consensus_targets, labelled_ce
-from kdlib.params import ParamsError, validate
-from kdlib.train import TrainConfig, train_epoch
+from kdlib.train.data import LABELLED_SEED, Dataset, Split, repeated_batch_order, with_labelled_subset
+from kdlib.train.distillers import Distiller
+from kdlib.train.losses import UNLABELLED, camkd_weights, consensus_targets, labelled_ce
+from kdlib.book.params import ParamsError, validate
+from kdlib.train.loop import TrainConfig, train_epoch
 
 
 def toy_data(n=200, classes=10) -> Dataset:
@@ -132,7 +132,7 @@ def test_the_regimes_run_end_to_end_on_real_images(tmp_path):
     Fashion-MNIST subset: a transfer set, crop augmentation with un-augmented teachers
     (reused, and their view cache written once and reused by the next seed), and the
     official CA-MKD form."""
-    from kdlib import book
+    from kdlib.book import steps as book
     P = validate(dict(TINY, teacher_dir=str(tmp_path / "t"), run_dir=str(tmp_path / "run"), labelled_subset=100,
                       augment="crop", teacher_augment="none", camkd_form="official", alpha=1.0, beta=50.0))
     plain = dict(P, augment="none", teacher_augment="same")

@@ -16,13 +16,16 @@ import pandas as pd
 import pytest
 import yaml
 
-from kdlib import book, tune, tune_analysis
+from kdlib.book import steps as book
+from kdlib.fanout import search, tune
+from kdlib.analysis import tune_results as tune_analysis
 from kdlib.__main__ import main
-from kdlib.data import DEBIAN_FASHION_MNIST
-from kdlib.params import ParamsError
-from kdlib.runner import RunError
-from kdlib.sweep import run_name
-from kdlib.tune import Tuning, load_tune, repair_journal, run_tune, study_name, trial_task
+from kdlib.train.data import DEBIAN_FASHION_MNIST
+from kdlib.book.params import ParamsError
+from kdlib.book.runner import RunError
+from kdlib.records.names import run_name
+from kdlib.fanout.tune import Tuning, load_tune, repair_journal, run_tune, trial_task
+from kdlib.records.storage import study_name
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "params" / "tune" / "smoke-tune.yaml"
@@ -86,7 +89,7 @@ def test_a_partial_last_journal_line_is_cut_so_the_next_one_stays_whole(tmp_path
 @pytest.fixture(scope="module")
 def poisoned_test_split():
     """The test split's labels all shifted by one class: a model scored on it gets about 0 %."""
-    from kdlib import data as kdata
+    from kdlib.train import data as kdata
     real = book.load_dataset
 
     def load(*args, **kwargs):
@@ -98,7 +101,7 @@ def poisoned_test_split():
     mp.setattr(book, "load_dataset", load)
     yield
     mp.undo()
-    tune._PREPARED.clear()  # no later test gets the poisoned split from the cache
+    search._PREPARED.clear()  # no later test gets the poisoned split from the cache
 
 
 @needs_data
@@ -290,7 +293,7 @@ def test_importances_of_trials_that_all_scored_the_same_are_empty_not_an_error(t
     'zero total variance'); the reading then shows no importance instead of failing."""
     import optuna
     from optuna.distributions import FloatDistribution
-    from kdlib.tune_analysis import TuneResults, importances
+    from kdlib.analysis.tune_results import TuneResults, importances
     url = str(tmp_path / "study.journal")
     study = optuna.create_study(study_name="base/vanilla", storage=tune.open_storage(url), direction="maximize")
     dist = {"temperature": FloatDistribution(1, 8), "alpha": FloatDistribution(0.1, 10)}
@@ -309,7 +312,7 @@ def test_importances_of_trials_that_all_scored_the_same_are_empty_not_an_error(t
 def test_unfinished_studies_are_named_with_how_far_they_got(tmp_path):
     """The README's block 'each method at its best' while no study has finished its test: each
     study named with its stage, from its records (searching, re-scoring, testing, not started)."""
-    from kdlib import tune_analysis
+    from kdlib.analysis import tune_results as tune_analysis
     spec = {"base": "params/fashionmnist_tune.yaml", "settings": [{"student_width": 0.25}],
             "methods": ["scratch", "vanilla"], "trials": 3, "seeds": [0, 1, 2], "space": {"vanilla": VANILLA}}
     row = {"setting": "student_width=0.25", "method": "vanilla", "kind": "search", "trial": 0, "seed": 0,
@@ -349,7 +352,7 @@ def test_unfinished_studies_are_named_with_how_far_they_got(tmp_path):
 
 def _chosen_at(tmp_path, space: dict, values: dict):
     """A TuneResults whose one setting chose ``values`` = {method: {knob: value}} in ``space``."""
-    from kdlib.tune_analysis import TuneResults
+    from kdlib.analysis.tune_results import TuneResults
     best = {"base": {"setting": {}, "in words": "base", "methods": {
         m: {"values": v, "val_acc": 85.0, "chosen": "best"} for m, v in values.items()}}}
     frame = pd.DataFrame({"setting": ["base"], "method": ["vanilla"], "kind": ["search"], "state": ["complete"],
@@ -367,7 +370,7 @@ def _chosen_at(tmp_path, space: dict, values: dict):
     (False, 7.4, "high"),   # 0.914
 ])
 def test_a_chosen_value_in_the_outer_tenth_of_its_range_is_at_its_edge(tmp_path, log, value, side):
-    from kdlib.tune_analysis import edges
+    from kdlib.analysis.tune_results import edges
     res = _chosen_at(tmp_path, {"vanilla": {"temperature": {"low": 1, "high": 8, "log": log}, "beta": [0, 10]}},
                      {"vanilla": {"temperature": value, "beta": 0}})
     found = edges(res, "base", "vanilla")
@@ -375,7 +378,7 @@ def test_a_chosen_value_in_the_outer_tenth_of_its_range_is_at_its_edge(tmp_path,
 
 
 def test_the_reading_names_chosen_values_at_the_edge_of_their_range_or_says_none_are(tmp_path):
-    from kdlib import tune_analysis
+    from kdlib.analysis import tune_results as tune_analysis
     space = {"vanilla": dict(VANILLA), "label_smoothing": {"label_smoothing": {"low": 0.01, "high": 0.5, "log": True}}}
     test = pd.DataFrame({"setting": ["base"] * 3, "method": ["vanilla", "label_smoothing", "scratch"],
                          **{f"{f} vs {a}": [math.nan] * 3 for f in ("mean_diff", "ci_low", "ci_high", "p_value")
@@ -420,8 +423,8 @@ def test_a_study_of_the_same_student_searched_over_other_ranges_gets_a_column_of
 
 
 def test_the_reading_gives_each_knobs_chosen_values_beside_the_base_params_untuned_one(tmp_path):
-    """The base params file (with kdlib.params' defaults) says what each knob is without tuning."""
-    from kdlib import tune_analysis
+    """The base params file (with kdlib.book.params' defaults) says what each knob is without tuning."""
+    from kdlib.analysis import tune_results as tune_analysis
     base = tmp_path / "base.yaml"
     base.write_text("temperature: 4.0\nalpha: 0.7\nval_subset: 5000\n")  # label smoothing: its default, 0.1
     res = _chosen_at(tmp_path, {}, {"vanilla": {"temperature": 1.05371, "alpha": 0.11079},
@@ -438,7 +441,7 @@ def test_the_reading_gives_each_knobs_chosen_values_beside_the_base_params_untun
 
 
 def test_the_knob_plot_marks_the_searched_range_and_rings_the_choice(tmp_path):
-    from kdlib import tune_analysis
+    from kdlib.analysis import tune_results as tune_analysis
     res = _chosen_at(tmp_path, {"vanilla": dict(VANILLA), "ebkd": {"temperature": {"low": 0.5, "high": 4}}},
                      {"vanilla": {"temperature": 1.05, "alpha": 0.111}, "ebkd": {"temperature": 2.0, "alpha": 1.0}})
     res.trials = pd.DataFrame({"setting": "base", "method": ["vanilla", "vanilla", "ebkd"], "kind": "search",
@@ -456,7 +459,7 @@ def test_the_knob_plot_marks_the_searched_range_and_rings_the_choice(tmp_path):
 
 def test_the_knob_plot_of_a_setting_with_a_long_name_fits_its_figure(tmp_path):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from kdlib import tune_analysis
+    from kdlib.analysis import tune_results as tune_analysis
     res = _chosen_at(tmp_path, {"vanilla": dict(VANILLA)}, {"vanilla": {"temperature": 1.05, "alpha": 0.111}})
     res.trials = pd.DataFrame({"setting": "base", "method": "vanilla", "kind": "search", "state": "complete",
                                "temperature": [1.05, 3.0], "alpha": [0.111, 2.0], "val_acc": [85.0, 84.0]})
@@ -475,7 +478,7 @@ def test_a_studys_wall_time_counts_the_time_something_ran_not_the_pauses_between
     30-minute test run: 2 h of wall time, 3 h of training. A failed trial (its 'ended' is when
     a resume marked it failed) and a trial asked long before its worker ran it do not stretch it."""
     import json
-    from kdlib import tune_analysis
+    from kdlib.analysis import tune_results as tune_analysis
     rows = [("search", "complete", 3600.0, "2026-01-01T10:00:00", "2026-01-01T11:00:00"),
             ("search", "pruned", 3600.0, "2026-01-01T10:00:00", "2026-01-01T11:00:00"),
             ("search", "fail", None, "2026-01-01T10:30:00", "2026-01-02T10:00:00"),
@@ -516,7 +519,7 @@ FAKE = {"seconds": 1.0}
 def _fake_trial(url, name, number, P, method, seed, pruner):
     """A trial of FAKE["seconds"] that scores 80 + its number (no training)."""
     time.sleep(FAKE["seconds"])
-    tune._study(url, name).tell(number, 80.0 + number)
+    search._study(url, name).tell(number, 80.0 + number)
     return {"state": "complete", "value": 80.0 + number, "epochs": 1, "seconds": 1.0, "worker": None, "error": None}
 
 
@@ -577,8 +580,8 @@ def test_a_resumed_search_asks_new_points_not_its_first_ones_again(tmp_path):
 
 
 def test_the_search_table_and_the_answer_count_distinct_points_when_trials_repeated_values(tmp_path):
-    from kdlib import tune_analysis
-    from kdlib.tune_analysis import TuneResults
+    from kdlib.analysis import tune_results as tune_analysis
+    from kdlib.analysis.tune_results import TuneResults
     rows = [{"setting": "base", "method": "vanilla", "kind": "search", "trial": i, "state": state,
              "temperature": t, "alpha": 0.5, "val_acc": 85.0, "epochs": 15, "seconds": 60.0,
              "started": "2026-01-01T10:00:00", "ended": "2026-01-01T10:01:00"}

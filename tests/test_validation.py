@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from kdlib import book
-from kdlib.data import holdout_validation
-from kdlib.params import ParamsError, validate
+from kdlib.book import steps as book
+from kdlib.train.data import holdout_validation
+from kdlib.book.params import ParamsError, validate
 
 from conftest import fashion_mnist_subset
 

@@ -10,6 +10,8 @@ import platform
 import re
 from pathlib import Path
 
+import yaml
+
 
 def cpu_name() -> str:
     try:
@@ -45,3 +47,20 @@ def update_readme(readme: str | Path, block: str, name: str = "results") -> None
         raise SystemExit(f"{readme}: no <!-- {name}:start --> ... <!-- {name}:end --> block to replace; add the "
                          "two marker lines where the table should go")
     readme.write_text(pattern.sub(lambda m: m.group(1) + block + "\n" + m.group(2), text))
+
+
+class PlainDumper(yaml.SafeDumper):
+    """Writes repeated values in full (no &anchors), for a reader."""
+
+    def ignore_aliases(self, data):
+        return True
+
+
+
+def ended_attempt(record: dict) -> dict:
+    """An earlier attempt as a resumed record keeps it: started, ended, status; an attempt still
+    'running' when the next one starts was killed, and is kept as 'interrupted' (ended unknown)."""
+    attempt = {k: record.get(k) for k in ("started", "ended", "status")}
+    if attempt["status"] == "running":
+        attempt["status"] = "interrupted"
+    return attempt

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import yaml
 
-from .book import display_path, portable, say
-from .extras import require
+from ..records.paths import PACKAGE_ROOT, display_path, portable_text as portable, say
+from ..records.extras import require
 from .params import ParamsError, load_params, parse_override, validate
-from .records import cpu_name
+from ..records.files import cpu_name
 
 NOTEBOOKS = ["01_train_teachers.ipynb", "02_distill_students.ipynb", "03_fidelity_analysis.ipynb"]
 
@@ -32,12 +32,8 @@ class RunError(RuntimeError):
     """A run that cannot start or did not finish; the message says why and what to do."""
 
 
-def package_root() -> Path:
-    return Path(__file__).resolve().parent.parent
-
-
 def notebooks_dir() -> Path:
-    for base in (Path.cwd(), package_root()):
+    for base in (Path.cwd(), PACKAGE_ROOT):
         if (base / "notebooks" / NOTEBOOKS[0]).is_file():
             return base / "notebooks"
     raise RunError("notebooks/ not found: run from the repository root")
@@ -73,7 +69,7 @@ def check_declared(params_given: dict, source: str, nb_dir: Path) -> dict[str, s
 
 def git_commit() -> dict:
     def git(*args):
-        return subprocess.run(["git", *args], cwd=package_root(), capture_output=True, text=True).stdout.strip()
+        return subprocess.run(["git", *args], cwd=PACKAGE_ROOT, capture_output=True, text=True).stdout.strip()
     try:
         return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
     except OSError:
@@ -92,7 +88,7 @@ def versions() -> dict:
 
 def device_info(P: dict) -> dict:
     import torch
-    from .train import pick_device
+    from ..train.loop import pick_device
     dev = pick_device(P["device"])
     info = {"device": str(dev), "threads": P["threads"] or len(os.sched_getaffinity(0)),
             "machine": platform.machine(), "processor": cpu_name()}
@@ -140,7 +136,7 @@ def _html_exporter():
     """One exporter per process: a new one parses and compiles its Jinja templates again."""
     _no_iri_grammar()
     from nbconvert import HTMLExporter
-    return HTMLExporter(template_name="kdbook", extra_template_basedirs=[str(Path(__file__).parent / "templates")])
+    return HTMLExporter(template_name="kdbook", extra_template_basedirs=[str(PACKAGE_ROOT / "kdlib" / "publish" / "templates")])
 
 
 def render_html(notebook: Path) -> Path:

@@ -25,8 +25,10 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from .params import SCHEMA, format_value
-from .reading import cell, holm, read
+from ..book.params import SCHEMA
+from ..records.names import (KNOB_WORDS, degraded, format_value, knob_words, method_words,  # noqa: F401
+                             short_name, value_words)
+from .cells import cell, holm, read
 from .stats import NAMES, anchored_pairs, comparison_frame, mean_ci, method_rank, verdict
 
 NOT_SETTING = {"run_dir", "threads", "seeds", "methods"}
@@ -121,21 +123,6 @@ def varying(order: list[dict], params: dict[str, dict]) -> tuple[list[str], dict
     return keys, variants
 
 
-def short_name(P: dict) -> str:
-    """A setting of a sweep over teacher quality in a few words (the quality block's column headers):
-    'shipped', 'noisy resnet', 'swapped resnet', 'small student + swapped resnet'."""
-    words = [f"noisy {t.removeprefix('teacher_')}" for t in (P.get("teacher_label_noise") or {})]
-    words += [f"swapped {t.removeprefix('teacher_')}" for t in (P.get("teacher_class_swap") or {})]
-    if float(P.get("student_width", 1.0)) != 1.0:
-        words.insert(0, "small student")
-    return " + ".join(words) or "shipped"
-
-
-def degraded(P: dict) -> list[str]:
-    """The teachers a setting degrades (label noise or swapped classes)."""
-    return list(dict.fromkeys([*(P.get("teacher_label_noise") or {}), *(P.get("teacher_class_swap") or {})]))
-
-
 def column_order(P: dict) -> tuple:
     """Where a setting goes: the shipped teachers first, then one degraded teacher, then the
     small student (not the sweep file's order, which puts the cheapest informative runs first)."""
@@ -158,33 +145,6 @@ def setting_words(run: str, P: dict, keys=(), variants=()) -> str:
     return ", ".join(words) or "base"
 
 
-KNOB_WORDS = {"temperature": "T", "label_smoothing": "eps"}  # a knob's name beside its value
-
-
-def value_words(value) -> str:
-    """A knob's value for a label: '1.12' (three significant digits), '100', 'official'; the
-    record keeps the full value."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return str(value)
-    return f"{number:g}" if number.is_integer() else f"{number:.3g}"
-
-
-def knob_words(key: str, value) -> str:
-    """'T 1.12', 'alpha 0.111', 'beta 0', 'eps 0.296': a knob and its value, shortened for a label."""
-    return f"{KNOB_WORDS.get(key, key)} {value_words(value)}"
-
-
-def method_words(method: str) -> str:
-    """A method (or its variant, ``method_label``) in words, with no '=': 'CAMKD (beta 0)',
-    'CA-MKD official (alpha 1, beta 50)', 'vanilla (T 1.05, alpha 0.111)', 'label smoothing'."""
-    base, _, rest = method.partition("[")
-    parts = [knob_words(*v.split("=", 1)) for v in rest.rstrip("]").split(",") if v]
-    name = NAMES.get(base, base)
-    if base == "camkd" and "camkd_form official" in parts:
-        name, parts = "CA-MKD official", [v for v in parts if v != "camkd_form official"]
-    return name + (f" ({', '.join(parts)})" if parts else "")
 
 
 def run_titles(sweep_dir: str | Path) -> dict[str, tuple[str, str]]:

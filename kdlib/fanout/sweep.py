@@ -13,12 +13,10 @@ torch threads as it has Dask threads.
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import os
 import queue
-import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -26,16 +24,19 @@ from pathlib import Path
 
 import yaml
 
-from . import book
-from .checkpoint import identity_key
-from .params import ParamsError, format_value, load_params, read_mapping, validate
-from .runner import RunError, execute, notebooks_dir, now, package_root, render_html
+from ..book import steps as book
+from ..train.checkpoint import identity_key
+from ..book.params import ParamsError, load_params, read_mapping, validate
+from ..book.runner import RunError, execute, notebooks_dir, now, render_html
+from ..records.files import PlainDumper, ended_attempt
+from .cluster import RESOURCES, connected, deadline_after, error_line, past, worker_slot  # noqa: F401 (deadline_after: the CLI's)
+from ..records.names import run_name
+from ..records.paths import display_path, locate, resolve
 
 SWEEP_KEYS = ("base", "grid", "runs")
 SET_BY_SWEEP = {"run_dir": "the sweep names each run's folder",
                 "threads": "each run gets its worker's thread count; size workers with --workers"}
 ANALYSIS = "04_sweep_analysis.ipynb"
-RESOURCES = {"run": 1}  # one book run per worker at a time
 STARTED = "kdbook-sweep-run-started"  # Dask event topic: a worker started a run
 
 
@@ -44,21 +45,6 @@ class Run:
     name: str        # folder name under the sweep folder
     overrides: dict  # keys set on top of the base params file (fixed keys, grid point, explicit run)
     P: dict          # the validated parameters
-
-
-def run_name(own: dict) -> str:
-    """``beta=10,alpha=0.5`` from the keys a run sets itself, sanitised for a folder name."""
-    name = ",".join(f"{k}={format_value(v)}" for k, v in own.items()) or "base"
-    return re.sub(r"[^A-Za-z0-9._=,+-]", "_", name)
-
-
-def _locate(path: Path) -> Path:
-    """A relative path found from here, else from the project root or the repository
-    (a notebook runs in notebooks/; tests move the project root); as given when nowhere."""
-    for candidate in (path, book.project_root() / path, package_root() / path):
-        if candidate.exists():
-            return candidate
-    return path
 
 
 def expand(sweep_file: str | Path) -> tuple[str, list[Run]]:
@@ -70,7 +56,7 @@ def expand(sweep_file: str | Path) -> tuple[str, list[Run]]:
     if "base" not in raw:
         raise ParamsError(f"{src}: no 'base' key; name the params file the runs start from, "
                           "e.g. base: params/smoke.yaml")
-    base = str(_locate(Path(raw["base"])))
+    base = str(locate(Path(raw["base"])))
     base_raw = read_mapping(base, "base params file", "params/")
     load_params(base)  # the base alone must be valid (its errors name the base file)
     grid, explicit = raw.get("grid") or {}, raw.get("runs") or []
@@ -103,27 +89,10 @@ def teacher_key(P: dict) -> tuple[str, ...]:
     return tuple(str(book.teacher_checkpoint(P, n)) for n in P["teachers"])
 
 
-def _worker() -> tuple[str, int]:
-    """(address, threads) of the Dask worker running the calling task; ("local", torch's
-    threads) when called outside one (a test, a notebook)."""
-    from distributed import get_worker
-    try:
-        worker = get_worker()
-    except ValueError:
-        import torch
-        return "local", torch.get_num_threads()
-    return worker.address, worker.state.nthreads
-
-
-def _error_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}"
-
-
 def teacher_task(P: dict, folder: str) -> dict:
     """Train (or reuse) one teacher set into ``P["teacher_dir"]``, writing ``teachers.json``
     into ``folder``. Returns a record; a failure is recorded, not raised."""
-    address, threads = _worker()
+    address, threads = worker_slot()
     t0 = time.perf_counter()
     Path(folder).mkdir(parents=True, exist_ok=True)
     progress = os.environ.get("KDBOOK_PROGRESS")
@@ -132,7 +101,7 @@ def teacher_task(P: dict, folder: str) -> dict:
         book.train_teachers(dict(P, run_dir=folder, threads=threads), log=lambda *a: None)
         status, error = "finished", None
     except Exception as err:  # recorded for the runs that need these teachers
-        status, error = "failed", _error_line(err)
+        status, error = "failed", error_line(err)
     finally:
         if progress is None:
             os.environ.pop("KDBOOK_PROGRESS")
@@ -146,8 +115,8 @@ def run_task(base: str, name: str, overrides: dict, sweep_dir: str, teachers: di
     its folder holds an unfinished run (Dask retrying it after its worker died), or
     left alone when finished. Returns its record; a failure is recorded, not raised."""
     from distributed import get_worker
-    from . import runner
-    address, threads = _worker()
+    from ..book import runner
+    address, threads = worker_slot()
     get_worker().log_event(STARTED, {"sweep": sweep_dir, "run": name, "worker": address})  # -> sweep.json
     t0 = time.perf_counter()
     record = {"worker": address, "error": None}
@@ -164,71 +133,8 @@ def run_task(base: str, name: str, overrides: dict, sweep_dir: str, teachers: di
                        outputs=sweep_dir, log=quiet)
         record["status"] = "finished"
     except Exception as err:  # one failing run must not stop the others
-        record.update(status="failed", error=_error_line(err))
+        record.update(status="failed", error=error_line(err))
     return dict(record, seconds=round(time.perf_counter() - t0, 1))
-
-
-def default_workers(cores: int, runs: int) -> int:
-    """CPU workers for ``runs`` runs on ``cores`` cores: one single-threaded worker per core
-    (measured faster than one multi-threaded worker for this model size; see docs/sweeps.md), never
-    more workers than runs."""
-    return max(1, min(cores, runs))
-
-
-def embedded_cluster(workers: int | None, runs: int, dashboard: str = ":8787"):
-    """A ``LocalCluster`` of process workers sized to this machine: with CUDA one worker per
-    GPU (dask-cuda's ``LocalCUDACluster`` when installed), else workers x threads = cores."""
-    from distributed import LocalCluster
-    import torch
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    gpus = torch.cuda.device_count()
-    if gpus and not workers:
-        try:
-            from dask_cuda import LocalCUDACluster
-            return LocalCUDACluster(threads_per_worker=max(1, cores // gpus), resources=RESOURCES,
-                                    dashboard_address=dashboard)
-        except ImportError:
-            if gpus > 1:
-                return _per_gpu_cluster(gpus, max(1, cores // gpus), dashboard)
-            workers = 1
-    workers = workers or default_workers(cores, runs)
-    return LocalCluster(n_workers=workers, threads_per_worker=max(1, cores // workers), processes=True,
-                        resources=RESOURCES, dashboard_address=dashboard)
-
-
-def _per_gpu_cluster(gpus: int, threads: int, dashboard: str):
-    """What LocalCUDACluster does, without dask-cuda: one worker per GPU, each seeing only its own."""
-    from distributed import Nanny, Scheduler, SpecCluster
-    workers = {i: {"cls": Nanny, "options": {"nthreads": threads, "resources": RESOURCES,
-                                             "env": {"CUDA_VISIBLE_DEVICES": str(i)}}} for i in range(gpus)}
-    return SpecCluster(workers=workers, scheduler={"cls": Scheduler, "options": {"dashboard_address": dashboard}})
-
-
-def portable(path: Path) -> str:
-    """``path`` relative to the project root when inside it (records carry no machine paths)."""
-    try:
-        return str(Path(path).resolve().relative_to(book.project_root().resolve()))
-    except ValueError:
-        try:
-            return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
-        except ValueError:
-            return str(path)
-
-
-class _PlainDumper(yaml.SafeDumper):
-    """Writes repeated values in full (no &anchors), for a reader."""
-
-    def ignore_aliases(self, data):
-        return True
-
-
-def ended_attempt(record: dict) -> dict:
-    """An earlier attempt as a resumed record keeps it: started, ended, status; an attempt still
-    'running' when the next one starts was killed, and is kept as 'interrupted' (ended unknown)."""
-    attempt = {k: record.get(k) for k in ("started", "ended", "status")}
-    if attempt["status"] == "running":
-        attempt["status"] = "interrupted"
-    return attempt
 
 
 class Record:
@@ -277,16 +183,6 @@ def _submit(client, base: str, runs: list[Run], sweep_dir: Path) -> dict:
     return futures
 
 
-def deadline_after(timeout: float | None) -> float | None:
-    """The ``time.monotonic()`` deadline ``timeout`` seconds from now (None: no timeout)."""
-    return None if timeout is None else time.monotonic() + timeout
-
-
-def past(deadline: float | None) -> bool:
-    """Whether the ``time.monotonic()`` deadline of a ``--timeout`` has passed (None: never)."""
-    return deadline is not None and time.monotonic() >= deadline
-
-
 def _executing(dask_worker) -> list:
     """The keys of the tasks a worker is executing now (``client.run``; the scheduler's
     'processing' also counts those queued on the worker for its 'run' resource)."""
@@ -330,7 +226,7 @@ def _watch(client, futures: dict, record: Record, sweep_dir: Path, log, deadline
             if future.status == "cancelled":  # never started: pending, for --resume
                 continue
             if future.status == "error":  # the engine gave up on it (e.g. its worker died too often)
-                result = {"status": "failed", "error": _error_line(future.exception()), "seconds": None}
+                result = {"status": "failed", "error": error_line(future.exception()), "seconds": None}
             else:
                 result = future.result()
             record.update(name, **result)
@@ -344,9 +240,9 @@ def _watch(client, futures: dict, record: Record, sweep_dir: Path, log, deadline
 def analyse(sweep_dir: Path, log=print) -> Path:
     """Execute 04_sweep_analysis into the sweep folder and render its HTML."""
     nb_dir = notebooks_dir()
-    execute(nb_dir, ANALYSIS, sweep_dir, {"sweep_dir": portable(sweep_dir)}, {"sweep_dir"})
+    execute(nb_dir, ANALYSIS, sweep_dir, {"sweep_dir": display_path(sweep_dir)}, {"sweep_dir"})
     html = render_html(sweep_dir / ANALYSIS)
-    log(f"analysis: {portable(html)}")
+    log(f"analysis: {display_path(html)}")
     return sweep_dir / ANALYSIS
 
 
@@ -354,7 +250,7 @@ def ensure(sweep_dir: str | Path, sweep_file: str | Path) -> Path:
     """The sweep folder ``sweep_dir`` (relative: under the project root), running ``sweep_file``
     into it first when it holds no sweep yet (no 04 inside: the caller is the analysis).
     What notebook 04 does when opened on a sweep that has not run."""
-    folder = book.resolve(str(sweep_dir))
+    folder = resolve(str(sweep_dir))
     if not (folder / "sweep.json").exists():
         run_sweep(sweep_file, outputs=folder.parent, name=folder.name, analysis=False)
     return folder
@@ -370,9 +266,9 @@ def run_sweep(sweep_file: str | Path, workers: int | None = None, scheduler: str
     ``analysis`` executes 04_sweep_analysis into the sweep folder at the end. Past
     ``deadline`` (``time.monotonic()``, from ``--timeout``) no run starts: the sweep ends
     'stopped' once the running ones finish, and ``--resume`` goes on."""
-    from .extras import require
+    from ..records.extras import require
     require("sweep", "a sweep")  # before anything is created: one line naming the extra, not an ImportError
-    sweep_file = _locate(Path(sweep_file))
+    sweep_file = locate(Path(sweep_file))
     base, runs = expand(sweep_file)
     sweep_dir = Path(outputs) / (name or sweep_file.stem)
     if (sweep_dir / "sweep.json").exists() and not resume:
@@ -384,9 +280,9 @@ def run_sweep(sweep_file: str | Path, workers: int | None = None, scheduler: str
         raise RunError(f"cannot write the sweep folder {sweep_dir}: {err.strerror}; "
                        "choose --outputs elsewhere") from None
     (sweep_dir / "sweep.yaml").write_text(yaml.dump(
-        {"sweep": portable(sweep_file), "base": portable(Path(base)),
-         "runs": [{"name": r.name, "overrides": r.overrides} for r in runs]}, Dumper=_PlainDumper, sort_keys=False))
-    record = Record(sweep_dir, {"sweep": portable(sweep_file), "base": portable(Path(base)),
+        {"sweep": display_path(sweep_file), "base": display_path(Path(base)),
+         "runs": [{"name": r.name, "overrides": r.overrides} for r in runs]}, Dumper=PlainDumper, sort_keys=False))
+    record = Record(sweep_dir, {"sweep": display_path(sweep_file), "base": display_path(Path(base)),
                                 "cluster": "given scheduler" if scheduler else "embedded LocalCluster"},
                     [r.name for r in runs])
     todo = [r for r in runs if r.name not in record.runs("finished")]
@@ -403,24 +299,6 @@ def run_sweep(sweep_file: str | Path, workers: int | None = None, scheduler: str
     elif analysis and len(failed) < len(runs):
         analyse(sweep_dir, log)
     return record.data
-
-
-@contextlib.contextmanager
-def connected(workers: int | None, scheduler: str | None, jobs: int, dashboard: str = ":8787"):
-    """A Dask client: on the scheduler at ``scheduler``, whose workers must declare the 'run'
-    resource, or on an embedded cluster sized for ``jobs`` (``embedded_cluster``), closed after."""
-    from distributed import Client
-    cluster = None if scheduler else embedded_cluster(workers, jobs, dashboard)
-    try:
-        with Client(scheduler or cluster) as client:
-            info = client.scheduler_info()["workers"].values()
-            if scheduler and info and not any(w.get("resources", {}).get("run") for w in info):
-                raise RunError(f"the workers at {scheduler} declare no 'run' resource; start each with "
-                               f"dask worker {scheduler} --nthreads THREADS --resources run=1")
-            yield client
-    finally:
-        if cluster is not None:
-            cluster.close()
 
 
 def _run_on_cluster(base, runs, sweep_dir, record, workers, scheduler, dashboard, log, deadline=None) -> None:

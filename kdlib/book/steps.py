@@ -15,58 +15,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import export_finished, identity_key, sha256_file
-from .data import Split, holdout_validation, load_dataset, teacher_label_seed, teacher_labels, with_labelled_subset
-from .metrics import accuracy, confidently_wrong, weights_by_correctness
-from .models import count_parameters
+from ..records.paths import PACKAGE_ROOT, display_path, resolve, say
+from ..train.checkpoint import export_finished, identity_key, sha256_file
+from ..train.data import Split, holdout_validation, load_dataset, teacher_label_seed, teacher_labels, with_labelled_subset
+from ..train.metrics import accuracy, confidently_wrong, weights_by_correctness
+from ..train.models import count_parameters
 from .params import SCHEMA, student_identity, teacher_degradation, teacher_identity, teacher_value, validate
-from .assemble import teacher_bank, teacher_test_probs, train_student, train_teacher
-from .train import TrainConfig, pick_device, predict_logits, predict_teacher_weights, set_threads
-
-
-def project_root() -> Path:
-    """The folder relative paths in params resolve against: ``$KDBOOK_ROOT`` when set
-    (tests point it at a temporary folder), else the working directory, or its parent
-    when a notebook runs from ``notebooks/``."""
-    if os.environ.get("KDBOOK_ROOT"):
-        return Path(os.environ["KDBOOK_ROOT"])
-    cwd = Path.cwd()
-    return cwd.parent if cwd.name == "notebooks" and (cwd.parent / "kdlib").is_dir() else cwd
-
-
-def resolve(path: str) -> Path:
-    p = Path(path).expanduser()
-    return p if p.is_absolute() else project_root() / p
-
-
-def _root_forms() -> list[Path]:
-    root = project_root()
-    return list(dict.fromkeys([root.absolute(), root.resolve()]))
-
-
-def display_path(path) -> str:
-    """``path`` as records show it: relative to the project root when it lies inside
-    (so no record names a folder of the machine that made it), else as given."""
-    p = Path(path).expanduser()
-    for root in _root_forms():
-        for form in (p.absolute(), p.resolve()):
-            if form.is_relative_to(root):
-                return form.relative_to(root).as_posix() or "."
-    return str(path)
-
-
-def portable(text) -> str:
-    """``text`` with every path under the project root made relative to it."""
-    text = str(text)
-    for root in _root_forms():
-        text = text.replace(f"{root}{os.sep}", "")
-    return text
-
-
-def say(message) -> None:
-    """``print(portable(message))``, flushed (a piped terminal sees it at once): the
-    default ``log`` of the steps below and of the runner."""
-    print(portable(message), flush=True)
+from ..train.assemble import teacher_bank, teacher_test_probs, train_student, train_teacher
+from ..train.loop import TrainConfig, pick_device, predict_logits, predict_teacher_weights, set_threads
 
 
 def notebook_params(namespace: dict, source: str) -> dict:
@@ -129,7 +85,7 @@ def _write_json(path: Path, obj) -> None:
     tmp.replace(path)
 
 
-REFERENCE_TEACHERS = Path(__file__).resolve().parent.parent / "reference_teachers"
+REFERENCE_TEACHERS = PACKAGE_ROOT / "reference_teachers"
 
 
 def teacher_checkpoint(P, name: str) -> Path:

@@ -15,20 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from ..records.names import METHOD_ORDER, NAMES, method_rank  # noqa: F401 (the stats' names)
 from scipy import special  # t and binomial distributions; scipy.stats would add a second to every kernel's start
 
-NAMES = {"camkd": "CAMKD", "vanilla": "vanilla", "aver": "AVER", "ebkd": "EBKD", "aekd": "AEKD",
-         "label_smoothing": "label smoothing", "scratch": "scratch"}
-METHOD_ORDER = list(NAMES)  # how methods are listed and paired: camkd - X and X - scratch
 ANCHORS = ("camkd", "scratch")  # the headline compares every method with these two
-
-
-def method_rank(method: str) -> float:
-    """A method's place in ``METHOD_ORDER`` (an unknown one after all of them); a
-    variant (``camkd[beta=0]``, ``kdlib.sweep_analysis``) right after its method."""
-    base = method.split("[")[0]
-    rank = METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER)
-    return rank + 0.5 * (base != method)
 
 
 def paired_t(a, b, confidence: float = 0.95) -> dict:
@@ -135,7 +125,7 @@ def verdict(row, alpha: float = 0.05) -> str:
     head = f"{a} vs {b}: {row['mean_diff']:+.2f} points"
     if row["seeds"] < 2:
         return f"{head} (one seed: no confidence interval; McNemar p = {row['mcnemar_p']:.3g})"
-    from .reading import word
+    from .cells import word
     holm = row.get("p_holm") if hasattr(row, "get") else None
     holm = f", Holm p = {holm:.3g}" if holm is not None and not pd.isna(holm) else ""
     return (f"{head} (95% CI {row['ci_low']:+.2f} to {row['ci_high']:+.2f}, paired t p = {row['p_value']:.3g}{holm}, "

@@ -17,7 +17,7 @@ from .data import Dataset, Split, apply_views, batch_order, normalize, view_coun
 from .distillers import Scratch, build_distiller
 from .models import build_model
 from .teachers import CachedTeachers, LiveTeachers, ViewCachedTeachers, freeze
-from .train import TrainConfig, autocast, fit, iterate, predict_logits, seed_everything
+from .loop import TrainConfig, autocast, fit, iterate, predict_logits, seed_everything
 
 
 def build_for(name: str, data: Dataset, device: torch.device, width: float = 1.0):

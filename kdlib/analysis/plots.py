@@ -658,7 +658,7 @@ FOREST_ROW = 0.26  # inches per method row of a forest plot: 8 rows of 5 setting
 def _forest_order(res) -> list:
     """The settings of a sweep in reading order: a teacher-quality sweep's as its block puts
     them (``sweep_analysis.column_order``), any other in the sweep file's order."""
-    from .sweep_analysis import KEYS, column_order
+    from .sweep_results import KEYS, column_order
     settings = list(res.settings)
     if set(KEYS) & set(res.keys):
         settings.sort(key=lambda s: column_order(res.params[s]))
@@ -678,7 +678,7 @@ def plot_forest(sweep, against=("scratch", "label_smoothing"), title: str | None
     ``gid`` — ``"ci|<setting name>|<method>|<reference>"`` for a bar, ``"mean|..."`` for its
     dot, ``"zero"`` for the zero line — so that a test can read back what was drawn."""
     from .stats import NAMES, method_rank
-    from .sweep_analysis import SweepResults, forest_frame, load, method_words
+    from .sweep_results import SweepResults, forest_frame, load, method_words
 
     res = sweep if isinstance(sweep, SweepResults) else load(sweep)
     frame = forest_frame(res, against)

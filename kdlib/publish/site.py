@@ -2,7 +2,7 @@
 committed run or sweep with its executed notebooks rendered from their stored outputs
 (never executed), built offline with MkDocs (Material theme, mkdocs-jupyter) into ``site/``.
 
-``python -m kdlib.site`` (``make site``) builds it all; ``--only fashionmnist`` builds the
+``python -m kdlib site`` (``make site``) builds it all; ``--only fashionmnist`` builds the
 pages and the records named; ``--check`` then checks every internal link and image on disk.
 The pages are staged in ``build/site-src/`` (``docs/`` copied, generated pages added), MathJax
 is bundled from the ``jupyter-server-mathjax`` package, and the notebooks' own CDN script tags
@@ -31,10 +31,11 @@ import pandas as pd
 import yaml
 
 from .blocks import NBSP, answers_markdown, record_dir, run_answer, sweep_answers
-from .records import update_readme
-from .sweep_analysis import run_titles
+from ..records.files import update_readme
+from ..records.paths import PACKAGE_ROOT
+from ..analysis.sweep_results import run_titles
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = PACKAGE_ROOT
 STAGE = Path("build/site-src")
 COPIED = (".png", ".csv", ".json", ".yaml")  # a record's small files, linked from its page
 NOT_SETTING = {"run_dir", "threads"}
@@ -76,7 +77,7 @@ def _table(header: list[str], rows: list[list]) -> str:
 
 def parameters_markdown() -> str:
     """The schema as a table: key, default, what is allowed, which models it determines, meaning."""
-    from .params import SCHEMA
+    from ..book.params import SCHEMA
     rows = []
     for key, spec in SCHEMA.items():
         allowed = ", ".join(f"`{c}`" for c in spec.choices) if spec.choices else spec.kind.__name__ \
@@ -91,7 +92,7 @@ def parameters_markdown() -> str:
 
 
 def _params(path: Path) -> dict:
-    from .params import SCHEMA
+    from ..book.params import SCHEMA
     return {**{k: s.default for k, s in SCHEMA.items()}, **(yaml.safe_load(path.read_text()) or {})}
 
 
@@ -141,7 +142,7 @@ def manifest_markdown(run: Path) -> str:
 
 def verdict_markdown(run: Path) -> str:
     """The run's answer: the best student and the paired verdicts (its comparison.csv)."""
-    from .stats import headline
+    from ..analysis.stats import headline
     if not (run / "results.csv").is_file():
         return "No results recorded."
     results = pd.read_csv(run / "results.csv")
@@ -215,7 +216,7 @@ def sweep_verdict(sweep: Path) -> list[str]:
     """A sweep's answer as markdown lines: its answers table and verdicts
     (``blocks.sweep_answers``), else its setting table with stars (``sweep_analysis.run_markdown``).
     (A sweep over teacher quality has its generated reading instead: ``quality.parts``.)"""
-    from .sweep_analysis import run_markdown as setting_markdown
+    from ..analysis.sweep_results import run_markdown as setting_markdown
     rows = sweep_answers(sweep) if (sweep / "sweep_summary.csv").is_file() else []
     if rows:
         return [answers_markdown(rows, lambda f: f.name + "/index.md", sweep.parent.parent), "",
@@ -227,7 +228,7 @@ def by_setting(sweep: Path, titles: dict) -> dict[str, list[Path]]:
     """The sweep's runs (``sweep_runs``) grouped by their setting in words, the settings in the
     order of the sweep's forest plot and tables: the shipped teachers first, then a degraded
     teacher, then the small student (``sweep_analysis.column_order``), else the sweep file's order."""
-    from .sweep_analysis import column_order
+    from ..analysis.sweep_results import column_order
     groups: dict[str, list[Path]] = {}
     for run in sweep_runs(sweep):
         groups.setdefault(titles.get(run.name, (run.name, ""))[0], []).append(run)
@@ -237,8 +238,8 @@ def by_setting(sweep: Path, titles: dict) -> dict[str, list[Path]]:
 
 
 def sweep_markdown(sweep: Path, root: Path) -> str:
-    from .quality import parts as quality_parts
-    from .sweep_analysis import KEYS, load
+    from ..analysis.teacher_quality import parts as quality_parts
+    from ..analysis.sweep_results import KEYS, load
     record = json.loads((sweep / "sweep.json").read_text())
     runs, titles = sweep_runs(sweep), run_titles(sweep)
     parts = [f"# {_sweep_name(sweep, root)} (sweep)", "",
@@ -281,7 +282,7 @@ def tune_markdown(folder: Path, root: Path) -> str:
     """A tuning's page (``kdlib tune``): its answer first (each method at its best, from the test
     sweep, with the reading), the forest plot, the chosen values, the search's counts and
     figures (as 05 drew them), then its notebook and a link to the test runs."""
-    from . import tune_analysis as ta
+    from ..analysis import tune_results as ta
     record = json.loads((folder / "tune.json").read_text())
     res = ta.load(folder)
     parts = [f"# {folder.name} (tuning)", "",
@@ -578,13 +579,13 @@ def build(root: Path = ROOT, out: Path | None = None, only: list[str] | None = N
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m kdlib.site", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m kdlib site", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=None, help="the site's folder (default: site/)")
     parser.add_argument("--only", nargs="+", metavar="RECORD", help="build only these records (folder names in outputs/)")
     parser.add_argument("--check", action="store_true",
                         help="then check every internal link and image on disk; exit 1 naming the broken ones")
     args = parser.parse_args(argv)
-    from .extras import MissingExtra, require
+    from ..records.extras import MissingExtra, require
     try:
         require("docs", "make site")
     except MissingExtra as err:

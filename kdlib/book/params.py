@@ -14,9 +14,10 @@ from typing import Any
 
 import yaml
 
-from .data import CLASS_NAMES, DATASETS, SPLIT_SIZES
-from .distillers import METHODS
-from .models import TEACHERS, student_sizes
+from ..records.names import format_value  # noqa: F401 (a run's folder name: params' values as words)
+from ..train.data import CLASS_NAMES, DATASETS, SPLIT_SIZES  # noqa: F401 (SPLIT_SIZES: what the schema's subsets are of)
+from ..train.distillers import METHODS
+from ..train.models import TEACHERS, student_sizes
 
 
 class ParamsError(ValueError):
@@ -204,7 +205,7 @@ def _check_combination(source: str, p: dict, students: bool = True) -> None:
         if len(p["teachers"]) < need:
             _fail(source, "teachers", p["teachers"], f"{method} needs at least {need} teachers"
                   f"{f' ({why})' if why else ''}; name more teachers or drop {method} from methods")
-    from .models import build_model  # hint_layer must be a conv feature map of every model used
+    from ..train.models import build_model  # hint_layer must be a conv feature map of every model used
     for name in p["teachers"] + ["student"]:
         model = build_model(name)
         if p["hint_layer"] not in range(-model.num_features, -1):
@@ -252,20 +253,6 @@ def read_mapping(path: str | Path, what: str = "params file", examples: str = "p
 def load_params(path: str | Path) -> dict:
     """Read and validate a params YAML file."""
     return validate(read_mapping(path), str(path))
-
-
-def format_value(value) -> str:
-    """A value as it appears in a run folder name: 10.0 -> 10, [a, b] -> a+b, a pair
-    [[0, 6], [2, 4]] -> 0-6+2-4, a mapping {teacher_resnet: 0.4} -> teacher_resnet-0.4."""
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, float):
-        return f"{value:g}"
-    if isinstance(value, list):
-        return "+".join("-".join(map(format_value, v)) if isinstance(v, list) else format_value(v) for v in value)
-    if isinstance(value, dict):
-        return "+".join(f"{k}-{format_value(v)}" for k, v in value.items())
-    return str(value)
 
 
 def parse_override(text: str) -> tuple[str, Any]:

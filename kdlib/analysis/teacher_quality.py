@@ -2,7 +2,7 @@
 
 The settings of such a sweep differ in how good the teachers are (``teacher_label_noise``,
 ``teacher_class_swap``) and in the student (``student_width``). The block it writes
-(``python -m kdlib.report outputs/teacher-quality --quality``, and ``kdlib.blocks``) holds:
+(``python -m kdlib report outputs/teacher-quality --quality``, and ``kdlib.blocks``) holds:
 
 * test accuracy per method and setting, mean (95% CI over seeds);
 * the paired differences the question turns on: CAMKD − vanilla (and CAMKD's variants −
@@ -26,37 +26,12 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from . import reading as reading_
-from .stats import NAMES, method_rank
-from .sweep_analysis import (KEYS, NBSP, SweepResults, column_order, degraded, differences,  # noqa: F401
+from . import cells as reading_
+from ..records.names import TEACHERLESS, describe, method_rank, method_words
+from .sweep_results import (KEYS, NBSP, SweepResults, column_order, degraded, differences,  # noqa: F401
                              load, setting_table, short_name)  # (KEYS, column_order: quality's names too)
 
-TEACHERLESS = ("scratch", "label_smoothing")  # students that never see a teacher
 BR = "<br>"  # a line break inside a markdown table cell (GitHub and the site both render it)
-
-
-def method_name(method: str) -> str:
-    """'CAMKD', 'label smoothing'; a variant 'camkd[beta=0]' as 'CAMKD, beta=0' (it wraps in a cell),
-    CAMKD's published form 'camkd[alpha=1,beta=50,camkd_form=official]' as 'CA-MKD official, alpha=1, beta=50'."""
-    base, _, rest = method.partition("[")
-    parts = [v for v in rest.rstrip("]").split(",") if v]
-    if base == "camkd" and "camkd_form=official" in parts:  # the published form, with its own weights
-        return "CA-MKD official" + "".join(f", {v}" for v in parts if v != "camkd_form=official")
-    return NAMES.get(base, base) + "".join(f", {v}" for v in parts)
-
-
-def _swaps(pairs) -> str:
-    return ", ".join(f"{a}↔{b}" for a, b in pairs)
-
-
-def describe(P: dict) -> str:
-    """What sets a setting apart, in words: 'teacher_resnet with classes 0↔6, 2↔4 swapped;
-    student width 0.25'."""
-    words = [f"{t} trained on {100 * f:g} % wrong labels" for t, f in (P.get("teacher_label_noise") or {}).items()]
-    words += [f"{t} with classes {_swaps(p)} swapped" for t, p in (P.get("teacher_class_swap") or {}).items()]
-    if float(P.get("student_width", 1.0)) != 1.0:
-        words.append(f"student width {P['student_width']:g}")
-    return "; ".join(words) or "the shipped teachers, the seed's student"
 
 
 def _cell(mean: float, low: float, high: float, n: int, full: int, signed: bool = False, star: bool = False) -> str:
@@ -208,17 +183,17 @@ def tables(s: Settings) -> list[str]:
         for c in s.columns:
             r = s.accuracy(c).get(method)
             cells.append("—" if r is None else _cell(r["mean"], r["ci_low"], r["ci_high"], int(r["n"]), s.full))
-        lines.append(_row([method_name(method), *cells]))
+        lines.append(_row([method_words(method), *cells]))
     lines += ["", _row(["paired difference, points", *heads]), "|" + "---|" * (len(heads) + 1)]
     variants = [m for m in s.methods() if m.startswith("camkd")]
     for a, b in [(m, "vanilla") for m in variants] + [("vanilla", "scratch"), ("label_smoothing", "scratch")]:
         if a not in s.methods() or b not in s.methods():
             continue
-        lines.append(_row([f"{method_name(a)} − {method_name(b)}",
+        lines.append(_row([f"{method_words(a)} − {method_words(b)}",
                            *(_diff(s.read_pair(c, a, b), s.full) for c in s.columns)]))
     best = [s.best_kd(c) for c in s.columns]
     lines.append(_row(["best with teachers − label smoothing",
-                       *(f"{method_name(m)}:{BR}{_diff(s.read_pair(c, m, 'label_smoothing'), s.full)}"
+                       *(f"{method_words(m)}:{BR}{_diff(s.read_pair(c, m, 'label_smoothing'), s.full)}"
                          if m and s.read_pair(c, m, "label_smoothing") else "—" for c, m in zip(s.columns, best))]))
     weighted = [m for m in s.methods() if any(s.weights(c, m) for c in s.columns)]
     if weighted:
@@ -235,7 +210,7 @@ def tables(s: Settings) -> list[str]:
                                          + f"{w[t]['wrong']:.3f} wrong{BR}{w[t]['right']:.3f} right" for t in bad))
                 else:
                     cells.append(" / ".join(f"{w[t]['mean']:.2f}" for t in w))
-            lines.append(_row([method_name(method), *cells]))
+            lines.append(_row([method_words(method), *cells]))
     return lines
 
 
@@ -250,7 +225,7 @@ def reading(s: Settings) -> list[str]:
     lines = []
     for m in [m for m in s.methods() if m.startswith("camkd")]:
         if "vanilla" in s.methods():
-            lines.append(f"- **{method_name(m)} against vanilla**: {where(m, 'vanilla')}.")
+            lines.append(f"- **{method_words(m)} against vanilla**: {where(m, 'vanilla')}.")
     if "vanilla" in s.methods() and "scratch" in s.methods():
         lines.append(f"- **Vanilla KD against the student alone**: {where('vanilla', 'scratch')}.")
     for ref, name in (("scratch", "the student alone"), ("label_smoothing", "label smoothing")):
@@ -281,7 +256,7 @@ def reading(s: Settings) -> list[str]:
             how = (f"the same where it is wrong and where it is right ({wrong:.3f})" if abs(wrong - right) < 0.0005
                    else f"{'higher' if wrong > right else 'lower'} where it is wrong ({wrong:.3f}) than where it is "
                         f"right ({right:.3f})")
-            lines.append(f"- **{short_name(s.params[c])}**: {method_name(m)}'s weight on {t} is {how}.")
+            lines.append(f"- **{short_name(s.params[c])}**: {method_words(m)}'s weight on {t} is {how}.")
     return lines
 
 
@@ -340,7 +315,7 @@ def parts(sweep_dir: str | Path) -> dict[str, list[str]]:
              + ("EBKD's weights come from the teachers' entropies alone, so they are the same on every seed. "
                 if "ebkd" in s.methods() else "")
              + repeats(s) + "\"Best with teachers\" is picked on the test set, so that difference leans in its favour. "
-             f"Generated by `python -m kdlib.report outputs/{s.dir.name} --quality`."]}
+             f"Generated by `python -m kdlib report outputs/{s.dir.name} --quality`."]}
 
 
 def markdown(sweep_dir: str | Path) -> str:

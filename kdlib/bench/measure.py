@@ -15,14 +15,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .book import teacher_checkpoint
-from .data import balanced_subset, load_dataset, normalize
-from .distillers import Scratch, build_distiller
-from .models import TEACHERS, build_model
-from .params import load_params, validate
-from .assemble import teacher_bank
-from .train import TrainConfig, iterate, pick_device, predict_logits, seed_everything, set_threads, train_epoch
-from .teachers import freeze
+from ..book.steps import teacher_checkpoint
+from ..records.paths import PACKAGE_ROOT
+from ..train.data import balanced_subset, load_dataset, normalize
+from ..train.distillers import Scratch, build_distiller
+from ..train.models import TEACHERS, build_model
+from ..book.params import load_params, validate
+from ..train.assemble import teacher_bank
+from ..train.loop import TrainConfig, iterate, pick_device, predict_logits, seed_everything, set_threads, train_epoch
+from ..train.teachers import freeze
 
 BASELINES = ["aver", "ebkd", "aekd", "label_smoothing"]  # the CA-MKD paper's baselines and a teacher-free control
 METHODS = ["scratch", "vanilla", "camkd", "camkd_official", *BASELINES, "vanilla_live", "camkd_live",
@@ -53,7 +54,7 @@ DESCRIPTIONS = {
 }
 CROP_METHODS = [m for m in METHODS if m.endswith("_crop")]
 TEACHER_NOTE = "teachers: random init, frozen, eval mode (not trained; timing only)"
-PARAMS_FILE = Path(__file__).resolve().parent.parent / "params" / "fashionmnist.yaml"
+PARAMS_FILE = PACKAGE_ROOT / "params" / "fashionmnist.yaml"
 
 
 def bench_params() -> dict:

@@ -1,6 +1,6 @@
 """The README's results table, generated from a finished run folder (never typed in).
 
-``python -m kdlib.report outputs/fashionmnist [--readme README.md]`` prints the
+``python -m kdlib report outputs/fashionmnist [--readme README.md]`` prints the
 markdown, and with ``--readme`` replaces the block between the ``results:start``
 and ``results:end`` markers. ``--vs outputs/OTHER --block NAME`` instead compares
 the students of two runs that differ in some parameters, seed by seed (block
@@ -17,8 +17,8 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from .records import update_readme
-from .stats import anchored_pairs, mean_sd as _mean_sd, paired_t, verdict
+from ..records.files import update_readme
+from ..analysis.stats import anchored_pairs, mean_sd as _mean_sd, paired_t, verdict
 
 SEED_EXPECTED = {  # the seed kit's README, "Expected results on Fashion-MNIST"
     "teacher_cnn1": "~92.5", "teacher_cnn2": "~93.3", "teacher_resnet": "~92.0",
@@ -94,7 +94,7 @@ def _students(run_dir: Path) -> dict:
 
 
 def _differing_params(a: Path, b: Path) -> str:
-    from .params import SCHEMA  # keys added after a run was made take their defaults
+    from ..book.params import SCHEMA  # keys added after a run was made take their defaults
     defaults = {k: spec.default for k, spec in SCHEMA.items()}
     pa, pb = ({**defaults, **(yaml.safe_load((d / "params.yaml").read_text()) or {})} for d in (a, b))
     ignore = {"run_dir", "threads", "methods", "seeds"}
@@ -184,7 +184,7 @@ def runs_table(runs: list[str | Path]) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m kdlib.report", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m kdlib report", description=__doc__)
     parser.add_argument("run_dir", help="a run folder, or a sweep folder (holding sweep.json)")
     parser.add_argument("--readme", help="README file whose results block to replace")
     parser.add_argument("--vs", metavar="OTHER_RUN", help="compare the students of run_dir with this run's")
@@ -199,9 +199,9 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     sweep = (Path(args.run_dir) / "sweep.json").is_file()
     if sweep:
-        from .sweep_analysis import markdown, run_markdown
+        from ..analysis.sweep_results import markdown, run_markdown
         if args.quality:
-            from .quality import markdown as quality_markdown
+            from ..analysis.teacher_quality import markdown as quality_markdown
             block = quality_markdown(args.run_dir)
         else:
             block = run_markdown(args.run_dir) if args.by_run else markdown(args.run_dir)
