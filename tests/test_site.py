@@ -156,20 +156,22 @@ def page(browser):
     page.close()
 
 
-PAGE_INFO = """() => {
+PAGE_INFO = """(boxedToo) => {
     const content = document.querySelector('.md-content__inner').getBoundingClientRect();
     const boxed = t => t.closest('.jp-OutputArea-output');  // a notebook's output scrolls in its box
+    const width = t => Math.max(t.getBoundingClientRect().width, t.scrollWidth);
     return {
         images: [...document.images].filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.src),
         pageWidth: document.documentElement.scrollWidth, viewport: document.documentElement.clientWidth,
-        wide: [...document.querySelectorAll('.md-content table')].filter(t => !boxed(t) &&
-              t.getBoundingClientRect().width > content.width + 1).map(t => t.rows[0].innerText)};
+        wide: [...document.querySelectorAll('.md-content table')].filter(t => (boxedToo || !boxed(t)) &&
+              width(t) > content.width + 1).map(t => t.rows[0].innerText)};
 }"""
 
 
-def check_page(page, name: str) -> None:
-    """Its images load, it does not scroll sideways, no table is wider than its page."""
-    info = page.evaluate(PAGE_INFO)
+def check_page(page, name: str, notebook_tables: bool = False) -> None:
+    """Its images load, it does not scroll sideways, no table is wider than its page; with
+    ``notebook_tables``, not even one in a notebook's output (which would scroll in its box)."""
+    info = page.evaluate(PAGE_INFO, notebook_tables)
     assert not info["images"], (name, info["images"])
     assert info["pageWidth"] <= info["viewport"], (name, "the page scrolls sideways")
     assert not info["wide"], (name, "a table wider than its page", info["wide"])

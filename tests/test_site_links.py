@@ -1,7 +1,8 @@
 """The committed site, built whole (make site): every internal link and image of every page
 resolves on disk and nothing loads from another host (``kdlib.publish.site.check_links``, what
 ``python -m kdlib site --check`` runs); one page per committed record; the committed sweeps'
-pages in Chromium at 1200 px: a verdict with text, the forest plot, tables inside the page.
+pages in Chromium at 1280 px: a verdict with text, the forest plot, tables inside the page, in the
+executed 04 and 05 too.
 The site's code is tested on a small site in test_site.py; this module checks today's records."""
 from __future__ import annotations
 
@@ -41,7 +42,11 @@ def test_committed_sweep_and_tuning_pages_in_chromium(site):
     tunings = [f for f in site_module.records(ROOT) if (f / "tune.json").is_file()]
     assert sweeps
     with chromium() as browser:
-        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        for notebook in sorted(site.glob("records/*/0[45]_*.html")) + sorted(site.glob("records/*/test/04_*.html")):
+            name = notebook.relative_to(site).as_posix()  # 04's and 05's tables fit the page, none scrolls
+            page.goto(notebook.as_uri())
+            check_page(page, name, notebook_tables=True)
         for tuning in tunings:  # its answer once its test has finished, else how far the tuning has got
             name = f"records/{tuning.name}/index.html"
             page.goto((site / name).as_uri())

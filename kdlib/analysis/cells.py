@@ -19,6 +19,8 @@ import numpy as np
 import pandas as pd
 
 MARGIN = 0.2  # points of accuracy
+NBSP = "\u00a0"  # a number and its interval stay on one line in a table cell
+BR = "<br>"  # a line break inside a markdown table cell (GitHub and the site both render it)
 ALPHA = 0.05
 WORDS = ("ahead", "behind", "level", "undecided")
 
@@ -102,3 +104,23 @@ def by_setting(pairs) -> str:
     for setting, w in pairs:
         by_word.setdefault(w if isinstance(w, str) else "unread (one seed)", []).append(setting)
     return ", ".join(f"{w} in " + " and ".join(settings) for w, settings in by_word.items())
+
+
+def markdown_table(header, rows) -> str:
+    """A markdown table: the header row, the rule, one line per row (each cell as ``str``)."""
+    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+
+
+def frame_markdown(frame: pd.DataFrame, digits: int = 4) -> str:
+    """A data frame as a markdown table, without its index: shown with ``display(Markdown(...))`` its
+    cells wrap, in a notebook and on the site alike, so that the table fits its page. Numbers keep
+    ``digits`` significant digits; a missing value is '—'."""
+    def text(v):
+        if _missing(v):
+            return "—"
+        if isinstance(v, float):
+            return f"{v:.{digits}g}"
+        return str(v)
+    return markdown_table(list(map(str, frame.columns)), [[text(v) for v in row]
+                                                          for row in frame.itertuples(index=False)])

@@ -19,6 +19,10 @@ from matplotlib import colormaps
 from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from .stats import mean_ci, mean_sd
+from .sweep_results import KEYS, column_order
+from .stats import NAMES, method_rank
+from .sweep_results import SweepResults, forest_frame, load, method_words
 
 COLUMNS = ["method", "seed", "epoch", "metric", "teacher", "value"]
 SCALARS = ("train_loss", "train_acc", "test_loss", "test_acc", "lr")  # plus every loss_* term
@@ -170,14 +174,6 @@ def _log_if_wide(ax, ratio=30.0) -> None:
             ax.set_yscale("log")
 
 
-def _pm(values, fmt=".2f") -> str:
-    """``mean ± std`` (sample std) of the finite values; just the mean for one."""
-    v = pd.Series(values, dtype=float).dropna()
-    if v.empty:
-        return "n/a"
-    return f"{v.mean():{fmt}}" if len(v) == 1 else f"{v.mean():{fmt}} ± {v.std():{fmt}}"
-
-
 def _zoom_ylim(ax, lo: float, hi: float) -> None:
     """A y-range around [lo, hi] (never below 0), so that bars a point apart look a
     point apart; room above for the bar labels."""
@@ -266,10 +262,10 @@ def _training_summary(metrics: dict, uses_teachers: bool) -> str:
     lines = [f"{metrics['method']} on {metrics.get('dataset', '?')}",
              f"seeds {[r['seed'] for r in metrics['runs']]}",
              f"student params {metrics.get('student_params', 0):,}",
-             f"test acc       {_pm(final['test_acc'])} %",
-             f"centroid KL    {_pm(final['centroid_fidelity'], '.4f')}",
-             f"mean indiv KL  {_pm(final['mean_individual_fidelity'], '.4f')}",
-             f"centroid agr.  {_pm(final['centroid_agreement'], '.1f')} %",
+             f"test acc       {mean_sd(final['test_acc'])} %",
+             f"centroid KL    {mean_sd(final['centroid_fidelity'], 4)}",
+             f"mean indiv KL  {mean_sd(final['mean_individual_fidelity'], 4)}",
+             f"centroid agr.  {mean_sd(final['centroid_agreement'], 1)} %",
              "", f"{'teacher (mean)':<16}{'KL(T||S)':>9}{'top-1 %':>9}"]
     for n in metrics["teachers"]:
         lines.append(f"{n[:15]:<16}{final[f'individual_fidelity[{n}]'].mean():>9.3f}"
@@ -279,7 +275,7 @@ def _training_summary(metrics: dict, uses_teachers: bool) -> str:
         lines.append("T={temperature} alpha={alpha} beta={beta}".format_map(_Missing(hp)))
     if metrics["method"] == "label_smoothing":
         lines.append("label_smoothing eps={label_smoothing}".format_map(_Missing(hp)))
-    lines.append(f"train s/seed {_pm([r.get('train_seconds', r.get('seconds', math.nan)) for r in metrics['runs']], '.1f')}")
+    lines.append(f"train s/seed {mean_sd([r.get('train_seconds', r.get('seconds', math.nan)) for r in metrics['runs']], 1)}")
     return "\n".join(lines)
 
 
@@ -402,8 +398,8 @@ def _comparison_summary(final: pd.DataFrame, methods) -> str:
     lines = [head, "-" * len(head)]
     for m in methods:
         f = final[final["method"] == m]
-        lines.append(f"{m:<{w}}{len(f):>6}{_pm(f['test_acc']):>17}{_pm(f['centroid_fidelity'], '.4f'):>19}"
-                     f"{_pm(f['mean_individual_fidelity'], '.4f'):>19}{_pm(f['centroid_agreement'], '.1f'):>17}")
+        lines.append(f"{m:<{w}}{len(f):>6}{mean_sd(f['test_acc']):>17}{mean_sd(f['centroid_fidelity'], 4):>19}"
+                     f"{mean_sd(f['mean_individual_fidelity'], 4):>19}{mean_sd(f['centroid_agreement'], 1):>17}")
     others = [m for m in methods if m != "camkd"]
     if "camkd" in methods and others:
         acc = final.groupby("method")["test_acc"].mean()
@@ -629,7 +625,6 @@ def explorer(metrics_by_method: dict[str, dict]):
 
 # ---------------------------------------------------------------- sweeps
 def _t_interval(values):
-    from .stats import mean_ci
     ci = mean_ci(values)
     return (ci["ci_low"], ci["ci_high"]) if len(values) > 1 else (ci["mean"], ci["mean"])
 
@@ -658,7 +653,6 @@ FOREST_ROW = 0.26  # inches per method row of a forest plot: 8 rows of 5 setting
 def _forest_order(res) -> list:
     """The settings of a sweep in reading order: a teacher-quality sweep's as its block puts
     them (``sweep_analysis.column_order``), any other in the sweep file's order."""
-    from .sweep_results import KEYS, column_order
     settings = list(res.settings)
     if set(KEYS) & set(res.keys):
         settings.sort(key=lambda s: column_order(res.params[s]))
@@ -677,8 +671,6 @@ def plot_forest(sweep, against=("scratch", "label_smoothing"), title: str | None
     ``sweep``: a sweep folder or ``kdlib.sweep_analysis.load``'s results. Each line carries a
     ``gid`` — ``"ci|<setting name>|<method>|<reference>"`` for a bar, ``"mean|..."`` for its
     dot, ``"zero"`` for the zero line — so that a test can read back what was drawn."""
-    from .stats import NAMES, method_rank
-    from .sweep_results import SweepResults, forest_frame, load, method_words
 
     res = sweep if isinstance(sweep, SweepResults) else load(sweep)
     frame = forest_frame(res, against)

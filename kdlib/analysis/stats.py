@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 from ..records.names import METHOD_ORDER, NAMES, method_rank  # noqa: F401 (the stats' names)
 from scipy import special  # t and binomial distributions; scipy.stats would add a second to every kernel's start
+from .cells import markdown_table, word
 
 ANCHORS = ("camkd", "scratch")  # the headline compares every method with these two
 
@@ -125,7 +126,6 @@ def verdict(row, alpha: float = 0.05) -> str:
     head = f"{a} vs {b}: {row['mean_diff']:+.2f} points"
     if row["seeds"] < 2:
         return f"{head} (one seed: no confidence interval; McNemar p = {row['mcnemar_p']:.3g})"
-    from .cells import word
     holm = row.get("p_holm") if hasattr(row, "get") else None
     holm = f", Holm p = {holm:.3g}" if holm is not None and not pd.isna(holm) else ""
     return (f"{head} (95% CI {row['ci_low']:+.2f} to {row['ci_high']:+.2f}, paired t p = {row['p_value']:.3g}{holm}, "
@@ -156,7 +156,7 @@ def summary_frame(results: pd.DataFrame) -> pd.DataFrame:
 
 
 def mean_sd(values, digits: int = 2) -> str:
-    """``mean ± sd`` (sample sd) of the values that are not NaN; the mean alone for one."""
+    """``mean ± sd`` (sample sd) of the values that are not NaN; the mean alone for one; 'n/a' for none."""
     s = pd.Series(values, dtype=float).dropna()
     if s.empty:
         return "n/a"
@@ -199,6 +199,20 @@ def headline(results: pd.DataFrame, comparison: pd.DataFrame) -> str:
         lines += ["", "Teachers: " + ", ".join(f"{n} {a:.2f} %" for n, a in zip(teachers["name"], teachers["test_acc"]))
                   + "."]
     table = method_table(students)
-    lines += ["", "| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
-    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    lines += ["", markdown_table(table.columns, table.itertuples(index=False))]
     return "\n".join(lines)
+
+
+def pair(frame: pd.DataFrame, a: str, b: str, cols=("method_a", "method_b")) -> dict | None:
+    """a − b from a frame of paired differences (``comparison_frame``, ``sweep_results.differences``):
+    its row as it is, or the row of b − a with the difference negated and the interval flipped; None."""
+    if frame.empty:
+        return None
+    hit = frame[(frame[cols[0]] == a) & (frame[cols[1]] == b)]
+    if len(hit):
+        return dict(hit.iloc[0])
+    hit = frame[(frame[cols[0]] == b) & (frame[cols[1]] == a)]
+    if not len(hit):
+        return None
+    r = dict(hit.iloc[0])
+    return {**r, cols[0]: a, cols[1]: b, "mean_diff": -r["mean_diff"], "ci_low": -r["ci_high"], "ci_high": -r["ci_low"]}

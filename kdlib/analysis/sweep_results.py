@@ -28,12 +28,11 @@ import yaml
 from ..book.params import SCHEMA
 from ..records.names import (KNOB_WORDS, degraded, format_value, knob_words, method_words,  # noqa: F401
                              short_name, value_words)
-from .cells import cell, holm, read
+from .cells import BR, NBSP, cell, holm, markdown_table, read
 from .stats import NAMES, anchored_pairs, comparison_frame, mean_ci, method_rank, verdict
 
 NOT_SETTING = {"run_dir", "threads", "seeds", "methods"}
 METRICS = {"accuracy": "accuracy %", "centroid_fidelity": "KL(C‖S)"}
-NBSP = "\u00a0"  # a number and its interval stay on one line in a table cell
 KEYS = ("teacher_label_noise", "teacher_class_swap", "student_width")  # what a teacher-quality sweep varies
 
 
@@ -270,23 +269,24 @@ def verdict_lines(res: SweepResults, diffs: pd.DataFrame) -> list[str]:
 
 
 def _cell(row, digits: int) -> str:
+    """'91.04<br>(90.68 to 91.41)': the mean, its interval on a line of its own (a wide table fits its page)."""
     if np.isnan(row["ci_low"]):
         return f"{row['mean']:.{digits}f}"
-    return f"{row['mean']:.{digits}f} ({row['ci_low']:.{digits}f} to {row['ci_high']:.{digits}f})".replace(" ", NBSP)
+    return f"{row['mean']:.{digits}f}{BR}" + f"({row['ci_low']:.{digits}f} to {row['ci_high']:.{digits}f})".replace(" ", NBSP)
 
 
 def wide_table(table: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     """One row per setting; a column per method and metric: 'mean (95% CI)'. With several
     keys, a setting is named in one column, as its run folders are (``setting_label``)."""
     table = table.assign(cell=[_cell(r, 2 if r["metric"] == "accuracy" else 3) for _, r in table.iterrows()],
-                         column=[f"{NAMES.get(m, m)} {METRICS[k]}" for m, k in zip(table["method"], table["metric"])])
+                         column=[f"{method_words(m)} {METRICS[k]}" for m, k in zip(table["method"], table["metric"])])
     index = (["setting"] if len(keys) > 1 and "setting" in table else keys) or ["all"]
     seeds = table.groupby(index, sort=False)["n"].max().rename("seeds") if keys else None
     if not keys:
         table = table.assign(all="all runs")
     wide = table.pivot_table(index=index, columns="column", values="cell", aggfunc="first", sort=False)
     order = [c for m in sorted(dict.fromkeys(table["method"]), key=method_rank) for c in wide.columns
-             if c.startswith(NAMES.get(m, m) + " ")]
+             if c.startswith(method_words(m) + " ")]
     wide = wide[list(dict.fromkeys(order))]
     wide.columns.name = None
     if seeds is not None:
@@ -297,8 +297,8 @@ def wide_table(table: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
 def _diff_cell(row) -> str:
     """A read pair (``differences``): its cell, \\* by Holm's p, and its word."""
     text = cell(row["mean_diff"], row["ci_low"], row["ci_high"], row.get("p_holm"), row["seeds"], signed=True,
-                escape=False, nbsp=True)
-    return text + (f" {row['word']}" if isinstance(row.get("word"), str) else "")
+                escape=False, nbsp=True, sep=BR)
+    return text + (f"{BR}{row['word']}" if isinstance(row.get("word"), str) else "")
 
 
 def setting_label(run: str, variants=()) -> str:
@@ -335,10 +335,9 @@ def run_table(res: SweepResults) -> pd.DataFrame:
         row = {"setting": label, "seeds": int(own["n"].max())}
         for method in sorted(dict.fromkeys(own["method"]), key=method_rank):
             acc = own[(own["method"] == method) & (own["metric"] == "accuracy")]
-            row[f"{NAMES.get(method, method)} accuracy %"] = _cell(acc.iloc[0], 2)
+            row[f"{method_words(method)} accuracy %"] = _cell(acc.iloc[0], 2)
         for _, pair in anchored_pairs(pairs).iterrows():
-            row[f"{NAMES.get(pair['method_a'], pair['method_a'])} − {NAMES.get(pair['method_b'], pair['method_b'])}"] \
-                = _diff_cell(pair)
+            row[f"{method_words(pair['method_a'])} − {method_words(pair['method_b'])}"] = _diff_cell(pair)
         rows[label] = row
     return pd.DataFrame(rows.values())
 
@@ -354,9 +353,8 @@ def run_markdown(sweep_dir: str | Path) -> str:
              "split, final epoch; accuracy as mean (95% CI over seeds); differences paired by seed, mean "
              "(95% CI), * where Holm's adjusted p < 0.05 over the differences shown (paired t), and read as ahead, "
              "behind, level (inside ±0.2 points) or undecided.", "",
-             "| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
-    lines += ["| " + " | ".join(f"`{v}`" if c == "setting" else str(v) for c, v in row.items()) + " |"
-              for _, row in table.iterrows()]
+             markdown_table(["", *(f"`{s}`" for s in table["setting"])],  # one column per setting: it fits the page
+                            [[c, *table[c]] for c in table.columns if c != "setting"])]
     diffs = differences(res)
     if not diffs.empty:
         lines.append("")
@@ -374,8 +372,7 @@ def markdown(sweep_dir: str | Path) -> str:
     wide = wide_table(setting_table(res), res.keys).reset_index()
     lines = [f"Sweep `{sweep_dir.name}`: {len(res.frame['run'].unique())} runs, {res.eval_split} split; "
              "mean (95% CI over seeds), final epoch.", "",
-             "| " + " | ".join(map(str, wide.columns)) + " |", "|" + "---|" * len(wide.columns)]
-    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in wide.itertuples(index=False)]
+             markdown_table(wide.columns, wide.itertuples(index=False))]
     diffs = differences(res)
     if not diffs.empty:
         lines.append("")
@@ -383,3 +380,28 @@ def markdown(sweep_dir: str | Path) -> str:
     if res.skipped:
         lines += ["", f"Not finished (left out): {', '.join(res.skipped)}."]
     return "\n".join(lines)
+
+
+def differences_in_words(res: SweepResults, diffs: pd.DataFrame) -> pd.DataFrame:
+    """The pairs ``anchored`` reads, one a row, for a reader: the setting and the pair in words, the
+    difference with its interval, seeds, paired t and Holm's p, the reading, McNemar's p."""
+    shown = anchored(res, diffs)
+    return pd.DataFrame({
+        "setting": [res.names.get(tuple(r[k] for k in res.keys), "all runs") for _, r in shown.iterrows()],
+        "pair": [f"{method_words(a)} − {method_words(b)}" for a, b in zip(shown["method_a"], shown["method_b"])],
+        "difference, points": [cell(r["mean_diff"], r["ci_low"], r["ci_high"], r["p_holm"], r["seeds"], signed=True,
+                                    escape=False, sep=BR) for _, r in shown.iterrows()],
+        "seeds": shown["seeds"].to_numpy(), "paired t p": shown["p_value"].to_numpy(),
+        "Holm p": shown["p_holm"].to_numpy(), "reading": shown["word"].to_numpy(),
+        "McNemar p": shown["mcnemar_p"].to_numpy()})
+
+
+def label_words(res: SweepResults) -> dict[str, str]:
+    """Each setting's label as its run folders name it (``setting_label``, with and without a space
+    after each comma) -> the setting in words (``res.names``): a column header that wraps."""
+    out = {}
+    for _, r in res.frame.drop_duplicates("run").iterrows():
+        label = setting_label(r["run"], res.variant_keys)
+        words = res.names.get(tuple(r[k] for k in res.keys), label)
+        out[label] = out[label.replace(",", ", ")] = words
+    return out

@@ -27,11 +27,12 @@ import pandas as pd
 import yaml
 
 from . import cells as reading_
+from .cells import BR, NBSP, markdown_table
+from .stats import pair
 from ..records.names import TEACHERLESS, describe, method_rank, method_words
-from .sweep_results import (KEYS, NBSP, SweepResults, column_order, degraded, differences,  # noqa: F401
+from .sweep_results import (KEYS, SweepResults, column_order, degraded, differences,  # noqa: F401
                              load, setting_table, short_name)  # (KEYS, column_order: quality's names too)
 
-BR = "<br>"  # a line break inside a markdown table cell (GitHub and the site both render it)
 
 
 def _cell(mean: float, low: float, high: float, n: int, full: int, signed: bool = False, star: bool = False) -> str:
@@ -89,18 +90,7 @@ class Settings:
 
     def pair(self, setting: tuple, a: str, b: str) -> dict | None:
         """a − b over the seeds both ran (mean_diff, ci_low, ci_high, p_value, seeds), or None."""
-        own = self.own(self.diffs, setting)
-        if own.empty:
-            return None
-        hit = own[(own["method_a"] == a) & (own["method_b"] == b)]
-        if len(hit):
-            return dict(hit.iloc[0])
-        hit = own[(own["method_a"] == b) & (own["method_b"] == a)]
-        if not len(hit):
-            return None
-        r = dict(hit.iloc[0])
-        return {**r, "method_a": a, "method_b": b, "mean_diff": -r["mean_diff"],
-                "ci_low": -r["ci_high"], "ci_high": -r["ci_low"]}
+        return pair(self.own(self.diffs, setting), a, b)
 
     def family(self) -> dict:
         """Every paired difference the block reads, {(setting, a, b): pair with its ``word`` and
@@ -170,34 +160,32 @@ def _diff(p: dict | None, full: int) -> str:
     return text + (BR + f"[{n} seed{'s' if n != 1 else ''}]".replace(" ", NBSP) if n < full else "")
 
 
-def _row(cells: list[str]) -> str:
-    return "| " + " | ".join(cells) + " |"
-
-
 def tables(s: Settings) -> list[str]:
     """The block's three tables as markdown lines."""
     heads = [short_name(s.params[c]) for c in s.columns]
-    lines = [_row(["test accuracy %", *heads]), "|" + "---|" * (len(heads) + 1)]
+    accuracy = []
     for method in s.methods():
         cells = []
         for c in s.columns:
             r = s.accuracy(c).get(method)
             cells.append("—" if r is None else _cell(r["mean"], r["ci_low"], r["ci_high"], int(r["n"]), s.full))
-        lines.append(_row([method_words(method), *cells]))
-    lines += ["", _row(["paired difference, points", *heads]), "|" + "---|" * (len(heads) + 1)]
+        accuracy.append([method_words(method), *cells])
+    differences_ = []
     variants = [m for m in s.methods() if m.startswith("camkd")]
     for a, b in [(m, "vanilla") for m in variants] + [("vanilla", "scratch"), ("label_smoothing", "scratch")]:
         if a not in s.methods() or b not in s.methods():
             continue
-        lines.append(_row([f"{method_words(a)} − {method_words(b)}",
-                           *(_diff(s.read_pair(c, a, b), s.full) for c in s.columns)]))
+        differences_.append([f"{method_words(a)} − {method_words(b)}",
+                             *(_diff(s.read_pair(c, a, b), s.full) for c in s.columns)])
     best = [s.best_kd(c) for c in s.columns]
-    lines.append(_row(["best with teachers − label smoothing",
-                       *(f"{method_words(m)}:{BR}{_diff(s.read_pair(c, m, 'label_smoothing'), s.full)}"
-                         if m and s.read_pair(c, m, "label_smoothing") else "—" for c, m in zip(s.columns, best))]))
+    differences_.append(["best with teachers − label smoothing",
+                         *(f"{method_words(m)}:{BR}{_diff(s.read_pair(c, m, 'label_smoothing'), s.full)}"
+                           if m and s.read_pair(c, m, "label_smoothing") else "—" for c, m in zip(s.columns, best))])
+    lines = [markdown_table(["test accuracy %", *heads], accuracy), "",
+             markdown_table(["paired difference, points", *heads], differences_)]
     weighted = [m for m in s.methods() if any(s.weights(c, m) for c in s.columns)]
     if weighted:
-        lines += ["", _row(["teacher weights", *heads]), "|" + "---|" * (len(heads) + 1)]
+        rows = []
         for method in weighted:
             cells = []
             for c in s.columns:
@@ -210,7 +198,8 @@ def tables(s: Settings) -> list[str]:
                                          + f"{w[t]['wrong']:.3f} wrong{BR}{w[t]['right']:.3f} right" for t in bad))
                 else:
                     cells.append(" / ".join(f"{w[t]['mean']:.2f}" for t in w))
-            lines.append(_row([method_words(method), *cells]))
+            rows.append([method_words(method), *cells])
+        lines += ["", markdown_table(["teacher weights", *heads], rows)]
     return lines
 
 
@@ -322,3 +311,15 @@ def markdown(sweep_dir: str | Path) -> str:
     """The teacher-quality block: status, legend, tables, reading, notes."""
     p = parts(sweep_dir)
     return "\n".join([*p["status"], "", *p["legend"], "", *p["tables"], "", *p["reading"], "", *p["notes"]])
+
+
+def summary(sweep_dir: str | Path, link: str = "") -> str:
+    """The block's reading of the differences alone (no tables, no weights), for the README: each
+    CAMKD form against vanilla, vanilla against the student alone, and every method with teachers
+    against the student alone and against label smoothing; ``link`` points to the whole block."""
+    s = Settings(sweep_dir)
+    lines = [line for line in reading(s) if line.startswith("- **") and " against " in line.split("**")[1]]
+    return "\n".join(lines + ["", f"Differences paired by seed over {s.full} seeds, each read as in the tuned answer "
+                                   f"(Holm over the sweep's {len(s.family())} differences)"
+                               + (f"; the tables and where each method puts its weight: [{link}]({link})." if link
+                                  else ".")])

@@ -19,11 +19,16 @@ import yaml
 from matplotlib.figure import Figure
 
 from . import cells as reading_
+from .cells import markdown_table
+from .stats import pair
 from ..records.names import NAMES, describe, method_rank, run_name, short_name
 from ..records.paths import PACKAGE_ROOT
 from ..records.storage import open_storage, study_name
 from .sweep_results import (SweepResults, differences, knob_words, load as load_sweep, runs_frame, setting_table,
                              value_words)
+from .plots import method_colors
+from ..book.params import ParamsError, load_params
+from ..records.extras import require
 
 EDGE = 0.1  # a chosen value in the outer tenth of its searched range sits at its edge
 
@@ -185,7 +190,6 @@ def importances(res: TuneResults, setting: str, method: str, storage: str | None
     """How much each knob mattered to the validation accuracy of a search study, by Optuna's
     fANOVA evaluator (seeded) over its complete trials; {} with fewer than two, or when they all
     scored the same; the one knob gets 1 where there is one."""
-    from ..records.extras import require
     require("tune", "reading a tuning's importances")
     import optuna
     complete = res.trials[(res.trials["setting"] == setting) & (res.trials["method"] == method)
@@ -204,7 +208,6 @@ def importances(res: TuneResults, setting: str, method: str, storage: str | None
 
 
 def _colors(methods) -> dict:
-    from .plots import method_colors
     return method_colors(methods)
 
 
@@ -334,13 +337,9 @@ def _pair(diffs: pd.DataFrame, label: str, anchor: str) -> dict | None:
     """``label`` − the run of method ``anchor`` (whatever its variant label), or None."""
     if diffs.empty or base_method(label) == anchor:
         return None
-    for _, d in diffs.iterrows():
-        a, b = d["method_a"], d["method_b"]
-        if a == label and base_method(b) == anchor:
-            return dict(d)
-        if b == label and base_method(a) == anchor:
-            return {**dict(d), "mean_diff": -d["mean_diff"], "ci_low": -d["ci_high"], "ci_high": -d["ci_low"]}
-    return None
+    labels = set(diffs["method_a"]) | set(diffs["method_b"])
+    other = next((m for m in labels if base_method(m) == anchor), None)
+    return pair(diffs, label, other) if other else None
 
 
 def _setting_of(res: TuneResults, overrides: dict) -> str:
@@ -406,14 +405,13 @@ def test_markdown(test: pd.DataFrame, res: TuneResults | None = None) -> str:
     """The test frame as markdown: per setting and method its chosen values (with ``res``) and test
     accuracy; then each paired difference with its word and Holm's p over the table's family."""
     cols = ["setting", "method"] + (["chosen values"] if res is not None else []) + ["test accuracy %", "seeds"]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    rows = []
     for _, r in test.iterrows():
         cells = [r["setting"], NAMES.get(r["method"], r["method"])]
         if res is not None:
             cells.append(values_text(res, _setting_name(res, r["setting"]), r["method"]))
-        cells += [reading_.cell(r["accuracy"], r["ci_low"], r["ci_high"]), str(r["seeds"])]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines + ["", differences_markdown(test_differences(test), by_setting=False)])
+        rows.append(cells + [reading_.cell(r["accuracy"], r["ci_low"], r["ci_high"]), r["seeds"]])
+    return markdown_table(cols, rows) + "\n\n" + differences_markdown(test_differences(test), by_setting=False)
 
 
 def differences_markdown(diffs: pd.DataFrame, by_setting: bool = True) -> str:
@@ -421,13 +419,13 @@ def differences_markdown(diffs: pd.DataFrame, by_setting: bool = True) -> str:
     column per setting (``by_setting``), or one row per difference with its p-values."""
     label = lambda r: f"{NAMES.get(r['method'], r['method'])} − {NAMES.get(r['anchor'], r['anchor'])}"  # noqa: E731
     if not by_setting:
-        lines = ["| setting | difference, points | 95% CI | seeds | p | Holm p | reading |", "|---|---|---|---|---|---|---|"]
-        for _, r in diffs.iterrows():
-            lines.append(f"| {r['setting']} | {label(r)} | {reading_.cell(r['mean_diff'], r['ci_low'], r['ci_high'], r['p_holm'], r['seeds'], signed=True)} "
-                         f"| {r['seeds']} | {r['p_value']:.3g} | {r['p_holm']:.3g} | {r['word'] or '—'} |")
-        return "\n".join(lines)
+        return markdown_table(["setting", "difference, points (95% CI)", "seeds", "p", "Holm p", "reading"], [
+            [r["setting"], label(r) + " " + reading_.cell(r["mean_diff"], r["ci_low"], r["ci_high"], r["p_holm"],
+                                                          r["seeds"], signed=True),
+             r["seeds"], f"{r['p_value']:.3g}", f"{r['p_holm']:.3g}", r["word"] if isinstance(r["word"], str) else "—"]
+            for _, r in diffs.iterrows()])
     settings = list(dict.fromkeys(diffs["setting"]))
-    lines = ["| paired difference, points | " + " | ".join(settings) + " |", "|---|" + "---|" * len(settings)]
+    rows = []
     order = sorted(dict.fromkeys(zip(diffs["anchor"], diffs["method"])),
                    key=lambda am: (list(ANCHORS).index(am[0]), method_rank(am[1])))
     for anchor, method in order:
@@ -440,8 +438,8 @@ def differences_markdown(diffs: pd.DataFrame, by_setting: bool = True) -> str:
             r = hit.iloc[0]
             text = reading_.cell(r["mean_diff"], r["ci_low"], r["ci_high"], r["p_holm"], r["seeds"], signed=True)
             cells.append(f"{text}<br>*{r['word']}*" if isinstance(r["word"], str) else text)
-        lines.append(f"| {label({'method': method, 'anchor': anchor})} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append([label({"method": method, "anchor": anchor}), *cells])
+    return markdown_table(["paired difference, points", *settings], rows)
 
 
 def reading(res: TuneResults, test: pd.DataFrame) -> list[str]:
@@ -521,7 +519,6 @@ def _chosen_line(res: TuneResults, setting: str, base: dict) -> str | None:
 
 def _base_params(res: TuneResults) -> dict:
     """The tuning's base params file with its defaults ({} when it cannot be read)."""
-    from ..book.params import ParamsError, load_params
     path = PACKAGE_ROOT / res.spec.get("base", "")
     try:
         return load_params(path) if path.is_file() else {}
@@ -668,15 +665,15 @@ def accuracy_markdown(test: pd.DataFrame) -> str:
     """Test accuracy, one column per setting and one row per method, one fact a cell: mean (95% CI)."""
     settings = list(dict.fromkeys(test["setting"]))
     methods = sorted(dict.fromkeys(test["method"]), key=method_rank)
-    lines = ["| test accuracy % | " + " | ".join(settings) + " |", "|---|" + "---|" * len(settings)]
+    rows = []
     for m in methods:
         cells = []
         for s in settings:
             hit = test[(test["setting"] == s) & (test["method"] == m)]
             cells.append("—" if hit.empty else reading_.cell(hit.iloc[0]["accuracy"], hit.iloc[0]["ci_low"],
                                                                hit.iloc[0]["ci_high"]))
-        lines.append(f"| {NAMES.get(m, m)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append([NAMES.get(m, m), *cells])
+    return markdown_table(["test accuracy %", *settings], rows)
 
 
 def plot_answer(diffs: pd.DataFrame, margin: float = reading_.MARGIN) -> Figure:
@@ -832,7 +829,6 @@ def epoch_curves(journal: str | Path) -> pd.DataFrame:
     """One row per complete search trial of a tuning's storage and epoch: ``setting``, ``method``,
     ``trial``, ``epoch``, ``val_acc`` (the validation accuracy it reported after that epoch), read
     through Optuna's public API from ``journal`` (a journal file, or an RDB URL)."""
-    from ..records.extras import require
     require("tune", "reading a tuning's journal")
     import optuna
     from optuna.trial import TrialState
@@ -909,7 +905,7 @@ FIDELITY_STUDIES = ("outputs/superseded/small-student-swapped-first-pass", "outp
                     "outputs/superseded/seed-student-cut-at-epoch-2",
                     "outputs/superseded/small-student-swapped-cut-at-epoch-2",
                     "outputs/superseded/small-student-wide-cut-at-epoch-2")
-SHOWN_EPOCHS = (1, 2, 3, 4, 5, 6, 8, 10, 11, 12, 14)
+SHOWN_EPOCHS = (1, 2, 3, 5, 8, 10, 11, 12, 14)
 
 
 def study_fidelity(folders) -> pd.DataFrame:
@@ -933,17 +929,14 @@ def pruner_markdown(folders, epochs=SHOWN_EPOCHS, threshold: float = FIDELITY) -
         return "No study's journal to measure."
     fid = fid.assign(key=fid["study"] + "|" + fid["setting"])
     pooled = pooled_fidelity(fid.assign(setting=fid["key"]))
-    head = "| study | method | trials | " + " | ".join(f"epoch {e}" for e in epochs) + " |"
-    lines = [head, "|---|---|---|" + "---|" * len(epochs)]
     fmt = lambda v: "—" if pd.isna(v) else f"{v:.2f}"  # noqa: E731
-    for (study, method), g in fid.groupby(["study", "method"], sort=False):
-        rho = g.set_index("epoch")["rho"]
-        lines.append(f"| `{study}` | {NAMES.get(method, method)} | {int(g['trials'].max())} | "
-                     + " | ".join(fmt(rho.get(e)) for e in epochs) + " |")
-    for method, g in pooled.groupby("method", sort=False):
-        rho = g.set_index("epoch")["rho"]
-        lines.append(f"| **pooled** | **{NAMES.get(method, method)}** | {int(g['trials'].max())} | "
-                     + " | ".join(fmt(rho.get(e)) for e in epochs) + " |")
+    rows = [[f"`{study}`", NAMES.get(method, method), int(g["trials"].max()),
+             *(fmt(g.set_index("epoch")["rho"].get(e)) for e in epochs)]
+            for (study, method), g in fid.groupby(["study", "method"], sort=False)]
+    rows += [["**pooled**", f"**{NAMES.get(method, method)}**", int(g["trials"].max()),
+              *(fmt(g.set_index("epoch")["rho"].get(e)) for e in epochs)]
+             for method, g in pooled.groupby("method", sort=False)]
+    lines = [markdown_table(["study", "method", "trials", *(f"epoch {e}" for e in epochs)], rows)]
     trusted = trusted_epoch(pooled, threshold)
     lines += ["", f"Spearman's rank correlation between a complete trial's validation accuracy at that epoch and at "
                   f"its last (15), over each study's complete trials; pooled: Fisher's z averaged with weights "
@@ -985,13 +978,15 @@ def superseded_markdown(root: Path, folder: str = "outputs/superseded") -> str:
     return "\n".join(lines)
 
 
-def fidelity_table(res: TuneResults) -> pd.DataFrame:
+def fidelity_table(res: TuneResults, epochs=(1, 2, 3, 5, 8, 10, 12, 14)) -> pd.DataFrame:
     """One study's ``pruner_fidelity`` as a table: one row per setting and method (with its complete
-    trials), one column per epoch, the rank correlation with the last epoch (— with fewer than 3 trials)."""
+    trials), one column per epoch of ``epochs``, the rank correlation with the last epoch (NaN with
+    fewer than 3 trials)."""
     fid = study_fidelity([res.dir])
     if fid.empty:
         return pd.DataFrame()
     fid = fid.assign(method=[NAMES.get(m, m) for m in fid["method"]])
+    fid = fid[fid["epoch"].isin(epochs)]
     wide = fid.pivot_table(index=["setting", "method"], columns="epoch", values="rho", sort=False).round(2)
     wide.columns = [f"epoch {e}" for e in wide.columns]
     trials = fid.groupby(["setting", "method"], sort=False)["trials"].max()

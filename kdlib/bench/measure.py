@@ -248,14 +248,8 @@ def chosen_methods(methods=None) -> list[str]:
     return [m for m in METHODS if m in set(methods) | {"scratch"}]
 
 
-def run_benchmark(samples: int = 10_000, teachers: int = 3, precision: str = "fp32", repeats: int = 1, *,
-                  test_samples: int = 1000, warmup: int = 3, data_root: str | Path | None = None,
-                  device: str | None = None, threads: int | None = None, download: bool = True,
-                  step_rounds: int = STEP_ROUNDS, methods: list[str] | None = None, log=None) -> dict:
-    """Time one epoch of every method in ``methods`` (default ``METHODS``; scratch always);
-    return the ``--json`` object. The teacher view cache is built only for a crop row,
-    the live bank only for a live row."""
-    rows = chosen_methods(methods)
+def _check(teachers: int, repeats: int, step_rounds: int, precision: str) -> None:
+    """A ``ValueError`` naming the argument and what it takes, before anything is built."""
     if not 2 <= teachers <= len(TEACHERS):
         raise ValueError(f"teachers must be 2..{len(TEACHERS)} (camkd needs 2), got {teachers}")
     if repeats < 1:
@@ -264,6 +258,45 @@ def run_benchmark(samples: int = 10_000, teachers: int = 3, precision: str = "fp
         raise ValueError(f"step_rounds must be >= 1, got {step_rounds}")
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
+
+
+def _epoch_passes(rows, data, banks: dict, cfg, crop_cfg, knobs: tuple, dev):
+    """Per timed row (but the seed-style one): a function timing one epoch of its method (``time_epoch``
+    with ``warmup`` steps first), on the teacher bank the row names (``_live``: teachers run every step;
+    ``_crop``: the view cache); with the FLOPs of one step and the built model for the rows in
+    ``FLOP_METHODS``. Returns ``(passes, flops, built)``."""
+    T, alpha, beta, hint = knobs
+    sample = normalize(data.train.images[:1], data.mean, data.std)
+    passes, flops, built = {}, {}, {}
+    for method in (m for m in rows if m != "seed_style"):
+        kind, bank, c, form = method, banks["cached"], cfg, "kdbook"
+        if method == "camkd_official":
+            kind, form = "camkd", "official"
+        elif method.endswith("_live"):
+            kind, bank = method[:-5], banks["live"]
+        elif method.endswith("_crop"):
+            kind, bank, c = method[:-5], banks["views"], crop_cfg
+        seed_everything(cfg.seed)
+        student = build_model("student", data.in_channels, data.num_classes, data.image_size).to(dev)
+        distiller = build_distiller(kind, student, bank, sample, T, alpha, beta, hint, camkd_form=form).to(dev)
+        optimizer = prepare(distiller, c)
+        if method in FLOP_METHODS:
+            flops[method] = step_flops(distiller, data, c)
+            built[method] = (distiller, optimizer, c)
+        # epoch index 1: camkd's feature term is off in epoch 0
+        passes[method] = lambda w, d=distiller, o=optimizer, c=c: time_epoch(d, data, c, 1, optimizer=o, warmup=w)
+    return passes, flops, built
+
+
+def run_benchmark(samples: int = 10_000, teachers: int = 3, precision: str = "fp32", repeats: int = 1, *,
+                  test_samples: int = 1000, warmup: int = 3, data_root: str | Path | None = None,
+                  device: str | None = None, threads: int | None = None, download: bool = True,
+                  step_rounds: int = STEP_ROUNDS, methods: list[str] | None = None, log=None) -> dict:
+    """Time one epoch of every method in ``methods`` (default ``METHODS``; scratch always);
+    return the ``--json`` object. The teacher view cache is built only for a crop row,
+    the live bank only for a live row."""
+    rows = chosen_methods(methods)
+    _check(teachers, repeats, step_rounds, precision)
     log = log or (lambda *a, **k: None)
     P = bench_params()
     set_threads(threads if threads is not None else (P["threads"] or None))
@@ -289,25 +322,8 @@ def run_benchmark(samples: int = 10_000, teachers: int = 3, precision: str = "fp
         log(f"building the teacher view cache ({len(names)} teachers, 25 views of {len(data.train)} samples)")
         views = teacher_bank(models, names, data, crop_cfg, hint, cache=True, log=log)
 
-    sample = normalize(data.train.images[:1], data.mean, data.std)
-    passes, flops, built = {}, {}, {}
-    for method in (m for m in rows if m != "seed_style"):
-        kind, bank, c, form = method, cached, cfg, "kdbook"
-        if method == "camkd_official":
-            kind, form = "camkd", "official"
-        elif method.endswith("_live"):
-            kind, bank = method[:-5], live
-        elif method.endswith("_crop"):
-            kind, bank, c = method[:-5], views, crop_cfg
-        seed_everything(cfg.seed)
-        student = build_model("student", data.in_channels, data.num_classes, data.image_size).to(dev)
-        distiller = build_distiller(kind, student, bank, sample, T, alpha, beta, hint, camkd_form=form).to(dev)
-        optimizer = prepare(distiller, c)
-        if method in FLOP_METHODS:
-            flops[method] = step_flops(distiller, data, c)
-            built[method] = (distiller, optimizer, c)
-        # epoch index 1: camkd's feature term is off in epoch 0
-        passes[method] = lambda w, d=distiller, o=optimizer, c=c: time_epoch(d, data, c, 1, optimizer=o, warmup=w)
+    passes, flops, built = _epoch_passes(rows, data, {"cached": cached, "live": live, "views": views}, cfg, crop_cfg,
+                                         (T, alpha, beta, hint), dev)
     if "seed_style" in rows:
         passes["seed_style"] = SeedStyle(seed_models, root, samples, cfg, T, alpha, dev).time
 

@@ -18,6 +18,7 @@ from ..records.names import format_value  # noqa: F401 (a run's folder name: par
 from ..train.data import CLASS_NAMES, DATASETS, SPLIT_SIZES  # noqa: F401 (SPLIT_SIZES: what the schema's subsets are of)
 from ..train.distillers import METHODS
 from ..train.models import TEACHERS, student_sizes
+from ..train.models import build_model
 
 
 class ParamsError(ValueError):
@@ -205,7 +206,6 @@ def _check_combination(source: str, p: dict, students: bool = True) -> None:
         if len(p["teachers"]) < need:
             _fail(source, "teachers", p["teachers"], f"{method} needs at least {need} teachers"
                   f"{f' ({why})' if why else ''}; name more teachers or drop {method} from methods")
-    from ..train.models import build_model  # hint_layer must be a conv feature map of every model used
     for name in p["teachers"] + ["student"]:
         model = build_model(name)
         if p["hint_layer"] not in range(-model.num_features, -1):

@@ -24,6 +24,7 @@ from ..records.paths import PACKAGE_ROOT, display_path, portable_text as portabl
 from ..records.extras import require
 from .params import ParamsError, load_params, parse_override, validate
 from ..records.files import cpu_name
+from ..train.loop import pick_device
 
 NOTEBOOKS = ["01_train_teachers.ipynb", "02_distill_students.ipynb", "03_fidelity_analysis.ipynb"]
 
@@ -88,7 +89,6 @@ def versions() -> dict:
 
 def device_info(P: dict) -> dict:
     import torch
-    from ..train.loop import pick_device
     dev = pick_device(P["device"])
     info = {"device": str(dev), "threads": P["threads"] or len(os.sched_getaffinity(0)),
             "machine": platform.machine(), "processor": cpu_name()}

@@ -23,6 +23,12 @@ from ..records.storage import SEARCH, SEEDS, open_storage, study_name
 from ..train.distillers import METHODS
 from .cluster import error_line, worker_slot
 from .spec import Setting, TuneSpec
+from ..train.assemble import teacher_bank, train_teacher
+from ..train.checkpoint import sha256_file
+from ..book.params import teacher_identity
+from .sweep import teacher_key
+from ..train.assemble import train_student
+from ..train.loop import NonFiniteLossError
 
 
 def trial_of(study, number: int):
@@ -57,10 +63,6 @@ def _prepared(P: dict, device, teachers: bool = True):
     """``(student data, teacher bank)`` for ``P`` (the bank None where ``teachers`` is false: a
     method that never sees one), each kept for the next trial of this process that needs the
     same: one data load and one teacher pass serve every trial of a setting on this worker."""
-    from ..train.assemble import teacher_bank, train_teacher
-    from ..train.checkpoint import sha256_file
-    from ..book.params import teacher_identity
-    from .sweep import teacher_key
     data_key = json.dumps([str(device)] + [P[k] for k in ("dataset", "data_root", "train_subset", "test_subset",
                                                           "val_subset", "labelled_subset")])
     if _PREPARED.get("data", (None,))[0] != data_key:
@@ -91,7 +93,6 @@ def _prepared(P: dict, device, teachers: bool = True):
 def evaluate(P: dict, method: str, seed: int, on_epoch=None) -> list[dict]:
     """Train ``method``'s student with ``P`` and ``seed`` on the validation split's training part;
     return its history, whose ``test_acc`` is accuracy on the held-out validation images."""
-    from ..train.assemble import train_student
     device = book.device_of(P)
     data, bank = _prepared(P, device, METHODS[method].learns_from_teachers)
     cfg = book._config(P, P["student_epochs"], seed, device)
@@ -109,7 +110,6 @@ def trial_task(url: str, name: str, number: int, P: dict, method: str, seed: int
     values) nothing is pruned. Returns ``{state, value, epochs, seconds, worker, error}``."""
     import optuna
     from optuna.trial import TrialState
-    from ..train.loop import NonFiniteLossError
     address, threads = worker_slot()
     os.environ["KDBOOK_PROGRESS"] = "off"
     study = _study(url, name, pruner=pruner)

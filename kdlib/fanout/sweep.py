@@ -32,6 +32,8 @@ from ..records.files import PlainDumper, ended_attempt
 from .cluster import RESOURCES, connected, deadline_after, error_line, past, worker_slot  # noqa: F401 (deadline_after: the CLI's)
 from ..records.names import run_name
 from ..records.paths import display_path, locate, resolve
+from ..book import runner
+from ..records.extras import require
 
 SWEEP_KEYS = ("base", "grid", "runs")
 SET_BY_SWEEP = {"run_dir": "the sweep names each run's folder",
@@ -115,7 +117,6 @@ def run_task(base: str, name: str, overrides: dict, sweep_dir: str, teachers: di
     its folder holds an unfinished run (Dask retrying it after its worker died), or
     left alone when finished. Returns its record; a failure is recorded, not raised."""
     from distributed import get_worker
-    from ..book import runner
     address, threads = worker_slot()
     get_worker().log_event(STARTED, {"sweep": sweep_dir, "run": name, "worker": address})  # -> sweep.json
     t0 = time.perf_counter()
@@ -266,7 +267,6 @@ def run_sweep(sweep_file: str | Path, workers: int | None = None, scheduler: str
     ``analysis`` executes 04_sweep_analysis into the sweep folder at the end. Past
     ``deadline`` (``time.monotonic()``, from ``--timeout``) no run starts: the sweep ends
     'stopped' once the running ones finish, and ``--resume`` goes on."""
-    from ..records.extras import require
     require("sweep", "a sweep")  # before anything is created: one line naming the extra, not an ImportError
     sweep_file = locate(Path(sweep_file))
     base, runs = expand(sweep_file)

@@ -46,6 +46,9 @@ from ..records.files import PlainDumper, ended_attempt
 from .cluster import RESOURCES, connected, deadline_after, error_line, past
 from .search import Job, Tuning, trial_task
 from .spec import PRUNER, RESUMABLE, Setting, TuneSpec, load_tune  # noqa: F401 (PRUNER: the default, read by tests and docs)
+from ..records.extras import require
+from ..book.runner import execute, notebooks_dir, render_html
+from .sweep import run_sweep
 
 ANALYSIS = "05_tune.ipynb"  # the notebook that reads a tuning
 
@@ -237,52 +240,21 @@ def run_tune(tune_file: str | Path, workers: int | None = None, scheduler: str |
 
     Raises ``ParamsError`` (a bad tune file) or ``RunError`` (a folder or storage in the way, or a
     study whose trials keep failing) before anything runs, or when it cannot go on."""
-    from ..records.extras import require
     require("tune", "tuning")  # before anything is created: one line naming the extra, not an ImportError
     import optuna
-    from ..book.runner import execute, notebooks_dir, render_html
-    from .sweep import run_sweep
     deadline = deadline_after(timeout)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial is ours to print
     tune_file = locate(Path(tune_file))
     spec = load_tune(tune_file)
     tune_dir = Path(outputs) / (name or tune_file.stem)
-    record_path = tune_dir / "tune.json"
-    if record_path.exists() and not resume:
-        raise RunError(f"{tune_dir} already holds a tuning; continue it with: python -m kdlib tune {tune_file} "
-                       f"--resume (finished trials are kept), or delete {tune_dir}")
-    if record_path.exists():
-        before = yaml.safe_load((tune_dir / "tune.yaml").read_text())
-        now_spec = spec.as_dict()
-        before.setdefault("test_seeds", before.get("seeds"))  # a tuning recorded before test_seeds existed
-        changed = [k for k in set(now_spec) | set(before) if k not in RESUMABLE and before.get(k) != now_spec.get(k)]
-        if changed:
-            raise RunError(f"{tune_file}: {', '.join(sorted(changed))} differ from the tuning in {tune_dir}; only "
-                           "trials and test_seeds may change on --resume: restore them, or tune into a new folder "
-                           f"(delete {tune_dir})")
-        done = json.loads(record_path.read_text())
-        if (done.get("status") == "finished" and all(before.get(k) == now_spec[k] for k in ("trials", "test_seeds"))
-                and (not analysis or (tune_dir / ANALYSIS).exists())):
-            log(f"{tune_dir}: finished earlier with {spec.trials} trials per tuned method; nothing to do "
-                "(raise trials in the tune file to search further)")
-            return done
+    done = _finished_earlier(spec, tune_file, tune_dir, resume, analysis, log)
+    if done is not None:
+        return done
     url = storage_url(tune_dir, storage)
     check_storage(url)
     if "://" not in url and repair_journal(Path(url)):
         log(f"{display_path(Path(url))}: a partial last line (left by a killed process) cut off")
-    tune_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(tune_dir / "tune.yaml", yaml.dump(spec.as_dict(), Dumper=PlainDumper, sort_keys=False))
-    before = json.loads(record_path.read_text()) if record_path.exists() else {}
-    earlier = before.get("earlier", []) + ([ended_attempt(before)] if "started" in before else [])
-    data = {"tune": display_path(tune_file), "base": display_path(Path(spec.base)),
-            "storage": display_path(Path(url)) if "://" not in url else url.split("://")[0] + "://…",
-            "cluster": "given scheduler" if scheduler else "embedded LocalCluster", "status": "running",
-            "started": now(), **({"earlier": earlier} if earlier else {})}
-
-    def write():
-        write_atomic(record_path, json.dumps(data, indent=1))
-
-    write()
+    data, write = _open_record(spec, tune_file, tune_dir, url, scheduler)
     apply_reuse(spec, url, log)
     tuning = Tuning(spec, url, tune_dir)
     stale = tuning.fail_running()
@@ -294,16 +266,7 @@ def run_tune(tune_file: str | Path, workers: int | None = None, scheduler: str |
             f"{len(spec.methods)} methods, {spec.trials} trials per tuned method")
         if _drive(client, tuning, log, deadline):
             return _stopped(data, write, tuning, log, "its search and re-scoring")
-        choices = {s.name: {m: tuning.choice(s, m) for m in spec.methods} for s in spec.settings}
-        _write_best(tune_dir / "best.yaml", spec, choices)
-        write_atomic(tune_dir / "trials.csv", tuning.frame().to_csv(index=False))
-        data["studies"] = _study_summary(tuning)
-        write()
-        sweep_file = tune_dir / "test.yaml"
-        write_atomic(sweep_file, "# the test of the chosen values (best.yaml), written by kdlib tune\n"
-                              + yaml.dump(test_sweep(spec, choices), Dumper=PlainDumper, sort_keys=False))
-        log(f"test: {len(spec.settings) * len(spec.methods)} methods and settings x {len(spec.test_seeds)} seeds on "
-            "the full training set, scored on the test set")
+        sweep_file = _choose(tuning, data, write, log)
         if past(deadline):
             return _stopped(data, write, tuning, log, "its test")
         reuse_test_runs(spec, tune_dir / "test", log)
@@ -318,6 +281,69 @@ def run_tune(tune_file: str | Path, workers: int | None = None, scheduler: str |
         execute(notebooks_dir(), ANALYSIS, tune_dir, {"tune_dir": display_path(tune_dir)}, {"tune_dir"})
         log(f"analysis: {display_path(render_html(tune_dir / ANALYSIS))}")
     return data
+
+
+def _finished_earlier(spec: TuneSpec, tune_file: Path, tune_dir: Path, resume: bool, analysis: bool, log) -> dict | None:
+    """Refuse a folder that holds a tuning unless resumed, and a resume whose tune file changed
+    more than ``RESUMABLE`` allows; return the record of a tuning finished as asked (nothing to do)."""
+    record_path = tune_dir / "tune.json"
+    if not record_path.exists():
+        return None
+    if not resume:
+        raise RunError(f"{tune_dir} already holds a tuning; continue it with: python -m kdlib tune {tune_file} "
+                       f"--resume (finished trials are kept), or delete {tune_dir}")
+    before = yaml.safe_load((tune_dir / "tune.yaml").read_text())
+    now_spec = spec.as_dict()
+    before.setdefault("test_seeds", before.get("seeds"))  # a tuning recorded before test_seeds existed
+    changed = [k for k in set(now_spec) | set(before) if k not in RESUMABLE and before.get(k) != now_spec.get(k)]
+    if changed:
+        raise RunError(f"{tune_file}: {', '.join(sorted(changed))} differ from the tuning in {tune_dir}; only "
+                       "trials and test_seeds may change on --resume: restore them, or tune into a new folder "
+                       f"(delete {tune_dir})")
+    done = json.loads(record_path.read_text())
+    if (done.get("status") == "finished" and all(before.get(k) == now_spec[k] for k in ("trials", "test_seeds"))
+            and (not analysis or (tune_dir / ANALYSIS).exists())):
+        log(f"{tune_dir}: finished earlier with {spec.trials} trials per tuned method; nothing to do "
+            "(raise trials in the tune file to search further)")
+        return done
+    return None
+
+
+def _open_record(spec: TuneSpec, tune_file: Path, tune_dir: Path, url: str, scheduler: str | None):
+    """``tune.yaml`` and a 'running' ``tune.json`` (an earlier attempt kept under ``earlier``);
+    returns the record's data and the function that writes it."""
+    tune_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(tune_dir / "tune.yaml", yaml.dump(spec.as_dict(), Dumper=PlainDumper, sort_keys=False))
+    record_path = tune_dir / "tune.json"
+    before = json.loads(record_path.read_text()) if record_path.exists() else {}
+    earlier = before.get("earlier", []) + ([ended_attempt(before)] if "started" in before else [])
+    data = {"tune": display_path(tune_file), "base": display_path(Path(spec.base)),
+            "storage": display_path(Path(url)) if "://" not in url else url.split("://")[0] + "://…",
+            "cluster": "given scheduler" if scheduler else "embedded LocalCluster", "status": "running",
+            "started": now(), **({"earlier": earlier} if earlier else {})}
+
+    def write():
+        write_atomic(record_path, json.dumps(data, indent=1))
+
+    write()
+    return data, write
+
+
+def _choose(tuning: Tuning, data: dict, write, log) -> Path:
+    """Each method's chosen values (``best.yaml``), the trials and the studies' counts recorded,
+    and the test as a sweep file (``test.yaml``), whose path is returned."""
+    spec, tune_dir = tuning.spec, tuning.dir
+    choices = {s.name: {m: tuning.choice(s, m) for m in spec.methods} for s in spec.settings}
+    _write_best(tune_dir / "best.yaml", spec, choices)
+    write_atomic(tune_dir / "trials.csv", tuning.frame().to_csv(index=False))
+    data["studies"] = _study_summary(tuning)
+    write()
+    sweep_file = tune_dir / "test.yaml"
+    write_atomic(sweep_file, "# the test of the chosen values (best.yaml), written by kdlib tune\n"
+                          + yaml.dump(test_sweep(spec, choices), Dumper=PlainDumper, sort_keys=False))
+    log(f"test: {len(spec.settings) * len(spec.methods)} methods and settings x {len(spec.test_seeds)} seeds on "
+        "the full training set, scored on the test set")
+    return sweep_file
 
 
 def _stopped(data: dict, write, tuning: Tuning, log, left: str) -> dict:

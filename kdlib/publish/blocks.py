@@ -21,16 +21,20 @@ from typing import Callable
 import pandas as pd
 import yaml
 
+from ..analysis.cells import BR, MARGIN, cell, markdown_table, read
+from ..analysis.plots import save
+from ..analysis.stats import NAMES, mean_ci, pair
+from ..analysis.sweep_results import run_markdown, setting_label
+from ..analysis.teacher_quality import markdown as quality_markdown, summary as quality_summary
+from ..analysis.tune_results import (EARLIER, FIDELITY_STUDIES, STUDIES, block as best_block, plot_answer,
+                                     pruner_markdown, study_stage, superseded_markdown, test_differences)
 from ..book.params import SPLIT_SIZES
-from ..records.names import format_value
-from ..analysis.cells import MARGIN, cell, read
 from ..records.files import update_readme
+from ..records.names import format_value
 from ..records.paths import PACKAGE_ROOT
-from ..analysis.stats import NAMES, mean_ci
-from ..analysis.sweep_results import setting_label
+from .pages import results_markdown, runs_markdown, runs_table
 
 ROOT = PACKAGE_ROOT
-NBSP = "\u00a0"  # a number and its interval stay on one line
 REFERENCE = "outputs/fashionmnist-timed"  # the run `make book` reproduces: params/fashionmnist.yaml, shipped teachers
 SWEEPS = ["outputs/regimes"]  # the sweeps whose settings are questions
 QUALITY = "outputs/teacher-quality"  # the sweep over teacher quality (``kdlib.quality``)
@@ -38,7 +42,7 @@ ANSWER_FIGURE = "docs/answer.png"  # the answer's picture (``tune_analysis.plot_
 
 
 def _interval(mean: float, low: float, high: float) -> str:
-    return cell(mean, low, high, nbsp=True)
+    return cell(mean, low, high, nbsp=True, sep=BR)
 
 
 def _label(name: str) -> str:
@@ -68,16 +72,6 @@ def _teachers(run: Path) -> str:
     return " / ".join(f"{t['test_acc']:.1f}" for t in json.loads(path.read_text())["teachers"])
 
 
-def _pair(frame: pd.DataFrame, a: str, b: str, cols=("method_a", "method_b")) -> dict | None:
-    """a − b in ``frame`` (mean_diff, ci_low, ci_high, p_value, seeds), or None; read later, with the
-    answers table's other differences as its family (``answers_markdown``)."""
-    hit = frame[(frame[cols[0]] == a) & (frame[cols[1]] == b)] if len(frame) else frame
-    if not len(hit):
-        return None
-    r = hit.iloc[0]
-    return {k: r[k] for k in ("mean_diff", "ci_low", "ci_high", "p_value", "seeds")}
-
-
 def _best(accuracy: dict) -> str:
     """'vanilla 89.57 (89.16 to 89.98)' for {method: (mean, low, high)}."""
     best = max(accuracy, key=lambda m: accuracy[m][0])
@@ -100,8 +94,8 @@ def run_answer(run: Path) -> dict:
     question = "the book (`make book`)" if run.name == Path(REFERENCE).name else _label(run.name)
     return {"question": question, "data": _data(P), "teachers %": _teachers(run),
             "seeds": int(students.groupby("name")["seed"].count().max()), "best student %": _best(accuracy),
-            "CAMKD − vanilla": _pair(comparison, "camkd", "vanilla"),
-            "KD − scratch": _pair(comparison, "vanilla", "scratch"), "record": run}
+            "CAMKD − vanilla": pair(comparison, "camkd", "vanilla"),
+            "KD − scratch": pair(comparison, "vanilla", "scratch"), "record": run}
 
 
 def _same(a, b) -> bool:
@@ -141,8 +135,8 @@ def sweep_answers(sweep: Path) -> list[dict]:
         accuracy = {r["method"]: (r["mean"], r["ci_low"], r["ci_high"]) for _, r in acc.iterrows()}
         rows[label] = {"question": _label(label), "data": _data(P), "teachers %": _teachers(folder),
                        "seeds": int(acc["n"].max()), "best student %": _best(accuracy),
-                       "CAMKD − vanilla": _pair(pairs, "camkd", "vanilla"),
-                       "KD − scratch": _pair(pairs, "vanilla", "scratch"), "record": folder,
+                       "CAMKD − vanilla": pair(pairs, "camkd", "vanilla"),
+                       "KD − scratch": pair(pairs, "vanilla", "scratch"), "record": folder,
                        "verdicts": list(pairs["verdict"]) if "verdict" in pairs else []}
     return list(rows.values())
 
@@ -161,14 +155,14 @@ def answers_markdown(rows: list[dict], link: Callable[[Path], str], root: Path =
     found = [(i, c, r[c]) for i, r in enumerate(rows) for c in columns if r[c] is not None]
     family = read(pd.DataFrame([p for _, _, p in found], columns=["mean_diff", "ci_low", "ci_high", "p_value",
                                                                    "seeds"]))
-    cells = {(i, c): cell(p["mean_diff"], p["ci_low"], p["ci_high"], h, p["seeds"], signed=True, nbsp=True)
+    cells = {(i, c): cell(p["mean_diff"], p["ci_low"], p["ci_high"], h, p["seeds"], signed=True, nbsp=True, sep=BR)
              + (f"<br>*{w}*" if isinstance(w, str) else "")
              for (i, c, p), w, h in zip(found, family["word"], family["p_holm"])}
-    lines = ["| question (its record) | students learned from | teachers % | seeds | best student, accuracy % | "
-             "CAMKD − vanilla | KD − scratch |", "|---|---|---|---|---|---|---|"]
-    for i, r in enumerate(rows):
-        lines.append(f"| [{r['question']}]({link(r['record'])}) | {r['data']} | {r['teachers %']} | {r['seeds']} | "
-                     f"{r['best student %']} | {cells.get((i, columns[0]), '—')} | {cells.get((i, columns[1]), '—')} |")
+    lines = [markdown_table(["question (its record)", "students learned from", "teachers %", "seeds",
+                             "best student, accuracy %", *columns],
+                            [[f"[{r['question']}]({link(r['record'])})", r["data"], r["teachers %"], r["seeds"],
+                              r["best student %"], *(cells.get((i, c), "—") for c in columns)]
+                             for i, r in enumerate(rows)])]
     lines += ["", "Test accuracy at the final epoch; mean (95% CI) over seeds; differences paired by seed, "
                   f"\\* where Holm's adjusted p < 0.05 over the table's {len(found)} differences (paired t), each "
                   f"read as ahead, behind, level (inside ±{MARGIN:g} points) or undecided; KD is vanilla multi-teacher "
@@ -190,14 +184,10 @@ def record_page(folder: Path, root: Path = ROOT) -> str:
 
 def blocks(root: Path = ROOT) -> list[tuple[str, str, Callable[[], str]]]:
     """(file, block name, markdown) of every generated block, files relative to ``root``."""
-    from ..analysis.teacher_quality import markdown as quality_markdown
-    from .pages import results_markdown, runs_markdown, runs_table
-    from ..analysis.sweep_results import run_markdown
 
     out = root / "outputs"
     rows = answers(root)
     readme_link = lambda f: f.relative_to(root).as_posix() + "/"  # noqa: E731 (the folder on the repository)
-    from ..analysis.tune_results import EARLIER, FIDELITY_STUDIES, STUDIES, block as best_block, pruner_markdown, superseded_markdown
     studies = [root / s for s in STUDIES]
     earlier = {root / k: root / v for k, v in EARLIER.items()}
     best = [("README.md", "best", lambda: best_block(studies, lambda f: f.relative_to(root).as_posix() + "/",
@@ -207,8 +197,10 @@ def blocks(root: Path = ROOT) -> list[tuple[str, str, Callable[[], str]]]:
             ("docs/results.md", "best", lambda: best_block(
                 studies, lambda f: record_page(f, root), answer_figure=Path(ANSWER_FIGURE).name, earlier=earlier,
                 figure=lambda f: record_dir(f, root) + "tune_forest.png"))]
-    quality = [(file, "teachers", lambda: quality_markdown(root / QUALITY)) for file in ("README.md", "docs/index.md", "docs/results.md")
+    quality = [(file, "teachers", lambda: quality_markdown(root / QUALITY)) for file in ("docs/index.md", "docs/results.md")
                if (root / QUALITY / "sweep.yaml").is_file()]
+    quality += [("README.md", "teachers", lambda: quality_summary(root / QUALITY, "docs/results.md"))] \
+        if (root / QUALITY / "sweep.yaml").is_file() else []
     return [
         *best,
         *quality,
@@ -256,8 +248,6 @@ def main(argv=None) -> None:
 def answer_figure(root: Path = ROOT) -> Path | None:
     """``docs/answer.png``: the answer's picture, from the studies the README's answer reads (each
     headline study, or the one standing in for it until its test has finished); None without any."""
-    from ..analysis.plots import save
-    from ..analysis.tune_results import EARLIER, STUDIES, study_stage, plot_answer, test_differences
     frames = []
     for study in STUDIES:
         found, _ = study_stage(root / study, None)

@@ -19,6 +19,9 @@ import yaml
 
 from ..records.files import update_readme
 from ..analysis.stats import anchored_pairs, mean_sd as _mean_sd, paired_t, verdict
+from ..book.params import SCHEMA
+from ..analysis.sweep_results import markdown, run_markdown
+from ..analysis.teacher_quality import markdown as quality_markdown
 
 SEED_EXPECTED = {  # the seed kit's README, "Expected results on Fashion-MNIST"
     "teacher_cnn1": "~92.5", "teacher_cnn2": "~93.3", "teacher_resnet": "~92.0",
@@ -94,7 +97,6 @@ def _students(run_dir: Path) -> dict:
 
 
 def _differing_params(a: Path, b: Path) -> str:
-    from ..book.params import SCHEMA  # keys added after a run was made take their defaults
     defaults = {k: spec.default for k, spec in SCHEMA.items()}
     pa, pb = ({**defaults, **(yaml.safe_load((d / "params.yaml").read_text()) or {})} for d in (a, b))
     ignore = {"run_dir", "threads", "methods", "seeds"}
@@ -199,9 +201,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     sweep = (Path(args.run_dir) / "sweep.json").is_file()
     if sweep:
-        from ..analysis.sweep_results import markdown, run_markdown
         if args.quality:
-            from ..analysis.teacher_quality import markdown as quality_markdown
             block = quality_markdown(args.run_dir)
         else:
             block = run_markdown(args.run_dir) if args.by_run else markdown(args.run_dir)

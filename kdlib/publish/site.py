@@ -30,10 +30,19 @@ from urllib.parse import quote, unquote, urlsplit
 import pandas as pd
 import yaml
 
-from .blocks import NBSP, answers_markdown, record_dir, run_answer, sweep_answers
+from ..analysis.cells import NBSP, markdown_table
+from .blocks import answers_markdown, record_dir, run_answer, sweep_answers
 from ..records.files import update_readme
 from ..records.paths import PACKAGE_ROOT
 from ..analysis.sweep_results import run_titles
+from ..book.params import SCHEMA
+from ..analysis.stats import headline
+from ..analysis.sweep_results import run_markdown as setting_markdown
+from ..analysis.sweep_results import column_order
+from ..analysis.teacher_quality import parts as quality_parts
+from ..analysis.sweep_results import KEYS, load
+from ..analysis import tune_results as ta
+from ..records.extras import MissingExtra, require
 
 ROOT = PACKAGE_ROOT
 STAGE = Path("build/site-src")
@@ -70,14 +79,8 @@ def sweep_runs(sweep: Path) -> list[Path]:
 
 
 # ---------------------------------------------------------------- generated markdown
-def _table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
-
-
 def parameters_markdown() -> str:
     """The schema as a table: key, default, what is allowed, which models it determines, meaning."""
-    from ..book.params import SCHEMA
     rows = []
     for key, spec in SCHEMA.items():
         allowed = ", ".join(f"`{c}`" for c in spec.choices) if spec.choices else spec.kind.__name__ \
@@ -87,12 +90,11 @@ def parameters_markdown() -> str:
         default = json.dumps(spec.default) if isinstance(spec.default, (list, bool)) else repr(spec.default) \
             if isinstance(spec.default, str) else spec.default
         rows.append([f"`{key}`", f"`{default}`", allowed, " and ".join(spec.identity) or "—", spec.help])
-    table = _table(["key", "default", "allowed", "determines", "meaning"], rows)
+    table = markdown_table(["key", "default", "allowed", "determines", "meaning"], rows)
     return f'<div class="kdbook-params" markdown>\n\n{table}\n\n</div>'  # its keys never break
 
 
 def _params(path: Path) -> dict:
-    from ..book.params import SCHEMA
     return {**{k: s.default for k, s in SCHEMA.items()}, **(yaml.safe_load(path.read_text()) or {})}
 
 
@@ -111,7 +113,7 @@ def asked_markdown(run: Path, root: Path, base: Path | None = None) -> str:
         mine, theirs = _params(run / "params.yaml"), _params(base)
         diff = [[f"`{k}`", _fmt(theirs.get(k)), _fmt(mine.get(k))] for k in mine
                 if k not in NOT_SETTING and mine.get(k) != theirs.get(k)]
-        lines += ["", _table(["key", f"`{base.name}`", "this run"], diff) if diff
+        lines += ["", markdown_table(["key", f"`{base.name}`", "this run"], diff) if diff
                   else f"No key differs from `{base.name}`."]
     return "\n".join(lines)
 
@@ -137,12 +139,11 @@ def manifest_markdown(run: Path) -> str:
     versions = ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items())
     if versions:
         rows.append(["versions", versions])
-    return _table(["", ""], rows)
+    return markdown_table(["", ""], rows)
 
 
 def verdict_markdown(run: Path) -> str:
     """The run's answer: the best student and the paired verdicts (its comparison.csv)."""
-    from ..analysis.stats import headline
     if not (run / "results.csv").is_file():
         return "No results recorded."
     results = pd.read_csv(run / "results.csv")
@@ -216,7 +217,6 @@ def sweep_verdict(sweep: Path) -> list[str]:
     """A sweep's answer as markdown lines: its answers table and verdicts
     (``blocks.sweep_answers``), else its setting table with stars (``sweep_analysis.run_markdown``).
     (A sweep over teacher quality has its generated reading instead: ``quality.parts``.)"""
-    from ..analysis.sweep_results import run_markdown as setting_markdown
     rows = sweep_answers(sweep) if (sweep / "sweep_summary.csv").is_file() else []
     if rows:
         return [answers_markdown(rows, lambda f: f.name + "/index.md", sweep.parent.parent), "",
@@ -228,7 +228,6 @@ def by_setting(sweep: Path, titles: dict) -> dict[str, list[Path]]:
     """The sweep's runs (``sweep_runs``) grouped by their setting in words, the settings in the
     order of the sweep's forest plot and tables: the shipped teachers first, then a degraded
     teacher, then the small student (``sweep_analysis.column_order``), else the sweep file's order."""
-    from ..analysis.sweep_results import column_order
     groups: dict[str, list[Path]] = {}
     for run in sweep_runs(sweep):
         groups.setdefault(titles.get(run.name, (run.name, ""))[0], []).append(run)
@@ -238,8 +237,6 @@ def by_setting(sweep: Path, titles: dict) -> dict[str, list[Path]]:
 
 
 def sweep_markdown(sweep: Path, root: Path) -> str:
-    from ..analysis.teacher_quality import parts as quality_parts
-    from ..analysis.sweep_results import KEYS, load
     record = json.loads((sweep / "sweep.json").read_text())
     runs, titles = sweep_runs(sweep), run_titles(sweep)
     parts = [f"# {_sweep_name(sweep, root)} (sweep)", "",
@@ -271,7 +268,7 @@ def sweep_markdown(sweep: Path, root: Path) -> str:
             table.append([setting if run == members[0] else "", f"[{words}]({run.name}/index.md)",
                           info.get("status", "—"), f"{seconds / 60:.0f}{NBSP}min" if seconds else "—"])
     parts += ["## The runs", "", "Grouped by setting; each run's page gives its folder.", "",
-              _table(["setting", "run", "status", "time"], table), "", f"Files: {_files(sweep)}.", ""]
+              markdown_table(["setting", "run", "status", "time"], table), "", f"Files: {_files(sweep)}.", ""]
     return "\n".join(parts)
 
 
@@ -282,7 +279,6 @@ def tune_markdown(folder: Path, root: Path) -> str:
     """A tuning's page (``kdlib tune``): its answer first (each method at its best, from the test
     sweep, with the reading), the forest plot, the chosen values, the search's counts and
     figures (as 05 drew them), then its notebook and a link to the test runs."""
-    from ..analysis import tune_results as ta
     record = json.loads((folder / "tune.json").read_text())
     res = ta.load(folder)
     parts = [f"# {folder.name} (tuning)", "",
@@ -299,12 +295,12 @@ def tune_markdown(folder: Path, root: Path) -> str:
                   "![the tuned comparison's forest plot](tune_forest.png)", ""]
     chosen = ta.chosen(res)
     if not chosen.empty:
-        parts += ["## The chosen values", "", _table(list(chosen.columns), chosen.values.tolist()), ""]
+        parts += ["## The chosen values", "", markdown_table(list(chosen.columns), chosen.values.tolist()), ""]
     counts = ta.counts(res)
     if not counts.empty:
         parts += ["## The search", "", "Trials per study (pruned: stopped by the median pruner; failed: asked again); "
                   "validation accuracy by trial, and against each knob, as notebook 05 drew them.", "",
-                  _table(list(counts.columns), counts.values.tolist()), ""]
+                  markdown_table(list(counts.columns), counts.values.tolist()), ""]
         parts += [f"![{f.stem}]({f.name})" for prefix in TUNE_FIGURES for f in sorted(folder.glob(f"{prefix}*.png"))]
         parts.append("")
     parts += ["## Its notebook and the test runs", ""] + [f"- [{nb.stem}]({nb.name})" for nb in _notebooks(folder)]
@@ -337,7 +333,7 @@ def index_markdown(found: list[Path], root: Path) -> str:
                       "One page per committed run, sweep or tuning in `outputs/`, generated from its folder when the site "
                       "is built: what it asked, its verdict, its manifest, and its executed notebooks rendered "
                       "from their stored outputs.", "",
-                      _table(["record", "kind", "status", "started", "answer"], rows), ""])
+                      markdown_table(["record", "kind", "status", "started", "answer"], rows), ""])
 
 
 # ---------------------------------------------------------------- staging and building
@@ -585,7 +581,6 @@ def main(argv=None) -> None:
     parser.add_argument("--check", action="store_true",
                         help="then check every internal link and image on disk; exit 1 naming the broken ones")
     args = parser.parse_args(argv)
-    from ..records.extras import MissingExtra, require
     try:
         require("docs", "make site")
     except MissingExtra as err:
