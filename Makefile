@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 NAME ?= fashionmnist-$(shell date +%Y%m%d-%H%M%S)
 export KDBOOK_PROGRESS ?= text
 
-.PHONY: install data browser book smoke sweep tune studies lab test check-site test-colab bench site blocks clean-interactive
+.PHONY: install data browser postgres book smoke sweep tune studies lab test check-site test-colab bench site blocks clean-interactive
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -18,6 +18,11 @@ install: $(VENV)/.installed
 data:
 	@if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; fi
+
+# A PostgreSQL server for tests/test_postgres.py (it skips, saying why, without one).
+postgres:
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && apt-get install -y -qq postgresql; fi
 
 # Chromium for tests/test_browser.py (those tests skip, saying why, without it).
 browser:
@@ -65,7 +70,7 @@ lab: install
 # what 01 and 02 left there. 04 and 05 run under nbval inside the tests that make a sweep (tests/test_sweep.py)
 # and a tuning (tests/test_tune.py) for them to read.
 TEST_WORKERS ?= 2
-test: install data browser
+test: install data browser postgres
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests -p no:cacheprovider \
 		--durations=15 --ignore=tests/test_site_links.py -m "not serial"
 	root=$$(mktemp -d) && KDBOOK_ROOT=$$root $(PY) -m pytest --nbval-lax notebooks/0[1-3]_*.ipynb -p no:cacheprovider \

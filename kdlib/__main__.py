@@ -18,6 +18,7 @@ from .records.extras import MissingExtra, require
 from .book.params import ParamsError
 
 EXTRA_OF = {"run": "batch", "sweep": "sweep", "tune": "tune"}  # what each command needs beyond the core
+DRY_RUN = "check everything (files, keys, values, the folder) and say what would run; run nothing"
 STOPPED = 3  # the exit status of a sweep or tuning stopped by its --timeout (continue it with --resume)
 TIMEOUT_HELP = ("start no {} after this long (seconds, or 90m, 2h, 1h30m); the running ones finish, "
                 f"then it stops with exit status {STOPPED}, to be continued with --resume")
@@ -55,6 +56,7 @@ def main(argv=None) -> int:
                      help="override one parameter (YAML value), repeatable; with --resume too")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
     run.add_argument("--outputs", default="outputs", help="parent folder of run folders")
+    run.add_argument("--dry-run", action="store_true", help=DRY_RUN)
     ship = sub.add_parser("ship-teachers", help="copy a params file's trained teachers into reference_teachers/")
     ship.add_argument("params", help="params YAML file whose teachers are trained, e.g. params/fashionmnist.yaml")
     sweep = sub.add_parser("sweep", help="run a grid of book runs on Dask into outputs/NAME/RUN")
@@ -63,6 +65,8 @@ def main(argv=None) -> int:
     sweep.add_argument("--scheduler", metavar="ADDRESS", help="submit to an existing Dask scheduler, e.g. tcp://host:8786")
     sweep.add_argument("--resume", action="store_true", help="continue the sweep: finished runs are skipped")
     sweep.add_argument("--outputs", default="outputs", help="parent folder of sweep folders")
+    sweep.add_argument("--name", help="sweep folder name under outputs/ (default: the sweep file's stem)")
+    sweep.add_argument("--dry-run", action="store_true", help=DRY_RUN)
     sweep.add_argument("--timeout", type=duration, metavar="T", help=TIMEOUT_HELP.format("run"))
     tune = sub.add_parser("tune", help="tune each method on a validation split (Optuna on Dask), then test "
                                        "the chosen values over seeds into outputs/NAME")
@@ -73,6 +77,8 @@ def main(argv=None) -> int:
                       "postgresql://host/db (default: a journal file in outputs/NAME, one machine)")
     tune.add_argument("--resume", action="store_true", help="continue: finished trials and runs are kept")
     tune.add_argument("--outputs", default="outputs", help="parent folder of tuning folders")
+    tune.add_argument("--name", help="tuning folder name under outputs/ (default: the tune file's stem)")
+    tune.add_argument("--dry-run", action="store_true", help=DRY_RUN)
     tune.add_argument("--timeout", type=duration, metavar="T", help=TIMEOUT_HELP.format("trial or test run"))
     for name, (_, what) in READERS.items():
         sub.add_parser(name, help=what + f" (python -m kdlib {name} --help)", add_help=False)
@@ -89,8 +95,11 @@ def main(argv=None) -> int:
         return _tune(args)
     if args.command == "ship-teachers":
         return _ship(args.params)
-    from .book.runner import RunError, run as run_book
+    from .book.runner import RunError, check_run, run as run_book
     try:
+        if args.dry_run:
+            print(check_run(args.params, args.name, args.overrides, args.resume, args.outputs))
+            return 0
         run_dir = run_book(args.params, args.name, args.overrides, args.resume, args.outputs)
     except (ParamsError, RunError, CheckpointError, DataNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -122,7 +131,11 @@ def _sweep(args) -> int:
               file=sys.stderr)
         return 2
     try:
-        data = run_sweep(args.sweep_file, args.workers, args.scheduler, args.resume, args.outputs,
+        if args.dry_run:
+            from .fanout.sweep import check_sweep
+            print(check_sweep(args.sweep_file, args.resume, args.outputs, args.name))
+            return 0
+        data = run_sweep(args.sweep_file, args.workers, args.scheduler, args.resume, args.outputs, name=args.name,
                          deadline=deadline_after(args.timeout))
     except (ParamsError, RunError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -139,8 +152,12 @@ def _tune(args) -> int:
               file=sys.stderr)
         return 2
     try:
+        if args.dry_run:
+            from .fanout.tune import check_tune
+            print(check_tune(args.tune_file, args.storage, args.resume, args.outputs, args.name))
+            return 0
         data = run_tune(args.tune_file, args.workers, args.scheduler, args.storage, args.resume, args.outputs,
-                        timeout=args.timeout)
+                        name=args.name, timeout=args.timeout)
     except (ParamsError, RunError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2 if isinstance(err, ParamsError) else 1

@@ -120,7 +120,7 @@ def test_by_run_table_has_one_row_per_setting_with_paired_differences(tmp_path):
     a = acc["beta=5"]
     low, high = st.t.interval(0.95, 2, loc=np.mean(a["scratch"]), scale=st.sem(a["scratch"]))
     nbsp = sweep_analysis.NBSP  # a number and its interval on one line
-    assert table.loc["beta=5", "scratch accuracy %"] == f"{np.mean(a['scratch']):.2f} ({low:.2f} to {high:.2f})".replace(" ", nbsp)
+    assert table.loc["beta=5", "scratch accuracy %"] == f"{np.mean(a['scratch']):.2f}<br>" + f"({low:.2f} to {high:.2f})".replace(" ", nbsp)
     ref = st.ttest_rel(a["vanilla"], a["scratch"])
     ci = ref.confidence_interval()
     # Holm over the pairs the table reads (3 per setting, 6 in all), stepped down by hand
@@ -130,16 +130,19 @@ def test_by_run_table_has_one_row_per_setting_with_paired_differences(tmp_path):
     holm = max(min(1, (6 - k) * shown[k]) for k in range(rank + 1))
     star = " *" if holm < 0.05 else ""
     assert table.loc["beta=5", "vanilla − scratch"] == (f"{np.mean(a['vanilla']) - np.mean(a['scratch']):+.2f} "
-                                                       f"({ci.low:+.2f} to {ci.high:+.2f}){star}").replace(" ", nbsp) + " ahead"
+                                                       f"({ci.low:+.2f} to {ci.high:+.2f}){star}").replace(" ", nbsp) \
+        .replace(nbsp + "(", "<br>(") + "<br>ahead"  # the interval and the word on lines of their own
     b = acc["beta=1"]
-    assert table.loc["beta=1", "CAMKD − vanilla"].startswith(f"{np.mean(b['camkd']) - np.mean(b['vanilla']):+.2f}{nbsp}(")
+    assert table.loc["beta=1", "CAMKD − vanilla"].startswith(f"{np.mean(b['camkd']) - np.mean(b['vanilla']):+.2f}<br>(")
     assert not table.loc["beta=1", "CAMKD − vanilla"].endswith("*")  # -1, +1, -2... not significant
     text = sweep_analysis.run_markdown(tmp_path)
     assert sweep_analysis.setting_label("augment=crop,seeds=2,beta=5") == "augment=crop,beta=5"
     assert sweep_analysis.setting_label("methods=camkd,beta=1,seeds=0") == "beta=1"
     assert list(table["seeds"]) == [3, 3]
-    assert "| setting | seeds | CAMKD accuracy % | vanilla accuracy % | scratch accuracy % | vanilla − scratch |" in text
-    assert "| `beta=1` | 3 |" in text and "- `beta=5`: vanilla vs scratch: " in text
+    assert "|  | `beta=5` | `beta=1` |" in text  # one column per setting, in the file's order: it fits the page
+    rows = [line.split(" | ")[0].strip("| ") for line in text.splitlines() if line.startswith("| ")]
+    assert rows[1:6] == ["seeds", "CAMKD accuracy %", "vanilla accuracy %", "scratch accuracy %", "vanilla − scratch"]
+    assert "| seeds | 3 | 3 |" in text and "- `beta=5`: vanilla vs scratch: " in text
     (tmp_path / "sweep.json").write_text("{}")  # what marks a sweep folder for kdlib.publish.pages
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- regimes:start -->\nold\n<!-- regimes:end -->\nrest\n")
@@ -238,7 +241,7 @@ def test_analysis_pools_seeds_per_setting_and_pairs_them(tmp_path):
     assert d["verdict"].startswith("CAMKD vs vanilla: +1.67 points")
     wide = sweep_analysis.wide_table(sweep_analysis.setting_table(res), res.keys)
     assert list(wide.index) == [1.0, 5.0] and list(wide["seeds"]) == [3, 3]
-    assert wide.loc[5.0, "CAMKD accuracy %"] == f"{np.mean(values):.2f} ({low:.2f} to {high:.2f})".replace(" ", sweep_analysis.NBSP)
+    assert wide.loc[5.0, "CAMKD accuracy %"] == f"{np.mean(values):.2f}<br>" + f"({low:.2f} to {high:.2f})".replace(" ", sweep_analysis.NBSP)
     text = sweep_analysis.markdown(tmp_path)  # the README block kdlib.publish.pages writes
     assert "| beta | seeds | CAMKD accuracy % | CAMKD KL(C‖S) | vanilla accuracy % |" in text
     assert "- beta=1: CAMKD vs vanilla: +1.67 points" in text and "left out): beta=9,seeds=0" in text

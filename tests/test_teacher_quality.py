@@ -533,7 +533,7 @@ def test_a_run_changing_only_its_methods_key_is_a_variant_of_that_method_in_the_
     assert diffs.loc[("", "camkd[beta=0] - scratch"), "mean_diff"] == pytest.approx(8.0)
     table = sweep_analysis.run_table(res)
     assert list(table["setting"]) == ["teacher_class_swap=", "teacher_class_swap=teacher_resnet-0-6"]
-    assert "camkd[beta=0] accuracy %" in table.columns and list(table["seeds"]) == [3, 3]
+    assert "CAMKD (beta 0) accuracy %" in table.columns and list(table["seeds"]) == [3, 3]
     assert sweep_analysis.setting_label("teacher_class_swap=x,methods=camkd,beta=0,seeds=1", {"beta": 100.0}) == \
         "teacher_class_swap=x"
     # a key that runs of other methods also change is a setting, as before

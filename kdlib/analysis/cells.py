@@ -65,14 +65,14 @@ def star(p: float | None, seeds: int | None, alpha: float = ALPHA) -> bool:
 
 def cell(mean: float, low: float = math.nan, high: float = math.nan, p: float | None = None,
          seeds: int | None = None, signed: bool = False, escape: bool = True, nbsp: bool = False,
-         sep: str = " ") -> str:
+         sep: str = " ", digits: int = 2) -> str:
     """'87.71 (86.87 to 88.56)', '+0.29 (-0.14 to +0.73) \\*' (``star``), the mean alone without an
     interval, '—' without a mean. ``escape``: the star as markdown's ``\\*``; ``nbsp``: the number and
     its interval held on one line; ``sep``: what stands between the mean and its interval ('<br>' puts
-    the interval on a line of its own)."""
+    the interval on a line of its own); ``digits`` after the point."""
     if _missing(mean):
         return "—"
-    f = "+.2f" if signed else ".2f"
+    f = f"+.{digits}f" if signed else f".{digits}f"
     interval = f"({low:{f}} to {high:{f}})"
     if nbsp:
         interval = interval.replace(" ", "\u00a0")

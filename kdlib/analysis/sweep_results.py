@@ -28,8 +28,8 @@ import yaml
 from ..book.params import SCHEMA
 from ..records.names import (KNOB_WORDS, degraded, format_value, knob_words, method_words,  # noqa: F401
                              short_name, value_words)
-from .cells import BR, NBSP, cell, holm, markdown_table, read
-from .stats import NAMES, anchored_pairs, comparison_frame, mean_ci, method_rank, verdict
+from .cells import BR, NBSP, cell, holm, markdown_table, read  # noqa: F401 (NBSP: for readers)
+from .stats import anchored_pairs, comparison_frame, mean_ci, method_rank, verdict
 
 NOT_SETTING = {"run_dir", "threads", "seeds", "methods"}
 METRICS = {"accuracy": "accuracy %", "centroid_fidelity": "KL(C‖S)"}
@@ -270,9 +270,7 @@ def verdict_lines(res: SweepResults, diffs: pd.DataFrame) -> list[str]:
 
 def _cell(row, digits: int) -> str:
     """'91.04<br>(90.68 to 91.41)': the mean, its interval on a line of its own (a wide table fits its page)."""
-    if np.isnan(row["ci_low"]):
-        return f"{row['mean']:.{digits}f}"
-    return f"{row['mean']:.{digits}f}{BR}" + f"({row['ci_low']:.{digits}f} to {row['ci_high']:.{digits}f})".replace(" ", NBSP)
+    return cell(row["mean"], row["ci_low"], row["ci_high"], nbsp=True, sep=BR, digits=digits)
 
 
 def wide_table(table: pd.DataFrame, keys: list[str]) -> pd.DataFrame:

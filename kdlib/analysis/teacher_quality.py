@@ -35,13 +35,10 @@ from .sweep_results import (KEYS, SweepResults, column_order, degraded, differen
 
 
 
-def _cell(mean: float, low: float, high: float, n: int, full: int, signed: bool = False, star: bool = False) -> str:
-    """'91.11<br>(90.72 to 91.51) *': the mean, and its interval on a line of its own, so that five
+def _cell(mean: float, low: float, high: float, n: int, full: int) -> str:
+    """'91.11<br>(90.72 to 91.51)': the mean, and its interval on a line of its own, so that five
     settings side by side fit a page; '[2 seeds]' where fewer seeds than the sweep runs."""
-    f = "+.2f" if signed else ".2f"
-    text = f"{mean:{f}}" + ("" if math.isnan(low) else BR + f"({low:{f}} to {high:{f}})".replace(" ", NBSP))
-    if star:
-        text += NBSP + "*"
+    text = reading_.cell(mean, low, high, nbsp=True, sep=BR)
     if n < full:
         text += BR + f"[{n} seed{'s' if n != 1 else ''}]".replace(" ", NBSP)
     return text

@@ -9,6 +9,7 @@ named here by its method alone.
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,7 +149,6 @@ def timing(res: TuneResults) -> dict:
     evaluations or test runs was running (the pauses between its starts left out), ``training
     hours`` summed over them (two workers side by side count twice), and ``starts``, how many
     times it was started or resumed (``tune.json``)."""
-    import json
     spans = _spans(res.trials)
     seconds = float(res.trials["seconds"].fillna(0).sum()) if "seconds" in res.trials else 0.0
     for manifest in sorted((res.dir / "test").glob("*/manifest.json")):
@@ -202,6 +202,8 @@ def importances(res: TuneResults, setting: str, method: str, storage: str | None
     if complete["val_acc"].nunique() < 2:
         return {}  # every trial scored the same: nothing to attribute (fANOVA finds no variance)
     url = storage or str(res.dir / "study.journal")
+    if "://" not in url and not Path(url).is_file():  # its storage is a database this reader is not given
+        return {}
     study = optuna.load_study(study_name=study_name(setting, method), storage=open_storage(url))
     return dict(optuna.importance.get_param_importances(
         study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0)))
@@ -574,9 +576,9 @@ def study_stage(folder: Path, link) -> tuple[tuple | None, str | None]:
     stage = ("testing the chosen values" + _test_progress(folder) if res.best else
              "re-scoring its best trials over seeds" if rescoring else "searching" + _progress(res))
     record = folder / "tune.json"
-    import json
-    if record.is_file() and json.loads(record.read_text()).get("status") == "stopped":
-        stage = f"stopped while {stage}; `make studies` resumes it"
+    status = json.loads(record.read_text()).get("status") if record.is_file() else None
+    if status in ("stopped", "interrupted"):
+        stage = f"{status} while {stage}; `make studies` resumes it"
     return None, f"{_named(folder, link)} ({stage})"
 
 
@@ -909,11 +911,13 @@ SHOWN_EPOCHS = (1, 2, 3, 5, 8, 10, 11, 12, 14)
 
 
 def study_fidelity(folders) -> pd.DataFrame:
-    """``pruner_fidelity`` of every study in ``folders`` (its ``study.journal``), a ``study`` column
-    naming its folder and the setting in words."""
+    """``pruner_fidelity`` of every study in ``folders`` (its ``study.journal``; a tuning whose storage is
+    a database is left out), a ``study`` column naming its folder and the setting in words."""
     frames = []
     for folder in map(Path, folders):
         res = load(folder)
+        if not (folder / "study.journal").is_file():  # a tuning whose storage is a database: not read here
+            continue
         f = pruner_fidelity(epoch_curves(folder / "study.journal"))
         frames.append(f.assign(study=folder.name, setting=[res.words(s) for s in f["setting"]]))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()

@@ -259,6 +259,41 @@ def prepare_run(params_file: str | None, name: str | None, overrides: list[str],
     return run_dir, P, manifest, source
 
 
+def check_run(params_file: str | None = None, name: str | None = None, overrides: list[str] | None = None,
+              resume: str | None = None, outputs: str | Path = "outputs") -> str:
+    """Every check ``run`` makes before it creates anything (the params file and its overrides, the
+    notebooks' parameters, a folder in the way, a run to resume), and nothing else: no folder
+    written, no notebook executed. Returns what would run, in one line (``kdlib run --dry-run``)."""
+    overrides = overrides or []
+    if resume:
+        run_dir = Path(resume)
+        if not (run_dir / "params.yaml").is_file():
+            raise RunError(f"--resume {resume}: no params.yaml there; is it a run folder?")
+        status = json.loads((run_dir / "manifest.json").read_text()).get("status")
+        if status == "finished":
+            raise RunError(f"{run_dir} already finished; nothing to resume")
+        given = yaml.safe_load((run_dir / "params.yaml").read_text())
+        given.update(dict(parse_override(t) for t in overrides))
+        validate(given, str(run_dir / "params.yaml"))
+        return f"would resume {display_path(run_dir)} (a {status} run)"
+    if not params_file:
+        raise RunError("give a params file (params/NAME.yaml) or --resume outputs/NAME")
+    load_params(params_file)
+    raw = dict(yaml.safe_load(Path(params_file).read_text()) or {})
+    raw.update(dict(parse_override(t) for t in overrides))
+    source = params_file + (" with -p " + " ".join(overrides) if overrides else "")
+    P = validate(dict(raw), source)
+    check_declared(raw, source, notebooks_dir())
+    run_dir = Path(outputs) / (name or Path(params_file).stem)
+    if (run_dir / "manifest.json").exists():
+        status = json.loads((run_dir / "manifest.json").read_text()).get("status")
+        hint = (f"pick another --name, or delete {run_dir}" if status == "finished"
+                else f"resume it with: python -m kdlib run --resume {run_dir} (or pick another --name)")
+        raise RunError(f"{run_dir} already holds a {status} run; {hint}")
+    return (f"would run the book into {display_path(run_dir)}: {', '.join(P['methods'])} on seeds "
+            f"{', '.join(map(str, P['seeds']))}, {P['dataset']}")
+
+
 def run(params_file: str | None = None, name: str | None = None, overrides: list[str] | None = None,
         resume: str | None = None, outputs: str | Path = "outputs", log=say) -> Path:
     """Run the book; return the run folder. Raises ``ParamsError`` or ``RunError``, or

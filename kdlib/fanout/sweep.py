@@ -152,6 +152,13 @@ class Record:
                                {"status": "pending", "worker": None, "seconds": None, "error": None} for n in names})
         self.write()
 
+    @staticmethod
+    def finished_in(sweep_dir: Path) -> set[str]:
+        """The runs ``sweep.json`` in ``sweep_dir`` records as finished (none without one)."""
+        path = sweep_dir / "sweep.json"
+        runs = json.loads(path.read_text()).get("runs", {}) if path.is_file() else {}
+        return {n for n, r in runs.items() if (r or {}).get("status") == "finished"}
+
     def runs(self, status: str) -> list[str]:
         return [n for n, r in self.data["runs"].items() if r["status"] == status]
 
@@ -257,6 +264,22 @@ def ensure(sweep_dir: str | Path, sweep_file: str | Path) -> Path:
     return folder
 
 
+def check_sweep(sweep_file: str | Path, resume: bool = False, outputs: str | Path = "outputs",
+                name: str | None = None) -> str:
+    """Every check ``run_sweep`` makes before it creates anything (the sweep file, every run's params,
+    a sweep folder in the way), and nothing else. Returns what would run, in one line."""
+    sweep_file = locate(Path(sweep_file))
+    base, runs = expand(sweep_file)
+    sweep_dir = Path(outputs) / (name or sweep_file.stem)
+    if (sweep_dir / "sweep.json").exists() and not resume:
+        raise RunError(f"{sweep_dir} already holds a sweep; continue it with: python -m kdlib sweep {sweep_file} "
+                       f"--resume (finished runs are skipped), pick another --name, or delete {sweep_dir}")
+    done = Record.finished_in(sweep_dir) if resume else set()
+    left = [r for r in runs if r.name not in done]
+    return (f"would {'resume' if resume and done else 'run'} {display_path(sweep_dir)}: {len(left)} of {len(runs)} "
+            f"runs from {display_path(Path(base))}")
+
+
 def run_sweep(sweep_file: str | Path, workers: int | None = None, scheduler: str | None = None,
               resume: bool = False, outputs: str | Path = "outputs", name: str | None = None,
               dashboard: str = ":8787", analysis: bool = True, log=print, deadline: float | None = None) -> dict:
@@ -273,7 +296,7 @@ def run_sweep(sweep_file: str | Path, workers: int | None = None, scheduler: str
     sweep_dir = Path(outputs) / (name or sweep_file.stem)
     if (sweep_dir / "sweep.json").exists() and not resume:
         raise RunError(f"{sweep_dir} already holds a sweep; continue it with: python -m kdlib sweep {sweep_file} "
-                       f"--resume (finished runs are skipped), or delete {sweep_dir}")
+                       f"--resume (finished runs are skipped), pick another --name, or delete {sweep_dir}")
     try:
         sweep_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:

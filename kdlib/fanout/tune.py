@@ -229,6 +229,23 @@ def ensure(tune_dir: str | Path, tune_file: str | Path) -> Path:
     return folder
 
 
+def check_tune(tune_file: str | Path, storage: str | None = None, resume: bool = False,
+               outputs: str | Path = "outputs", name: str | None = None) -> str:
+    """Every check ``run_tune`` makes before it runs a trial (the tune file and every value of its
+    search space, a tuning folder in the way or a resume that changed it, the reused tuning), but
+    the storage, which it names; nothing is created. Returns what would run, in one line."""
+    tune_file = locate(Path(tune_file))
+    spec = load_tune(tune_file)
+    tune_dir = Path(outputs) / (name or tune_file.stem)
+    done = _finished_earlier(spec, tune_file, tune_dir, resume, True, log=lambda *a: None)
+    if done is not None:
+        return f"{display_path(tune_dir)}: finished earlier; nothing to do"
+    tuned = [m for m in spec.methods if spec.tuned(m)]
+    return (f"would {'resume' if (tune_dir / 'tune.json').exists() else 'run'} {display_path(tune_dir)}: "
+            f"{len(spec.settings)} setting(s), {spec.trials} trials each of {', '.join(tuned) or 'no method'}, then "
+            f"a test over {len(spec.test_seeds)} seeds; storage {storage or display_path(tune_dir / 'study.journal')}")
+
+
 def run_tune(tune_file: str | Path, workers: int | None = None, scheduler: str | None = None,
              storage: str | None = None, resume: bool = False, outputs: str | Path = "outputs",
              name: str | None = None, dashboard: str = ":8787", analysis: bool = True, log=print,
@@ -291,7 +308,7 @@ def _finished_earlier(spec: TuneSpec, tune_file: Path, tune_dir: Path, resume: b
         return None
     if not resume:
         raise RunError(f"{tune_dir} already holds a tuning; continue it with: python -m kdlib tune {tune_file} "
-                       f"--resume (finished trials are kept), or delete {tune_dir}")
+                       f"--resume (finished trials are kept), pick another --name, or delete {tune_dir}")
     before = yaml.safe_load((tune_dir / "tune.yaml").read_text())
     now_spec = spec.as_dict()
     before.setdefault("test_seeds", before.get("seeds"))  # a tuning recorded before test_seeds existed
