@@ -23,14 +23,14 @@ import yaml
 
 from ..analysis.cells import BR, MARGIN, cell, markdown_table, read
 from ..analysis.plots import save
-from ..analysis.stats import NAMES, mean_ci, pair
+from ..analysis.stats import mean_ci, pair
 from ..analysis.sweep_results import run_markdown, setting_label
 from ..analysis.teacher_quality import markdown as quality_markdown, summary as quality_summary
 from ..analysis.tune_results import (EARLIER, FIDELITY_STUDIES, STUDIES, block as best_block, plot_answer,
                                      pruner_markdown, study_stage, superseded_markdown, test_differences)
 from ..book.params import SPLIT_SIZES
 from ..records.files import update_readme
-from ..records.names import format_value
+from ..records.names import format_value, method_words
 from ..records.paths import PACKAGE_ROOT
 from .pages import results_markdown, runs_markdown, runs_table
 
@@ -75,7 +75,7 @@ def _teachers(run: Path) -> str:
 def _best(accuracy: dict) -> str:
     """'vanilla 89.57 (89.16 to 89.98)' for {method: (mean, low, high)}."""
     best = max(accuracy, key=lambda m: accuracy[m][0])
-    return f"{NAMES.get(best, best)} " + _interval(*accuracy[best])
+    return f"{method_words(best)} " + _interval(*accuracy[best])
 
 
 def run_answer(run: Path) -> dict:
