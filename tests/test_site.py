@@ -282,7 +282,7 @@ def test_tuning_page_answers_then_links_its_test_runs(site, page):
     text = page.inner_text(".md-content")
     verdict = text.split("Verdict", 1)[1].split("The chosen values", 1)[0]
     assert "small student" in verdict and "vanilla T 1.5, alpha 0.8" in verdict and "vanilla − scratch" in verdict
-    assert "The answer, each method tuned on held-out training images" in verdict
+    assert "The answer, each method at its best (tuned on held-out training images)" in verdict
     assert "small-student, small student (student width 0.25): 3 trials per tuned method" in verdict  # its column
     forest = page.locator("img[src='tune_forest.png']")
     assert forest.count() == 1 and forest.evaluate("i => i.complete && i.naturalWidth > 0")

@@ -475,7 +475,7 @@ def sentence(diffs: pd.DataFrame, margin: float = reading_.MARGIN) -> str:
         rows = diffs[(diffs["anchor"] == anchor) & (diffs["method"] == method)]
         if len(rows):
             parts.append(f"{name}: " + _by_setting(rows))
-    return (f"**The answer**, each method tuned on held-out training images and tested over {over} seeds: "
+    return (f"**The answer**, each method at its best (tuned on held-out training images) and tested over {over} seeds: "
             + "; ".join(parts) + f". Ahead or behind: the whole 95% interval of the paired difference above or "
             f"below 0; level: inside ±{margin:g} points; undecided: neither.")
 

@@ -285,7 +285,7 @@ def tune_markdown(folder: Path, root: Path) -> str:
              f"Its folder: `{folder.relative_to(root).as_posix()}/`. Tune file `{record.get('tune')}` on base "
              f"`{record.get('base')}`; status {record.get('status')}, {record.get('cluster', '')}; every method "
              f"searched with {res.spec['trials']} trials on the validation split, then tested over seeds "
-             f"{', '.join(map(str, res.spec['seeds']))}. {ta.timing_line(res)}", ""]
+             f"{', '.join(map(str, res.spec.get('test_seeds', res.spec['seeds'])))}. {ta.timing_line(res)}", ""]
     if (folder / "tune.yaml").is_file():
         parts += _folded("What it asked (tune.yaml)", folder / "tune.yaml")
     parts += ["## Verdict", "", ta.block([folder], own_page=True), ""]
