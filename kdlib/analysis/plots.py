@@ -1,6 +1,6 @@
 """Figures of a run: the teachers, one method's training, the comparison of methods.
 
-Inputs are the JSON written by ``kdlib.book`` (``teachers.json``, ``metrics_<method>.json``).
+Inputs are the JSON written by ``kdlib.book.steps`` (``teachers.json``, ``metrics_<method>.json``).
 Every plot function returns a ``matplotlib.figure.Figure`` made without pyplot, so
 nothing is shown or left open behind your back: show one with ``display(fig)`` (or
 by leaving it last in a notebook cell) and write it with ``save``.
@@ -652,7 +652,7 @@ FOREST_ROW = 0.26  # inches per method row of a forest plot: 8 rows of 5 setting
 
 def _forest_order(res) -> list:
     """The settings of a sweep in reading order: a teacher-quality sweep's as its block puts
-    them (``sweep_analysis.column_order``), any other in the sweep file's order."""
+    them (``sweep_results.column_order``), any other in the sweep file's order."""
     settings = list(res.settings)
     if set(KEYS) & set(res.keys):
         settings.sort(key=lambda s: column_order(res.params[s]))
@@ -663,12 +663,12 @@ def plot_forest(sweep, against=("scratch", "label_smoothing"), title: str | None
     """A forest plot of a sweep: one row-block per setting (named in words, ``SweepResults.names``),
     one row per method, one column per method of ``against`` that ran; each dot is the
     method's paired difference in accuracy against that method over seeds, its bar the 95%
-    CI (``sweep_analysis.forest_frame``: ``stats.paired_t``), a filled dot p < 0.05, and a
+    CI (``sweep_results.forest_frame``: ``stats.paired_t``), a filled dot p < 0.05, and a
     line at zero. Every block lists its methods in the same order (``stats.METHOD_ORDER``) and
     colours (``METHOD_COLORS``; a method's variants share its colour, with another marker),
-    each named in words (``sweep_analysis.method_words``: 'vanilla (T 1.05, alpha 0.111)').
+    each named in words (``sweep_results.method_words``: 'vanilla (T 1.05, alpha 0.111)').
 
-    ``sweep``: a sweep folder or ``kdlib.sweep_analysis.load``'s results. Each line carries a
+    ``sweep``: a sweep folder or ``kdlib.analysis.sweep_results.load``'s results. Each line carries a
     ``gid`` — ``"ci|<setting name>|<method>|<reference>"`` for a bar, ``"mean|..."`` for its
     dot, ``"zero"`` for the zero line — so that a test can read back what was drawn."""
 

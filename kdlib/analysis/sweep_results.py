@@ -8,7 +8,7 @@ paired differences of every pair of methods over seeds, with McNemar on per-imag
 correctness (``stats.comparison_frame``) and a plain verdict; tables and verdicts show
 those of every method against scratch and against camkd (``stats.anchored_pairs``).
 
-A run that sets a key only its own methods read (``read_by`` in ``kdlib.params.SCHEMA``)
+A run that sets a key only its own methods read (``read_by`` in ``kdlib.book.params.SCHEMA``)
 away from the value the other runs share trains a *variant* of its method, not another
 setting: ``{methods: [camkd], beta: 0}`` beside the seed recipe's runs is
 ``camkd[beta=0]``, a method of that setting, paired with the others by seed.
@@ -313,7 +313,7 @@ def run_table(res: SweepResults) -> pd.DataFrame:
     order: mean accuracy (95% CI over seeds) per method, then the paired differences over
     seeds of every method against scratch, then of CAMKD against every method
     (``stats.anchored_pairs``: vanilla − scratch, CAMKD − vanilla, CAMKD − scratch for
-    the book's three; mean, 95% CI; * where Holm's adjusted p < 0.05; the word of ``kdlib.reading``)."""
+    the book's three; mean, 95% CI; * where Holm's adjusted p < 0.05; the word of ``kdlib.analysis.cells``)."""
     table, diffs = setting_table(res), differences(res)
     rows = {}
     for run in dict.fromkeys(res.frame["run"]):
@@ -341,7 +341,7 @@ def run_table(res: SweepResults) -> pd.DataFrame:
 
 
 def run_markdown(sweep_dir: str | Path) -> str:
-    """``run_table`` and the verdicts as markdown, for a README block (``kdlib.report --by-run``)."""
+    """``run_table`` and the verdicts as markdown, for a README block (``python -m kdlib report --by-run``)."""
     sweep_dir = Path(sweep_dir)
     res = load(sweep_dir)
     table = run_table(res)
@@ -364,7 +364,7 @@ def run_markdown(sweep_dir: str | Path) -> str:
 
 
 def markdown(sweep_dir: str | Path) -> str:
-    """The sweep's table and verdicts as markdown, for a README block (``kdlib.report``)."""
+    """The sweep's table and verdicts as markdown, for a README block (``kdlib.publish.pages``)."""
     sweep_dir = Path(sweep_dir)
     res = load(sweep_dir)
     wide = wide_table(setting_table(res), res.keys).reset_index()

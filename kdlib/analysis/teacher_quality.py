@@ -2,7 +2,7 @@
 
 The settings of such a sweep differ in how good the teachers are (``teacher_label_noise``,
 ``teacher_class_swap``) and in the student (``student_width``). The block it writes
-(``python -m kdlib report outputs/teacher-quality --quality``, and ``kdlib.blocks``) holds:
+(``python -m kdlib report outputs/teacher-quality --quality``, and ``python -m kdlib blocks``) holds:
 
 * test accuracy per method and setting, mean (95% CI over seeds);
 * the paired differences the question turns on: CAMKD − vanilla (and CAMKD's variants −
@@ -91,7 +91,7 @@ class Settings:
 
     def family(self) -> dict:
         """Every paired difference the block reads, {(setting, a, b): pair with its ``word`` and
-        ``p_holm``}, Holm's adjustment over all of them (``kdlib.reading``): in every setting each method
+        ``p_holm``}, Holm's adjustment over all of them (``kdlib.analysis.cells``): in every setting each method
         with teachers against scratch and against label smoothing, CAMKD's forms against vanilla, and
         label smoothing against scratch."""
         if getattr(self, "_family", None) is None:

@@ -3,7 +3,7 @@ which knobs mattered, and the test of each method at its best against scratch an
 smoothing, paired by seed.
 
 The trials (``trials.csv``) hold validation accuracy only; the test comparison is read from
-the test sweep (``NAME/test``) with ``kdlib.sweep_analysis`` like any sweep, each tuned
+the test sweep (``NAME/test``) with ``kdlib.analysis.sweep_results`` like any sweep, each tuned
 method's run being a variant of its method (``vanilla[alpha=…,temperature=…]``) that is
 named here by its method alone.
 """
@@ -322,7 +322,7 @@ def _compared(method: str, anchor: str) -> bool:
 def test_differences(test: pd.DataFrame) -> pd.DataFrame:
     """The test's paired differences, one a row (setting, method, anchor, mean_diff, ci_low,
     ci_high, p_value, seeds), each with its word and Holm's p over the frame's rows, its family
-    (``kdlib.reading.read``)."""
+    (``kdlib.analysis.cells.read``)."""
     rows = []
     for _, r in test.iterrows():
         for anchor in ANCHORS:
@@ -942,9 +942,9 @@ def pruner_markdown(folders, epochs=SHOWN_EPOCHS, threshold: float = FIDELITY) -
              for method, g in pooled.groupby("method", sort=False)]
     lines = [markdown_table(["study", "method", "trials", *(f"epoch {e}" for e in epochs)], rows)]
     trusted = trusted_epoch(pooled, threshold)
-    lines += ["", f"Spearman's rank correlation between a complete trial's validation accuracy at that epoch and at "
-                  f"its last (15), over each study's complete trials; pooled: Fisher's z averaged with weights "
-                  f"trials − 3. " + (f"From epoch {trusted} on every method's pooled correlation is at least "
+    lines += ["", "Spearman's rank correlation between a complete trial's validation accuracy at that epoch and at "
+                  "its last (15), over each study's complete trials; pooled: Fisher's z averaged with weights "
+                  "trials − 3. " + (f"From epoch {trusted} on every method's pooled correlation is at least "
                                      f"{threshold:g}." if trusted else
                                      f"No epoch before the last has every method's pooled correlation at "
                                      f"{threshold:g} or more.")

@@ -13,7 +13,7 @@ beta 100, hint_layer -2), for
 * ``camkd_official``: the same with ``camkd_form: official`` (``CalWeight``: pooling or
   resizing, then a 1x1 ``Embed``, instead of ``ConvReg``'s 5x5 conv for teacher_vgg's
   3x3 map; the teachers' heads run with their graph);
-* ``aver``, ``ebkd``, ``aekd``: the CA-MKD paper's baselines (``kdlib.distillers``),
+* ``aver``, ``ebkd``, ``aekd``: the CA-MKD paper's baselines (``kdlib.train.distillers``),
   teacher logits from the cache as for vanilla; aekd's one-class SVM (scikit-learn)
   runs on the CPU once per batch; ``label_smoothing``: the student alone with smoothed
   labels;

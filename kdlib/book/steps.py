@@ -155,7 +155,7 @@ def train_teachers(P, data=None, log=say) -> dict:
     gets wrong and gets wrong with probability > 0.9 (``confidently_wrong``).
 
     Returns ``{name: model}``. A teacher is reused when a checkpoint with the same
-    identity (``kdlib.params.teacher_identity``) exists in ``teacher_dir``.
+    identity (``kdlib.book.params.teacher_identity``) exists in ``teacher_dir``.
     """
     device = device_of(P)
     data = data or load_data(P, device)

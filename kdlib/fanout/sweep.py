@@ -86,7 +86,7 @@ def expand(sweep_file: str | Path) -> tuple[str, list[Run]]:
 
 
 def teacher_key(P: dict) -> tuple[str, ...]:
-    """The teacher checkpoints run ``P`` needs (``book.teacher_checkpoint``, from params
+    """The teacher checkpoints run ``P`` needs (``steps.teacher_checkpoint``, from params
     alone, no data loaded): runs with equal keys share one teacher set."""
     return tuple(str(book.teacher_checkpoint(P, n)) for n in P["teachers"])
 
@@ -113,7 +113,7 @@ def teacher_task(P: dict, folder: str) -> dict:
 
 
 def run_task(base: str, name: str, overrides: dict, sweep_dir: str, teachers: dict) -> dict:
-    """One book run into ``sweep_dir/name`` (``kdlib.runner``): started, or resumed when
+    """One book run into ``sweep_dir/name`` (``kdlib.book.runner``): started, or resumed when
     its folder holds an unfinished run (Dask retrying it after its worker died), or
     left alone when finished. Returns its record; a failure is recorded, not raised."""
     from distributed import get_worker

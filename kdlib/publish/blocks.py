@@ -2,8 +2,8 @@
 
 ``python -m kdlib blocks`` (``make blocks``) regenerates them all: the README's answers
 table, and the tables of ``docs/results.md``, each between its ``NAME:start`` and
-``NAME:end`` marker lines, the teacher-quality sweep's block (``kdlib.quality``) in both, and the
-tuned comparison's block, each method at its best (``kdlib.tune_analysis.block``).
+``NAME:end`` marker lines, the teacher-quality sweep's block (``kdlib.analysis.teacher_quality``) in both, and the
+tuned comparison's block, each method at its best (``kdlib.analysis.tune_results.block``).
 The answers table has one row per question (a run, or a
 setting of a sweep): the best student, CAMKD − vanilla and KD (vanilla) − scratch over
 paired seeds with 95% intervals, and a link to the record. The Speed table is written by
@@ -37,8 +37,8 @@ from .pages import results_markdown, runs_markdown, runs_table
 ROOT = PACKAGE_ROOT
 REFERENCE = "outputs/fashionmnist-timed"  # the run `make book` reproduces: params/fashionmnist.yaml, shipped teachers
 SWEEPS = ["outputs/regimes"]  # the sweeps whose settings are questions
-QUALITY = "outputs/teacher-quality"  # the sweep over teacher quality (``kdlib.quality``)
-ANSWER_FIGURE = "docs/answer.png"  # the answer's picture (``tune_analysis.plot_answer``), written with the blocks
+QUALITY = "outputs/teacher-quality"  # the sweep over teacher quality (``kdlib.analysis.teacher_quality``)
+ANSWER_FIGURE = "docs/answer.png"  # the answer's picture (``tune_results.plot_answer``), written with the blocks
 
 
 def _interval(mean: float, low: float, high: float) -> str:

@@ -6,7 +6,7 @@ and ``results:end`` markers. ``--vs outputs/OTHER --block NAME`` instead compare
 the students of two runs that differ in some parameters, seed by seed (block
 ``NAME:start`` ... ``NAME:end``). Given a sweep folder (``python -m kdlib sweep``), it
 prints the sweep's table, one row per setting, and its verdicts (block ``sweep``); with
-``--quality``, a sweep over teacher quality as ``kdlib.quality`` reads it.
+``--quality``, a sweep over teacher quality as ``kdlib.analysis.teacher_quality`` reads it.
 """
 from __future__ import annotations
 
@@ -148,7 +148,7 @@ def runs_markdown(run_a: str | Path, run_b: str | Path) -> str:
     params, teachers, code = _differing_params(a, b), _differing_teachers(a, b), _commits(a, b)
     context = "; ".join(x for x in (params or "no parameter", teachers, code) if x)
     others = " and ".join(x for x, differs in (("the parameters", params), ("the code", code)) if differs)
-    caution = ([f"**The two runs learned from different teachers**: a difference below "
+    caution = (["**The two runs learned from different teachers**: a difference below "
                 + (f"mixes what the teachers changed with what {others} changed." if others
                    else "is the teachers' (and run-to-run noise)."), ""] if teachers else [])
     lines = [f"`{a.name}` → `{b.name}` ({context}); {split} accuracy %, final epoch.", "", *caution,

@@ -7,7 +7,7 @@ pages and the records named; ``--check`` then checks every internal link and ima
 The pages are staged in ``build/site-src/`` (``docs/`` copied, generated pages added), MathJax
 is bundled from the ``jupyter-server-mathjax`` package, and the notebooks' own CDN script tags
 are removed, so the site works opened from disk and served, and asks no outside host for
-anything. A sweep's runs are named in words and grouped by setting (``sweep_analysis.run_titles``).
+anything. A sweep's runs are named in words and grouped by setting (``sweep_results.run_titles``).
 A notebook's images and stylesheets are written once as files its pages link (``Files``), not
 base64 in every page.
 """
@@ -176,7 +176,7 @@ def _sweep_name(sweep: Path, root: Path) -> str:
 
 def run_title(run: Path, sweep: Path | None = None, titles: dict | None = None) -> str:
     """A run in words: a sweep's run as its setting, methods and seeds ('swapped resnet ·
-    vanilla, scratch · seed 0', ``sweep_analysis.run_titles``); any other run by its folder."""
+    vanilla, scratch · seed 0', ``sweep_results.run_titles``); any other run by its folder."""
     if sweep is None:
         return run.name
     setting, rest = (titles if titles is not None else run_titles(sweep)).get(run.name, (run.name, ""))
@@ -215,8 +215,8 @@ def run_markdown(run: Path, root: Path, sweep: Path | None = None, titles: dict 
 
 def sweep_verdict(sweep: Path) -> list[str]:
     """A sweep's answer as markdown lines: its answers table and verdicts
-    (``blocks.sweep_answers``), else its setting table with stars (``sweep_analysis.run_markdown``).
-    (A sweep over teacher quality has its generated reading instead: ``quality.parts``.)"""
+    (``blocks.sweep_answers``), else its setting table with stars (``sweep_results.run_markdown``).
+    (A sweep over teacher quality has its generated reading instead: ``teacher_quality.parts``.)"""
     rows = sweep_answers(sweep) if (sweep / "sweep_summary.csv").is_file() else []
     if rows:
         return [answers_markdown(rows, lambda f: f.name + "/index.md", sweep.parent.parent), "",
@@ -227,7 +227,7 @@ def sweep_verdict(sweep: Path) -> list[str]:
 def by_setting(sweep: Path, titles: dict) -> dict[str, list[Path]]:
     """The sweep's runs (``sweep_runs``) grouped by their setting in words, the settings in the
     order of the sweep's forest plot and tables: the shipped teachers first, then a degraded
-    teacher, then the small student (``sweep_analysis.column_order``), else the sweep file's order."""
+    teacher, then the small student (``sweep_results.column_order``), else the sweep file's order."""
     groups: dict[str, list[Path]] = {}
     for run in sweep_runs(sweep):
         groups.setdefault(titles.get(run.name, (run.name, ""))[0], []).append(run)

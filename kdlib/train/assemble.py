@@ -2,7 +2,7 @@
 that serves their outputs, and students with their distillers.
 
 ``kdlib.train`` holds the loop; this module builds what goes into it, and the book's
-steps (``kdlib.book``) call these.
+steps (``kdlib.book.steps``) call these.
 """
 from __future__ import annotations
 
@@ -152,7 +152,7 @@ def train_student(method: str, bank: LiveTeachers, data: Dataset, cfg: TrainConf
     """Train the student with ``method`` (a name in ``kdlib.distillers.METHODS``) against ``bank``.
 
     Returns ``(distiller, history)``; seeded by ``cfg.seed`` (init, batch order, dropout).
-    ``checkpoint`` needs the student's ``identity`` (``kdlib.params.student_identity``).
+    ``checkpoint`` needs the student's ``identity`` (``kdlib.book.params.student_identity``).
     ``width`` scales the student (``kdlib.models.student_sizes``); CAMKD's regressors
     size themselves from its feature map. ``on_epoch``: see ``kdlib.train.fit``.
     """

@@ -3,7 +3,7 @@
 ``forward_train(x, y, idx, epoch)`` returns ``(student_logits, losses)`` where
 ``losses`` maps a term's name to its already-weighted value; the trainer sums the
 terms and logs each by name, and never branches on the method. Teachers are held
-in a bank (``kdlib.teachers``) that stays in eval mode whatever ``.train()`` says.
+in a bank (``kdlib.train.teachers``) that stays in eval mode whatever ``.train()`` says.
 """
 from __future__ import annotations
 
@@ -204,7 +204,7 @@ class CAMKD(Distiller):
       teacher, v = camkd_weights(head_i(r_i(f_s)), y); zero in the first epoch, as in
       the official ``helper/loops.py``.
 
-    See ``kdlib.losses`` for where we differ from the official code and why.
+    See ``kdlib.train.losses`` for where we differ from the official code and why.
 
     ``form="official"`` (params ``camkd_form: official``) is the loss of the official
     code (Rorozhl/CA-MKD), point by point:

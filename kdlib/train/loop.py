@@ -252,7 +252,7 @@ def fit(distiller: Distiller, data: Dataset, cfg: TrainConfig, *, checkpoint: st
     """Train ``distiller`` for ``cfg.epochs`` and return the per-epoch history.
 
     With ``checkpoint`` (and the ``identity`` of the model being trained, from
-    ``kdlib.params``), a finished checkpoint is reused, an unfinished one resumed from
+    ``kdlib.book.params``), a finished checkpoint is reused, an unfinished one resumed from
     its last completed epoch (model, the method's own parts, optimizer, CPU and CUDA
     RNG, history), and a new one is written atomically after every epoch.
     ``teacher_test_probs`` [M,N,C] (T = 1) turns on fidelity metrics every
@@ -260,7 +260,7 @@ def fit(distiller: Distiller, data: Dataset, cfg: TrainConfig, *, checkpoint: st
     identity is refused, naming the keys that differ, unless ``replace_stale`` (the
     notebooks' scratch folder ``outputs/interactive``), where it is replaced, and said so.
     ``on_epoch(record)`` is called after each epoch's record (and checkpoint); an exception it
-    raises ends training there (a tuning trial that its pruner stops, ``kdlib.tune``).
+    raises ends training there (a tuning trial that its pruner stops, ``kdlib.fanout.tune``).
     """
     if checkpoint and identity is None:
         raise ValueError("fit: a checkpoint needs the identity of the model it holds (kdlib.params)")
