@@ -719,3 +719,26 @@ def test_pooled_fidelity_is_the_weighted_mean_of_fishers_z_over_studies():
     z = (5 * math.atanh(0.5) + 10 * math.atanh(0.9)) / 15  # 3 trials weigh nothing, NaN is no measurement
     assert len(pooled) == 1 and pooled.loc[0, "rho"] == pytest.approx(math.tanh(z))
     assert pooled.loc[0, "studies"] == 2 and pooled.loc[0, "trials"] == 21
+
+
+def test_an_unfinished_study_is_answered_by_the_one_it_replaces_and_says_so(tmp_path):
+    """Until the study searched again has finished its test, its column is read from the study it
+    replaces: the sentence says 'so far', the study's line says whom it stands in for, and the one
+    that will replace it is named with how far it got (here: stopped, resumed by make studies)."""
+    from conftest import write_tuning
+    acc = {m: {0: 80.0 + d, 1: 82.0 + d, 2: 81.0 + d} for m, d in (("vanilla", 0.05), ("scratch", 0.0))}
+    old = write_tuning(tmp_path / "old", acc, {"vanilla": {"temperature": 1.5, "alpha": 0.5}})
+    new = tmp_path / "new"
+    new.mkdir()
+    (new / "tune.yaml").write_text((old / "tune.yaml").read_text())
+    trials = pd.read_csv(old / "trials.csv")
+    trials[trials["kind"] == "search"].head(1).to_csv(new / "trials.csv", index=False)
+    (new / "tune.json").write_text(json.dumps({"status": "stopped"}))
+    text = tune_analysis.block([new], earlier={new: old})
+    assert text.startswith("**The answer so far** (1 of 1 settings read from an earlier study")
+    assert "standing in for `new` until its test has finished" in text
+    assert "searched again and tested over more seeds: `new` (stopped while searching, 1 of 3 trials; `make studies` " \
+           "resumes it)" in text
+    assert tune_analysis.block([new]).startswith("The tuned comparison is running")  # nothing to stand in
+    # vanilla − scratch: +0.05 on every seed, an interval of width 0 above 0: ahead comes before level
+    assert "1 of the 1 method-and-setting pairs with teachers are ahead of scratch" in text and "(1 ahead of 1)" in text

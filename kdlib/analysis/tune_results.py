@@ -645,7 +645,8 @@ def block(folders, link=None, own_page: bool = False, figure=None, answer_figure
                          + (f"; standing in for {_named(stand, link)} until its test has finished" if stand else "")
                          + ".")
     if waiting:
-        lines += ["", ("Still running: " + ", ".join(waiting) + "." if done else
+        lines += ["", (("Their replacements, searched again and tested over more seeds: " if standing_in else
+                        "Not finished yet: ") + ", ".join(waiting) + "." if done else
                        "No answer yet: " + ", ".join(waiting) + "; the test on the held-out test set follows "
                        "the search." if own_page else
                        "The tuned comparison is running; no study has finished its test yet: " + ", ".join(waiting)

@@ -62,15 +62,25 @@ def tracked(root: Path) -> set[Path] | None:
 
 def records(root: Path, only: list[str] | None = None) -> list[Path]:
     """The committed run, sweep and tuning folders directly under ``outputs/`` (a sweep's runs
-    are its children, a tuning's test sweep is its child ``test/``), in name order; ``only``
-    keeps the names given."""
+    are its children, a tuning's test sweep is its child ``test/``), in name order, then the
+    superseded tunings that were tested (``outputs/superseded/NAME`` with a ``test/``: the answer reads
+    them until the studies that replace them have finished); ``only`` keeps the names given."""
     files = tracked(root)
     found = []
-    for folder in sorted(p for p in (root / "outputs").iterdir() if p.is_dir()):
+    superseded = root / "outputs" / "superseded"
+    candidates = sorted(p for p in (root / "outputs").iterdir() if p.is_dir() and p != superseded)
+    candidates += sorted(p for p in superseded.iterdir() if (p / "test" / "sweep.json").is_file()) \
+        if superseded.is_dir() else []
+    for folder in candidates:
         marker = next((folder / m for m in ("sweep.json", "manifest.json", "tune.json") if (folder / m).is_file()), None)
         if marker and (files is None or marker in files) and (not only or folder.name in only):
             found.append(folder)
     return found
+
+
+def record_name(folder: Path, root: Path) -> str:
+    """A record as the site names it: its folder under ``outputs/`` ('regimes', 'superseded/seed-student-…')."""
+    return folder.relative_to(root / "outputs").as_posix()
 
 
 def sweep_runs(sweep: Path) -> list[Path]:
@@ -318,16 +328,16 @@ def index_markdown(found: list[Path], root: Path) -> str:
     for folder in found:
         if (folder / "sweep.json").is_file():
             s = json.loads((folder / "sweep.json").read_text())
-            rows.append([f"[`{folder.name}`]({folder.name}/index.md)", "sweep", s.get("status", "—"),
+            rows.append([f"[`{record_name(folder, root)}`]({record_name(folder, root)}/index.md)", "sweep", s.get("status", "—"),
                          _when(s.get("started")), f"{len(sweep_runs(folder))} runs"])
         elif (folder / "tune.json").is_file():
             t = json.loads((folder / "tune.json").read_text())
-            rows.append([f"[`{folder.name}`]({folder.name}/index.md)", "tuning", t.get("status", "—"),
+            rows.append([f"[`{record_name(folder, root)}`]({record_name(folder, root)}/index.md)", "tuning", t.get("status", "—"),
                          _when(t.get("started")), "each method at its best"])
         else:
             m = json.loads((folder / "manifest.json").read_text())
             best = run_answer(folder)["best student %"] if (folder / "results.csv").is_file() else "—"
-            rows.append([f"[`{folder.name}`]({folder.name}/index.md)", "run", m.get("status", "—"),
+            rows.append([f"[`{record_name(folder, root)}`]({record_name(folder, root)}/index.md)", "run", m.get("status", "—"),
                          _when(m.get("created")), f"best: {best}"])
     return "\n".join(["# Records", "",
                       "One page per committed run, sweep or tuning in `outputs/`, generated from its folder when the site "
@@ -370,7 +380,7 @@ def stage(root: Path, stage_dir: Path, only: list[str] | None = None) -> list:
                 _copy_record(folder / "test", stage_dir / rel / "test")
                 children.append({"the test runs": _stage_sweep(folder / "test", f"{rel}/test", stage_dir, root,
                                                                "the test sweep")})
-            nav.append({folder.name: children})
+            nav.append({record_name(folder, root): children})
         else:
             (stage_dir / rel / "index.md").write_text(run_markdown(folder, root))
             nav.append({folder.name: [{folder.name: f"{rel}/index.md"}, *_nb_nav(folder, rel)]})
