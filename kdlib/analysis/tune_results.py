@@ -558,7 +558,8 @@ EARLIER = {"outputs/seed-student": "outputs/superseded/seed-student-cut-at-epoch
 
 
 def _named(folder: Path, link) -> str:
-    return f"[`{folder.name}`]({link(folder)})" if link else f"`{folder.name}`"
+    """The study's folder name, linked (``link``) where it has a record to link to."""
+    return f"[`{folder.name}`]({link(folder)})" if link and (folder / "tune.yaml").is_file() else f"`{folder.name}`"
 
 
 def study_stage(folder: Path, link) -> tuple[tuple | None, str | None]:
