@@ -264,16 +264,23 @@ def ensure(sweep_dir: str | Path, sweep_file: str | Path) -> Path:
     return folder
 
 
-def check_sweep(sweep_file: str | Path, resume: bool = False, outputs: str | Path = "outputs",
-                name: str | None = None) -> str:
-    """Every check ``run_sweep`` makes before it creates anything (the sweep file, every run's params,
-    a sweep folder in the way), and nothing else. Returns what would run, in one line."""
+def _opened(sweep_file: str | Path, resume: bool, outputs: str | Path, name: str | None):
+    """The sweep file found and expanded (every run validated) and its folder, refused in one line
+    when it holds a sweep and this is no resume: ``(sweep file, base params file, runs, sweep folder)``."""
     sweep_file = locate(Path(sweep_file))
     base, runs = expand(sweep_file)
     sweep_dir = Path(outputs) / (name or sweep_file.stem)
     if (sweep_dir / "sweep.json").exists() and not resume:
         raise RunError(f"{sweep_dir} already holds a sweep; continue it with: python -m kdlib sweep {sweep_file} "
                        f"--resume (finished runs are skipped), pick another --name, or delete {sweep_dir}")
+    return sweep_file, base, runs, sweep_dir
+
+
+def check_sweep(sweep_file: str | Path, resume: bool = False, outputs: str | Path = "outputs",
+                name: str | None = None) -> str:
+    """Every check ``run_sweep`` makes before it creates anything (the sweep file, every run's params,
+    a sweep folder in the way), and nothing else. Returns what would run, in one line."""
+    sweep_file, base, runs, sweep_dir = _opened(sweep_file, resume, outputs, name)
     done = Record.finished_in(sweep_dir) if resume else set()
     left = [r for r in runs if r.name not in done]
     return (f"would {'resume' if resume and done else 'run'} {display_path(sweep_dir)}: {len(left)} of {len(runs)} "
@@ -291,12 +298,7 @@ def run_sweep(sweep_file: str | Path, workers: int | None = None, scheduler: str
     ``deadline`` (``time.monotonic()``, from ``--timeout``) no run starts: the sweep ends
     'stopped' once the running ones finish, and ``--resume`` goes on."""
     require("sweep", "a sweep")  # before anything is created: one line naming the extra, not an ImportError
-    sweep_file = locate(Path(sweep_file))
-    base, runs = expand(sweep_file)
-    sweep_dir = Path(outputs) / (name or sweep_file.stem)
-    if (sweep_dir / "sweep.json").exists() and not resume:
-        raise RunError(f"{sweep_dir} already holds a sweep; continue it with: python -m kdlib sweep {sweep_file} "
-                       f"--resume (finished runs are skipped), pick another --name, or delete {sweep_dir}")
+    sweep_file, base, runs, sweep_dir = _opened(sweep_file, resume, outputs, name)
     try:
         sweep_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
