@@ -227,15 +227,19 @@ def test_tiny_tuning_killed_mid_search_resumes_then_tests_and_reads_in_05(tmp_pa
                              start_new_session=True)
     deadline = time.time() + 600
     while time.time() < deadline and first.poll() is None:
-        if (tune_dir / "trials.csv").exists() and (_search_rows(tune_dir)["state"] == "complete").any():
+        # killed while a search trial has finished and another trial is under way (not between two)
+        if ((tune_dir / "trials.csv").exists() and (_search_rows(tune_dir)["state"] == "complete").any()
+                and any(state == "RUNNING" for state, _ in _states(tune_dir).values())):
             break
-        time.sleep(0.5)
+        time.sleep(0.2)
     assert first.poll() is None, "the tuning ended before it could be killed"
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
     time.sleep(1)  # the workers' processes go with their group
-    before = {k: v for k, v in _states(tune_dir).items() if v[0] in ("COMPLETE", "PRUNED")}
-    assert before
+    states = _states(tune_dir)
+    before = {k: v for k, v in states.items() if v[0] in ("COMPLETE", "PRUNED")}
+    killed = [k for k, v in states.items() if v[0] == "RUNNING"]
+    assert before and killed
 
     second = subprocess.run(command + ["--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
@@ -245,7 +249,8 @@ def test_tiny_tuning_killed_mid_search_resumes_then_tests_and_reads_in_05(tmp_pa
     assert set(search["method"]) == {"vanilla"}
     for method, rows in search.groupby("method"):
         assert rows["state"].isin(["complete", "pruned"]).sum() == 3  # the budget, exactly
-    assert (pd.read_csv(tune_dir / "trials.csv")["state"] == "fail").any()  # the killed trial, asked again
+    assert all(after[key][0] == "FAIL" for key in killed)  # the killed trials, failed and asked again
+    assert (pd.read_csv(tune_dir / "trials.csv")["state"] == "fail").any()
     assert not any("test" in c for c in pd.read_csv(tune_dir / "trials.csv").columns)
     best = yaml.safe_load((tune_dir / "best.yaml").read_text())
     assert set(best["base"]["methods"]) == {"scratch", "vanilla"}
