@@ -19,15 +19,17 @@ ALT = {  # a valid value other than the default, for every key
     "cache_teachers": False, "compile": True, "device": "cpu", "threads": 1, "run_dir": "outputs/x",
     "teacher_augment": "crop_flip", "labelled_subset": 500, "camkd_form": "official", "label_smoothing": 0.2,
     "teacher_label_noise": {"teacher_cnn1": 0.4}, "teacher_class_swap": {"teacher_cnn1": [[0, 6]]},
-    "student_width": 0.5,
+    "student_width": 0.5, "image_size": 12, "data_mean": [0.5, 0.5, 0.5], "data_std": [0.25, 0.25, 0.25],
+    "data_memory_mb": 100, "code_dir": "elsewhere", "student": {"model": "mynets:Small", "hint": "features"},
 }
+IMAGE_KEYS = ("image_size", "data_mean", "data_std")  # keys of an ImageFolder: changed beside one
 TEACHER_KEYS = {"dataset", "train_subset", "test_subset", "teacher_epochs", "teacher_seed", "batch_size", "lr",
                 "lr_schedule", "teacher_lr_schedule", "weight_decay", "precision", "augment", "teacher_augment",
-                "teacher_label_noise", "teacher_class_swap"}
+                "teacher_label_noise", "teacher_class_swap", *IMAGE_KEYS}
 STUDENT_KEYS = {"dataset", "train_subset", "test_subset", "val_subset", "teachers", "student_epochs", "batch_size",
                 "lr", "lr_schedule", "weight_decay", "temperature", "alpha", "beta", "hint_layer", "precision",
                 "augment", "cache_teachers", "labelled_subset", "camkd_form", "student_width",
-                "label_smoothing"}
+                "label_smoothing", "student", *IMAGE_KEYS}
 
 
 def identities(params: dict):
@@ -40,17 +42,26 @@ def test_every_key_is_covered_by_the_table():
     assert set(ALT) == set(SCHEMA), "classify the new key: add it to ALT (and TEACHER_KEYS/STUDENT_KEYS)"
 
 
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """Three classes of 16x16 RGB images, for the keys of an ImageFolder."""
+    from test_image_folder import make_folder
+    return make_folder(tmp_path_factory.mktemp("images"))
+
+
 @pytest.mark.parametrize("key", sorted(SCHEMA))
-def test_changing_a_key_changes_exactly_the_identities_it_determines(key):
+def test_changing_a_key_changes_exactly_the_identities_it_determines(key, image_folder):
     assert ALT[key] != SCHEMA[key].default
-    base_teacher, base_student = identities({})
-    teacher, student = identities({key: ALT[key]})
+    base = {"dataset": "ImageFolder", "data_root": str(image_folder)} if key in IMAGE_KEYS else {}
+    base_teacher, base_student = identities(base)
+    teacher, student = identities({**base, key: ALT[key]})
     assert (teacher != base_teacher) == (key in TEACHER_KEYS), key
     assert (student != base_student) == (key in STUDENT_KEYS), key
 
 
 def test_keys_that_do_not_affect_training_are_outside_every_identity():
-    for key in ("fidelity_freq", "threads", "run_dir", "teacher_dir", "data_root", "device", "compile"):
+    for key in ("fidelity_freq", "threads", "run_dir", "teacher_dir", "data_root", "device", "compile",
+                "data_memory_mb", "code_dir"):
         assert key not in TEACHER_KEYS | STUDENT_KEYS
 
 

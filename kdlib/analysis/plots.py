@@ -222,13 +222,16 @@ def plot_teachers(teachers_json: dict) -> Figure:
     ax_acc, ax_loss, ax_bar = fig.subplots(1, 3)
     for t in recs:
         h = pd.DataFrame(t["history"])
+        if h.empty:  # a teacher given as a checkpoint: scored, never trained here (its bar says so)
+            continue
         for ax, key in ((ax_acc, "test_acc"), (ax_loss, "test_loss")):
             ax.plot(h["epoch"], h[key], marker="o", ms=3, color=colors[t["name"]], label=t["name"])
     _style(ax_acc, "Teachers: test accuracy", "accuracy (%)")
     _style(ax_loss, "Teachers: test loss", "cross-entropy")
     names = [t["name"] for t in recs]
     bars = ax_bar.bar(names, [t["test_acc"] for t in recs], color=[colors[n] for n in names])
-    ax_bar.bar_label(bars, labels=[f"{t['test_acc']:.2f}%\n{t['params'] / 1e3:.0f}K params" for t in recs],
+    ax_bar.bar_label(bars, labels=[f"{t['test_acc']:.2f}%\n{t['params'] / 1e3:.0f}K params"
+                                   + ("\ngiven, not trained" if t.get("given") else "") for t in recs],
                      fontsize=8, padding=2)
     accs = [t["test_acc"] for t in recs]
     _zoom_ylim(ax_bar, min(accs), max(accs))

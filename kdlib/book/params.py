@@ -15,7 +15,8 @@ from typing import Any
 import yaml
 
 from ..records.names import format_value  # noqa: F401 (a run's folder name: params' values as words)
-from ..train.data import CLASS_NAMES, DATASETS, SPLIT_SIZES  # noqa: F401 (SPLIT_SIZES: what the schema's subsets are of)
+from ..records.paths import display_path, resolve
+from ..train.data import CLASS_NAMES, DATASETS, IMAGE_FOLDER, SPLIT_SIZES, ImageFolderError, list_image_folder
 from ..train.distillers import METHODS
 from ..train.models import TEACHERS, student_sizes
 from ..train.models import build_model
@@ -45,14 +46,29 @@ KD = tuple(m for m, cls in METHODS.items() if cls.learns_from_teachers)  # the m
 
 
 SCHEMA: dict[str, Key] = {
-    "dataset": Key("FashionMNIST", str, "dataset name", tuple(DATASETS), identity=TS),
-    "data_root": Key("data", str, "folder for torchvision's dataset files"),
+    "dataset": Key("FashionMNIST", str, "dataset name, or ImageFolder: your own images in torchvision's "
+                   "layout, data_root/train/<class>/* and data_root/test/<class>/*", (*DATASETS, IMAGE_FOLDER),
+                   identity=TS),
+    "data_root": Key("data", str, "folder for torchvision's dataset files, or of your ImageFolder images"),
+    "image_size": Key(0, int, "ImageFolder: every image resized to image_size x image_size (0 = the first "
+                      "training image's size)", min=0, identity=TS, omit_default=True),
+    "data_mean": Key([], list, "ImageFolder: per-channel mean to normalise by, e.g. a pretrained teacher's "
+                     "[0.485, 0.456, 0.406] ([] = the training split's)", identity=TS, omit_default=True),
+    "data_std": Key([], list, "ImageFolder: per-channel std to normalise by ([] = the training split's)",
+                    identity=TS, omit_default=True),
+    "data_memory_mb": Key(4096, int, "ImageFolder: refuse images that would need more memory than this "
+                          "(MiB, as uint8) before loading them", min=1),
+    "code_dir": Key("", str, "folder your own models' modules are imported from and their checkpoints are "
+                    "found in ('' = the project root; the runner gives the params file's folder)"),
     "train_subset": Key(0, int, "class-balanced training subset size (0 = all)", min=0, identity=TS),
     "test_subset": Key(0, int, "class-balanced test subset size (0 = all)", min=0, identity=TS),
     "val_subset": Key(0, int, "students: hold out this many training images and score on them "
                       "instead of the test set, for tuning (0 = off)", min=0, identity=S),
-    "teachers": Key(["teacher_cnn1", "teacher_cnn2", "teacher_resnet"], list, "teacher architectures",
+    "teachers": Key(["teacher_cnn1", "teacher_cnn2", "teacher_resnet"], list, "teachers: built-in names, or "
+                    "your own as {name, model: 'module:callable', kwargs, checkpoint, hint}",
                     tuple(TEACHERS), identity=S),
+    "student": Key("student", (str, dict), "the student: 'student' (the seed's, scaled by student_width), or "
+                   "your own as {model: 'module:callable', kwargs, hint}", identity=S, omit_default=True),
     "teacher_epochs": Key(20, int, "epochs per teacher", min=1, identity=T),
     "teacher_seed": Key(0, int, "seed of the teacher set", min=0, identity=T),
     "teacher_dir": Key("checkpoints/teachers", str, "teacher checkpoints, reused across runs"),
@@ -113,6 +129,63 @@ def _type_ok(value, kind) -> bool:
     return isinstance(value, kind)
 
 
+OWN_TEACHER_KEYS = ("name", "model", "kwargs", "checkpoint", "hint")
+OWN_STUDENT_KEYS = ("model", "kwargs", "hint")
+
+
+def _check_own(source: str, key: str, entry: dict, allowed: tuple, required: tuple, example: str) -> None:
+    """One own model's mapping: known keys, the required ones, each of its type."""
+    for k in entry:
+        if k not in allowed:
+            close = difflib.get_close_matches(str(k), allowed, n=1)
+            _fail(source, key, entry, f"unknown key {k!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                  + f"; an own model takes {', '.join(allowed)}, e.g. {example}")
+    for k in required:
+        if k not in entry:
+            _fail(source, key, entry, f"give its {k}, e.g. {example}")
+    for k, kind in (("name", str), ("model", str), ("kwargs", dict), ("checkpoint", str), ("hint", str)):
+        if k in entry and not isinstance(entry[k], kind):
+            _fail(source, key, entry, f"its {k} must be a {kind.__name__}, e.g. {example}")
+    model = entry.get("model", "")
+    if model.count(":") != 1 or not all(model.split(":")):
+        _fail(source, key, entry, f"its model {model!r} must be 'module:callable', e.g. {example}")
+
+
+TEACHER_EXAMPLE = "{name: big, model: 'mynets:Big', kwargs: {width: 64}, checkpoint: big.pt, hint: layer3}"
+STUDENT_EXAMPLE = "{model: 'mynets:Small', kwargs: {}, hint: features.2}"
+
+
+def teacher_names(P: dict) -> list[str]:
+    """The teachers' names: a built-in teacher's is its architecture's, an own one's its ``name``."""
+    return [t if isinstance(t, str) else t["name"] for t in P["teachers"]]
+
+
+def own_teacher(P: dict, name: str) -> dict | None:
+    """Own teacher ``name``'s mapping, or None for a built-in teacher."""
+    return next((t for t in P["teachers"] if isinstance(t, dict) and t["name"] == name), None)
+
+
+def own_student(P: dict) -> dict | None:
+    """The own student's mapping, or None for the seed's student."""
+    return P.get("student") if isinstance(P.get("student"), dict) else None
+
+
+def owns_models(P: dict) -> bool:
+    return own_student(P) is not None or any(isinstance(t, dict) for t in P.get("teachers", ()))
+
+
+def model_where(source: str, P: dict, name: str | None = None) -> str:
+    """How a one-line error names a model: the source, the key and the entry."""
+    if name is None:
+        return f"{source}: student"
+    return f"{source}: teachers[{teacher_names(P).index(name)}] ({name})"
+
+
+def code_dir(P: dict) -> Path:
+    """The folder own models' modules and checkpoints are found in."""
+    return resolve(P.get("code_dir") or ".")
+
+
 def _fail(source: str, key: str, value, allowed: str):
     raise ParamsError(f"{source}: {key}: {value!r} is not allowed; {allowed}")
 
@@ -140,10 +213,36 @@ def _check_teacher_setting(source: str, key: str, name, setting) -> None:
 def _check_key(source: str, key: str, value) -> None:
     spec = SCHEMA[key]
     if not _type_ok(value, spec.kind):
-        _fail(source, key, value, f"expected {spec.kind.__name__} ({spec.help})")
+        kind = " or ".join(k.__name__ for k in spec.kind) if isinstance(spec.kind, tuple) else spec.kind.__name__
+        _fail(source, key, value, f"expected {kind} ({spec.help})")
     if spec.per_teacher:
         for name, setting in value.items():
             _check_teacher_setting(source, key, name, setting)
+        return
+    if key == "student":
+        if isinstance(value, str) and value != "student":
+            _fail(source, key, value, f"give 'student' (the seed's) or your own as {STUDENT_EXAMPLE}")
+        if isinstance(value, dict):
+            _check_own(source, key, value, OWN_STUDENT_KEYS, ("model",), STUDENT_EXAMPLE)
+        return
+    if key in ("data_mean", "data_std"):
+        if not all(_type_ok(v, float) and math.isfinite(v) for v in value) or \
+                (key == "data_std" and not all(v > 0 for v in value)):
+            _fail(source, key, value, "give one number per image channel, e.g. [0.485, 0.456, 0.406]"
+                  + (" (each > 0)" if key == "data_std" else "") + ", or [] for the training split's")
+        return
+    if key == "teachers":
+        if not value:
+            _fail(source, key, value, f"give a non-empty list ({spec.help})")
+        for item in value:
+            if isinstance(item, dict):
+                _check_own(source, key, item, OWN_TEACHER_KEYS, ("name", "model"), TEACHER_EXAMPLE)
+            elif item not in spec.choices:
+                _fail(source, key, item, f"choose from {', '.join(spec.choices)}, or give your own as "
+                      f"{TEACHER_EXAMPLE}")
+        names = [t if isinstance(t, str) else t["name"] for t in value]
+        if len(set(names)) != len(names):
+            _fail(source, key, names, "list each name once (an own teacher by its own name)")
         return
     if spec.kind is list:
         if not value:
@@ -168,8 +267,25 @@ def _check_key(source: str, key: str, value) -> None:
         _fail(source, key, value, f"must be < {spec.max} ({spec.help})")
 
 
+def _image_folder(source: str, p: dict):
+    """The listing of ``p``'s ImageFolder, or one line naming ``data_root``."""
+    try:
+        return list_image_folder(resolve(p["data_root"]))
+    except ImageFolderError as err:
+        raise ParamsError(f"{source}: {err}") from None
+
+
 def _check_combination(source: str, p: dict, students: bool = True) -> None:
-    sizes = dict(zip(("train_subset", "test_subset"), SPLIT_SIZES[p["dataset"]]))
+    folder = p["dataset"] == IMAGE_FOLDER
+    if not folder:
+        for key in ("image_size", "data_mean", "data_std"):
+            if p[key] != SCHEMA[key].default:
+                _fail(source, key, p[key], f"it applies to dataset: {IMAGE_FOLDER} (your own images); "
+                      f"{p['dataset']} has its own size and normalisation")
+    listing = _image_folder(source, p) if folder else None
+    classes = listing.classes if folder else CLASS_NAMES[p["dataset"]]
+    split_sizes = (len(listing.train), len(listing.test)) if folder else SPLIT_SIZES[p["dataset"]]
+    sizes = dict(zip(("train_subset", "test_subset"), split_sizes))
     for key, size in sizes.items():
         if p[key] > size:
             _fail(source, key, p[key], f"{p['dataset']}'s {key[:-7]} split has {size} images; give at most "
@@ -185,18 +301,16 @@ def _check_combination(source: str, p: dict, students: bool = True) -> None:
         if p["labelled_subset"] >= train:
             _fail(source, "labelled_subset", p["labelled_subset"],
                   f"it must be smaller than the students' {train} training images (0 = every image labelled)")
-        classes = 10  # every dataset here has ten classes
-        if p["labelled_subset"] < classes:
+        if p["labelled_subset"] < len(classes):
             _fail(source, "labelled_subset", p["labelled_subset"],
-                  f"give at least one labelled image per class ({classes})")
+                  f"give at least one labelled image per class ({len(classes)})")
+    names = teacher_names(p)
     for key in (k for k, spec in SCHEMA.items() if spec.per_teacher):
         for name, setting in p[key].items():
-            if name not in p["teachers"]:
-                _fail(source, key, {name: setting}, f"name a teacher of this run ({', '.join(p['teachers'])})")
-            if key == "teacher_class_swap" and not all(0 <= c < len(CLASS_NAMES[p["dataset"]])
-                                                       for pair in setting for c in pair):
-                _fail(source, key, {name: setting},
-                      f"{p['dataset']}'s classes are 0 to {len(CLASS_NAMES[p['dataset']]) - 1}")
+            if name not in names:
+                _fail(source, key, {name: setting}, f"name a teacher of this run ({', '.join(names)})")
+            if key == "teacher_class_swap" and not all(0 <= c < len(classes) for pair in setting for c in pair):
+                _fail(source, key, {name: setting}, f"{p['dataset']}'s classes are 0 to {len(classes) - 1}")
     try:
         student_sizes(p["student_width"])
     except ValueError as err:
@@ -206,11 +320,19 @@ def _check_combination(source: str, p: dict, students: bool = True) -> None:
         if len(p["teachers"]) < need:
             _fail(source, "teachers", p["teachers"], f"{method} needs at least {need} teachers"
                   f"{f' ({why})' if why else ''}; name more teachers or drop {method} from methods")
-    for name in p["teachers"] + ["student"]:
+    built_in = [t for t in p["teachers"] if isinstance(t, str)] + ([] if own_student(p) else ["student"])
+    for name in built_in:
         model = build_model(name)
         if p["hint_layer"] not in range(-model.num_features, -1):
             _fail(source, "hint_layer", p["hint_layer"],
                   f"{name} has conv feature maps at {list(range(-model.num_features, -1))}")
+    if students and "camkd" in p["methods"] and p["beta"] > 0:
+        own = [("teachers", "teacher", t) for t in p["teachers"] if isinstance(t, dict)]
+        own += [("student", "student", own_student(p))] if own_student(p) else []
+        for key, what, entry in own:
+            if not entry.get("hint"):
+                _fail(source, key, entry, f"camkd with beta {p['beta']:g} matches hint features: give this "
+                      f"{what} a hint (the dotted path of a submodule, e.g. layer3), or set beta: 0")
 
 
 def validate(params: dict, source: str = "params", partial: bool = False) -> dict:
@@ -231,6 +353,8 @@ def validate(params: dict, source: str = "params", partial: bool = False) -> dic
         _check_key(source, key, params[key])
         if key == "teacher_label_noise":
             params[key] = {name: float(v) for name, v in value.items()}
+        if key in ("data_mean", "data_std"):
+            params[key] = [float(v) for v in value]
     full = {k: params.get(k, spec.default) for k, spec in SCHEMA.items()}
     _check_combination(source, full, students="methods" in params or not partial)
     return dict(params) if partial else full
@@ -250,9 +374,18 @@ def read_mapping(path: str | Path, what: str = "params file", examples: str = "p
     return raw
 
 
+def read_params(path: str | Path, what: str = "params file") -> dict:
+    """A params file's mapping; when it names own models and no ``code_dir``, their folder is
+    the file's own (relative to the project root, as every path in the records)."""
+    raw = read_mapping(path, what)
+    if owns_models(raw) and not raw.get("code_dir"):
+        raw["code_dir"] = display_path(Path(path).resolve().parent)
+    return raw
+
+
 def load_params(path: str | Path) -> dict:
     """Read and validate a params YAML file."""
-    return validate(read_mapping(path), str(path))
+    return validate(read_params(path), str(path))
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -273,8 +406,13 @@ def teacher_identity(P: dict, name: str) -> dict:
     """What a trained teacher is: its architecture and every key marked ``teacher`` in
     ``SCHEMA`` (``lr_schedule`` as the teachers actually use it). Two teachers with the
     same identity are interchangeable; a checkpoint with another identity is refused."""
-    ident = {"kind": "teacher", "model": name}
-    ident.update({k: P[k] for k, spec in SCHEMA.items() if "teacher" in spec.identity and not spec.per_teacher})
+    own = own_teacher(P, name)
+    ident = {"kind": "teacher", "model": own["model"] if own else name}
+    if own:
+        ident["kwargs"] = own.get("kwargs", {})
+    ident.update({k: P[k] for k, spec in SCHEMA.items() if "teacher" in spec.identity and not spec.per_teacher
+                  and not (spec.omit_default and P[k] == spec.default)})
+    ident.update(data_identity(P))
     for own, shared in TEACHER_OWN.items():  # stored under the shared key, as the teachers use it
         value = ident.pop(own)
         if value != "same":
@@ -314,5 +452,14 @@ def student_identity(P: dict, method: str, seed: int, teacher_sha256: dict[str, 
     ident = {"kind": "student", "model": "student", "method": method, "seed": seed}
     ident.update({k: P[k] for k, spec in SCHEMA.items() if "student" in spec.identity
                   and not (spec.omit_default and P[k] == spec.default)})
-    ident["teacher_sha256"] = [teacher_sha256[n] for n in P["teachers"]]
+    ident.update(data_identity(P))
+    ident["teacher_sha256"] = [teacher_sha256[n] for n in teacher_names(P)]
     return ident
+
+
+def data_identity(P: dict) -> dict:
+    """What the data is beyond its name: for an ImageFolder, a fingerprint of its files (their
+    paths and sizes), so two folders of images never share a trained model."""
+    if P["dataset"] != IMAGE_FOLDER:
+        return {}
+    return {"data": list_image_folder(resolve(P["data_root"])).fingerprint()}

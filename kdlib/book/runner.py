@@ -22,7 +22,8 @@ import yaml
 
 from ..records.paths import PACKAGE_ROOT, display_path, portable_text as portable, say
 from ..records.extras import require
-from .params import ParamsError, load_params, parse_override, validate
+from .params import ParamsError, load_params, parse_override, read_params, validate
+from .steps import check_models
 from ..records.files import cpu_name
 from ..train.loop import pick_device
 
@@ -234,7 +235,7 @@ def prepare_run(params_file: str | None, name: str | None, overrides: list[str],
     if not params_file:
         raise RunError("give a params file (params/NAME.yaml) or --resume outputs/NAME")
     P = load_params(params_file)
-    raw = yaml.safe_load(Path(params_file).read_text()) or {}
+    raw = read_params(params_file)
     source = params_file + (" with -p " + " ".join(overrides) if overrides else "")
     for text in overrides:
         key, value = parse_override(text)
@@ -279,10 +280,11 @@ def check_run(params_file: str | None = None, name: str | None = None, overrides
     if not params_file:
         raise RunError("give a params file (params/NAME.yaml) or --resume outputs/NAME")
     load_params(params_file)
-    raw = dict(yaml.safe_load(Path(params_file).read_text()) or {})
+    raw = read_params(params_file)
     raw.update(dict(parse_override(t) for t in overrides))
     source = params_file + (" with -p " + " ".join(overrides) if overrides else "")
     P = validate(dict(raw), source)
+    check_models(P, source)
     check_declared(raw, source, notebooks_dir())
     run_dir = Path(outputs) / (name or Path(params_file).stem)
     if (run_dir / "manifest.json").exists():
@@ -303,10 +305,10 @@ def run(params_file: str | None = None, name: str | None = None, overrides: list
     nb_dir = notebooks_dir()
     if params_file and not resume:  # every check before anything is created
         load_params(params_file)
-        raw = dict(yaml.safe_load(Path(params_file).read_text()) or {})
+        raw = read_params(params_file)
         raw.update(dict(parse_override(t) for t in overrides))
         source = params_file + (" with -p " + " ".join(overrides) if overrides else "")
-        validate(dict(raw), source)
+        check_models(validate(dict(raw), source), source)  # own models: each built and run on one batch
         check_declared(raw, source, nb_dir)
     run_dir, P, manifest, source = prepare_run(params_file, name, overrides, resume, Path(outputs))
     declared = check_declared({}, source, nb_dir)

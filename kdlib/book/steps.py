@@ -17,10 +17,14 @@ import torch
 
 from ..records.paths import PACKAGE_ROOT, display_path, resolve, say
 from ..train.checkpoint import export_finished, identity_key, sha256_file
-from ..train.data import Split, holdout_validation, load_dataset, teacher_label_seed, teacher_labels, with_labelled_subset
+from ..train.data import (DATASETS, IMAGE_FOLDER, Split, holdout_validation, image_geometry, list_image_folder,
+                          load_dataset, teacher_label_seed, teacher_labels, with_labelled_subset)
 from ..train.metrics import accuracy, confidently_wrong, weights_by_correctness
-from ..train.models import count_parameters
-from .params import SCHEMA, student_identity, teacher_degradation, teacher_identity, teacher_value, validate
+from ..train.models import build_model, count_parameters
+from ..train.own import ModelSpecError, build_own, check_model, checkpoint_path
+from ..train.teachers import freeze
+from .params import (SCHEMA, ParamsError, code_dir, model_where, own_student, own_teacher, owns_models, student_identity,
+                     teacher_degradation, teacher_identity, teacher_names, teacher_value, validate)
 from ..train.assemble import teacher_bank, teacher_test_probs, train_student, train_teacher
 from ..train.loop import TrainConfig, pick_device, predict_logits, predict_teacher_weights, set_threads
 
@@ -40,9 +44,61 @@ def device_of(P) -> torch.device:
 
 
 def load_data(P, device=None):
+    options = {} if P["dataset"] != IMAGE_FOLDER else {
+        "image_size": P["image_size"], "mean": P["data_mean"] or None, "std": P["data_std"] or None,
+        "memory_mb": P["data_memory_mb"]}
     data = load_dataset(P["dataset"], resolve(P["data_root"]), train_subset=P["train_subset"],
-                        test_subset=P["test_subset"])
+                        test_subset=P["test_subset"], **options)
     return data.to(device or device_of(P))
+
+
+def geometry(P, data=None) -> tuple[int, int, int]:
+    """``(in_channels, image_size, num_classes)`` of ``P``'s images, from ``data`` when loaded,
+    else from the dataset's constants or the first image of an ImageFolder (nothing decoded)."""
+    if data is not None:
+        return data.in_channels, data.image_size, data.num_classes
+    if P["dataset"] == IMAGE_FOLDER:
+        listing = list_image_folder(resolve(P["data_root"]))
+        channels, side = image_geometry(listing, P["image_size"])
+        return channels, side, len(listing.classes)
+    _, channels, side, _, _ = DATASETS[P["dataset"]]
+    return channels, side, 10
+
+
+def model_builder(P, name: str | None = None, data=None, source: str = "params", load: bool = True):
+    """A function of no argument that builds teacher ``name`` (None: the student) for ``P``'s
+    images, on the data's device: a built-in by its name, an own model from its mapping
+    (``kdlib.train.own.build_own``; a given checkpoint loaded when ``load``)."""
+    channels, side, classes = geometry(P, data)
+    device = data.train.images.device if data is not None else torch.device("cpu")
+    own = own_teacher(P, name) if name else own_student(P)
+    if own:
+        return lambda: build_own(own, channels, classes, side, code_dir(P), model_where(source, P, name),
+                                 load=load).to(device)
+    width = 1.0 if name else P["student_width"]
+    return lambda: build_model(name or "student", channels, classes, side, width=width).to(device)
+
+
+def check_models(P, source: str = "params", data=None, students: bool = True) -> None:
+    """Build every teacher (and, with ``students``, the student) of ``P`` and run one batch
+    through each (``kdlib.train.own.check_model``): a module that does not import or build,
+    a checkpoint that does not fit, a wrong class count or a hint that cannot serve is one
+    ``ParamsError`` line naming the source and the model, before anything trains."""
+    if not owns_models(P) and P["dataset"] != IMAGE_FOLDER:
+        return  # the built-in models on their own datasets: tested, nothing to check
+    channels, side, classes = geometry(P, data)
+    feature_term = "camkd" in P["methods"] and P["beta"] > 0
+    for name in teacher_names(P) + ([None] if students else []):
+        where = model_where(source, P, name)
+        try:
+            with torch.random.fork_rng(devices=[]):  # the seeded runs' random stream is left as it was
+                model = model_builder(P, name, None, source)()
+                check_model(model, channels, side, classes, where, need_hint=feature_term)
+        except ModelSpecError as err:
+            raise ParamsError(str(err)) from None
+        except Exception as err:  # a built-in model on images it does not fit
+            raise ParamsError(f"{where}: does not run on {channels}x{side}x{side} images ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else ''})") from None
 
 
 def student_data(P, data):
@@ -92,6 +148,9 @@ def teacher_checkpoint(P, name: str) -> Path:
     """Where teacher ``name`` trained with ``P``'s settings lives: ``<dataset>/<name>-<hash
     of its identity>.pt`` in ``teacher_dir``, so any run with the same settings reuses it;
     or, when only there, the same file among the shipped reference teachers."""
+    own = own_teacher(P, name)
+    if own and own.get("checkpoint"):  # given, used as is
+        return checkpoint_path(own["checkpoint"], code_dir(P))
     relative = Path(P["dataset"]) / f"{name}-{identity_key(teacher_identity(P, name))}.pt"
     local = resolve(P["teacher_dir"]) / relative
     return REFERENCE_TEACHERS / relative if not local.exists() and (REFERENCE_TEACHERS / relative).exists() \
@@ -120,7 +179,7 @@ def ship_teachers(P, log=say) -> list[Path]:
     """Copy ``P``'s finished teachers from ``teacher_dir`` into ``reference_teachers/``
     (weights, identity, history; no optimizer state), to be committed and reused."""
     shipped = []
-    for name in P["teachers"]:
+    for name in teacher_names(P):
         src = teacher_checkpoint(P, name)
         dst = REFERENCE_TEACHERS / src.relative_to(src.parent.parent)
         if src != dst:
@@ -160,22 +219,41 @@ def train_teachers(P, data=None, log=say) -> dict:
     device = device_of(P)
     data = data or load_data(P, device)
     cfg = teacher_config(P, device)
+    check_models(P, data=data, students=False)
     models, records = {}, []
-    for name in P["teachers"]:
+    for name in teacher_names(P):
         t0 = time.perf_counter()
         path = teacher_checkpoint(P, name)
-        model, history, _ = train_teacher(name, teacher_data(P, data, name), cfg, path, teacher_identity(P, name),
-                                          log=log)
+        model, history = teacher_model(P, name, data, cfg, log)
         models[name] = model
         sha = sha256_file(path)
+        given = not history
+        test_acc = (accuracy(predict_logits(model, data.test, data, cfg).softmax(-1), data.test.labels) if given
+                    else history[-1]["test_acc"])
+        if given:
+            log(f"{name}: given as {display_path(path)}, used as is: test accuracy {test_acc:.2f}%")
         records.append({"name": name, "params": count_parameters(model), **teacher_degradation(P, name),
-                        "test_acc": history[-1]["test_acc"], **teacher_train_errors(P, name, sha, model, data, cfg),
+                        **({"given": True} if given else {}),
+                        "test_acc": test_acc, **teacher_train_errors(P, name, sha, model, data, cfg),
                         "history": history, "checkpoint": display_path(path), "sha256": sha,
                         "train_seconds": sum(h["epoch_seconds"] for h in history),
                         "seconds": time.perf_counter() - t0})
     _write_json(Path(P["run_dir"]) / "teachers.json",
                 {"dataset": data.name, "device": str(device), "teachers": records})
     return models
+
+
+def teacher_model(P, name: str, data, cfg, log=say):
+    """``(frozen model, history)`` of teacher ``name``: an own teacher given a checkpoint is
+    loaded and used as is (history ``[]``); any other is trained, or reused from its
+    checkpoint (``teacher_checkpoint``), on its own labels (``teacher_data``)."""
+    own = own_teacher(P, name)
+    if own and own.get("checkpoint"):
+        return freeze(model_builder(P, name, data)()), []
+    build = model_builder(P, name, data) if own else None
+    model, history, _ = train_teacher(name, teacher_data(P, data, name), cfg, teacher_checkpoint(P, name),
+                                      teacher_identity(P, name), log=log, build=build)
+    return model, history
 
 
 def distill_students(P, data=None, teachers=None, log=say) -> dict:
@@ -187,6 +265,7 @@ def distill_students(P, data=None, teachers=None, log=say) -> dict:
     """
     device = device_of(P)
     data = data or load_data(P, device)
+    check_models(P, data=data)
     if teachers is None:
         log("teachers: looking for checkpoints made with these settings (training any that are missing)")
         teachers = train_teachers(P, data, log=log)
@@ -219,7 +298,7 @@ def distill_students(P, data=None, teachers=None, log=say) -> dict:
                 hint_layer=P["hint_layer"], checkpoint=run_dir / f"student_{method}_seed{seed}.pt",
                 identity=student_identity(P, method, seed, teacher_sha256), test_probs=test_probs, log=log,
                 replace_stale=run_dir.name == "interactive", camkd_form=P["camkd_form"],
-                label_smoothing=P["label_smoothing"], width=P["student_width"])
+                label_smoothing=P["label_smoothing"], width=P["student_width"], build=model_builder(P, None, data))
             logits = predict_logits(distiller.student, data.test, data, cfg)
             predictions[f"{method}/seed{seed}"] = logits.argmax(-1).cpu().numpy()
             weighted = predict_teacher_weights(distiller, data, cfg)  # None: a method without teacher weights

@@ -23,9 +23,9 @@ from ..records.storage import SEARCH, SEEDS, open_storage, study_name
 from ..train.distillers import METHODS
 from .cluster import error_line, worker_slot
 from .spec import Setting, TuneSpec
-from ..train.assemble import teacher_bank, train_teacher
+from ..train.assemble import teacher_bank
 from ..train.checkpoint import sha256_file
-from ..book.params import teacher_identity
+from ..book.params import teacher_names
 from .sweep import teacher_key
 from ..train.assemble import train_student
 from ..train.loop import NonFiniteLossError
@@ -80,11 +80,11 @@ def _prepared(P: dict, device, teachers: bool = True):
     if _PREPARED.get("bank", (None,))[0] != bank_key:
         quiet = lambda *a: None  # noqa: E731
         tcfg = book.teacher_config(P, device)
-        models = [train_teacher(n, book.teacher_data(P, data, n), tcfg, book.teacher_checkpoint(P, n),
-                                teacher_identity(P, n), log=quiet)[0] for n in P["teachers"]]
-        sha = {n: sha256_file(book.teacher_checkpoint(P, n)) for n in P["teachers"]}
+        names = teacher_names(P)
+        models = [book.teacher_model(P, n, data, tcfg, quiet)[0] for n in names]
+        sha = {n: sha256_file(book.teacher_checkpoint(P, n)) for n in names}
         cfg0 = book._config(P, P["student_epochs"], 0, device)
-        bank = teacher_bank(models, list(P["teachers"]), sdata, cfg0, P["hint_layer"], cache=P["cache_teachers"],
+        bank = teacher_bank(models, names, sdata, cfg0, P["hint_layer"], cache=P["cache_teachers"],
                             log=quiet, view_files=book.view_cache_files(P, sha, sdata))
         _PREPARED["bank"] = (bank_key, bank)
     return sdata, _PREPARED["bank"][1]
@@ -99,7 +99,7 @@ def evaluate(P: dict, method: str, seed: int, on_epoch=None) -> list[dict]:
     _, history = train_student(method, bank, data, cfg, temperature=P["temperature"], alpha=P["alpha"],
                                beta=P["beta"], hint_layer=P["hint_layer"], log=lambda *a: None,
                                camkd_form=P["camkd_form"], label_smoothing=P["label_smoothing"],
-                               width=P["student_width"], on_epoch=on_epoch)
+                               width=P["student_width"], on_epoch=on_epoch, build=book.model_builder(P, None, data))
     return history
 
 

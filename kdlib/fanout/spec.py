@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from ..book.params import SCHEMA, ParamsError, read_mapping, validate
+from ..book.params import SCHEMA, ParamsError, read_mapping, read_params, validate
 from ..records.names import run_name
 from ..records.paths import display_path, locate
 from ..train.distillers import METHODS
@@ -155,7 +155,7 @@ def load_tune(tune_file: str | Path) -> TuneSpec:
         if key not in raw:
             raise ParamsError(f"{src}: no {key!r} key; see params/tune/ for examples")
     base = str(locate(Path(raw["base"])))
-    base_raw = read_mapping(base, "base params file", "params/")
+    base_raw = read_params(base, "base params file")
     base_P = validate(dict(base_raw), base)
     if not base_P["val_subset"]:
         raise ParamsError(f"{src}: base {raw['base']} has no val_subset; tuning scores on images held out of the "

@@ -26,7 +26,7 @@ import yaml
 
 from ..book import steps as book
 from ..train.checkpoint import identity_key
-from ..book.params import ParamsError, load_params, read_mapping, validate
+from ..book.params import ParamsError, load_params, read_mapping, read_params, teacher_names, validate
 from ..book.runner import RunError, execute, notebooks_dir, now, render_html
 from ..records.files import PlainDumper, ended_attempt
 from .cluster import RESOURCES, connected, deadline_after, error_line, past, worker_slot  # noqa: F401 (deadline_after: the CLI's)
@@ -59,7 +59,7 @@ def expand(sweep_file: str | Path) -> tuple[str, list[Run]]:
         raise ParamsError(f"{src}: no 'base' key; name the params file the runs start from, "
                           "e.g. base: params/smoke.yaml")
     base = str(locate(Path(raw["base"])))
-    base_raw = read_mapping(base, "base params file", "params/")
+    base_raw = read_params(base, "base params file")
     load_params(base)  # the base alone must be valid (its errors name the base file)
     grid, explicit = raw.get("grid") or {}, raw.get("runs") or []
     if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
@@ -88,7 +88,7 @@ def expand(sweep_file: str | Path) -> tuple[str, list[Run]]:
 def teacher_key(P: dict) -> tuple[str, ...]:
     """The teacher checkpoints run ``P`` needs (``steps.teacher_checkpoint``, from params
     alone, no data loaded): runs with equal keys share one teacher set."""
-    return tuple(str(book.teacher_checkpoint(P, n)) for n in P["teachers"])
+    return tuple(str(book.teacher_checkpoint(P, n)) for n in teacher_names(P))
 
 
 def teacher_task(P: dict, folder: str) -> dict:

@@ -26,12 +26,13 @@ def build_for(name: str, data: Dataset, device: torch.device, width: float = 1.0
 
 
 def train_teacher(name: str, data: Dataset, cfg: TrainConfig, checkpoint: str | Path | None = None,
-                  identity: dict | None = None, log=print):
+                  identity: dict | None = None, log=print, build=None):
     """Train teacher ``name`` (or reuse/resume ``checkpoint``, which must hold a model
     with this ``identity``). Returns ``(model, history, checkpoint)``. A file lock beside
-    the checkpoint makes processes racing on one setting train it once."""
+    the checkpoint makes processes racing on one setting train it once. ``build`` (no
+    argument) makes an own model in place of the built-in ``name``, after the seed is set."""
     seed_everything(cfg.seed)
-    model = build_for(name, data, data.train.images.device)
+    model = (build() if build else build_for(name, data, data.train.images.device)).to(data.train.images.device)
     if checkpoint is None:
         history = fit(Scratch(model), data, cfg, desc=name, log=log)
     elif _finished(checkpoint, identity):  # only read: no lock, nothing written beside it (shipped teachers)
@@ -148,16 +149,18 @@ def teacher_test_probs(bank: LiveTeachers, data: Dataset, cfg: TrainConfig) -> t
 def train_student(method: str, bank: LiveTeachers, data: Dataset, cfg: TrainConfig, *, temperature=4.0,
                   alpha=0.7, beta=100.0, hint_layer=-2, checkpoint=None, identity=None, test_probs=None, log=print,
                   replace_stale=False, camkd_form="kdbook", label_smoothing=0.1,
-                  width=1.0, on_epoch=None):
+                  width=1.0, on_epoch=None, build=None):
     """Train the student with ``method`` (a name in ``kdlib.distillers.METHODS``) against ``bank``.
 
     Returns ``(distiller, history)``; seeded by ``cfg.seed`` (init, batch order, dropout).
     ``checkpoint`` needs the student's ``identity`` (``kdlib.book.params.student_identity``).
     ``width`` scales the student (``kdlib.models.student_sizes``); CAMKD's regressors
-    size themselves from its feature map. ``on_epoch``: see ``kdlib.train.fit``.
+    size themselves from its feature map. ``on_epoch``: see ``kdlib.train.fit``. ``build`` (no
+    argument) makes an own student in place of the seed's, after the seed is set.
     """
     seed_everything(cfg.seed)
-    student = build_for("student", data, data.train.images.device, width)
+    student = (build() if build else build_for("student", data, data.train.images.device, width)).to(
+        data.train.images.device)
     sample = normalize(data.train.images[:1], data.mean, data.std)
     distiller = build_distiller(method, student, bank, sample, temperature, alpha, beta, hint_layer, camkd_form,
                                 label_smoothing)

@@ -5,14 +5,21 @@ The MNIST family's IDX files are read directly from torchvision's layout
 user with internet the standard download into ``data_root``), imported only then, since
 importing torchvision costs every kernel and worker up to seconds. After that nothing runs per sample: a split
 is one ``[N, C, H, W]`` uint8 tensor, a batch is an index slice, and normalisation
-(and optional augmentation) is done on the whole batch, as in airbench.
+(and optional augmentation) is done on the whole batch, as in airbench. A user's own
+images (``IMAGE_FOLDER``, torchvision's ImageFolder layout) are decoded once with PIL
+into the same form.
 """
 from __future__ import annotations
 
+import functools
 import gzip
+import hashlib
+import json
+import math
 import os
 import shutil
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -182,17 +189,256 @@ def balanced_subset(labels: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor
     return torch.cat(picked).sort().values
 
 
+# --------------------------------------------------------------------------- a user's own images
+IMAGE_FOLDER = "ImageFolder"
+GRAYSCALE_MODES = ("1", "L", "LA", "La", "I", "F")  # and the 16-bit "I;16*": one channel; every other mode RGB
+
+
+class ImageFolderError(ValueError):
+    """A bad ImageFolder input, in one line that names the path and the fix."""
+
+
+def _layout(root) -> str:
+    return (f"expected {root}/train/<class>/<image> and {root}/test/<class>/<image>, "
+            "torchvision's ImageFolder layout")
+
+
+def _one_line(err: Exception) -> str:
+    return f"{type(err).__name__}: {' '.join(str(err).split())}"
+
+
+@dataclass(frozen=True)
+class ImageListing:
+    """The images of an ImageFolder tree: paths relative to ``root`` ('/' separators) with
+    labels indexing ``classes`` (the train/ class folders, sorted)."""
+
+    root: Path
+    classes: list[str]
+    train: list[tuple[str, int]]
+    test: list[tuple[str, int]]
+
+    def fingerprint(self) -> str:
+        """16 hex digits of a sha256 over the classes and every image's path and size."""
+        h = hashlib.sha256(json.dumps(self.classes).encode())
+        for rel, label in self.train + self.test:
+            h.update(f"\n{rel}\t{label}\t{(self.root / rel).stat().st_size}".encode())
+        return h.hexdigest()[:16]
+
+
+def _class_folders(split: Path) -> list[str]:
+    """The class folder names of ``split``, sorted as torchvision sorts them (hidden ones skipped)."""
+    return sorted(e.name for e in os.scandir(split) if e.is_dir() and not e.name.startswith("."))
+
+
+def _class_images(root: Path, split: str, name: str) -> list[str]:
+    """The images under ``root/split/name`` (recursively, as torchvision), relative to ``root``."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
+
+    found = []
+    for folder, _, files in sorted(os.walk(root / split / name, followlinks=True)):
+        for f in sorted(files):
+            if has_file_allowed_extension(f, IMG_EXTENSIONS):
+                found.append(Path(folder, f).relative_to(root).as_posix())
+    return found
+
+
+def _folder_stamp(root: Path) -> tuple:
+    """The mtimes of train/, test/ and their class folders: a change there lists again."""
+    stamp = []
+    for split in ("train", "test"):
+        try:
+            stamp.append((split, (root / split).stat().st_mtime_ns))
+            stamp += [(e.name, e.stat().st_mtime_ns) for e in os.scandir(root / split) if e.is_dir()]
+        except OSError:
+            stamp.append((split, None))
+    return tuple(stamp)
+
+
+@functools.lru_cache(maxsize=8)
+def _list_image_folder(path: str, stamp: tuple) -> ImageListing:
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    root = Path(path)
+    for split in ("train", "test"):
+        if not (root / split).is_dir():
+            raise ImageFolderError(f"data_root {path!r}: no {split}/ folder ({_layout(path)})")
+    exts = " ".join(IMG_EXTENSIONS)
+    classes = _class_folders(root / "train")
+    if not classes:
+        raise ImageFolderError(f"data_root {path!r}: train/ has no class folders holding images "
+                               f"({_layout(path)}; image files end in {exts})")
+    train = []
+    for label, name in enumerate(classes):
+        images = _class_images(root, "train", name)
+        if not images:
+            raise ImageFolderError(f"data_root {path!r}: training class folder train/{name}/ holds no images "
+                                   f"(files ending in {exts}); fix: add its images or remove the folder")
+        train += [(rel, label) for rel in images]
+    index = {name: k for k, name in enumerate(classes)}
+    test = []
+    for name in _class_folders(root / "test"):
+        if name not in index:
+            raise ImageFolderError(f"data_root {path!r}: test/{name}/ is not a training class (the training "
+                                   f"classes are {', '.join(classes)}); fix: rename it to one of them, or add "
+                                   f"train/{name}/ with its training images")
+        test += [(rel, index[name]) for rel in _class_images(root, "test", name)]
+    if not test:
+        raise ImageFolderError(f"data_root {path!r}: test/ has no class folders holding images "
+                               f"({_layout(path)}; image files end in {exts})")
+    return ImageListing(root, classes, train, test)
+
+
+def list_image_folder(root: str | Path) -> ImageListing:
+    """The classes and images of ``root/train`` and ``root/test`` (torchvision's ImageFolder
+    layout), listed once per state of their folders."""
+    path = Path(root).expanduser().resolve()
+    return _list_image_folder(str(path), _folder_stamp(path))
+
+
+def _open_image(listing: ImageListing, rel: str):
+    from PIL import Image
+
+    try:
+        return Image.open(listing.root / rel)
+    except Exception as err:  # UnidentifiedImageError, OSError, DecompressionBombError, ...
+        raise ImageFolderError(f"data_root '{listing.root}': cannot read image {rel} ({_one_line(err)}); "
+                               "fix: remove or replace it") from None
+
+
+def _is_grayscale(mode: str) -> bool:
+    return mode in GRAYSCALE_MODES or mode.startswith("I;16")
+
+
+def image_geometry(listing: ImageListing, image_size: int = 0) -> tuple[int, int]:
+    """(channels, side) of the images as loaded: 1 channel if the first training image is
+    grayscale, else 3 (RGB); side ``image_size``, or the first training image's (square) size."""
+    rel = listing.train[0][0]
+    with _open_image(listing, rel) as im:  # reads the header only
+        mode, (w, h) = im.mode, im.size
+    if not image_size and w != h:
+        raise ImageFolderError(f"data_root '{listing.root}': image {rel} is {w}x{h}, not square; fix: give "
+                               "image_size, and every image is resized to image_size x image_size")
+    return (1 if _is_grayscale(mode) else 3), (image_size or w)
+
+
+def _decode(listing: ImageListing, rel: str, channels: int, side: int, image_size: int) -> np.ndarray:
+    """One image as uint8 [C, side, side]: converted to L or RGB, resized (bilinear) if needed."""
+    from PIL import Image
+
+    try:
+        with _open_image(listing, rel) as im:
+            w, h = im.size
+            if not image_size and w != h:
+                raise ImageFolderError(f"data_root '{listing.root}': image {rel} is {w}x{h}, not square; fix: "
+                                       "give image_size, and every image is resized to image_size x image_size")
+            if im.mode.startswith("I;16"):  # 16-bit grayscale: keep the top 8 bits (convert would clip at 255)
+                im = Image.fromarray((np.asarray(im).astype(np.uint16) >> 8).astype(np.uint8))
+            im = im.convert("L" if channels == 1 else "RGB")
+            if im.size != (side, side):
+                im = im.resize((side, side), Image.Resampling.BILINEAR)
+            pixels = np.asarray(im)
+    except ImageFolderError:
+        raise
+    except Exception as err:  # truncated or corrupt data found while decoding
+        raise ImageFolderError(f"data_root '{listing.root}': cannot read image {rel} ({_one_line(err)}); "
+                               "fix: remove or replace it") from None
+    return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
+
+
+def _channel_stats(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std (population) of uint8 [N,C,H,W] on the [0,1] scale, from exact
+    integer sums; a constant channel gets std 1."""
+    c = images.shape[1]
+    s, ss = torch.zeros(c, dtype=torch.int64), torch.zeros(c, dtype=torch.int64)
+    for chunk in images.split(max(1, 2**22 // images[0].numel())):  # int64 chunks of at most 32 MiB
+        x = chunk.to(torch.int64)
+        s += x.sum(dim=(0, 2, 3))
+        ss += (x * x).sum(dim=(0, 2, 3))
+    n = images.numel() // c
+    mean = [int(a) / (n * 255) for a in s]
+    std = [math.sqrt(int(b) * n - int(a) ** 2) / (n * 255) for a, b in zip(s, ss)]
+    return (torch.tensor(mean, dtype=torch.float64).float(),
+            torch.tensor([v if v > 0 else 1.0 for v in std], dtype=torch.float64).float())
+
+
+def _given_stats(values, key: str, channels: int) -> torch.Tensor | None:
+    """``values`` (per channel, [0,1] scale) as a float tensor, checked; None stays None."""
+    if values is None:
+        return None
+    values = [float(v) for v in values] if isinstance(values, (list, tuple)) else [float(values)]
+    out = torch.tensor(values, dtype=torch.float32)
+    if len(out) != channels:
+        entries = f"{len(out)} entr{'y' if len(out) == 1 else 'ies'}"
+        raise ImageFolderError(f"{key}: {values} has {entries}; the images have {channels} "
+                               f"channel{'s' if channels > 1 else ''}, so give {channels} (one per channel, on the "
+                               "[0,1] scale), or leave it out and it is computed from the training images")
+    if key == "data_std" and not bool((out > 0).all()):
+        raise ImageFolderError(f"data_std: {values} has an entry <= 0; fix: give positive values, or "
+                               "leave it out and it is computed from the training images")
+    return out
+
+
+def load_image_folder(root: str | Path, *, image_size: int = 0, train_subset: int = 0, test_subset: int = 0,
+                      mean=None, std=None, memory_mb: int = 4096) -> Dataset:
+    """A user's images in torchvision's ImageFolder layout, in memory as a ``Dataset``.
+
+    The class-balanced subsets are chosen on the file list, and the memory they need
+    checked against ``memory_mb``, before any image is decoded. Images are converted to
+    L or RGB (``image_geometry``) and resized to ``image_size`` (bilinear) where it
+    differs. ``mean``/``std`` default to the training split's per-channel statistics.
+    """
+    listing = list_image_folder(root)
+    channels, side = image_geometry(listing, image_size)
+    mean, std = _given_stats(mean, "data_mean", channels), _given_stats(std, "data_std", channels)
+    splits = []
+    for files, n in ((listing.train, train_subset), (listing.test, test_subset)):
+        labels = torch.tensor([label for _, label in files], dtype=torch.long)
+        keep = balanced_subset(labels, n)
+        splits.append(([files[i][0] for i in keep.tolist()], labels[keep]))
+    count = len(splits[0][0]) + len(splits[1][0])
+    need = count * channels * side * side
+    if need > memory_mb * 2**20:
+        raise ImageFolderError(
+            f"data_root '{listing.root}': {count} images ({len(splits[0][0])} train, {len(splits[1][0])} test) at "
+            f"{side}x{side} with {channels} channel{'s' if channels > 1 else ''} need {math.ceil(need / 2**20)} MiB "
+            f"in memory, over the budget of {memory_mb} MiB (data_memory_mb); fix: a smaller image_size, or fewer "
+            "images with train_subset/test_subset, or a larger data_memory_mb")
+    out = []
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # PIL decodes without the GIL
+        for files, labels in splits:
+            images = np.empty((len(files), channels, side, side), dtype=np.uint8)
+            arrays = pool.map(lambda rel: _decode(listing, rel, channels, side, image_size), files)
+            for i, pixels in enumerate(arrays):  # in order: the first bad file is the one named
+                images[i] = pixels
+            out.append(Split(torch.from_numpy(images), labels))
+    train, test = out
+    if mean is None or std is None:
+        data_mean, data_std = _channel_stats(train.images)
+        mean, std = (data_mean if mean is None else mean), (data_std if std is None else std)
+    return Dataset(IMAGE_FOLDER, train, test, mean, std, list(listing.classes))
+
+
 def load_dataset(name: str = "FashionMNIST", data_root: str | Path = "data", *,
-                 train_subset: int = 0, test_subset: int = 0, download: bool = True) -> Dataset:
+                 train_subset: int = 0, test_subset: int = 0, download: bool = True,
+                 **image_folder_options) -> Dataset:
     """Load a dataset into memory: the MNIST family read from torchvision's layout, the
-    rest (and any download) through torchvision.
+    rest (and any download) through torchvision, ``IMAGE_FOLDER`` by ``load_image_folder``.
 
     Fashion-MNIST is first taken from ``/usr/share/datasets/fashion-mnist`` (Debian
     package ``dataset-fashion-mnist``) or ``data_root``; only then downloaded.
     ``train_subset``/``test_subset`` > 0 keep a deterministic class-balanced subset.
+    ``image_folder_options`` (image_size, mean, std, memory_mb) go to ``load_image_folder``;
+    the built-in datasets ignore them.
     """
+    unknown = set(image_folder_options) - {"image_size", "mean", "std", "memory_mb"}
+    if unknown:
+        raise TypeError(f"load_dataset: unknown options {', '.join(sorted(unknown))}; "
+                        "valid ones are image_size, mean, std, memory_mb")
+    if name == IMAGE_FOLDER:
+        return load_image_folder(data_root, train_subset=train_subset, test_subset=test_subset,
+                                 **image_folder_options)
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}: valid names are {', '.join(DATASETS)}")
+        raise ValueError(f"unknown dataset {name!r}: valid names are {', '.join([*DATASETS, IMAGE_FOLDER])}")
     root = Path(data_root).expanduser()
     if name == "FashionMNIST":
         _stage_debian_fashion_mnist(root)
@@ -274,8 +520,9 @@ def teacher_labels(labels: torch.Tensor, num_classes: int, *, noise: float = 0.0
 
 def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
               channels_last: bool = False) -> torch.Tensor:
-    """uint8 [B,C,H,W] -> float32, scaled to [0,1] and standardised per channel."""
-    x = images.float().div_(255)
+    """uint8 [B,C,H,W] -> float32, scaled to [0,1] and standardised per channel; floating-point
+    images (``kdlib.distill`` on tensors already normalised) are only standardised."""
+    x = images.float().div_(255) if images.dtype == torch.uint8 else images.float()
     x = (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 

@@ -246,18 +246,30 @@ class CAMKD(Distiller):
         if len(teachers) < 2:
             raise ValueError(f"camkd needs at least 2 teachers, got {len(teachers)}")
         self.T, self.alpha, self.beta, self.hint_layer = temperature, alpha, beta, hint_layer
-        student.check_hint_layer(hint_layer)
-        regressors = CalWeight if form == "official" else ConvRegs
-        self.regressors = regressors(student_shape, feature_shapes)
+        # own models may come without hints: then only beta 0 is possible, and no regressor is built
+        self.features = student.has_hint and teachers.has_hints
+        if not self.features and beta != 0:
+            missing = [n for n, m in zip(teachers.names, teachers.models) if not m.has_hint]
+            missing += [] if student.has_hint else ["the student"]
+            raise ValueError(f"camkd with beta {beta} matches hint features, and {', '.join(missing)} "
+                             "has none: give each own model a hint (the dotted path of a submodule), or beta 0")
+        if self.features:
+            student.check_hint_layer(hint_layer)
+            regressors = CalWeight if form == "official" else ConvRegs
+            self.regressors = regressors(student_shape, feature_shapes)
+        else:
+            self.regressors = nn.ModuleList()
 
     @classmethod
     def for_shapes(cls, student, teachers, sample: torch.Tensor, **kw):
         """Build with regressors sized from one forward pass on ``sample`` [1,C,H,W]."""
         hint = kw.get("hint_layer", -2)
+        if not (student.has_hint and teachers.has_hints):  # refused by the constructor unless beta is 0
+            return cls(student, teachers, **kw)
         with torch.no_grad():
             was_training = student.training
             student.eval()
-            s_feat = student(sample, return_features=True)[1][hint]
+            s_feat = student.hint_forward(sample, hint)[1]
             student.train(was_training)
             _, t_feats = LiveTeachers.outputs(teachers, sample)
         return cls(student, teachers, student_shape=tuple(s_feat.shape[1:]),
@@ -273,23 +285,27 @@ class CAMKD(Distiller):
         return camkd_weights(t_logits, consensus_targets(y, t_logits))
 
     def forward_train(self, x, y, idx, epoch):
-        logits, feats = self.student(x, return_features=True)
-        t_logits, t_hints = self.teachers.outputs(x, idx)
+        if self.features:
+            logits, f_s = self.student.hint_forward(x, self.hint_layer)
+            t_logits, t_hints = self.teachers.outputs(x, idx)
+        else:  # own models without hints, beta 0: the logit term alone
+            logits, f_s = self.student(x), None
+            t_logits, t_hints = self.teachers.logits(x, idx), None
         official = self.form == "official"
         ce = labelled_ce(logits, y)
         y = consensus_targets(y, t_logits)  # the weights' reference where a sample has no label
         kd, w = camkd_logit_loss(logits, t_logits, y, self.T, official=official)
         losses = {"ce": ce, "kd": self.alpha * kd}
         self.batch_stats = {"weight": w.mean(1)}
-        if epoch == 0:
+        if epoch == 0 or not self.features:
             losses["feat"] = torch.zeros((), device=logits.device)
             return logits, losses
         if official:
-            feat, v = self._official_feature_term(feats[self.hint_layer], t_hints, y)
+            feat, v = self._official_feature_term(f_s, t_hints, y)
             losses["feat"] = self.beta * feat
             self.batch_stats["feat_weight"] = v.detach().mean(1)
             return logits, losses
-        mapped = self.regressors(feats[self.hint_layer])  # one map per group of same-size teachers
+        mapped = self.regressors(f_s)  # one map per group of same-size teachers
         with torch.no_grad():  # the heads see the mapped maps as constants (detached: no autograd hooks either)
             head_logits = torch.stack([self.teachers.head(i, m.detach()).float()
                                        for i, m in enumerate(self.regressors.split(mapped))])
@@ -323,7 +339,7 @@ def check_teachers(method: type[Distiller] | str, m: int) -> None:
         raise ValueError(f"{name} needs at least {cls.min_teachers} teachers, got {m}{why}")
 
 
-def build_distiller(method: str, student: StagedNet, teachers: LiveTeachers | None, sample: torch.Tensor,
+def build_distiller(method: str, student: nn.Module, teachers: LiveTeachers | None, sample: torch.Tensor,
                     temperature=4.0, alpha=0.7, beta=100.0, hint_layer=-2, camkd_form="kdbook",
                     label_smoothing=0.1) -> Distiller:
     """The distiller for ``method``; ``sample`` [1,C,H,W] sizes CAMKD's regressors;

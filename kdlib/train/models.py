@@ -10,8 +10,12 @@ every model the same feature interface:
   the list of stage outputs followed by the neck vector, so ``features[-2]`` is the
   last conv feature map (the seed's ``hint_layer: -2``) and ``features[-1]`` the
   vector the classifier reads.
+* ``model.hint_forward(x, hint_layer)`` -> ``(logits, features[hint_layer])``, what the
+  distillers read;
 * ``model.forward_from(feature, hint_layer)`` finishes the forward pass from a
   feature (CAMKD applies each teacher's head to the mapped student feature).
+
+Own models (any ``nn.Module``) get the same interface from ``kdlib.train.own.HookedNet``.
 """
 from __future__ import annotations
 
@@ -53,6 +57,13 @@ class StagedNet(nn.Module):
         if return_features:
             return logits, features + [vector]
         return logits
+
+    has_hint = True  # every conv stage is one (own models: kdlib.train.own.HookedNet)
+
+    def hint_forward(self, x: torch.Tensor, hint_layer: int = -2):
+        """``(logits, features[hint_layer])``: what the distillers read of a model."""
+        logits, features = self(x, return_features=True)
+        return logits, features[hint_layer]
 
     def forward_from(self, feature: torch.Tensor, hint_layer: int = -2) -> torch.Tensor:
         """Logits computed from ``features[hint_layer]`` by the layers after it."""

@@ -39,7 +39,13 @@ class LiveTeachers(nn.Module):
         self.names = list(names)
         self.hint_layer = hint_layer
         for m in self.models:
-            m.check_hint_layer(hint_layer)
+            if m.has_hint:  # own models without a hint serve logits only (CAMKD with beta 0)
+                m.check_hint_layer(hint_layer)
+
+    @property
+    def has_hints(self) -> bool:
+        """Whether every teacher has a hint feature (CAMKD's feature term needs them all)."""
+        return all(m.has_hint for m in self.models)
 
     def train(self, mode: bool = True):
         """Teachers stay in eval mode whatever the caller asks (BatchNorm, Dropout)."""
@@ -50,12 +56,13 @@ class LiveTeachers(nn.Module):
 
     @torch.no_grad()
     def outputs(self, x: torch.Tensor, idx: torch.Tensor | None = None, split: str = "train"):
-        """``(logits [M,B,C] float32, hints: list of M [B,...] tensors)`` for batch ``x``."""
+        """``(logits [M,B,C] float32, hints: list of M [B,...] tensors, None for a teacher
+        without a hint)`` for batch ``x``."""
         logits, hints = [], []
         for m in self.models:
-            out, feats = m(x, return_features=True)
+            out, hint = m.hint_forward(x, self.hint_layer) if m.has_hint else (m(x), None)
             logits.append(out.float())
-            hints.append(feats[self.hint_layer])
+            hints.append(hint)
         return torch.stack(logits), hints
 
     def logits(self, x: torch.Tensor, idx: torch.Tensor | None = None, split: str = "train") -> torch.Tensor:
@@ -99,11 +106,13 @@ class CachedTeachers(LiveTeachers):
             out, feats = LiveTeachers.outputs(self, x)
             if logits is None:
                 logits = torch.empty((len(self), n, out.shape[-1]), dtype=torch.float32, device=out.device)
-                hints = [torch.empty((n, *f.shape[1:]), dtype=self.feature_dtype, device=f.device,
-                                     memory_format=_layout(f)) for f in feats]
+                hints = [None if f is None else torch.empty((n, *f.shape[1:]), dtype=self.feature_dtype,
+                                                            device=f.device, memory_format=_layout(f))
+                         for f in feats]
             logits[:, idx] = out
             for store, f in zip(hints, feats):
-                store[idx] = f.to(self.feature_dtype)
+                if f is not None:
+                    store[idx] = f.to(self.feature_dtype)
         self.store[split] = (logits, hints)
 
     def nbytes(self) -> int:
@@ -111,14 +120,14 @@ class CachedTeachers(LiveTeachers):
         total = 0
         for logits, hints in self.store.values():
             total += logits.element_size() * logits.numel()
-            total += sum(h.element_size() * h.numel() for h in hints)
+            total += sum(h.element_size() * h.numel() for h in hints if h is not None)
         return total
 
     def outputs(self, x, idx=None, split="train"):
         if split not in self.store:
             return super().outputs(x)
         logits, hints = self.store[split]
-        return logits[:, idx], [h[idx] for h in hints]  # in feature_dtype and layout, as stored
+        return logits[:, idx], [None if h is None else h[idx] for h in hints]  # in feature_dtype and layout
 
     def logits(self, x, idx=None, split="train"):
         if split not in self.store:
