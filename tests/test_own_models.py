@@ -239,7 +239,7 @@ def test_distill_returns_the_trained_copy_and_the_teachers_scores(project):
 def own_yaml(project: Path, **changes) -> dict:
     P = yaml.safe_load((project / "own.yaml").read_text())
     for key, value in changes.items():
-        if key.startswith("teacher_"):
+        if re.fullmatch(r"teacher_\d", key):
             P["teachers"][int(key.split("_")[1])].update(value)
         else:
             P[key] = value
@@ -261,6 +261,8 @@ BAD = {
     "no test folder": ({"data_root": "images-train-only"}, ["data_root", "no test/ folder"]),
     "unknown test class": ({"data_root": "images-extra-class"}, ["data_root", "test/purple/", "not a training class"]),
     "key in an own teacher": ({"teacher_2": {"hints": "features"}}, ["teachers", "unknown key 'hints'", "'hint'"]),
+    "noise on a given teacher": ({"teacher_label_noise": {"big": 0.2}}, ["teacher_label_noise", "big",
+                                                                           "given as a checkpoint"]),
 }
 
 
@@ -318,3 +320,23 @@ def test_build_own_passes_classes_and_channels_only_where_the_callable_takes_the
             build_own({"model": "mynets:Big", "kwargs": {"colour": 4}}, 3, 3, 16, at, "t")
     finally:
         sys.path.remove(str(at))
+
+
+@pytest.mark.slow
+def test_a_sweep_over_own_models_runs_on_dask_workers(project):
+    """own.yaml as a sweep's base on a one-worker LocalCluster: the worker's kernels import
+    mynets from the params file's folder; the teachers are made once for both runs."""
+    (project / "own-sweep.yaml").write_text(yaml.safe_dump({
+        "base": "own.yaml", "methods": ["vanilla", "scratch"], "teacher_epochs": 1,
+        "grid": {"student_epochs": [1, 2]}}))
+    done = subprocess.run([sys.executable, "-m", "kdlib", "sweep", "own-sweep.yaml", "--workers", "1",
+                           "--outputs", "outputs"], cwd=project, env=env_for(project), capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    folder = project / "outputs" / "own-sweep"
+    record = json.loads((folder / "sweep.json").read_text())
+    assert record["status"] == "finished" and len(record["runs"]) == 2
+    for name in record["runs"]:
+        metrics = json.loads((folder / name / "metrics_vanilla.json").read_text())
+        assert metrics["teachers"] == ["teacher_cnn1", "big", "mine"] and metrics["dataset"] == "ImageFolder"
+    assert len(list((folder / "_teachers").iterdir())) == 1

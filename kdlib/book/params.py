@@ -309,6 +309,9 @@ def _check_combination(source: str, p: dict, students: bool = True) -> None:
         for name, setting in p[key].items():
             if name not in names:
                 _fail(source, key, {name: setting}, f"name a teacher of this run ({', '.join(names)})")
+            if (own_teacher(p, name) or {}).get("checkpoint"):
+                _fail(source, key, {name: setting}, f"{name} is given as a checkpoint and used as is, never "
+                      "trained here: its training labels cannot change")
             if key == "teacher_class_swap" and not all(0 <= c < len(classes) for pair in setting for c in pair):
                 _fail(source, key, {name: setting}, f"{p['dataset']}'s classes are 0 to {len(classes) - 1}")
     try:

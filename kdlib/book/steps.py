@@ -180,6 +180,8 @@ def ship_teachers(P, log=say) -> list[Path]:
     (weights, identity, history; no optimizer state), to be committed and reused."""
     shipped = []
     for name in teacher_names(P):
+        if (own_teacher(P, name) or {}).get("checkpoint"):
+            continue  # given as a checkpoint: the user's file, not the book's to ship
         src = teacher_checkpoint(P, name)
         dst = REFERENCE_TEACHERS / src.relative_to(src.parent.parent)
         if src != dst:
