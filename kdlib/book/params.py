@@ -16,7 +16,8 @@ import yaml
 
 from ..records.names import format_value  # noqa: F401 (a run's folder name: params' values as words)
 from ..records.paths import display_path, resolve
-from ..train.data import CLASS_NAMES, DATASETS, IMAGE_FOLDER, SPLIT_SIZES, ImageFolderError, list_image_folder
+from ..train.data import (CLASS_NAMES, DATASETS, IMAGE_FOLDER, SPLIT_SIZES, ImageFolderError, check_image_folder,
+                          list_image_folder)
 from ..train.distillers import METHODS
 from ..train.models import TEACHERS, student_sizes
 from ..train.models import build_model
@@ -283,6 +284,13 @@ def _check_combination(source: str, p: dict, students: bool = True) -> None:
                 _fail(source, key, p[key], f"it applies to dataset: {IMAGE_FOLDER} (your own images); "
                       f"{p['dataset']} has its own size and normalisation")
     listing = _image_folder(source, p) if folder else None
+    if folder:  # the images' channels, size and memory, from the first image's header; nothing decoded
+        try:
+            check_image_folder(listing, image_size=p["image_size"], train_subset=p["train_subset"],
+                               test_subset=p["test_subset"], mean=p["data_mean"] or None, std=p["data_std"] or None,
+                               memory_mb=p["data_memory_mb"])
+        except ImageFolderError as err:
+            raise ParamsError(f"{source}: {err}") from None
     classes = listing.classes if folder else CLASS_NAMES[p["dataset"]]
     split_sizes = (len(listing.train), len(listing.test)) if folder else SPLIT_SIZES[p["dataset"]]
     sizes = dict(zip(("train_subset", "test_subset"), split_sizes))

@@ -378,6 +378,26 @@ def _given_stats(values, key: str, channels: int) -> torch.Tensor | None:
     return out
 
 
+def check_image_folder(listing: ImageListing, *, image_size: int = 0, train_subset: int = 0, test_subset: int = 0,
+                       mean=None, std=None, memory_mb: int = 4096):
+    """``(channels, side, mean, std)`` of the images ``load_image_folder`` would load (``mean``
+    and ``std`` as tensors, None where not given), after checking, with no image decoded, that
+    a given mean and std have one value per channel and that the kept images fit ``memory_mb``
+    MiB as uint8 (the params' checks call it before anything runs)."""
+    channels, side = image_geometry(listing, image_size)
+    mean, std = _given_stats(mean, "data_mean", channels), _given_stats(std, "data_std", channels)
+    kept = [n if 0 < n < len(files) else len(files) for files, n in ((listing.train, train_subset),
+                                                                     (listing.test, test_subset))]
+    need = sum(kept) * channels * side * side
+    if need > memory_mb * 2**20:
+        raise ImageFolderError(
+            f"data_root '{listing.root}': {sum(kept)} images ({kept[0]} train, {kept[1]} test) at "
+            f"{side}x{side} with {channels} channel{'s' if channels > 1 else ''} need {math.ceil(need / 2**20)} MiB "
+            f"in memory, over the budget of {memory_mb} MiB (data_memory_mb); fix: a smaller image_size, or fewer "
+            "images with train_subset/test_subset, or a larger data_memory_mb")
+    return channels, side, mean, std
+
+
 def load_image_folder(root: str | Path, *, image_size: int = 0, train_subset: int = 0, test_subset: int = 0,
                       mean=None, std=None, memory_mb: int = 4096) -> Dataset:
     """A user's images in torchvision's ImageFolder layout, in memory as a ``Dataset``.
@@ -388,21 +408,13 @@ def load_image_folder(root: str | Path, *, image_size: int = 0, train_subset: in
     differs. ``mean``/``std`` default to the training split's per-channel statistics.
     """
     listing = list_image_folder(root)
-    channels, side = image_geometry(listing, image_size)
-    mean, std = _given_stats(mean, "data_mean", channels), _given_stats(std, "data_std", channels)
+    channels, side, mean, std = check_image_folder(listing, image_size=image_size, train_subset=train_subset,
+                                                   test_subset=test_subset, mean=mean, std=std, memory_mb=memory_mb)
     splits = []
     for files, n in ((listing.train, train_subset), (listing.test, test_subset)):
         labels = torch.tensor([label for _, label in files], dtype=torch.long)
         keep = balanced_subset(labels, n)
         splits.append(([files[i][0] for i in keep.tolist()], labels[keep]))
-    count = len(splits[0][0]) + len(splits[1][0])
-    need = count * channels * side * side
-    if need > memory_mb * 2**20:
-        raise ImageFolderError(
-            f"data_root '{listing.root}': {count} images ({len(splits[0][0])} train, {len(splits[1][0])} test) at "
-            f"{side}x{side} with {channels} channel{'s' if channels > 1 else ''} need {math.ceil(need / 2**20)} MiB "
-            f"in memory, over the budget of {memory_mb} MiB (data_memory_mb); fix: a smaller image_size, or fewer "
-            "images with train_subset/test_subset, or a larger data_memory_mb")
     out = []
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # PIL decodes without the GIL
         for files, labels in splits:
