@@ -61,4 +61,4 @@ def test_the_runner_reads_and_validates_notebooks_without_jsonschemas_iri_gramma
               "print(sorted(keys)[:3], sys.modules.get('rfc3987_syntax', 'absent'), 'jsonschema' in sys.modules)")
     root = Path(__file__).resolve().parent.parent
     out = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "['augment', 'batch_size', 'compile'] None True", out
+    assert out.strip() == "['augment', 'batch_size', 'code_dir'] None True", out
