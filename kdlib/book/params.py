@@ -322,6 +322,9 @@ def _check_combination(source: str, p: dict, students: bool = True) -> None:
                       "trained here: its training labels cannot change")
             if key == "teacher_class_swap" and not all(0 <= c < len(classes) for pair in setting for c in pair):
                 _fail(source, key, {name: setting}, f"{p['dataset']}'s classes are 0 to {len(classes) - 1}")
+    if own_student(p) and p["student_width"] != SCHEMA["student_width"].default:
+        _fail(source, "student_width", p["student_width"], "it scales the seed's student; your own student is "
+              "sized by its kwargs")
     try:
         student_sizes(p["student_width"])
     except ValueError as err:

@@ -300,7 +300,8 @@ def distill_students(P, data=None, teachers=None, log=say) -> dict:
                 hint_layer=P["hint_layer"], checkpoint=run_dir / f"student_{method}_seed{seed}.pt",
                 identity=student_identity(P, method, seed, teacher_sha256), test_probs=test_probs, log=log,
                 replace_stale=run_dir.name == "interactive", camkd_form=P["camkd_form"],
-                label_smoothing=P["label_smoothing"], width=P["student_width"], build=model_builder(P, None, data))
+                label_smoothing=P["label_smoothing"], width=P["student_width"],
+                build=model_builder(P, None, data) if own_student(P) else None)
             logits = predict_logits(distiller.student, data.test, data, cfg)
             predictions[f"{method}/seed{seed}"] = logits.argmax(-1).cpu().numpy()
             weighted = predict_teacher_weights(distiller, data, cfg)  # None: a method without teacher weights

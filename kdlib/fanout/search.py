@@ -25,7 +25,7 @@ from .cluster import error_line, worker_slot
 from .spec import Setting, TuneSpec
 from ..train.assemble import teacher_bank
 from ..train.checkpoint import sha256_file
-from ..book.params import teacher_names
+from ..book.params import own_student, teacher_names
 from .sweep import teacher_key
 from ..train.assemble import train_student
 from ..train.loop import NonFiniteLossError
@@ -64,7 +64,8 @@ def _prepared(P: dict, device, teachers: bool = True):
     method that never sees one), each kept for the next trial of this process that needs the
     same: one data load and one teacher pass serve every trial of a setting on this worker."""
     data_key = json.dumps([str(device)] + [P[k] for k in ("dataset", "data_root", "train_subset", "test_subset",
-                                                          "val_subset", "labelled_subset")])
+                                                          "val_subset", "labelled_subset", "image_size",
+                                                          "data_mean", "data_std")])
     if _PREPARED.get("data", (None,))[0] != data_key:
         _PREPARED.clear()  # one setting's data and teachers at a time in memory
         data = book.load_data(P, device)
@@ -99,7 +100,8 @@ def evaluate(P: dict, method: str, seed: int, on_epoch=None) -> list[dict]:
     _, history = train_student(method, bank, data, cfg, temperature=P["temperature"], alpha=P["alpha"],
                                beta=P["beta"], hint_layer=P["hint_layer"], log=lambda *a: None,
                                camkd_form=P["camkd_form"], label_smoothing=P["label_smoothing"],
-                               width=P["student_width"], on_epoch=on_epoch, build=book.model_builder(P, None, data))
+                               width=P["student_width"], on_epoch=on_epoch,
+                               build=book.model_builder(P, None, data) if own_student(P) else None)
     return history
 
 
