@@ -343,3 +343,17 @@ def test_a_sweep_over_own_models_runs_on_dask_workers(project):
         assert run["worker"].startswith("tcp://")
         metrics = json.loads((folder / name / "metrics_vanilla.json").read_text())
         assert metrics["teachers"] == ["teacher_cnn1", "big", "mine"] and metrics["dataset"] == "ImageFolder"
+
+
+def test_a_tuning_over_own_models_checks_out(at):
+    """A tune file whose base names own models and an ImageFolder passes every check of
+    ``kdlib tune --dry-run`` (its trials then run through the same steps as the sweep above)."""
+    base = {**own_yaml(at), "val_subset": 12, "methods": ["vanilla", "scratch"]}
+    (at / "own-tune-base.yaml").write_text(yaml.safe_dump(base))
+    (at / "own-tune.yaml").write_text(yaml.safe_dump({
+        "base": "own-tune-base.yaml", "methods": ["scratch", "vanilla"], "trials": 2, "seeds": [0],
+        "space": {"vanilla": {"temperature": {"low": 1, "high": 8, "log": True}}}}))
+    done = subprocess.run([sys.executable, "-m", "kdlib", "tune", "own-tune.yaml", "--dry-run"], cwd=at,
+                          env=env_for(at), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "would" in done.stdout
