@@ -357,3 +357,24 @@ def test_a_tuning_over_own_models_checks_out(at):
                           env=env_for(at), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "would" in done.stdout
+
+
+def test_distill_takes_a_dataset_as_it_takes_tensors(project):
+    """Float images (taken as normalised) given as tensors and as a TensorDataset train the same student."""
+    from torch.utils.data import TensorDataset
+
+    from kdlib import distill
+    from kdlib.train.data import load_image_folder
+    data = load_image_folder(project / "images", image_size=16)
+    x_train = normalize(data.train.images, data.mean, data.std)
+    x_test = normalize(data.test.images, data.mean, data.std)
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 3))
+    student = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 3))
+    runs = [distill({"t": teacher}, student, train, test, method="vanilla", epochs=2, batch_size=16,
+                    log=lambda *a: None)
+            for train, test in (((x_train, data.train.labels), (x_test, data.test.labels)),
+                                (TensorDataset(x_train, data.train.labels), TensorDataset(x_test, data.test.labels)))]
+    assert runs[0].history[-1]["test_acc"] == runs[1].history[-1]["test_acc"]
+    torch.testing.assert_close(runs[0].student[1].weight, runs[1].student[1].weight)
+    with pytest.raises(TypeError, match="ToTensor"):
+        distill({"t": teacher}, student, [("not a tensor", 0)] * 2, (x_test, data.test.labels), method="scratch")

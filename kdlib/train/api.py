@@ -45,7 +45,8 @@ class Distilled:
 
 
 def _tensors(data, what: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if isinstance(data, torch.utils.data.Dataset):
+    pair = isinstance(data, (tuple, list)) and len(data) == 2 and all(torch.is_tensor(t) for t in data)
+    if not pair and hasattr(data, "__getitem__") and hasattr(data, "__len__"):  # a map-style Dataset
         images, labels = [], []
         for i in range(len(data)):
             x, y = data[i]
@@ -55,7 +56,7 @@ def _tensors(data, what: str) -> tuple[torch.Tensor, torch.Tensor]:
             images.append(x)
             labels.append(int(y))
         return torch.stack(images), torch.tensor(labels)
-    if not (isinstance(data, (tuple, list)) and len(data) == 2 and all(torch.is_tensor(t) for t in data)):
+    if not pair:
         raise TypeError(f"{what}: give (images [N,C,H,W], labels [N]) tensors or a torch Dataset")
     images, labels = data
     if images.ndim != 4 or labels.ndim != 1 or len(images) != len(labels):
