@@ -219,6 +219,10 @@ class ImageListing:
 
     def fingerprint(self) -> str:
         """16 hex digits of a sha256 over the classes and every image's path and size."""
+        return self._digest
+
+    @functools.cached_property
+    def _digest(self) -> str:  # once per listing: every identity of a run asks for it
         h = hashlib.sha256(json.dumps(self.classes).encode())
         for rel, label in self.train + self.test:
             h.update(f"\n{rel}\t{label}\t{(self.root / rel).stat().st_size}".encode())
