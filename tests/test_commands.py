@@ -17,11 +17,14 @@ EXAMPLE = {"params/sweeps/NAME.yaml": "params/sweeps/smoke-beta.yaml", "params/t
            "params/tune/smoke-tune.yaml", "params/X.yaml": "params/smoke.yaml", "params/NAME.yaml": "params/smoke.yaml"}
 
 
+OWN = "own.yaml"  # docs/own-models.md's params file, in a folder with the user's images, modules and checkpoint
+
+
 def documented() -> list[tuple[str, int, str, list[str]]]:
     """(file, block number, the line, its arguments) for every kdlib command in a fenced code block."""
     found = []
     for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
-        for i, block in enumerate(re.findall(r"(?ms)^```[a-z]*\n(.*?)^```", path.read_text())):
+        for i, block in enumerate(re.findall(r"(?ms)^```[^\n]*\n(.*?)^```", path.read_text())):
             for line in block.splitlines():
                 line = line.strip().lstrip("!")
                 if line.startswith("python -m kdlib "):
@@ -56,6 +59,10 @@ def test_each_documented_command_checks_out_as_written(where, block, line, args,
         earlier = [a for w, b, _, a in COMMANDS if (w, b) == (where, block) and "--name" in a]
         assert any(Path(resumed).name == a[a.index("--name") + 1] for a in earlier), line
         return
+    if OWN in args:  # the user's own folder of docs/own-models.md: made as that page describes it
+        from test_own_models import make_project
+        monkeypatch.chdir(make_project(tmp_path / "mine"))
+        monkeypatch.setenv("KDBOOK_ROOT", str(tmp_path / "mine"))
     code = main(args + ["--dry-run"])
     out = capsys.readouterr()
     assert code == 0, f"{where}: {line}\n{out.err}"

@@ -55,8 +55,11 @@ def _train_briefly(model: nn.Module, folder: Path, steps_: int = 60) -> nn.Modul
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
+    return make_project(tmp_path_factory.mktemp("own"))
+
+
+def make_project(root: Path) -> Path:
     """A user's folder: images/, mynets.py and own.yaml from the docs, big.pt and other.pt trained here."""
-    root = tmp_path_factory.mktemp("own")
     make_folder(root / "images", n_train=24, n_test=8, classes=COLOURS)
     (root / "mynets.py").write_text(doc_block("mynets.py"))
     (root / "own.yaml").write_text(doc_block("own.yaml"))
