@@ -328,24 +328,23 @@ def test_build_own_passes_classes_and_channels_only_where_the_callable_takes_the
         sys.path.remove(str(at))
 
 
-@pytest.mark.slow
-def test_a_sweep_over_own_models_runs_on_dask_workers(project):
-    """own.yaml as a sweep's base on a one-worker LocalCluster: the worker's kernels import
-    mynets from the params file's folder."""
-    (project / "own-sweep.yaml").write_text(yaml.safe_dump({
-        "base": "own.yaml", "methods": ["vanilla", "scratch"], "teacher_epochs": 1,
-        "grid": {"student_epochs": [1]}}))
-    done = subprocess.run([sys.executable, "-m", "kdlib", "sweep", "own-sweep.yaml", "--workers", "1",
-                           "--outputs", "outputs"], cwd=project, env=env_for(project), capture_output=True,
-                          text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    folder = project / "outputs" / "own-sweep"
-    record = json.loads((folder / "sweep.json").read_text())
-    assert record["status"] == "finished" and len(record["runs"]) == 1
-    for name, run in record["runs"].items():
-        assert run["worker"].startswith("tcp://")
-        metrics = json.loads((folder / name / "metrics_vanilla.json").read_text())
-        assert metrics["teachers"] == ["teacher_cnn1", "big", "mine"] and metrics["dataset"] == "ImageFolder"
+def _trained_on_a_worker(P: dict) -> dict:
+    """What a sweep's or a tuning's worker does first with own models: build and check each."""
+    steps.check_models(P, "own.yaml")
+    model = steps.model_builder(P, "mine")()
+    return {"module": type(model.net).__module__, "classes": model.net.head[-1].out_features}
+
+
+def test_a_dask_worker_imports_own_models_from_the_params_files_folder(at, tmp_path, monkeypatch):
+    """A LocalCluster worker process (as sweeps and tunings start them) builds the own models of
+    own.yaml: it imports mynets from code_dir (the project root here), not from its working
+    folder, which holds no mynets.py."""
+    from distributed import Client, LocalCluster
+    P = validate({**own_yaml(at), "code_dir": "."}, "own.yaml")
+    monkeypatch.chdir(tmp_path)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        assert client.submit(_trained_on_a_worker, P).result(timeout=120) == {"module": "mynets", "classes": 3}
 
 
 def test_a_tuning_over_own_models_checks_out(at):
