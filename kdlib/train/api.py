@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from .assemble import teacher_bank, teacher_test_probs, train_student
-from .data import Dataset, Split
+from .data import Dataset, Split, channel_stats
 from .distillers import METHODS
 from .loop import TrainConfig, pick_device
 from .metrics import accuracy
@@ -98,11 +98,10 @@ def distill(teachers, student: nn.Module, train, test, *, method: str = "camkd",
         raise ValueError(f"images are {shape[1]}x{shape[2]}; give square images")
     num_classes = int(max(y_train.max(), y_test.max())) + 1
     classes = list(classes) if classes else [str(c) for c in range(num_classes)]
-    scale = 255.0 if x_train.dtype == torch.uint8 else 1.0
-    if mean is None:
-        mean = x_train.double().div(scale).mean((0, 2, 3)) if scale != 1 else torch.zeros(shape[0])
-    if std is None:
-        std = x_train.double().div(scale).std((0, 2, 3)) if scale != 1 else torch.ones(shape[0])
+    own = (channel_stats(x_train) if x_train.dtype == torch.uint8  # as an ImageFolder's, no float copy
+           else (torch.zeros(shape[0]), torch.ones(shape[0])))       # floats: taken as normalised
+    mean = own[0] if mean is None else mean
+    std = own[1] if std is None else std
     data = Dataset("tensors", Split(x_train, y_train), Split(x_test, y_test), torch.as_tensor(mean).float(),
                    torch.as_tensor(std).float(), classes).to(dev)
 

@@ -349,7 +349,7 @@ def _decode(listing: ImageListing, rel: str, channels: int, side: int, image_siz
     return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
 
 
-def _channel_stats(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def channel_stats(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and std (population) of uint8 [N,C,H,W] on the [0,1] scale, from exact
     integer sums; a constant channel gets std 1."""
     c = images.shape[1]
@@ -429,7 +429,7 @@ def load_image_folder(root: str | Path, *, image_size: int = 0, train_subset: in
             out.append(Split(torch.from_numpy(images), labels))
     train, test = out
     if mean is None or std is None:
-        data_mean, data_std = _channel_stats(train.images)
+        data_mean, data_std = channel_stats(train.images)
         mean, std = (data_mean if mean is None else mean), (data_std if std is None else std)
     return Dataset(IMAGE_FOLDER, train, test, mean, std, list(listing.classes))
 
