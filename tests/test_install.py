@@ -256,7 +256,7 @@ def test_colab_like_runtime(tmp_path, monkeypatch):
 
         trees = sources()
         modules = sorted({m for name in NOTEBOOKS for m in third_party(trees[name])[2]})
-        subprocess.run([python, "-c", "import kdlib, " + ", ".join(f"kdlib.{m}" for m in modules)],
+        subprocess.run([python, "-c", "import " + ", ".join(["kdlib", *modules])],
                        cwd=tmp_path, check=True)
         for argv, line in [(["run", "params/smoke.yaml"], "kdlib run needs papermill, nbconvert, nbformat"),
                            (["sweep", "params/sweeps/smoke-beta.yaml"], "kdlib sweep needs Dask, Bokeh, papermill")]:
