@@ -341,7 +341,7 @@ def test_unfinished_studies_are_named_with_how_far_they_got(tmp_path):
     alone = tune_analysis.block([tmp_path / "a-search"], own_page=True)  # a study's own page: no tables below
     assert alone == ("No answer yet: `a-search` (searching, 1 of 3 trials); the test on the held-out test set "
                      "follows the search."), alone
-    for words in ("`a-search` (searching, 1 of 3 trials)", "`b-rescore` (re-scoring its best trials over seeds)",
+    for words in ("`a-search` (searching, 1 of 3 trials)", "`b-rescore` (re-scoring its best trials over seeds, 1 run done)",
                   "`c-test` (testing the chosen values, 1 of 2 runs finished)", "`d-none` (not started)",
                   "`e-started` (searching)"):
         assert words in text, text

@@ -575,7 +575,7 @@ def study_stage(folder: Path, link) -> tuple[tuple | None, str | None]:
         return (folder, res, test), None
     rescoring = not res.trials.empty and (res.trials["kind"] == "rescore").any()
     stage = ("testing the chosen values" + _test_progress(folder) if res.best else
-             "re-scoring its best trials over seeds" if rescoring else "searching" + _progress(res))
+             "re-scoring its best trials over seeds" + _rescore_progress(res) if rescoring else "searching" + _progress(res))
     record = folder / "tune.json"
     status = json.loads(record.read_text()).get("status") if record.is_file() else None
     if status in ("stopped", "interrupted"):
@@ -811,6 +811,13 @@ def _progress(res: TuneResults) -> str:
         return ""
     done = int(((res.trials["kind"] == "search") & res.trials["state"].isin(["complete", "pruned"])).sum())
     return f", {done} of {budget} trials"
+
+
+def _rescore_progress(res: TuneResults) -> str:
+    """', 22 runs done': the re-scoring runs finished so far (how many it needs follows from which
+    trials lie within noise of the best, which the search decides)."""
+    done = int(((res.trials["kind"] == "rescore") & res.trials["state"].isin(["complete", "pruned"])).sum())
+    return f", {done} run{'s' * (done != 1)} done" if done else ""
 
 
 def _test_progress(folder: Path) -> str:
