@@ -333,9 +333,13 @@ def test_unfinished_studies_are_named_with_how_far_they_got(tmp_path):
     (tmp_path / "c-test" / "test").mkdir()  # its test sweep: one run of two finished (a run holds every seed)
     (tmp_path / "c-test" / "test" / "sweep.json").write_text(json.dumps({"status": "running", "runs": {
         "methods=scratch": {"status": "finished"}, "methods=vanilla,temperature=1": {"status": "running"}}}))
+    (tmp_path / "f-chosen").mkdir()  # stopped after the choice, before its test's first run
+    for name in ("tune.yaml", "trials.csv", "best.yaml"):
+        (tmp_path / "f-chosen" / name).write_bytes((tmp_path / "c-test" / name).read_bytes())
+    (tmp_path / "f-chosen" / "tune.json").write_text(json.dumps({"status": "stopped"}))
     (tmp_path / "e-started").mkdir()  # started, no trial finished: tune.yaml, no trials.csv yet
     (tmp_path / "e-started" / "tune.yaml").write_text(yaml.safe_dump(spec))
-    text = tune_analysis.block([tmp_path / n for n in (*stages, "d-none", "e-started")])
+    text = tune_analysis.block([tmp_path / n for n in (*stages, "d-none", "e-started", "f-chosen")])
     assert "no study has finished its test yet" in text and "Until then the tables below" in text
     assert "Test accuracy at the final epoch" not in text  # the footnote of tables not there yet
     alone = tune_analysis.block([tmp_path / "a-search"], own_page=True)  # a study's own page: no tables below
@@ -343,7 +347,8 @@ def test_unfinished_studies_are_named_with_how_far_they_got(tmp_path):
                      "follows the search."), alone
     for words in ("`a-search` (searching, 1 of 3 trials)", "`b-rescore` (re-scoring its best trials over seeds, 1 run done)",
                   "`c-test` (testing the chosen values, 1 of 2 runs finished)", "`d-none` (not started)",
-                  "`e-started` (searching)"):
+                  "`e-started` (searching)",
+                  "`f-chosen` (stopped with its values chosen, before its test; `make studies` resumes it)"):
         assert words in text, text
     # before best.yaml names its settings, the search table names them in the same words, from the tune file
     searching = tune_analysis.load(tmp_path / "a-search")

@@ -579,7 +579,9 @@ def study_stage(folder: Path, link) -> tuple[tuple | None, str | None]:
     record = folder / "tune.json"
     status = json.loads(record.read_text()).get("status") if record.is_file() else None
     if status in ("stopped", "interrupted"):
-        stage = f"{status} while {stage}; `make studies` resumes it"
+        before_test = res.best and not _test_progress(folder)  # its values chosen, no test run yet
+        stage = (f"{status} with its values chosen, before its test" if before_test else f"{status} while {stage}") \
+            + "; `make studies` resumes it"
     return None, f"{_named(folder, link)} ({stage})"
 
 
