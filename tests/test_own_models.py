@@ -328,7 +328,7 @@ def test_build_own_passes_classes_and_channels_only_where_the_callable_takes_the
         sys.path.remove(str(at))
 
 
-def _trained_on_a_worker(P: dict) -> dict:
+def _built_on_a_worker(P: dict) -> dict:
     """What a sweep's or a tuning's worker does first with own models: build and check each."""
     steps.check_models(P, "own.yaml")
     model = steps.model_builder(P, "mine")()
@@ -344,7 +344,7 @@ def test_a_dask_worker_imports_own_models_from_the_params_files_folder(at, tmp_p
     monkeypatch.chdir(tmp_path)
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
             Client(cluster) as client:
-        assert client.submit(_trained_on_a_worker, P).result(timeout=120) == {"module": "mynets", "classes": 3}
+        assert client.submit(_built_on_a_worker, P).result(timeout=120) == {"module": "mynets", "classes": 3}
 
 
 def test_a_tuning_over_own_models_checks_out(at):

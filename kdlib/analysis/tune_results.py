@@ -574,12 +574,13 @@ def study_stage(folder: Path, link) -> tuple[tuple | None, str | None]:
     if res.test is not None and not res.test.skipped and not test.empty and _test_complete(folder):
         return (folder, res, test), None
     rescoring = not res.trials.empty and (res.trials["kind"] == "rescore").any()
-    stage = ("testing the chosen values" + _test_progress(folder) if res.best else
+    tested = _test_progress(folder)  # '' before the test's first run
+    stage = ("testing the chosen values" + tested if res.best else
              "re-scoring its best trials over seeds" + _rescore_progress(res) if rescoring else "searching" + _progress(res))
     record = folder / "tune.json"
     status = json.loads(record.read_text()).get("status") if record.is_file() else None
     if status in ("stopped", "interrupted"):
-        before_test = res.best and not _test_progress(folder)  # its values chosen, no test run yet
+        before_test = res.best and not tested  # its values chosen, no test run yet
         stage = (f"{status} with its values chosen, before its test" if before_test else f"{status} while {stage}") \
             + "; `make studies` resumes it"
     return None, f"{_named(folder, link)} ({stage})"
