@@ -444,7 +444,7 @@ def test_the_reading_gives_each_knobs_chosen_values_beside_the_base_params_untun
     test = pd.DataFrame({"setting": ["base"], "method": ["vanilla"]})
     line = tune_analysis._chosen_line(res, "base", tune_analysis._base_params(res))
     assert line == ("**base**: CAMKD T 2, alpha 1.5, its feature term off (beta 0); vanilla T 1.05, alpha 0.111; "
-                    "label smoothing eps 0.296 (untuned, in the base params: T 4, alpha 0.7, beta 100, eps 0.1).")
+                    "label smoothing eps 0.296 (the base params' untuned defaults, for comparison: T 4, alpha 0.7, beta 100, eps 0.1).")
     assert f"- {line}" in tune_analysis.reading(res, test.assign(**{f"{f} vs {a}": math.nan for f in
                                                                    ("mean_diff", "ci_low", "ci_high", "p_value",
                                                                     "seeds") for a in tune_analysis.ANCHORS}))
@@ -752,3 +752,23 @@ def test_an_unfinished_study_is_answered_by_the_one_it_replaces_and_says_so(tmp_
     assert tune_analysis.block([new]).startswith("The tuned comparison is running")  # nothing to stand in
     # vanilla − scratch: +0.05 on every seed, an interval of width 0 above 0: ahead comes before level
     assert "1 of the 1 method-and-setting pairs with teachers are ahead of scratch" in text and "(1 ahead of 1)" in text
+
+
+def test_the_answers_picture_gives_each_setting_its_seeds_and_each_difference_its_word():
+    row = dict(anchor="scratch", p_value=0.01)
+    diffs = pd.DataFrame([dict(row, setting="shipped", method="camkd", mean_diff=-0.13, ci_low=-0.21, ci_high=-0.05,
+                               seeds=10, word="behind"),
+                          dict(row, setting="shipped", method="label_smoothing", mean_diff=0.02, ci_low=-0.1,
+                               ci_high=0.12, seeds=10, word="level"),
+                          dict(row, setting="small student", method="camkd", mean_diff=0.3, ci_low=-0.4, ci_high=1.0,
+                               seeds=3, word="undecided")])
+    fig = tune_analysis.plot_answer(diffs)
+    axes = fig.axes
+    assert [ax.get_title(loc="left") for ax in axes] == ["shipped · 10 seeds", "small student · 3 seeds"]
+    def words(ax):  # each method's word, matched by its row on the y axis
+        names = {round(t.get_position()[1]): t.get_text() for t in ax.get_yticklabels()}
+        return {names[round(t.xy[1])]: t.get_text() for t in ax.texts}
+    assert words(axes[0]) == {"CAMKD": "behind", "label smoothing": "level"}
+    assert words(axes[1]) == {"CAMKD": "undecided"}
+    band = axes[0].patches[0]  # the shaded 'level' band spans ±0.2
+    assert (band.get_x(), band.get_x() + band.get_width()) == pytest.approx((-0.2, 0.2))

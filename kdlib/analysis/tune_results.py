@@ -507,8 +507,8 @@ def chosen_words(method: str, values: dict) -> str:
 
 def _chosen_line(res: TuneResults, setting: str, base: dict) -> str | None:
     """'**small student**: CAMKD T 1.12, alpha 1.56, its feature term off (beta 0); vanilla T 1.05,
-    alpha 0.111; label smoothing eps 0.296 (untuned, in the base params: T 4, alpha 0.7, beta 100,
-    eps 0.1).'"""
+    alpha 0.111; label smoothing eps 0.296 (the base params' untuned defaults, for comparison: T 4, alpha 0.7,
+    beta 100, eps 0.1).'"""
     methods = res.best.get(_setting_name(res, setting), {}).get("methods", {})
     order = sorted(methods, key=method_rank)
     said = [chosen_words(m, methods[m]["values"]) for m in order if methods[m].get("values")]
@@ -516,7 +516,7 @@ def _chosen_line(res: TuneResults, setting: str, base: dict) -> str | None:
         return None
     knobs = dict.fromkeys(k for m in order for k in methods[m].get("values", {}))
     untuned = ", ".join(knob_words(k, base[k]) for k in knobs if k in base)
-    return f"**{setting}**: " + "; ".join(said) + (f" (untuned, in the base params: {untuned})" if untuned else "") + "."
+    return f"**{setting}**: " + "; ".join(said) + (f" (the base params' untuned defaults, for comparison: {untuned})" if untuned else "") + "."
 
 
 def _base_params(res: TuneResults) -> dict:
@@ -685,7 +685,8 @@ def accuracy_markdown(test: pd.DataFrame) -> str:
 
 def plot_answer(diffs: pd.DataFrame, margin: float = reading_.MARGIN) -> Figure:
     """The answer's picture: every method's paired difference in test accuracy from scratch, one
-    panel per setting, 95% intervals, the ±margin band of 'level' shaded, each labelled with its word."""
+    panel per setting titled with its number of seeds, 95% intervals, the ±margin band of 'level'
+    shaded, each labelled with its word."""
     own = diffs[diffs["anchor"] == "scratch"]
     settings = list(dict.fromkeys(own["setting"]))
     methods = sorted(dict.fromkeys(own["method"]), key=method_rank)
@@ -706,7 +707,10 @@ def plot_answer(diffs: pd.DataFrame, margin: float = reading_.MARGIN) -> Figure:
             ax.annotate(r["word"] if isinstance(r["word"], str) else "one seed", (1.0, y), xycoords=("axes fraction", "data"),
                         xytext=(4, 0), textcoords="offset points", va="center", fontsize=8)
         ax.set_yticks(range(len(methods)), [NAMES.get(m, m) for m in reversed(methods)], fontsize=8)
-        ax.set_title(setting, fontsize=9, loc="left")
+        seeds = sorted({int(n) for n in rows["seeds"].dropna()})
+        told = "" if not seeds else f" · {seeds[0]} seed{'s' * (seeds[0] != 1)}" if len(seeds) == 1 else \
+            f" · {seeds[0]} to {seeds[-1]} seeds"
+        ax.set_title(setting + told, fontsize=9, loc="left")
         ax.grid(axis="x", alpha=0.3)
     axes[-1].set_xlabel("test accuracy − scratch's, points (paired by seed, 95% interval)", fontsize=9)
     axes[0].legend(fontsize=7, loc="lower left", frameon=False)
