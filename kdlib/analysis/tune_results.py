@@ -319,6 +319,12 @@ def _compared(method: str, anchor: str) -> bool:
     return method != anchor and (ANCHORS[anchor] is None or method in ANCHORS[anchor])
 
 
+def _seeds_over(counts) -> str:
+    """How many seeds a set of rows rests on: '10' for one count, '3 to 10' for several, '' for none."""
+    seeds = sorted({int(n) for n in counts if not pd.isna(n)})
+    return "" if not seeds else str(seeds[0]) if len(seeds) == 1 else f"{seeds[0]} to {seeds[-1]}"
+
+
 def test_differences(test: pd.DataFrame) -> pd.DataFrame:
     """The test's paired differences, one a row (setting, method, anchor, mean_diff, ci_low,
     ci_high, p_value, seeds), each with its word and Holm's p over the frame's rows, its family
@@ -459,8 +465,7 @@ def sentence(diffs: pd.DataFrame, margin: float = reading_.MARGIN) -> str:
     if diffs.empty:
         return "No paired difference yet."
     kd = diffs[~diffs["method"].isin(AGAINST)]
-    seeds = sorted(set(int(n) for n in diffs["seeds"].dropna()))
-    over = f"{seeds[0]}" if len(seeds) == 1 else f"{seeds[0]} to {seeds[-1]}"
+    over = _seeds_over(diffs["seeds"])
     parts = []
     for anchor, name in (("scratch", "scratch, the student trained alone"), ("label_smoothing", "label smoothing")):
         own = kd[kd["anchor"] == anchor]
@@ -641,11 +646,10 @@ def block(folders, link=None, own_page: bool = False, figure=None, answer_figure
         lines.append("")
         for folder, res, t in done:
             spec = res.spec
-            seeds = sorted(set(int(n) for n in t["seeds"]))
             stand = next((f for f, e in standing_in if e == folder), None)
             lines.append(f"- {_named(folder, link)}, {_columns(res)}: {spec['trials']} trials per tuned method"
                          f"{_distinct(res)}{searched.get(folder, '')} on {_val_size(res)} held-out training images; "
-                         f"test over {seeds[-1] if len(seeds) == 1 else f'{seeds[0]} to {seeds[-1]}'} seeds"
+                         f"test over {_seeds_over(t['seeds'])} seeds"
                          + (f"; standing in for {_named(stand, link)} until its test has finished" if stand else "")
                          + ".")
     if waiting:
@@ -707,10 +711,8 @@ def plot_answer(diffs: pd.DataFrame, margin: float = reading_.MARGIN) -> Figure:
             ax.annotate(r["word"] if isinstance(r["word"], str) else "one seed", (1.0, y), xycoords=("axes fraction", "data"),
                         xytext=(4, 0), textcoords="offset points", va="center", fontsize=8)
         ax.set_yticks(range(len(methods)), [NAMES.get(m, m) for m in reversed(methods)], fontsize=8)
-        seeds = sorted({int(n) for n in rows["seeds"].dropna()})
-        told = "" if not seeds else f" · {seeds[0]} seed{'s' * (seeds[0] != 1)}" if len(seeds) == 1 else \
-            f" · {seeds[0]} to {seeds[-1]} seeds"
-        ax.set_title(setting + told, fontsize=9, loc="left")
+        over = _seeds_over(rows["seeds"])
+        ax.set_title(setting + (f" · {over} seed{'s' * (over != '1')}" if over else ""), fontsize=9, loc="left")
         ax.grid(axis="x", alpha=0.3)
     axes[-1].set_xlabel("test accuracy − scratch's, points (paired by seed, 95% interval)", fontsize=9)
     axes[0].legend(fontsize=7, loc="lower left", frameon=False)
