@@ -711,8 +711,10 @@ def test_reused_studies_are_copied_once_with_their_trials_and_finished_test_runs
                                reuse={"from": str(earlier), "methods": ["scratch"]}))
     url = str(tmp_path / "new" / "study.journal")
     (tmp_path / "new").mkdir()
-    assert tune.apply_reuse(spec, url, log=lambda *a: None) == 1
-    assert tune.apply_reuse(spec, url, log=lambda *a: None) == 0
+    said = []
+    assert tune.apply_reuse(spec, url, log=said.append) == 1
+    assert said == [f"reuse: 1 study of scratch copied from {earlier}"]
+    assert tune.apply_reuse(spec, url, log=said.append) == 0 and len(said) == 1
     new = Tuning(spec, url)
     assert new.seed_values(spec.settings[0], "scratch", None) == {0: 80.0, 1: 81.0}
     assert new.references_done(spec.settings[0]) and new.trials(spec.settings[0], "vanilla") == []

@@ -191,7 +191,8 @@ def apply_reuse(spec: TuneSpec, url: str, log=print) -> int:
                     optuna.copy_study(from_study_name=name, from_storage=source, to_storage=target)
                     copied += 1
     if copied:
-        log(f"reuse: {copied} studies of {', '.join(spec.reuse['methods'])} copied from {spec.reuse['from']}")
+        studies = "study" if copied == 1 else "studies"
+        log(f"reuse: {copied} {studies} of {', '.join(spec.reuse['methods'])} copied from {spec.reuse['from']}")
     return copied
 
 
