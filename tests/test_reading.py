@@ -92,3 +92,15 @@ def test_read_adds_the_word_and_holms_p_over_the_frame():
     assert [w if isinstance(w, str) else None for w in out["word"]] == ["ahead", "level", None]
     assert list(out["p_holm"]) == pytest.approx([0.03, 1.0, 1.0])
     assert count_words(out["word"]) == "1 ahead, 1 level"
+
+
+def test_by_setting_names_the_settings_under_each_word_and_says_all_when_one_word_holds():
+    from kdlib.analysis.cells import by_setting
+    assert by_setting([("shipped", "behind"), ("small", "level"), ("swapped", "behind")]) == \
+        "behind in shipped and swapped, level in small"
+    assert by_setting([("a", "level"), ("b", "ahead"), ("c", "ahead"), ("d", "ahead")]) == \
+        "level in a, ahead in b, c and d"
+    assert by_setting([("a", "level"), ("b", "level"), ("c", "level")]) == "level in all 3 settings"
+    assert by_setting([("a", "ahead"), ("b", "ahead")]) == "ahead in both settings"
+    assert by_setting([("a", "ahead")]) == "ahead in a"
+    assert by_setting([("a", math.nan), ("b", "level")]) == "unread (one seed) in a, level in b"

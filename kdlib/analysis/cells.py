@@ -99,11 +99,20 @@ def count_words(words) -> str:
 
 def by_setting(pairs) -> str:
     """'behind in shipped and noisy resnet, undecided in small student' from [(setting, word)]
-    (a missing word: 'unread (one seed)'), settings kept in their order under their word's first place."""
+    (a missing word: 'unread (one seed)'), settings kept in their order under their word's first place;
+    'level in all 3 settings' (or 'in both settings') when one word holds for every setting."""
     by_word: dict = {}
     for setting, w in pairs:
         by_word.setdefault(w if isinstance(w, str) else "unread (one seed)", []).append(setting)
-    return ", ".join(f"{w} in " + " and ".join(settings) for w, settings in by_word.items())
+    if len(by_word) == 1 and len(settings := next(iter(by_word.values()))) > 1:
+        return f"{next(iter(by_word))} in " + ("both settings" if len(settings) == 2 else f"all {len(settings)} settings")
+    return ", ".join(f"{w} in {listed(settings)}" for w, settings in by_word.items())
+
+
+def listed(items) -> str:
+    """'a', 'a and b', 'a, b and c'."""
+    items = [str(i) for i in items]
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
 def markdown_table(header, rows) -> str:
